@@ -1,1 +1,15 @@
-"""placeholder"""
+"""Fusion engine: layer-wise Wasserstein barycenters of torch models."""
+
+from .config import FusionConfig
+from .engine import FusionResult, fuse, fuse_models
+from .graph import AlignmentGraph, UnsupportedModelError, build_alignment_graph
+
+__all__ = [
+    "AlignmentGraph",
+    "FusionConfig",
+    "FusionResult",
+    "UnsupportedModelError",
+    "build_alignment_graph",
+    "fuse",
+    "fuse_models",
+]

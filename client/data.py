@@ -1,0 +1,177 @@
+"""Embedded default data (scikit-learn's digits) and federated partitioning.
+
+Nothing here downloads: the digits ship with scikit-learn, and partitioning applies
+flwr-datasets partitioners to a local ``datasets.Dataset``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+PartitionerName = Literal["iid", "dirichlet", "pathological"]
+PARTITIONERS: tuple[str, ...] = ("iid", "dirichlet", "pathological")
+
+
+@dataclass(frozen=True, eq=False)
+class TensorData:
+    """Features ``x`` (float32, ``(N, F)``; flat for the digits, ``F = 64``) and integer
+    class labels ``y`` (int64, ``(N,)``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.x.ndim < 1 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"x must be (N, ...) and y (N,); got x {tuple(self.x.shape)}, "
+                f"y {tuple(self.y.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def num_features(self) -> int:
+        """Number of features per sample (product of the non-batch dimensions)."""
+        return math.prod(self.x.shape[1:])
+
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> TensorData:
+        """The samples at ``indices``, in that order."""
+        index = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return TensorData(self.x[index], self.y[index])
+
+    def as_input(self, input_shape: Sequence[int]) -> torch.Tensor:
+        """Features reshaped to ``(N, *input_shape)``; see :func:`as_input`."""
+        return as_input(self, input_shape)
+
+
+def as_input(data: TensorData | torch.Tensor, input_shape: Sequence[int]) -> torch.Tensor:
+    """Reshape features to a model's ``input_shape`` (without the batch dimension).
+
+    Flat digits (64 features) become ``(N, 64)`` for an MLP, ``(N, 1, 8, 8)`` images for
+    a CNN, or ``(N, 8, 8)`` sequences (the image rows as time steps) for a recurrent
+    model. Raises ``ValueError`` if the feature count does not match.
+    """
+    x = data.x if isinstance(data, TensorData) else data
+    shape = tuple(int(s) for s in input_shape)
+    if math.prod(x.shape[1:]) != math.prod(shape):
+        raise ValueError(
+            f"cannot reshape features of shape {tuple(x.shape[1:])} to input shape {shape}"
+        )
+    return x.reshape(x.shape[0], *shape)
+
+
+def label_counts(data: TensorData, num_classes: int | None = None) -> np.ndarray:
+    """Number of samples per class (length ``num_classes``, default ``max(y) + 1``)."""
+    minlength = 0 if num_classes is None else num_classes
+    return np.bincount(data.y.numpy(), minlength=minlength)
+
+
+def load_digits_dataset(
+    test_fraction: float = 0.25, seed: int = 0
+) -> tuple[TensorData, TensorData]:
+    """Train and test splits of scikit-learn's digits (1797 samples, 10 classes).
+
+    Features are the 64 pixels of the 8x8 images scaled from [0, 16] to [0, 1]
+    (float32, flat); labels are int64. The split is stratified and deterministic in
+    ``seed``; the test split gets ``ceil(test_fraction * 1797)`` samples.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_fraction, stratify=y, random_state=seed
+    )
+    return (
+        TensorData(torch.from_numpy(x_train), torch.from_numpy(y_train)),
+        TensorData(torch.from_numpy(x_test), torch.from_numpy(y_test)),
+    )
+
+
+def partition(
+    data: TensorData,
+    num_partitions: int,
+    partitioner: PartitionerName = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    classes_per_partition: int = 2,
+    *,
+    min_partition_size: int = 1,
+    self_balancing: bool = True,
+    class_assignment_mode: Literal["random", "deterministic", "first-deterministic"] = (
+        "first-deterministic"
+    ),
+) -> list[TensorData]:
+    """Split ``data`` into ``num_partitions`` client datasets with a flwr-datasets
+    partitioner (applied to a local ``datasets.Dataset`` of sample indices and labels).
+
+    - ``"iid"``: ``IidPartitioner`` on the samples shuffled with ``seed`` (equal sizes,
+      up to one sample).
+    - ``"dirichlet"``: ``DirichletPartitioner`` over the labels with concentration
+      ``alpha`` (smaller is more skewed), ``min_partition_size`` and ``self_balancing``.
+    - ``"pathological"``: ``PathologicalPartitioner`` giving every partition exactly
+      ``classes_per_partition`` classes, assigned by ``class_assignment_mode``
+      (the default, ``"first-deterministic"``, is the scheme of the original paper).
+
+    Every sample lands in exactly one partition, except that the pathological scheme
+    drops the classes that no partition is assigned (flwr-datasets warns about it).
+    Deterministic in ``seed``.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+    from flwr_datasets.partitioner.partitioner import Partitioner
+
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
+        raise TypeError(f"num_partitions must be an int, got {num_partitions!r}")
+    if not 1 <= num_partitions <= len(data):
+        raise ValueError(
+            f"num_partitions must be between 1 and the number of samples ({len(data)}), "
+            f"got {num_partitions}"
+        )
+    labels = data.y.numpy()
+    if partitioner == "iid":
+        order = np.random.default_rng(seed).permutation(len(data))
+        dataset = Dataset.from_dict({"index": order, "label": labels[order]})
+        scheme: Partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        dataset = Dataset.from_dict({"index": np.arange(len(data)), "label": labels})
+        if partitioner == "dirichlet":
+            scheme = DirichletPartitioner(
+                num_partitions=num_partitions,
+                partition_by="label",
+                alpha=float(alpha),
+                min_partition_size=min_partition_size,
+                self_balancing=self_balancing,
+                shuffle=True,
+                seed=seed,
+            )
+        elif partitioner == "pathological":
+            scheme = PathologicalPartitioner(
+                num_partitions=num_partitions,
+                partition_by="label",
+                num_classes_per_partition=classes_per_partition,
+                class_assignment_mode=class_assignment_mode,
+                shuffle=True,
+                seed=seed,
+            )
+        else:
+            raise ValueError(
+                f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}"
+            )
+    scheme.dataset = dataset
+    return [data.subset(scheme.load_partition(i)["index"]) for i in range(num_partitions)]

@@ -1,0 +1,71 @@
+"""One-shot federated learning in one process: train clients, fuse, compare.
+
+Used by the ``otfusion demo`` command and the fusion benchmarks; the Flower apps reuse
+:func:`compare` to report the same table on real replies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from otfusion.client.data import TensorData
+from otfusion.client.training import ensemble_accuracy, evaluate, train
+from otfusion.strategies.fusion import FusionConfig, fuse_models
+from otfusion.zoo import build_model
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Test accuracy of the clients, of each fusion method and of the ensemble."""
+
+    clients: list[float]
+    methods: dict[str, float]
+    seconds: dict[str, float]
+    ensemble: float
+
+    def rows(self) -> list[tuple[str, float]]:
+        """(name, accuracy) rows in the order of the report table."""
+        return [
+            ("clients (mean)", sum(self.clients) / len(self.clients)),
+            ("clients (best)", max(self.clients)),
+            *self.methods.items(),
+            ("ensemble", self.ensemble),
+        ]
+
+
+def train_clients(model: str, partitions: Sequence[TensorData], *, epochs: int, lr: float,
+                  batch_size: int, seed: int = 0, **model_kwargs) -> list[nn.Module]:
+    """One model per partition, each initialised from its own seed and trained locally."""
+    clients = []
+    for k, data in enumerate(partitions):
+        client = build_model(model, seed=seed * 1000 + k, **model_kwargs)
+        train(client, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed * 1000 + k)
+        clients.append(client.eval())
+    return clients
+
+
+def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: TensorData,
+            methods: Mapping[str, FusionConfig]) -> Comparison:
+    """Evaluate every client, every fusion of them and their ensemble on ``test``."""
+    accuracies, seconds = {}, {}
+    for name, config in methods.items():
+        start = time.perf_counter()
+        fused = fuse_models(clients, weights, config).model
+        seconds[name] = time.perf_counter() - start
+        accuracies[name] = evaluate(fused, test)[1]
+    return Comparison(
+        clients=[evaluate(c, test)[1] for c in clients],
+        methods=accuracies,
+        seconds=seconds,
+        ensemble=ensemble_accuracy(clients, test, weights),
+    )
+
+
+DEFAULT_METHODS = {
+    "vanilla average": FusionConfig(method="average"),
+    "OT fusion (exact)": FusionConfig(),
+    "OT fusion (sinkhorn)": FusionConfig(solver="sinkhorn"),
+}

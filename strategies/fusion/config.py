@@ -1,0 +1,56 @@
+"""Configuration of the fusion engine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FusionConfig(BaseModel):
+    """How client models are fused.
+
+    Parameters
+    ----------
+    method : "wasserstein" | "gromov-wasserstein" | "average"
+        ``wasserstein`` aligns every layer group with a free-support Wasserstein
+        barycenter and transports recurrent hidden-to-hidden matrices with the coupling
+        found from the input weights (the FedMA way). ``gromov-wasserstein`` adds the
+        quadratic hidden-to-hidden term to the cost of recurrent groups, solved by
+        iterated linearisation. ``average`` is the coordinate-wise weighted average
+        (FedAvg), which needs equal widths.
+    solver : "exact" | "sinkhorn"
+        Exact optimal transport (a linear assignment when the measures are uniform of
+        equal size, POT's network simplex otherwise) or entropic OT (POT's log-domain
+        Sinkhorn).
+    reg : float
+        Entropic regularisation for ``sinkhorn``, relative to the largest cost entry.
+    cost : "weights" | "activations"
+        Ground cost between neurons: squared distance of their incoming weights in the
+        fused model's coordinates, or of their activations on a batch of inputs passed
+        to :func:`fuse`.
+    max_iter, tol : int, float
+        Free-support barycenter iterations per layer group, stopped once the relative
+        change of the support falls below ``tol``.
+    gw_weight : float
+        Weight of the hidden-to-hidden term in ``gromov-wasserstein`` mode.
+    gw_damping : float
+        Step of the damped fixed point used for the quadratic term (1 = no damping).
+    sinkhorn_max_iter : int
+        Iteration cap of a single Sinkhorn solve.
+    max_activation_samples : int
+        Columns kept per neuron when ``cost="activations"`` (samples x positions).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["wasserstein", "gromov-wasserstein", "average"] = "wasserstein"
+    solver: Literal["exact", "sinkhorn"] = "exact"
+    reg: float = Field(default=0.01, gt=0)
+    cost: Literal["weights", "activations"] = "weights"
+    max_iter: int = Field(default=20, ge=1)
+    tol: float = Field(default=1e-6, ge=0)
+    gw_weight: float = Field(default=1.0, ge=0)
+    gw_damping: float = Field(default=0.5, gt=0, le=1)
+    sinkhorn_max_iter: int = Field(default=2000, ge=1)
+    max_activation_samples: int = Field(default=4096, ge=1)

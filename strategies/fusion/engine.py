@@ -1,0 +1,285 @@
+"""``fuse``: layer-wise Wasserstein-barycenter fusion of torch models.
+
+Groups are solved in topological order. For each group every client's member tensors
+are mapped to the fused coordinates of the already-solved input groups, a free-support
+barycenter couples every client to the fused neurons, and at the end every tensor of
+every client is mapped through all its couplings and averaged with the client weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .barycenter import Points, free_support_barycenter
+from .config import FusionConfig
+from .graph import AlignmentGraph, Group, build_alignment_graph
+from .projection import Coupling, as_rows, project
+from .validation import (
+    check_models,
+    check_same_architecture,
+    check_same_shapes,
+    normalize_weights,
+)
+
+
+@dataclass(frozen=True)
+class FusionResult:
+    """The fused model and, per solved group, the mean transport cost and iterations."""
+
+    model: nn.Module
+    group_costs: dict[str, float]
+    group_iterations: dict[str, int]
+
+
+def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
+         config: FusionConfig | None = None, target: nn.Module | None = None,
+         inputs: torch.Tensor | None = None) -> nn.Module:
+    """Fuse ``models`` (one architecture family, widths may differ) into one model.
+
+    Parameters
+    ----------
+    models : sequence of nn.Module
+        The client models.
+    weights : sequence of float, optional
+        Client weights (e.g. numbers of examples); uniform by default.
+    config : FusionConfig, optional
+        Method, solver and cost; see :class:`FusionConfig`.
+    target : nn.Module, optional
+        Template of the fused model: its widths are the fused widths and its
+        architecture is returned. Default: the model with the largest weight.
+    inputs : Tensor, optional
+        A batch of inputs; required by ``cost="activations"``, and used to trace
+        models that do not declare an ``input_shape``.
+    """
+    return fuse_models(models, weights, config, target, inputs).model
+
+
+def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
+                config: FusionConfig | None = None, target: nn.Module | None = None,
+                inputs: torch.Tensor | None = None) -> FusionResult:
+    """Like :func:`fuse`, also returning the transport cost of every group."""
+    config = config or FusionConfig()
+    models = check_models(models)
+    lam = normalize_weights(weights, len(models))
+    reference = max(range(len(models)), key=lambda k: (lam[k], -k))
+    template = target if target is not None else models[reference]
+    names = [f"model {k}" for k in range(len(models))]
+    check_same_architecture([template, *models], ["target", *names])
+    states = [_compute_state(m, template) for m in models]
+    if config.method == "average":
+        check_same_shapes([template.state_dict(), *states], ["target", *names])
+        graph = None
+        couplings = [{} for _ in models]
+        costs, iterations = {}, {}
+    else:
+        if config.cost == "activations" and inputs is None:
+            raise ValueError("cost='activations' needs a batch of inputs: fuse(..., inputs=x)")
+        graph = build_alignment_graph(template, _example_input(template, inputs))
+        _check_unaligned_axes(graph, [template.state_dict(), *states], ["target", *names])
+        solver = _GroupSolver(graph, models, states, lam, reference, template, config, inputs)
+        couplings, costs, iterations = solver.solve_all()
+    fused = _assemble(graph, template.state_dict(), states, couplings, lam)
+    model = copy.deepcopy(template)
+    model.load_state_dict(fused)
+    return FusionResult(model, costs, iterations)
+
+
+def _compute_state(model: nn.Module, template: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict in the template's floating dtype and device."""
+    reference = template.state_dict()
+    return {
+        name: tensor.to(reference[name].device, reference[name].dtype)
+        if tensor.is_floating_point() else tensor
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def _example_input(template: nn.Module, inputs: torch.Tensor | None) -> torch.Tensor:
+    if inputs is not None:
+        return inputs[:2]
+    shape = getattr(template, "input_shape", None)
+    if shape is None:
+        raise ValueError(
+            f"{type(template).__name__} has no 'input_shape' attribute: pass a batch of "
+            "inputs with fuse(..., inputs=x) so the model can be traced"
+        )
+    parameter = next(template.parameters())
+    return torch.zeros(2, *shape, dtype=parameter.dtype, device=parameter.device)
+
+
+def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Tensor]],
+                          names: list[str]) -> None:
+    """Axes that are never permuted (inputs, kernels, classes) must match exactly."""
+    for spec in graph.tensors.values():
+        for axis, a in enumerate(spec.axes):
+            if a is not None:
+                continue
+            sizes = {name: state[spec.name].shape[axis] for name, state in zip(
+                names, states, strict=True)}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(
+                    f"'{spec.name}' axis {axis} is not aligned (input features, kernel or "
+                    f"classes) but its size differs between models: {sizes}"
+                )
+
+
+def _assemble(graph: AlignmentGraph | None, template_state: dict[str, torch.Tensor],
+              states: list[dict[str, torch.Tensor]], couplings: list[dict[int, Coupling]],
+              lam: list[float]) -> dict[str, torch.Tensor]:
+    """Every floating tensor mapped through each client's couplings, weighted mean."""
+    fused = {}
+    for name, reference in template_state.items():
+        if not reference.is_floating_point():
+            fused[name] = reference.clone()
+            continue
+        axes = graph.tensors[name].axes if graph is not None else ()
+        fused[name] = sum(
+            w * project(state[name], axes, maps)
+            for w, state, maps in zip(lam, states, couplings, strict=True)
+        )
+    return fused
+
+
+class _GroupSolver:
+    """Solves the groups of one fusion in order, keeping every client's couplings."""
+
+    def __init__(self, graph: AlignmentGraph, models, states, lam, reference, template,
+                 config: FusionConfig, inputs):
+        self.graph = graph
+        self.states = states
+        self.lam = lam
+        self.reference = reference
+        self.config = config
+        self.widths = [graph.widths(s, f"model {k}") for k, s in enumerate(states)]
+        self.target_widths = graph.widths(template.state_dict(), "target")
+        for group in graph.groups:
+            sizes = {w[group.id] for w in [self.target_widths, *self.widths]}
+            if group.fixed and len(sizes) > 1:
+                raise ValueError(
+                    f"group '{group.label}' is an input or output of the model and cannot be "
+                    f"aligned, but its width differs between models: {sorted(sizes)}"
+                )
+        self.groups = graph.groups_by_id
+        self.couplings: list[dict[int, Coupling]] = [{} for _ in states]
+        self.activations = (
+            _record_activations(models, graph, inputs, config.max_activation_samples)
+            if config.cost == "activations" else None
+        )
+
+    def solve_all(self):
+        costs, iterations = {}, {}
+        for group in self.graph.groups:
+            if group.fixed:
+                continue
+            points = [self.static_points(group, k) for k in range(len(self.states))]
+
+            def points_fn(k, self_plan, group=group, points=points):
+                if self_plan is None or self.config.method != "gromov-wasserstein":
+                    return points[k]
+                return {**points[k], **self.recurrent_points(group, k, self_plan)}
+
+            support = self.initial_support(group, points[self.reference])
+            result = free_support_barycenter(
+                points_fn, self.lam, [w[group.id] for w in self.widths], support, self.config
+            )
+            for maps, plan in zip(self.couplings, result.plans, strict=True):
+                maps[group.id] = Coupling.from_plan(plan)
+            costs[group.label] = result.cost
+            iterations[group.label] = result.iterations
+        return self.couplings, costs, iterations
+
+    def static_points(self, group: Group, k: int) -> dict[str, Points]:
+        """Member points that do not depend on the group's own coupling."""
+        if self.activations is not None and group.id in self.activations[k]:
+            return {site: Points.euclidean(rows)
+                    for site, rows in self.activations[k][group.id].items()}
+        return {
+            spec.name: self.weight_points(spec, k, self.couplings[k])
+            for spec in self.graph.cost_tensors(group.id)
+            if not self.is_recurrent(spec) and self.inputs_solved(spec, k)
+        }
+
+    def inputs_solved(self, spec, k: int) -> bool:
+        """Whether every other group on ``spec``'s axes has its coupling already (a
+        residual stream is first solved from the members whose inputs are known)."""
+        neuron = spec.axes[spec.neuron_axis].group
+        return all(a is None or a.group == neuron or a.group in self.couplings[k]
+                   or self.groups[a.group].fixed for a in spec.axes)
+
+    def recurrent_points(self, group: Group, k: int, self_plan) -> dict[str, Points]:
+        """Hidden-to-hidden members, linearised at the current coupling ``self_plan``."""
+        maps = {**self.couplings[k], group.id: Coupling(self_plan)}
+        scale = self.config.gw_weight
+        return {
+            spec.name: self.weight_points(spec, k, maps, scale)
+            for spec in self.graph.cost_tensors(group.id) if self.is_recurrent(spec)
+        }
+
+    @staticmethod
+    def is_recurrent(spec) -> bool:
+        neuron = spec.neuron_axis
+        group = spec.axes[neuron].group
+        return any(a is not None and a.group == group and i != neuron
+                   for i, a in enumerate(spec.axes))
+
+    def weight_points(self, spec, k: int, maps: dict[int, Coupling],
+                      scale: float = 1.0) -> Points:
+        """A client's neurons as their incoming weights in fused coordinates."""
+        tensor = self.states[k][spec.name]
+        axis = spec.neuron_axis
+        neuron = spec.axes[axis]
+        rows = as_rows(project(tensor, spec.axes, maps, skip=axis), axis, neuron)
+        own = as_rows(tensor, axis, neuron).square().sum(dim=1)
+        if all(maps[a.group].permutation is not None for i, a in enumerate(spec.axes)
+               if i != axis and a is not None and a.group in maps):
+            coverage = torch.ones_like(rows[0])
+        else:
+            ones = project(torch.ones_like(tensor), spec.axes, maps, skip=axis)
+            coverage = as_rows(ones, axis, neuron)[0]
+        return Points(rows, own, coverage, scale)
+
+    def initial_support(self, group: Group, points: dict[str, Points]) -> dict[str, torch.Tensor]:
+        """The reference client's neurons, resampled to the fused width if it differs."""
+        n = self.target_widths[group.id]
+        m = self.widths[self.reference][group.id]
+        if n == m:
+            return {name: p.rows for name, p in points.items()}
+        index = torch.linspace(0, m - 1, n).round().long()
+        return {name: p.rows[index.to(p.rows.device)] for name, p in points.items()}
+
+
+def _record_activations(models, graph: AlignmentGraph, inputs: torch.Tensor,
+                        max_samples: int) -> list[dict[int, dict[str, torch.Tensor]]]:
+    """Per client, per group, per site: the neurons' activations on ``inputs`` as rows."""
+    recorded = []
+    for model in models:
+        modules = dict(model.named_modules())
+        rows: dict[int, dict[str, torch.Tensor]] = {}
+        handles = []
+        for group, sites in graph.activation_sites.items():
+            for site in sites:
+                def hook(_module, _args, output, site=site, group=group, rows=rows):
+                    value = output if site.output_index is None else output[site.output_index]
+                    activations = as_rows(value.detach(), site.dim, site.spec)
+                    keep = torch.linspace(0, activations.shape[1] - 1,
+                                          min(max_samples, activations.shape[1]))
+                    rows.setdefault(group, {})[site.module] = activations[
+                        :, keep.round().long().to(activations.device)]
+                handles.append(modules[site.module].register_forward_hook(hook))
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(inputs.to(next(model.parameters()).device))
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, mode in modes:
+                module.training = mode
+        recorded.append(rows)
+    return recorded

@@ -1,0 +1,72 @@
+"""Moving a client's tensors into the fused model's coordinates through couplings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .graph import AxisSpec
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """One client's transport plan for one group: ``plan`` is (fused width, client width).
+
+    ``permutation`` is set when the plan is a permutation matrix divided by the width
+    (exact OT between equal widths), so it can be applied by indexing.
+    """
+
+    plan: torch.Tensor
+    permutation: torch.Tensor | None = None
+
+    @classmethod
+    def from_plan(cls, plan: torch.Tensor) -> Coupling:
+        n, m = plan.shape
+        if n == m:
+            top, index = plan.max(dim=1)
+            if torch.equal(top, torch.full_like(top, 1.0 / n)) and (
+                plan.count_nonzero() == n
+            ) and index.unique().numel() == n:
+                return cls(plan, index)
+        return cls(plan)
+
+    def matrix(self, kind: str) -> torch.Tensor:
+        """Map from client to fused coordinates: rows average ("neuron") or columns keep
+        their mass ("input"), so that a neuron split in two feeds its consumers once."""
+        tiny = torch.finfo(self.plan.dtype).tiny
+        if kind == "neuron":
+            return self.plan / self.plan.sum(dim=1, keepdim=True).clamp_min(tiny)
+        return self.plan / self.plan.sum(dim=0, keepdim=True).clamp_min(tiny)
+
+
+def apply_axis(tensor: torch.Tensor, axis: int, spec: AxisSpec,
+               coupling: Coupling) -> torch.Tensor:
+    """Map one axis of ``tensor`` from client to fused coordinates."""
+    moved = tensor.movedim(axis, 0)
+    rest = moved.shape[1:]
+    width = coupling.plan.shape[1]
+    blocks = moved.reshape(spec.outer, width, spec.inner, -1)
+    if coupling.permutation is not None:
+        mapped = blocks.index_select(1, coupling.permutation)
+    else:
+        matrix = coupling.matrix(spec.kind).to(tensor.dtype)
+        mapped = torch.einsum("nm,omir->onir", matrix, blocks)
+    return mapped.reshape(-1, *rest).movedim(0, axis)
+
+
+def project(tensor: torch.Tensor, axes: tuple[AxisSpec | None, ...],
+            couplings: dict[int, Coupling], skip: int | None = None) -> torch.Tensor:
+    """Map every axis whose group has a coupling (except ``skip``) to fused coordinates."""
+    for axis, spec in enumerate(axes):
+        if axis != skip and spec is not None and spec.group in couplings:
+            tensor = apply_axis(tensor, axis, spec, couplings[spec.group])
+    return tensor
+
+
+def as_rows(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
+    """One row per neuron of ``spec.group``: everything the neuron owns, flattened."""
+    moved = tensor.movedim(axis, 0)
+    width = moved.shape[0] // (spec.outer * spec.inner)
+    blocks = moved.reshape(spec.outer, width, spec.inner, -1)
+    return blocks.permute(1, 0, 2, 3).reshape(width, -1)

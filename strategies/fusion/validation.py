@@ -1,0 +1,72 @@
+"""Checks on the fusion inputs, each failing with an error that names what is wrong."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
+    """A non-empty list of torch modules whose floating tensors are all finite."""
+    models = list(models)
+    if not models:
+        raise ValueError("fuse() needs at least one model, got an empty sequence")
+    for k, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model {k} is a {type(model).__name__}, not a torch.nn.Module")
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"model {k}: '{name}' contains NaN or Inf values")
+    return models
+
+
+def normalize_weights(weights: Sequence[float] | torch.Tensor | None, count: int) -> list[float]:
+    """Client weights scaled to sum to one; uniform when ``weights`` is None."""
+    if weights is None:
+        return [1.0 / count] * count
+    values = [float(w) for w in weights]
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} weights for {count} models")
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"weights must be finite and non-negative, got {values}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got sum {total}")
+    return [w / total for w in values]
+
+
+def architecture_signature(model: nn.Module) -> tuple:
+    """Layer names and types, and the name and rank of every tensor: what must match."""
+    layers = tuple((name, type(m).__name__) for name, m in model.named_modules())
+    tensors = tuple((name, t.dim()) for name, t in model.state_dict().items())
+    return layers, tensors
+
+
+def check_same_architecture(models: Sequence[nn.Module], names: Sequence[str]) -> None:
+    """All models share layers and tensor names; widths may differ."""
+    expected = architecture_signature(models[0])
+    for model, name in zip(models[1:], names[1:], strict=True):
+        layers, tensors = architecture_signature(model)
+        for kind, mine, theirs in (("layers", layers, expected[0]),
+                                   ("tensors", tensors, expected[1])):
+            if mine != theirs:
+                diff = sorted(set(mine) ^ set(theirs))[:3] or "their order"
+                raise ValueError(
+                    f"{name} has a different architecture from {names[0]}: the {kind} differ "
+                    f"({diff})"
+                )
+
+
+def check_same_shapes(states: Sequence[dict[str, torch.Tensor]], names: Sequence[str]) -> None:
+    """Every tensor has the same shape in all models (needed by plain averaging)."""
+    for state, name in zip(states[1:], names[1:], strict=True):
+        for key, tensor in state.items():
+            if tensor.shape != states[0][key].shape:
+                raise ValueError(
+                    f"method='average' needs identical shapes: '{key}' is "
+                    f"{tuple(states[0][key].shape)} in {names[0]} and {tuple(tensor.shape)} "
+                    f"in {name}"
+                )
