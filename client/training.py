@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -10,6 +11,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TensorData, as_input
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Local training settings, the keyword arguments of :func:`train`."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    batch_size: int = 32
+    optimizer: Literal["adam", "sgd"] = "sgd"
+
+
+# Clients trained to convergence with SGD (momentum 0.9) from their own initialisation,
+# the one-shot setting; learning rates picked on the digits data (see benchmarks/).
+RECIPES = {
+    "mlp": Recipe(lr=0.1),
+    "cnn": Recipe(lr=0.02),
+}
+
+
+def recipe_for(model: str) -> Recipe:
+    """The training recipe for a zoo model name (a default for the others)."""
+    return RECIPES.get(model, Recipe())
 
 
 def model_inputs(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import replace
 
-from otfusion.client.data import label_counts, load_digits_dataset, partition
-from otfusion.zoo import available_models
 from rich.console import Console
 from rich.table import Table
+
+from otfusion.client.data import label_counts, load_digits_dataset, partition
+from otfusion.client.training import recipe_for
+from otfusion.zoo import available_models
 
 from .oneshot import DEFAULT_METHODS, compare, train_clients
 
@@ -23,9 +26,11 @@ def _demo(args: argparse.Namespace) -> None:
         f"scikit-learn digits ({args.partitioner} split, sizes {[len(p) for p in parts]}), "
         "each from its own initialisation."
     )
-    with console.status("training clients"):
-        clients = train_clients(args.model, parts, epochs=args.epochs, lr=args.lr,
-                                batch_size=args.batch_size, seed=args.seed)
+    recipe = recipe_for(args.model)
+    overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size}
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    with console.status(f"training clients ({recipe})"):
+        clients = train_clients(args.model, parts, recipe, seed=args.seed)
     weights = [float(label_counts(p).sum()) for p in parts]
     with console.status("fusing"):
         result = compare(clients, weights, test_data, DEFAULT_METHODS)
@@ -50,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--partitioner", default="iid",
                       choices=["iid", "dirichlet", "pathological"])
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--lr", type=float, default=1e-3)
-    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--epochs", type=int, help="default: the model's training recipe")
+    demo.add_argument("--lr", type=float, help="default: the model's training recipe")
+    demo.add_argument("--batch-size", type=int, help="default: the model's training recipe")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
     return parser

@@ -10,11 +10,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
 from otfusion.client.data import TensorData
-from otfusion.client.training import ensemble_accuracy, evaluate, train
+from otfusion.client.training import Recipe, ensemble_accuracy, evaluate, train
 from otfusion.strategies.fusion import FusionConfig, fuse_models
 from otfusion.zoo import build_model
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class Comparison:
         ]
 
 
-def train_clients(model: str, partitions: Sequence[TensorData], *, epochs: int, lr: float,
-                  batch_size: int, seed: int = 0, **model_kwargs) -> list[nn.Module]:
+def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
+                  seed: int = 0, **model_kwargs) -> list[nn.Module]:
     """One model per partition, each initialised from its own seed and trained locally."""
     clients = []
     for k, data in enumerate(partitions):
         client = build_model(model, seed=seed * 1000 + k, **model_kwargs)
-        train(client, data, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed * 1000 + k)
+        train(client, data, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+              optimizer=recipe.optimizer, seed=seed * 1000 + k)
         clients.append(client.eval())
     return clients
 

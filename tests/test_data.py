@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+
 from otfusion.client.data import (
     TensorData,
     as_input,
@@ -16,16 +17,6 @@ from otfusion.client.data import (
 )
 from otfusion.client.training import ensemble_accuracy, evaluate, train
 from otfusion.zoo import build_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than several, above all on a busy
-    machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx
-from otfusion.zoo import available_models, build_model
 from torch import nn
+
+from otfusion.zoo import available_models, build_model
 
 MODELS = ["mlp", "cnn", "vgg11", "resnet20", "resnet18", "rnn", "lstm", "gru"]
 
@@ -23,14 +24,6 @@ WIDTH_KWARGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than several, above all on a busy
-    machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import FusionConfig
+from .graph import AxisSpec
+from .projection import Coupling, apply_axis
 from .transport import transport_plan
 
 
@@ -38,6 +40,8 @@ class Points:
     def euclidean(cls, rows: torch.Tensor) -> Points:
         return cls(rows, rows.square().sum(dim=1), torch.ones_like(rows[0]))
 
+
+_NEURON_ROWS = AxisSpec(group=-1, kind="neuron")
 
 PointsFn = Callable[[int, torch.Tensor | None], dict[str, Points]]
 """``(client, previous plan or None) -> member -> Points``; the plan enters the
@@ -79,6 +83,7 @@ def free_support_barycenter(
     marginals = [torch.full((m,), 1.0 / m, dtype=reference.dtype, device=reference.device)
                  for m in widths]
     damped: list[torch.Tensor | None] = [None] * len(widths)
+    warm: list[object] = [None] * len(widths)
     plans: list[torch.Tensor] = []
     costs: list[torch.Tensor] = []
     iterations = 0
@@ -88,12 +93,13 @@ def free_support_barycenter(
         for k, (lam, b) in enumerate(zip(weights, marginals, strict=True)):
             points = points_fn(k, damped[k])
             cost = ground_cost(support, points)
-            plan = transport_plan(cost, uniform_n, b, config)
+            plan, warm[k] = transport_plan(cost, uniform_n, b, config, warm[k])
             plans.append(plan)
             costs.append((cost * plan).sum())
-            average = plan / plan.sum(dim=1, keepdim=True)
+            coupling = Coupling.from_plan(plan)
             for name, p in points.items():
-                updated[name] = updated.get(name, 0) + lam * (average @ p.rows)
+                mapped = apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
+                updated[name] = updated.get(name, 0) + lam * mapped
         shift = _relative_shift(support, updated)
         support = updated
         for k, plan in enumerate(plans):

@@ -36,8 +36,9 @@ class FusionConfig(BaseModel):
         Weight of the hidden-to-hidden term in ``gromov-wasserstein`` mode.
     gw_damping : float
         Step of the damped fixed point used for the quadratic term (1 = no damping).
-    sinkhorn_max_iter : int
-        Iteration cap of a single Sinkhorn solve.
+    sinkhorn_max_iter, sinkhorn_tol : int, float
+        Iteration cap of a single Sinkhorn solve, and its stopping threshold: the
+        violation of the client marginal relative to that marginal's norm.
     max_activation_samples : int
         Columns kept per neuron when ``cost="activations"`` (samples x positions).
     """
@@ -52,5 +53,6 @@ class FusionConfig(BaseModel):
     tol: float = Field(default=1e-6, ge=0)
     gw_weight: float = Field(default=1.0, ge=0)
     gw_damping: float = Field(default=0.5, gt=0, le=1)
-    sinkhorn_max_iter: int = Field(default=2000, ge=1)
+    sinkhorn_max_iter: int = Field(default=1000, ge=1)
+    sinkhorn_tol: float = Field(default=1e-4, ge=0)
     max_activation_samples: int = Field(default=4096, ge=1)

@@ -1,7 +1,9 @@
-"""Optimal transport solvers with one signature: ``(cost, a, b, config) -> plan``.
+"""Optimal transport solvers with one signature:
+``(cost, a, b, config, warmstart=None) -> (plan, warmstart)``.
 
 ``cost`` is an (n, m) tensor, ``a`` and ``b`` the source and target marginals; the plan
-is an (n, m) tensor on the cost's device with total mass 1.
+is an (n, m) tensor on the cost's device with total mass 1. ``warmstart`` is solver
+state from a previous solve of a similar problem (Sinkhorn's dual potentials), or None.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from .config import FusionConfig
 
 
 def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               config: FusionConfig) -> torch.Tensor:
+               config: FusionConfig, warmstart=None) -> tuple[torch.Tensor, None]:
     """Exact OT: a linear assignment for uniform square problems, else network simplex."""
     n, m = cost.shape
     if n == m and _is_uniform(a) and _is_uniform(b):
@@ -22,27 +24,31 @@ def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         plan = torch.zeros_like(cost)
         index = torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
         plan[index] = 1.0 / n
-        return plan
-    return ot.emd(a, b, cost)
+        return plan, None
+    return ot.emd(a, b, cost), None
 
 
 def sinkhorn_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  config: FusionConfig) -> torch.Tensor:
-    """Entropic OT (log-domain Sinkhorn); ``config.reg`` is relative to the largest cost."""
+                  config: FusionConfig, warmstart=None) -> tuple[torch.Tensor, tuple]:
+    """Entropic OT (log-domain Sinkhorn in float64); ``config.reg`` is relative to the
+    largest cost. The plan's marginals are only approximate; the engine normalises by
+    the plan's own marginals, so a capped solve is still a valid coupling."""
     scale = cost.max().clamp_min(torch.finfo(cost.dtype).tiny)
-    return ot.sinkhorn(
-        a, b, cost / scale, config.reg, method="sinkhorn_log",
-        numItermax=config.sinkhorn_max_iter, stopThr=1e-9, warn=False,
+    plan, log = ot.sinkhorn(
+        a.double(), b.double(), (cost / scale).double(), config.reg, method="sinkhorn_log",
+        numItermax=config.sinkhorn_max_iter, stopThr=config.sinkhorn_tol * float(b.norm()),
+        warn=False, log=True, warmstart=warmstart,
     )
+    return plan.to(cost.dtype), (log["log_u"], log["log_v"])
 
 
 SOLVERS = {"exact": exact_plan, "sinkhorn": sinkhorn_plan}
 
 
 def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   config: FusionConfig) -> torch.Tensor:
+                   config: FusionConfig, warmstart=None) -> tuple[torch.Tensor, object]:
     """Solve OT between marginals ``a`` and ``b`` with the solver named in ``config``."""
-    return SOLVERS[config.solver](cost, a, b, config)
+    return SOLVERS[config.solver](cost, a, b, config, warmstart)
 
 
 def _is_uniform(weights: torch.Tensor) -> bool:

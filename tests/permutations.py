@@ -1,0 +1,182 @@
+"""Function-preserving permutations of the hidden units of zoo models.
+
+Written independently of the fusion engine (nothing from ``otfusion.strategies`` is
+imported): every model family is handled by an explicit rule that says which tensor
+axes a hidden unit owns, so the engine's alignment graph is checked against a second,
+hand-written description of the same symmetries.
+
+Input features and output classes are never permuted.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from otfusion.zoo import CNN, MLP, VGG, GRUClassifier, LSTMClassifier, ResNet, RNNClassifier
+
+_GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
+
+
+def _perm(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)
+
+
+def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """In place: ``tensor`` reindexed along ``dim`` (keeps the same storage/Parameter)."""
+    tensor.copy_(tensor.index_select(dim, index))
+
+
+def _blocks(perm: torch.Tensor, outer: int = 1, inner: int = 1) -> torch.Tensor:
+    """Index of an axis laid out as ``outer`` blocks of ``len(perm)`` units, each unit
+    repeated ``inner`` times contiguously, with the units reordered by ``perm``."""
+    width = perm.numel()
+    units = perm[None, :, None] * inner + torch.arange(inner)[None, None, :]
+    return (torch.arange(outer)[:, None, None] * width * inner + units).reshape(-1)
+
+
+def _permute_outputs(layer: nn.Module, perm: torch.Tensor) -> None:
+    """Rows of a Linear/Conv weight (and its bias)."""
+    _take(layer.weight, 0, perm)
+    if getattr(layer, "bias", None) is not None:
+        _take(layer.bias, 0, perm)
+
+
+def _permute_inputs(layer: nn.Module, perm: torch.Tensor, inner: int = 1) -> None:
+    """Input columns of a Linear/Conv weight; ``inner`` entries per unit (flattened C*H*W)."""
+    _take(layer.weight, 1, _blocks(perm, inner=inner))
+
+
+def _permute_batchnorm(bn: nn.Module, perm: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        tensor = getattr(bn, name, None)
+        if tensor is not None:
+            _take(tensor, 0, perm)
+
+
+def _chain(layers: list[nn.Module], head: nn.Module, generator: torch.Generator) -> None:
+    """A plain feed-forward chain of Linear/Conv (each optionally followed by a BatchNorm)
+    ending in the Linear ``head``; a flatten before a Linear gives channel-major blocks."""
+    producers = [m for m in layers if isinstance(m, nn.Linear | nn.Conv2d)]
+    consumers = [*producers[1:], head]
+    for producer, consumer in zip(producers, consumers, strict=True):
+        width = producer.weight.shape[0]
+        perm = _perm(width, generator)
+        _permute_outputs(producer, perm)
+        index = layers.index(producer)
+        following = layers[index + 1] if index + 1 < len(layers) else None
+        if isinstance(following, nn.BatchNorm1d | nn.BatchNorm2d):
+            _permute_batchnorm(following, perm)
+        inner = consumer.weight.shape[1] // width
+        assert inner * width == consumer.weight.shape[1]
+        _permute_inputs(consumer, perm, inner=inner)
+
+
+def _mlp(model: MLP, generator: torch.Generator) -> None:
+    _chain(list(model.layers), model.head, generator)
+
+
+def _cnn(model: CNN, generator: torch.Generator) -> None:
+    _chain([*model.features, *model.classifier], model.head, generator)
+
+
+def _vgg(model: VGG, generator: torch.Generator) -> None:
+    _chain(list(model.features), model.head, generator)
+
+
+def _resnet(model: ResNet, generator: torch.Generator) -> None:
+    # Stem: its output channels are the residual stream of the first stage.
+    stream = _perm(model.conv1.out_channels, generator)
+    _permute_outputs(model.conv1, stream)
+    _permute_batchnorm(model.bn1, stream)
+    for index in range(model.num_stages):
+        for block in getattr(model, f"layer{index + 1}"):
+            incoming = stream
+            if isinstance(block.shortcut, nn.Sequential):
+                conv, bn = block.shortcut
+                stream = _perm(conv.out_channels, generator)  # a new stream starts here
+                _permute_inputs(conv, incoming)
+                _permute_outputs(conv, stream)
+                _permute_batchnorm(bn, stream)
+            else:
+                assert isinstance(block.shortcut, nn.Identity)
+            inner = _perm(block.conv1.out_channels, generator)  # the block's own channels
+            _permute_inputs(block.conv1, incoming)
+            _permute_outputs(block.conv1, inner)
+            _permute_batchnorm(block.bn1, inner)
+            _permute_inputs(block.conv2, inner)
+            _permute_outputs(block.conv2, stream)  # added into the stream
+            _permute_batchnorm(block.bn2, stream)
+    _permute_inputs(model.head, stream)
+
+
+def _recurrent(model: nn.Module, generator: torch.Generator) -> None:
+    rnn = model.rnn
+    gates = _GATES[type(rnn)]
+    hidden = rnn.hidden_size
+    previous = None
+    for layer in range(rnn.num_layers):
+        perm = _perm(hidden, generator)
+        rows = _blocks(perm, outer=gates)  # every gate block reordered the same way
+        weight_ih = getattr(rnn, f"weight_ih_l{layer}")
+        weight_hh = getattr(rnn, f"weight_hh_l{layer}")
+        _take(weight_ih, 0, rows)
+        if previous is not None:  # input of layer > 0 is the previous layer's hidden state
+            _take(weight_ih, 1, previous)
+        _take(weight_hh, 0, rows)
+        _take(weight_hh, 1, perm)
+        if rnn.bias:
+            _take(getattr(rnn, f"bias_ih_l{layer}"), 0, rows)
+            _take(getattr(rnn, f"bias_hh_l{layer}"), 0, rows)
+        previous = perm
+    _permute_inputs(model.head, previous)
+
+
+_RULES = (
+    (MLP, _mlp),
+    (CNN, _cnn),
+    (VGG, _vgg),
+    (ResNet, _resnet),
+    ((RNNClassifier, LSTMClassifier, GRUClassifier), _recurrent),
+)
+
+
+def permute_hidden_units(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """A deep copy of the zoo ``model`` with every hidden unit randomly permuted.
+
+    The copy computes exactly the same function (up to floating point summation order).
+    """
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        for family, rule in _RULES:
+            if isinstance(permuted, family):
+                rule(permuted, generator)
+                break
+        else:
+            raise TypeError(f"no permutation rule for {type(model).__name__}")
+    return permuted
+
+
+def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Random running statistics and affine parameters for every BatchNorm, in place.
+
+    Fresh BatchNorms have mean 0 / var 1 / weight 1 / bias 0, which a wrong permutation
+    leaves unchanged; random values make every entry matter. Returns ``model``.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                dtype = module.running_mean.dtype
+                module.running_mean.copy_(0.5 * torch.randn(n, generator=generator).to(dtype))
+                module.running_var.copy_(
+                    (0.5 + 1.5 * torch.rand(n, generator=generator)).to(dtype)
+                )
+                if module.affine:
+                    module.weight.copy_(
+                        (1.0 + 0.3 * torch.randn(n, generator=generator)).to(dtype)
+                    )
+                    module.bias.copy_((0.3 * torch.randn(n, generator=generator)).to(dtype))
+    return model

@@ -1,0 +1,224 @@
+"""Invalid fusion inputs fail early with an error that says what is wrong."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import torch
+from torch import nn
+
+from otfusion.strategies.fusion import FusionConfig, UnsupportedModelError, fuse
+from otfusion.zoo import build_model
+
+
+def mlp(widths=(8, 6), seed=0, **kwargs) -> nn.Module:
+    return build_model("mlp", seed=seed, widths=widths, **kwargs)
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def test_empty_model_list():
+    with pytest.raises(ValueError, match="empty"):
+        fuse([])
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="model 1"):
+        fuse([mlp(), {"layers.0.weight": torch.zeros(8, 64)}])
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        pytest.param(lambda: mlp(widths=(8,)), id="shallower"),
+        pytest.param(lambda: mlp(widths=(8, 6, 4)), id="deeper"),
+        pytest.param(lambda: build_model("cnn", channels=(8, 6)), id="other-layer-types"),
+        pytest.param(lambda: build_model("gru", hidden_size=8), id="recurrent"),
+    ],
+)
+def test_different_architectures(other):
+    with pytest.raises(ValueError, match="different architecture"):
+        fuse([mlp(), other()])
+
+
+def test_target_of_a_different_architecture():
+    with pytest.raises(ValueError, match="different architecture"):
+        fuse([mlp(), mlp(seed=1)], target=mlp(widths=(8,)))
+
+
+def test_different_input_features_cannot_be_aligned():
+    # the input features have no coupling group; the error must still be a clear one
+    with pytest.raises(ValueError, match=r"input|layers\.0\.weight"):
+        fuse([mlp(in_features=64), mlp(in_features=32)])
+
+
+def test_different_numbers_of_classes_cannot_be_aligned():
+    with pytest.raises(ValueError, match="width differs"):
+        fuse([mlp(num_classes=10), mlp(num_classes=5)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_parameter_is_named(bad):
+    broken = mlp(seed=1)
+    with torch.no_grad():
+        broken.layers[2].weight[1, 2] = bad
+    with pytest.raises(ValueError, match=r"model 1.*'layers\.2\.weight'.*NaN or Inf"):
+        fuse([mlp(), broken])
+
+
+def test_non_finite_buffer_is_named():
+    broken = build_model("vgg11", seed=1, width_multiplier=0.125, batch_norm=True)
+    broken.features[1].running_var[0] = float("inf")
+    clean = build_model("vgg11", seed=0, width_multiplier=0.125, batch_norm=True)
+    with pytest.raises(ValueError, match=r"'features\.1\.running_var'"):
+        fuse([clean, broken])
+
+
+# ------------------------------------------------------------------------------ weights
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        pytest.param([1.0, 2.0], "2 weights for 3 models", id="too-few"),
+        pytest.param([1.0, 2.0, 3.0, 4.0], "4 weights for 3 models", id="too-many"),
+        pytest.param([1.0, -1.0, 2.0], "non-negative", id="negative"),
+        pytest.param([0.0, 0.0, 0.0], "positive", id="all-zero"),
+        pytest.param([1.0, float("nan"), 1.0], "finite", id="nan"),
+        pytest.param([1.0, float("inf"), 1.0], "finite", id="inf"),
+    ],
+)
+def test_invalid_client_weights(weights, message):
+    models = [mlp(seed=k) for k in range(3)]
+    with pytest.raises(ValueError, match=message):
+        fuse(models, weights=weights)
+
+
+def test_zero_weight_for_some_clients_is_fine():
+    models = [mlp(seed=k) for k in range(3)]
+    fused = fuse(models, weights=[0.0, 1.0, 0.0])
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fused(x), models[1](x), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_activation_cost_needs_inputs():
+    with pytest.raises(ValueError, match="inputs"):
+        fuse([mlp(), mlp(seed=1)], config=FusionConfig(cost="activations"))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"method": "fedavg"}, {"solver": "lp"}, {"reg": 0.0}, {"max_iter": 0}, {"unknown": 1}],
+)
+def test_invalid_config_values(kwargs):
+    with pytest.raises(pydantic.ValidationError):
+        FusionConfig(**kwargs)
+
+
+def test_average_needs_identical_shapes():
+    with pytest.raises(ValueError, match=r"identical shapes.*'layers\.0\.weight'"):
+        fuse([mlp(widths=(8, 6)), mlp(widths=(10, 6))], config=FusionConfig(method="average"))
+
+
+def test_model_without_input_shape_needs_inputs():
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(x)))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        models = [Plain(), Plain()]
+    with pytest.raises(ValueError, match="input_shape"):
+        fuse(models)
+    inputs = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    fused = fuse(models, inputs=inputs)  # fine with inputs
+    assert isinstance(fused, Plain)
+
+
+# ------------------------------------------------------------------- unsupported models
+
+
+class _WithAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (5, 8)
+        self.proj = nn.Linear(8, 8)
+        self.attn = nn.MultiheadAttention(8, num_heads=2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        h = self.attn(h, h, h)[0]
+        return self.head(h[:, -1])
+
+
+class _GroupedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (2, 8, 8)
+        self.stem = nn.Conv2d(2, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.grouped(torch.relu(self.stem(x))))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+class _DirectParameter(nn.Module):
+    """A parameter used directly in ``forward`` (an fx ``get_attr`` node)."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (6,)
+        self.fc = nn.Linear(6, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(x)) * self.scale)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (6,)
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:  # data-dependent control flow
+            h = torch.relu(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize(
+    ("factory", "named"),
+    [
+        pytest.param(_WithAttention, "attn", id="multihead-attention"),
+        pytest.param(_GroupedConv, "grouped", id="grouped-conv"),
+        pytest.param(_DirectParameter, "scale", id="parameter-used-directly"),
+        pytest.param(_Untraceable, "_Untraceable", id="data-dependent-control-flow"),
+    ],
+)
+def test_unsupported_model_is_named(factory, named):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        models = [factory(), factory()]
+    with pytest.raises(UnsupportedModelError, match=named):
+        fuse(models)
+
+
+def test_unsupported_model_error_is_a_value_error():
+    assert issubclass(UnsupportedModelError, ValueError)
