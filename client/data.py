@@ -175,3 +175,17 @@ def partition(
             )
     scheme.dataset = dataset
     return [data.subset(scheme.load_partition(i)["index"]) for i in range(num_partitions)]
+
+
+def load_npz(path: str, split: str = "train") -> TensorData:
+    """A client's own data from an ``.npz`` file with arrays ``x`` and ``y`` (features and
+    integer labels) and optionally ``x_test`` and ``y_test``; ``split="test"`` reads the
+    latter, or ``x`` and ``y`` when the file has no test arrays."""
+    with np.load(path) as arrays:
+        prefix = "_test" if split == "test" and "x_test" in arrays else ""
+        missing = {f"x{prefix}", f"y{prefix}"} - set(arrays.files)
+        if missing:
+            raise ValueError(f"{path} lacks the arrays {sorted(missing)}")
+        x = torch.as_tensor(arrays[f"x{prefix}"], dtype=torch.float32)
+        y = torch.as_tensor(arrays[f"y{prefix}"], dtype=torch.int64)
+    return TensorData(x.reshape(len(x), -1), y)

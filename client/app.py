@@ -1,0 +1,101 @@
+"""The ClientApp: local training and evaluation, the same code for simulated and real
+clients.
+
+A client's data is either its partition of the run's dataset (``partition-id`` and
+``num-partitions`` in the node config, which the simulation sets) or the user's own data
+from ``data-path`` in the node config (an ``.npz`` file with arrays ``x`` and ``y``).
+
+What leaves the client: the trained model's arrays (state_dict, by name), the number of
+training examples (the fusion weight) and the training loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from otfusion.client.data import TensorData, load_digits_dataset, load_npz, partition
+from otfusion.client.training import evaluate, train
+from otfusion.server.config import RunConfig
+from otfusion.zoo import build_model
+
+
+@lru_cache(maxsize=4)
+def _partitions(config: RunConfig, num_partitions: int, split: str) -> list[TensorData]:
+    if config.dataset != "digits":
+        raise ValueError(
+            f"dataset {config.dataset!r} is not embedded; give the client its own data with "
+            "--node-config \"data-path='FILE.npz'\""
+        )
+    train_data, test_data = load_digits_dataset(seed=config.seed)
+    data = train_data if split == "train" else test_data
+    return partition(data, num_partitions, config.partitioner, alpha=config.alpha,
+                     seed=config.seed)
+
+
+def client_data(config: RunConfig, node_config: Mapping[str, object], split: str) -> TensorData:
+    """This client's training or evaluation data."""
+    if "data-path" in node_config:
+        return load_npz(str(node_config["data-path"]), split)
+    partition_id = int(node_config["partition-id"])
+    return _partitions(config, int(node_config["num-partitions"]), split)[partition_id]
+
+
+def _local_model(config: RunConfig, msg: Message, context: Context):
+    """The model to train: the server's arrays, or in a one-shot first round with
+    ``client-init=local-seed`` a fresh model from this client's own seed."""
+    server_round = int(msg.content["config"].get("server-round", 1))
+    node = int(context.node_config.get("partition-id", context.node_id % 2**31))
+    if config.client_init == "local-seed" and server_round == 1:
+        return build_model(config.model, seed=config.seed * 1000 + node), node
+    model = build_model(config.model, seed=config.seed)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model, node
+
+
+def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Train locally and reply with the model's arrays and ``num-examples``."""
+    data = client_data(config, context.node_config, "train")
+    model, node = _local_model(config, msg, context)
+    loss = train(model, data, epochs=config.local_epochs, lr=config.lr,
+                 batch_size=config.batch_size, optimizer=config.optimizer,
+                 seed=config.seed * 1000 + node)
+    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data)})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_handler(config: RunConfig, msg: Message, context: Context) -> Message:
+    """Evaluate the server's arrays on this client's test data."""
+    data = client_data(config, context.node_config, "test")
+    model = build_model(config.model, seed=config.seed)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss, accuracy = evaluate(model, data)
+    metrics = MetricRecord({"eval-loss": float(loss), "eval-accuracy": float(accuracy),
+                            "num-examples": len(data)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def create_client_app(config: RunConfig | None = None) -> ClientApp:
+    """A ClientApp that runs with ``config``, or by default with the run config of the
+    Flower run."""
+    client_app = ClientApp()
+
+    def settings(context: Context) -> RunConfig:
+        return config or RunConfig.from_run_config(context.run_config)
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train_handler(settings(context), msg, context)
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_handler(settings(context), msg, context)
+
+    return client_app
+
+
+app = create_client_app()

@@ -1,0 +1,86 @@
+"""The ServerApp: one-shot OT fusion (or FedAvg) of the clients' models.
+
+The strategy is chosen by the run-config key ``strategy``: ``otfusion`` fuses with the
+configured method; ``fedavg`` runs the same strategy with ``method="average"``, which is
+FedAvg weighted by ``num-examples`` with the same reply validation. After the last round
+it evaluates the global model centrally (when the dataset is embedded), compares the
+last round's clients, their FedAvg, their OT fusion and their ensemble, and writes the
+global model (safetensors), a JSON report and a PNG plot to ``output-dir``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from otfusion.client.data import load_digits_dataset
+from otfusion.client.training import evaluate
+from otfusion.server.config import RunConfig
+from otfusion.server.report import write_report
+from otfusion.strategies import OTFusion
+from otfusion.strategies.fusion import FusionConfig
+from otfusion.zoo import build_model
+
+
+def make_strategy(config: RunConfig) -> OTFusion:
+    """The strategy named by the run config."""
+    fusion = config.fusion() if config.strategy == "otfusion" else FusionConfig(method="average")
+    return OTFusion(
+        lambda: build_model(config.model, seed=config.seed),
+        fusion=fusion,
+        ot_rounds=config.ot_rounds,
+        fraction_train=config.fraction_train,
+        min_train_nodes=config.min_train_nodes,
+        min_available_nodes=config.min_train_nodes,
+        fraction_evaluate=0.0,
+    )
+
+
+def central_evaluation(config: RunConfig):
+    """``evaluate_fn`` on the embedded test split, or None for other datasets."""
+    if config.dataset != "digits":
+        return None
+    _, test = load_digits_dataset(seed=config.seed)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = build_model(config.model, seed=config.seed)
+        model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test)
+        return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
+
+    return evaluate_fn
+
+
+def run(grid: Grid, config: RunConfig) -> dict:
+    """Run the federation on ``grid`` and write the outputs; returns the report."""
+    strategy = make_strategy(config)
+    initial = ArrayRecord(build_model(config.model, seed=config.seed).state_dict())
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=config.num_server_rounds,
+        train_config=ConfigRecord({"lr": config.lr}),
+        evaluate_fn=central_evaluation(config),
+    )
+    report = write_report(config, strategy, result)
+    log_table = report.get("comparison")
+    if log_table:
+        lines = [f"{name:<22} {accuracy:7.2%}" for name, accuracy in log_table.items()]
+        log(20, "Test accuracy of the last round's models:\n%s", "\n".join(lines))
+    return report
+
+
+def create_server_app(config: RunConfig | None = None) -> ServerApp:
+    """A ServerApp that runs with ``config``, or by default with the run config of the
+    Flower run (``[tool.flwr.app.config]`` and ``--run-config`` overrides)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, config or RunConfig.from_run_config(context.run_config))
+
+    return server_app
+
+
+app = create_server_app()

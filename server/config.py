@@ -1,0 +1,55 @@
+"""The Flower App's run-config keys, typed and validated.
+
+The defaults here equal those in ``pyproject.toml`` (``[tool.flwr.app.config]``); a test
+checks that they agree. ``flwr run . --run-config "model='cnn' lr=0.02"`` overrides them,
+and so do the flags of ``flower-server``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from otfusion.strategies.fusion import FusionConfig
+
+
+class RunConfig(BaseModel):
+    """Settings of one federated run, under their run-config names (``local-epochs``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              alias_generator=lambda name: name.replace("_", "-"))
+
+    strategy: Literal["otfusion", "fedavg"] = "otfusion"
+    num_server_rounds: int = Field(default=1, ge=1)
+    model: str = "mlp"
+    dataset: str = "digits"
+    partitioner: Literal["iid", "dirichlet", "pathological"] = "iid"
+    alpha: float = Field(default=0.5, gt=0)
+    local_epochs: int = Field(default=30, ge=0)
+    lr: float = Field(default=0.1, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    client_init: Literal["global", "local-seed"] = "local-seed"
+    seed: int = 0
+    min_train_nodes: int = Field(default=2, ge=1)
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    ot_rounds: Literal["all", "first"] = "all"
+    fusion_method: Literal["wasserstein", "gromov-wasserstein", "average"] = "wasserstein"
+    fusion_solver: Literal["exact", "sinkhorn"] = "exact"
+    fusion_reg: float = Field(default=0.01, gt=0)
+    fusion_max_iter: int = Field(default=20, ge=1)
+    output_dir: str = "outputs"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:
+        """Parse ``context.run_config``; keys left out take their defaults."""
+        return cls.model_validate(dict(run_config))
+
+    def as_run_config(self) -> dict[str, object]:
+        return self.model_dump(by_alias=True)
+
+    def fusion(self) -> FusionConfig:
+        return FusionConfig(method=self.fusion_method, solver=self.fusion_solver,
+                            reg=self.fusion_reg, max_iter=self.fusion_max_iter)

@@ -1,0 +1,71 @@
+"""Run outputs: the global model (safetensors), a JSON report and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+from safetensors.torch import save_file
+
+from otfusion.client.data import load_digits_dataset
+from otfusion.server.config import RunConfig
+from otfusion.server.oneshot import compare
+from otfusion.strategies.fusion import FusionConfig
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _records(history) -> dict[str, dict]:
+    return {str(r): {k: v for k, v in record.items()} for r, record in history.items()}
+
+
+def comparison(config: RunConfig, strategy) -> dict[str, float]:
+    """Accuracy of the last round's clients, their FedAvg, OT fusion and ensemble."""
+    if config.dataset != "digits" or not strategy.latest_models:
+        return {}
+    _, test = load_digits_dataset(seed=config.seed)
+    methods = {"FedAvg (same replies)": FusionConfig(method="average"),
+               "OT fusion": config.fusion()}
+    return dict(compare(strategy.latest_models, strategy.latest_weights, test, methods).rows())
+
+
+def write_report(config: RunConfig, strategy, result) -> dict:
+    """Write ``global_model.safetensors``, ``report.json`` and ``report.png`` into a new
+    folder under ``config.output_dir``; return the report."""
+    folder = Path(config.output_dir) / time.strftime("run-%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
+    save_file(state, str(folder / "global_model.safetensors"))
+    report = {
+        "run_config": config.as_run_config(),
+        "train_metrics": _records(result.train_metrics_clientapp),
+        "central_evaluation": _records(result.evaluate_metrics_serverapp),
+        "comparison": comparison(config, strategy),
+        "output_dir": str(folder),
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    _plot(report, folder / "report.png")
+    return report
+
+
+def _plot(report: dict, path: Path) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    table = report["comparison"]
+    if table:
+        left.barh(list(table), list(table.values()))
+        left.set_xlim(0, 1)
+        left.invert_yaxis()
+        left.set_title("last round: test accuracy")
+    central = report["central_evaluation"]
+    rounds = sorted(central, key=int)
+    if rounds:
+        right.plot([int(r) for r in rounds], [central[r].get("accuracy") for r in rounds],
+                   marker="o")
+        right.set(xlabel="round", ylabel="central test accuracy", ylim=(0, 1))
+        right.set_title(f"global model ({report['run_config']['strategy']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

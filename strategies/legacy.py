@@ -1,0 +1,166 @@
+"""OT fusion for the legacy strategy API (``flwr.server.strategy``, NumPyClient)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO, WARNING
+from typing import Any, Literal
+
+import torch
+from flwr.common import Code, FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common import parameters_to_ndarrays as _parameters_to_ndarrays
+from flwr.common.logger import log
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from torch import nn
+
+from .fusion import FusionConfig
+from .otfusion import ClientModelFn, _FusionMixin
+from .replies import check_array_list, check_weight, weighted_average_metrics
+
+
+class LegacyOTFusion(_FusionMixin, FedAvg):
+    """OT fusion for deployments on the legacy API (``NumPyClient``, ``Parameters``).
+
+    The twin of :class:`otfusion.strategies.OTFusion` for ``flwr.server.strategy``
+    servers. Legacy replies are ordered lists of arrays without names: they are named
+    by the order of ``model_fn().state_dict().keys()``, the NumPyClient convention
+    ``[v.cpu().numpy() for v in model.state_dict().values()]``. A list of the wrong
+    length, or any array failing validation, rejects that client only.
+
+    Parameters
+    ----------
+    model_fn : Callable[[], torch.nn.Module]
+        Zero-argument callable returning a fresh instance of the global model. Its
+        state_dict order names the arrays of every reply, its shapes and dtypes are
+        what replies must carry, and it is the template of the fused model.
+    fusion : FusionConfig (default: FusionConfig())
+        Fusion settings; see :class:`otfusion.strategies.fusion.FusionConfig`.
+    ot_rounds : Literal["all", "first"] (default: "all")
+        With ``"first"``, round 1 is fused by optimal transport and later rounds are
+        averaged (``method="average"``).
+    heterogeneous : bool (default: False)
+        Accept client models of other widths (same number, order and ranks of
+        arrays); requires ``client_model_fn``.
+    client_model_fn : Optional[Callable[[dict[str, tuple[int, ...]]], torch.nn.Module]]
+        (default: None)
+        Only with ``heterogeneous=True``: builds an empty model with the given shapes
+        (tensor name -> shape of one reply).
+    max_abs_weight : float (default: 1e4)
+        Largest absolute value accepted in a reply's floating arrays.
+    inputs : Optional[torch.Tensor] (default: None)
+        Server-side input batch for the fusion engine (needed by
+        ``fusion.cost == "activations"`` and models without ``input_shape``).
+    **fedavg_kwargs
+        Passed to :class:`flwr.server.strategy.FedAvg` (``fraction_fit``,
+        ``min_fit_clients``, ``min_available_clients``, ``accept_failures``,
+        ``initial_parameters``, ``on_fit_config_fn``, ``evaluate_fn``,
+        ``fit_metrics_aggregation_fn``, ...). Without ``fit_metrics_aggregation_fn``
+        the clients' numeric fit metrics are averaged weighted by ``num_examples``.
+
+    Notes
+    -----
+    ``aggregate_fit`` returns ``(None, metrics)`` when fewer than ``min_fit_clients``
+    results are valid, when the fusion fails, or when there are failures and
+    ``accept_failures`` is False; Flower then keeps the previous parameters.
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        fusion: FusionConfig = FusionConfig(),  # noqa: B008 - frozen, safe to share
+        *,
+        ot_rounds: Literal["all", "first"] = "all",
+        heterogeneous: bool = False,
+        client_model_fn: ClientModelFn | None = None,
+        max_abs_weight: float = 1e4,
+        inputs: torch.Tensor | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        FedAvg.__init__(self, **fedavg_kwargs)
+        self._init_fusion(model_fn, fusion, ot_rounds, heterogeneous, client_model_fn,
+                          max_abs_weight, inputs)
+
+    def __repr__(self) -> str:
+        """Compute a string representation of the strategy."""
+        return (f"LegacyOTFusion(method={self.fusion.method!r}, ot_rounds={self.ot_rounds!r}, "
+                f"accept_failures={self.accept_failures})")
+
+    def _check_result(self, fit_res: Any) -> tuple[nn.Module, float] | str:
+        """A model and weight from one FitRes, or why it is rejected."""
+        try:
+            if fit_res.status.code != Code.OK:
+                return f"status {fit_res.status.code}: {fit_res.status.message}"
+            arrays = _parameters_to_ndarrays(fit_res.parameters)
+            weight = check_weight(fit_res.num_examples, "num_examples")
+        except Exception as exc:  # noqa: BLE001 - never raise for a malformed result
+            return f"unreadable result ({type(exc).__name__}: {exc})"
+        if isinstance(weight, str):
+            return weight
+        state = check_array_list(arrays, self.expected, max_abs_weight=self.max_abs_weight,
+                                 exact_shapes=not self.heterogeneous)
+        if isinstance(state, str):
+            return state
+        model = self._load_model(state)
+        if isinstance(model, str):
+            return model
+        return model, weight
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Fuse the valid results' models into the new global parameters."""
+        if not results:
+            return None, {}
+        if not self.accept_failures and failures:
+            log(WARNING, "aggregate_fit (round %d): %d failures and accept_failures=False; "
+                "the global model is not updated", server_round, len(failures))
+            return None, {}
+        accepted: list[tuple[str, nn.Module, float, FitRes]] = []
+        rejected = len(failures)
+        for proxy, fit_res in results:
+            cid = getattr(proxy, "cid", "?")
+            checked = self._check_result(fit_res)
+            if isinstance(checked, str):
+                rejected += 1
+                log(WARNING, "aggregate_fit (round %d): rejected result from client %s: %s",
+                    server_round, cid, checked)
+            else:
+                accepted.append((str(cid), checked[0], checked[1], fit_res))
+        accepted.sort(key=lambda item: item[0])
+        counts: dict[str, Scalar] = {"accepted-replies": len(accepted),
+                                     "rejected-replies": rejected}
+        log(INFO, "aggregate_fit (round %d): %d results accepted, %d rejected or failed",
+            server_round, len(accepted), rejected)
+        needed = max(1, self.min_fit_clients)
+        if len(accepted) < needed:
+            log(WARNING, "aggregate_fit (round %d): %d valid results, fewer than the %d needed "
+                "(min_fit_clients); the global model is not updated",
+                server_round, len(accepted), needed)
+            return None, counts
+        try:
+            fused, fusion_metrics = self._fuse(server_round, [m for _, m, _, _ in accepted],
+                                               [w for _, _, w, _ in accepted])
+        except Exception as exc:  # noqa: BLE001 - keep the previous global model
+            log(WARNING, "aggregate_fit (round %d): fusion failed (%s: %s); the global model "
+                "is not updated", server_round, type(exc).__name__, exc)
+            return None, counts
+        metrics: dict[str, Scalar] = {}
+        try:
+            pairs = [(res.num_examples, res.metrics or {}) for _, _, _, res in accepted]
+            if self.fit_metrics_aggregation_fn:
+                metrics.update(self.fit_metrics_aggregation_fn(pairs))
+            else:
+                metrics.update(weighted_average_metrics(
+                    [(float(n), m) for n, m in pairs]))  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - metrics are informative only
+            log(WARNING, "aggregate_fit (round %d): client metrics not aggregated (%s: %s)",
+                server_round, type(exc).__name__, exc)
+        metrics.update(fusion_metrics)
+        metrics.update(counts)
+        parameters = ndarrays_to_parameters([t.numpy() for t in fused.values()])
+        return parameters, metrics

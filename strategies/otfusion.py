@@ -1,0 +1,355 @@
+"""OT fusion strategy for Flower's Message API (``flwr.serverapp.strategy``)."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import INFO, WARNING
+from typing import Any, Literal
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from torch import nn
+
+from .fusion import FusionConfig, fuse_models
+from .replies import ExpectedArrays, check_content, weighted_average_metrics
+
+ClientModelFn = Callable[[dict[str, tuple[int, ...]]], nn.Module]
+
+_LABEL_UNSAFE = re.compile(r"[^0-9A-Za-z_.\-]+")
+
+
+def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """Default ``train_metrics_aggr_fn`` of :class:`OTFusion`.
+
+    Weighted average of the numeric client metrics (the weight key excluded); unlike
+    Flower's default, a metric is averaged only over the replies that report it, and
+    non-finite values are ignored. Each record holds exactly one MetricRecord.
+    """
+    pairs = []
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        pairs.append((float(metrics[weighted_by_key]), dict(metrics)))
+    return MetricRecord(weighted_average_metrics(pairs, skip=(weighted_by_key,)))
+
+
+def transport_cost_metrics(group_costs: Mapping[str, float]) -> dict[str, float]:
+    """``transport-cost/<label>`` metrics, labels reduced to ``[0-9A-Za-z_.-]``."""
+    out: dict[str, float] = {}
+    for label, cost in group_costs.items():
+        key = f"transport-cost/{_LABEL_UNSAFE.sub('_', str(label)).strip('_') or 'group'}"
+        unique, n = key, 2
+        while unique in out:
+            unique, n = f"{key}_{n}", n + 1
+        out[unique] = float(cost)
+    return out
+
+
+class _FusionMixin:
+    """The fusion settings and the work shared by :class:`OTFusion` and its legacy twin:
+    turning a validated reply into a model, fusing, and the metrics that go with it."""
+
+    model_fn: Callable[[], nn.Module]
+    fusion: FusionConfig
+    ot_rounds: Literal["all", "first"]
+    heterogeneous: bool
+    client_model_fn: ClientModelFn | None
+    max_abs_weight: float
+    inputs: torch.Tensor | None
+    expected: ExpectedArrays
+    latest_models: list[nn.Module]
+    latest_weights: list[float]
+
+    def _init_fusion(self, model_fn: Callable[[], nn.Module], fusion: FusionConfig,
+                     ot_rounds: str, heterogeneous: bool,
+                     client_model_fn: ClientModelFn | None, max_abs_weight: float,
+                     inputs: torch.Tensor | None) -> None:
+        if not callable(model_fn):
+            raise TypeError("model_fn must be a zero-argument callable returning an nn.Module")
+        if not isinstance(fusion, FusionConfig):
+            raise TypeError(f"fusion must be a FusionConfig, got {type(fusion).__name__}")
+        if ot_rounds not in ("all", "first"):
+            raise ValueError(f"ot_rounds must be 'all' or 'first', got {ot_rounds!r}")
+        if heterogeneous and client_model_fn is None:
+            raise ValueError("heterogeneous=True needs client_model_fn(shapes) -> nn.Module")
+        if client_model_fn is not None and not heterogeneous:
+            raise ValueError("client_model_fn is only used with heterogeneous=True")
+        max_abs_weight = float(max_abs_weight)
+        if not (math.isfinite(max_abs_weight) and max_abs_weight > 0):
+            raise ValueError(f"max_abs_weight must be positive and finite, got {max_abs_weight}")
+        if fusion.cost == "activations" and inputs is None:
+            raise ValueError("fusion.cost='activations' needs a batch of server-side inputs")
+        template = model_fn()
+        if not isinstance(template, nn.Module):
+            raise TypeError(f"model_fn() returned a {type(template).__name__}, not an nn.Module")
+        self.model_fn = model_fn
+        self.fusion = fusion
+        self.ot_rounds = ot_rounds  # type: ignore[assignment]
+        self.heterogeneous = heterogeneous
+        self.client_model_fn = client_model_fn
+        self.max_abs_weight = max_abs_weight
+        self.inputs = inputs
+        self.expected = ExpectedArrays.from_state_dict(template.state_dict())
+        self.latest_models = []
+        self.latest_weights = []
+
+    def fusion_config(self, server_round: int) -> FusionConfig:
+        """The fusion settings of ``server_round``: averaging after round 1 when
+        ``ot_rounds == "first"``."""
+        if self.ot_rounds == "first" and server_round > 1:
+            return self.fusion.model_copy(update={"method": "average"})
+        return self.fusion
+
+    def _load_model(self, state: dict[str, torch.Tensor]) -> nn.Module | str:
+        """A model holding a validated state_dict, or why the state does not fit one."""
+        try:
+            if self.heterogeneous:
+                assert self.client_model_fn is not None
+                shapes = {name: tuple(t.shape) for name, t in state.items()}
+                model = self.client_model_fn(shapes)
+                if not isinstance(model, nn.Module):
+                    return f"client_model_fn returned a {type(model).__name__}, not an nn.Module"
+            else:
+                model = self.model_fn()
+            model.load_state_dict(state, strict=True)
+        except Exception as exc:  # noqa: BLE001 - a reply that fits no model is rejected
+            return f"does not load into the model ({type(exc).__name__}: {exc})"
+        return model
+
+    def _fuse(self, server_round: int, models: Sequence[nn.Module],
+              weights: Sequence[float]) -> tuple[OrderedDict[str, torch.Tensor],
+                                                 dict[str, float]]:
+        """Fuse the accepted models; the fused state_dict in global key order with the
+        global dtypes, and the fusion metrics. Raises if the engine fails."""
+        largest = max(weights)
+        start = time.perf_counter()
+        result = fuse_models(list(models), weights=[w / largest for w in weights],
+                             config=self.fusion_config(server_round), target=self.model_fn(),
+                             inputs=self.inputs)
+        seconds = time.perf_counter() - start
+        state = result.model.state_dict()
+        fused: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name in self.expected.keys:
+            tensor = state[name].detach().to("cpu", self.expected.dtypes[name])
+            if tuple(tensor.shape) != self.expected.shapes[name]:
+                raise ValueError(f"fused '{name}' has shape {tuple(tensor.shape)}, "
+                                 f"expected {self.expected.shapes[name]}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"fused '{name}' contains NaN or Inf values")
+            fused[name] = tensor.clone()
+        metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs)}
+        self.latest_models, self.latest_weights = list(models), [float(w) for w in weights]
+        return fused, metrics
+
+    def _log_fusion_settings(self) -> None:
+        template = self.model_fn()
+        log(INFO, "\t└──> OT fusion:")
+        log(INFO, "\t\t├── Global model: %s (%d tensors, %d values)", type(template).__name__,
+            len(self.expected.keys), sum(t.numel() for t in template.state_dict().values()))
+        log(INFO, "\t\t├── Method: %s | solver: %s | cost: %s", self.fusion.method,
+            self.fusion.solver, self.fusion.cost)
+        log(INFO, "\t\t├── reg: %g | max_iter: %d | tol: %g", self.fusion.reg,
+            self.fusion.max_iter, self.fusion.tol)
+        log(INFO, "\t\t├── OT rounds: %s%s", self.ot_rounds,
+            " (average afterwards)" if self.ot_rounds == "first" else "")
+        log(INFO, "\t\t├── Heterogeneous widths: %s", self.heterogeneous)
+        log(INFO, "\t\t└── max |weight|: %g", self.max_abs_weight)
+
+
+class OTFusion(_FusionMixin, FedAvg):
+    """One-shot federated learning by optimal-transport model fusion.
+
+    Like FedAvg, but the clients' models are fused layer by layer with Wasserstein
+    barycenters (neurons are matched before they are averaged) instead of being averaged
+    coordinate by coordinate. Replies are aligned by array name, validated one by one,
+    and a malformed reply is logged and left out instead of failing the round.
+
+    Parameters
+    ----------
+    model_fn : Callable[[], torch.nn.Module]
+        Zero-argument callable returning a fresh instance of the global model. It fixes
+        the names, shapes and dtypes every reply must carry, and is the template
+        (architecture and widths) of the fused model.
+    fusion : FusionConfig (default: FusionConfig())
+        Fusion settings (method, solver, reg, cost, max_iter, tol, ...); see
+        :class:`otfusion.strategies.fusion.FusionConfig`.
+    ot_rounds : Literal["all", "first"] (default: "all")
+        Rounds fused by optimal transport. With ``"first"``, round 1 is fused by OT
+        and later rounds, whose clients all start from the fused model, are averaged
+        (``method="average"``, which needs the global shapes).
+    heterogeneous : bool (default: False)
+        Accept client models whose widths differ from the global model (same keys and
+        ranks); they are fused into the global widths. Requires ``client_model_fn``.
+        Without it, every reply must have exactly the global shapes.
+    client_model_fn : Optional[Callable[[dict[str, tuple[int, ...]]], torch.nn.Module]]
+        (default: None)
+        Only with ``heterogeneous=True``: builds an empty model whose state_dict has the
+        given shapes (tensor name -> shape of one reply). A reply whose shapes it cannot
+        build, or whose arrays do not load into the model it returns, is rejected.
+    max_abs_weight : float (default: 1e4)
+        Largest absolute value accepted in a reply's floating arrays. Integer buffers
+        (e.g. BatchNorm's ``num_batches_tracked``) are not bounded.
+    inputs : Optional[torch.Tensor] (default: None)
+        A batch of server-side inputs passed to the fusion engine. Required when
+        ``fusion.cost == "activations"``, and for tracing models that declare no
+        ``input_shape`` attribute.
+    **fedavg_kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg`: ``fraction_train``,
+        ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
+        ``min_available_nodes``, ``weighted_by_key`` (default "num-examples", the client
+        weight in fusion), ``arrayrecord_key``, ``configrecord_key``,
+        ``train_metrics_aggr_fn`` (default: :func:`aggregate_train_metrics`) and
+        ``evaluate_metrics_aggr_fn``.
+
+    Notes
+    -----
+    ``aggregate_train`` returns ``(None, MetricRecord)`` when fewer than
+    ``min_train_nodes`` replies are valid or the fusion fails; ``start`` then keeps the
+    previous global arrays. Its MetricRecord holds ``fusion-seconds``,
+    ``accepted-replies``, ``rejected-replies`` (error replies included), one
+    ``transport-cost/<group>`` per aligned layer group, and the weighted average of
+    the clients' numeric train metrics. Accepted replies are fused in order of node id,
+    so the result does not depend on the order in which replies arrive.
+
+    After each successful fusion, ``latest_models`` and ``latest_weights`` hold the
+    accepted client models (in fusion order) and their weights, e.g. to compare the
+    fused model with their ensemble; they are kept until the next successful round.
+    """
+
+    # pylint: disable=too-many-arguments
+    def __init__(
+        self,
+        model_fn: Callable[[], nn.Module],
+        fusion: FusionConfig = FusionConfig(),  # noqa: B008 - frozen, safe to share
+        *,
+        ot_rounds: Literal["all", "first"] = "all",
+        heterogeneous: bool = False,
+        client_model_fn: ClientModelFn | None = None,
+        max_abs_weight: float = 1e4,
+        inputs: torch.Tensor | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        if fedavg_kwargs.get("train_metrics_aggr_fn") is None:
+            fedavg_kwargs["train_metrics_aggr_fn"] = aggregate_train_metrics
+        FedAvg.__init__(self, **fedavg_kwargs)
+        self._init_fusion(model_fn, fusion, ot_rounds, heterogeneous, client_model_fn,
+                          max_abs_weight, inputs)
+
+    def summary(self) -> None:
+        """Log summary configuration of the strategy, fusion settings included."""
+        super().summary()
+        self._log_fusion_settings()
+
+    def _screen(self, server_round: int, replies: Iterable[Message]
+                ) -> tuple[list[tuple[int, nn.Module, float, RecordDict]], int]:
+        """Accepted replies as (node id, model, weight, content), sorted by node id, and
+        the number rejected. Every rejection is logged with its node id and reason."""
+        accepted: list[tuple[int, nn.Module, float, RecordDict]] = []
+        rejected = 0
+        for msg in replies:
+            node_id = _node_id(msg)
+            reason: str | None = None
+            try:
+                if msg.has_error():
+                    reason = f"error reply ({msg.error.code}: {msg.error.reason})"
+                else:
+                    content = msg.content
+            except Exception as exc:  # noqa: BLE001 - never raise for a malformed reply
+                reason = f"unreadable reply ({type(exc).__name__}: {exc})"
+            if reason is None:
+                checked = check_content(content, self.expected, weight_key=self.weighted_by_key,
+                                        max_abs_weight=self.max_abs_weight,
+                                        exact_shapes=not self.heterogeneous)
+                if isinstance(checked, str):
+                    reason = checked
+                else:
+                    model = self._load_model(checked[0])
+                    if isinstance(model, str):
+                        reason = model
+                    else:
+                        accepted.append((node_id, model, checked[1], content))
+            if reason is not None:
+                rejected += 1
+                log(WARNING, "aggregate_train (round %d): rejected reply from node %s: %s",
+                    server_round, node_id, reason)
+        accepted.sort(key=lambda item: item[0])
+        return accepted, rejected
+
+    def aggregate_train(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Fuse the valid replies' models into the new global ArrayRecord.
+
+        Returns ``(None, MetricRecord)`` with the reply counts when fewer than
+        ``min_train_nodes`` replies are valid or the fusion fails; never raises
+        because of a reply.
+        """
+        accepted, rejected = self._screen(server_round, replies)
+        counts = {"accepted-replies": len(accepted), "rejected-replies": rejected}
+        log(INFO, "aggregate_train (round %d): %d replies accepted, %d rejected",
+            server_round, len(accepted), rejected)
+        needed = max(1, self.min_train_nodes)
+        if len(accepted) < needed:
+            log(WARNING, "aggregate_train (round %d): %d valid replies, fewer than the %d "
+                "needed (min_train_nodes); the global model is not updated",
+                server_round, len(accepted), needed)
+            return None, MetricRecord(counts)
+        try:
+            fused, fusion_metrics = self._fuse(server_round, [m for _, m, _, _ in accepted],
+                                               [w for _, _, w, _ in accepted])
+        except Exception as exc:  # noqa: BLE001 - keep the previous global model
+            log(WARNING, "aggregate_train (round %d): fusion failed (%s: %s); the global "
+                "model is not updated", server_round, type(exc).__name__, exc)
+            return None, MetricRecord(counts)
+        metrics = MetricRecord()
+        try:
+            client_metrics = self.train_metrics_aggr_fn([c for _, _, _, c in accepted],
+                                                        self.weighted_by_key)
+            for key, value in (client_metrics or {}).items():
+                metrics[key] = value
+        except Exception as exc:  # noqa: BLE001 - metrics are informative only
+            log(WARNING, "aggregate_train (round %d): client metrics not aggregated (%s: %s)",
+                server_round, type(exc).__name__, exc)
+        for key, value in {**fusion_metrics, **counts}.items():
+            metrics[key] = value
+        return ArrayRecord(fused), metrics
+
+    # pylint: disable=too-many-arguments, too-many-positional-arguments
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the strategy (see :meth:`flwr.serverapp.strategy.Strategy.start`).
+
+        Flower leaves ``Result.arrays`` as an empty ArrayRecord when no round produced
+        new arrays; here it is then the unchanged ``initial_arrays``.
+        """
+        result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                               train_config=train_config, evaluate_config=evaluate_config,
+                               evaluate_fn=evaluate_fn)
+        if len(result.arrays) == 0:
+            log(WARNING, "No round produced a fused model: the final arrays are the initial "
+                "arrays")
+            result.arrays = initial_arrays
+        return result
+
+
+def _node_id(msg: Any) -> Any:
+    try:
+        return msg.metadata.src_node_id
+    except Exception:  # noqa: BLE001
+        return "?"

@@ -1,0 +1,237 @@
+"""Validation of client replies before fusion.
+
+Small pure functions shared by :class:`~otfusion.strategies.OTFusion` (Message API) and
+:class:`~otfusion.strategies.LegacyOTFusion` (legacy ``Parameters`` lists). Each check
+returns either the validated value or a ``str`` saying why the reply is rejected; none
+of them raises for malformed input, so one bad client can never stop a round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# numpy dtype kinds accepted for a tensor of the global model, by the tensor's role.
+_FLOAT_KINDS = "f"
+_INT_KINDS = "iu"
+
+
+@dataclass(frozen=True)
+class ExpectedArrays:
+    """Names, shapes and dtypes of the global model's tensors, in state_dict order."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> ExpectedArrays:
+        """Record what every reply must carry, from the global model's state_dict."""
+        return cls(
+            shapes={name: tuple(tensor.shape) for name, tensor in state.items()},
+            dtypes={name: tensor.dtype for name, tensor in state.items()},
+        )
+
+    @property
+    def keys(self) -> list[str]:
+        """Tensor names in the global model's order."""
+        return list(self.shapes)
+
+
+def check_weight(value: Any, key: str = "num-examples") -> float | str:
+    """The client weight as a positive finite float, or why it is unusable."""
+    if value is None:
+        return f"no '{key}' value"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"'{key}' is {value!r}, not a number"
+    weight = float(value)
+    if not math.isfinite(weight) or weight <= 0:
+        return f"'{key}' is {value!r}, not a positive finite number"
+    return weight
+
+
+def _kinds(dtype: torch.dtype) -> str:
+    """numpy dtype kinds accepted for a tensor whose global dtype is ``dtype``."""
+    if dtype.is_floating_point:
+        return _FLOAT_KINDS
+    if dtype.is_complex:
+        return "c"
+    if dtype == torch.bool:
+        return "b"
+    return _INT_KINDS
+
+
+def _decode(value: Any) -> np.ndarray | str:
+    """A numpy array from an ndarray or a Flower ``Array``; a reason if it cannot be read."""
+    try:
+        array = value if isinstance(value, np.ndarray) else value.numpy()
+    except Exception as exc:  # noqa: BLE001 - any decoding failure rejects the reply
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    if not isinstance(array, np.ndarray):
+        return f"decodes to a {type(array).__name__}, not an array"
+    return array
+
+
+def _to_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh torch tensor of ``dtype``, never sharing memory with ``array``."""
+    if array.dtype.kind == "f" and array.dtype.itemsize > 8:
+        array = array.astype(np.float64)  # long double: torch has no such dtype
+    array = np.array(array, dtype=array.dtype.newbyteorder("="), copy=True)
+    return torch.from_numpy(array).to(dtype)
+
+
+def check_array(name: str, value: Any, expected: ExpectedArrays, *, max_abs_weight: float,
+                exact_shape: bool = True) -> torch.Tensor | str:
+    """One tensor of a reply, checked against the global tensor ``name``.
+
+    The dtype must be of the same kind (any float for a floating tensor, any integer
+    for an integer buffer such as ``num_batches_tracked``); the result is cast to the
+    global dtype. The shape must equal the global one (``exact_shape``) or have the
+    same rank. Floating values must be finite with ``|value| <= max_abs_weight``;
+    integer buffers are counters and are not bounded.
+    """
+    array = _decode(value)
+    if isinstance(array, str):
+        return f"'{name}' {array}"
+    dtype, shape = expected.dtypes[name], expected.shapes[name]
+    if array.dtype.kind not in _kinds(dtype):
+        return f"'{name}' has dtype {array.dtype}, expected one like {dtype}"
+    if exact_shape and array.shape != shape:
+        return f"'{name}' has shape {array.shape}, expected {shape}"
+    if array.ndim != len(shape):
+        return f"'{name}' has rank {array.ndim} (shape {array.shape}), expected rank {len(shape)}"
+    if array.dtype.kind == "f" and array.size:
+        if not np.isfinite(array).all():
+            return f"'{name}' contains NaN or Inf values"
+        largest = float(np.abs(array).max())
+        if largest > max_abs_weight:
+            return f"'{name}' has |value| {largest:.3g} > max_abs_weight {max_abs_weight:.3g}"
+    return _to_tensor(array, dtype)
+
+
+def check_arrays(arrays: Mapping[str, Any], expected: ExpectedArrays, *,
+                 max_abs_weight: float,
+                 exact_shapes: bool = True) -> dict[str, torch.Tensor] | str:
+    """A reply's arrays (name -> ndarray or Flower ``Array``) as a state_dict in the
+    global key order, or the first reason to reject them. Keys must match exactly."""
+    names = set(arrays)
+    missing = [k for k in expected.keys if k not in names]
+    extra = sorted(names.difference(expected.shapes), key=str)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_preview(missing)}")
+        if extra:
+            parts.append(f"unexpected keys {_preview(extra)}")
+        return " and ".join(parts)
+    state: dict[str, torch.Tensor] = {}
+    for name in expected.keys:
+        tensor = check_array(name, arrays[name], expected, max_abs_weight=max_abs_weight,
+                             exact_shape=exact_shapes)
+        if isinstance(tensor, str):
+            return tensor
+        state[name] = tensor
+    return state
+
+
+def check_array_list(arrays: Sequence[Any], expected: ExpectedArrays, *,
+                     max_abs_weight: float,
+                     exact_shapes: bool = True) -> dict[str, torch.Tensor] | str:
+    """An ordered list of arrays (legacy ``Parameters``, NumPyClient convention
+    ``[v.cpu().numpy() for v in model.state_dict().values()]``) named by the global
+    state_dict order, then checked like :func:`check_arrays`."""
+    if len(arrays) != len(expected.keys):
+        return f"{len(arrays)} arrays, expected {len(expected.keys)} (one per state_dict entry)"
+    return check_arrays(dict(zip(expected.keys, arrays, strict=True)), expected,
+                        max_abs_weight=max_abs_weight, exact_shapes=exact_shapes)
+
+
+def check_content(content: Any, expected: ExpectedArrays, *, weight_key: str,
+                  max_abs_weight: float,
+                  exact_shapes: bool = True) -> tuple[dict[str, torch.Tensor], float] | str:
+    """A train reply's ``RecordDict``: exactly one ArrayRecord and one MetricRecord
+    holding a positive finite ``weight_key``. Returns (state_dict, weight) or a reason."""
+    try:
+        array_records = list(content.array_records.values())
+        metric_records = list(content.metric_records.values())
+    except Exception as exc:  # noqa: BLE001 - an unreadable reply is rejected, not raised
+        return f"unreadable content ({type(exc).__name__}: {exc})"
+    if len(array_records) != 1:
+        return f"{len(array_records)} ArrayRecords, expected exactly 1"
+    if len(metric_records) != 1:
+        return f"{len(metric_records)} MetricRecords, expected exactly 1"
+    weight = check_weight(metric_records[0].get(weight_key), weight_key)
+    if isinstance(weight, str):
+        return weight
+    state = check_arrays(array_records[0], expected, max_abs_weight=max_abs_weight,
+                         exact_shapes=exact_shapes)
+    if isinstance(state, str):
+        return state
+    return state, weight
+
+
+def weighted_average_metrics(
+    pairs: Sequence[tuple[float, Mapping[str, Any]]], skip: Sequence[str] = ()
+) -> dict[str, float | list[float]]:
+    """Weighted average of the numeric metrics of accepted replies.
+
+    Each metric is averaged over the replies that report it, with their weights
+    renormalised, so a key missing from one reply does not bias it. Non-numeric values
+    (str, bytes, bool) and non-finite numbers are ignored; a list metric is averaged
+    element-wise when every reply reporting it gives the same length. Values are plain
+    Python floats (Flower's MetricRecord rejects numpy scalars).
+    """
+    sums: dict[str, Any] = {}
+    totals: dict[str, float] = {}
+    dropped: set[str] = set(skip)
+    for weight, metrics in pairs:
+        for key, value in metrics.items():
+            if key in dropped:
+                continue
+            number = _as_numbers(value)
+            if number is None:
+                continue
+            if isinstance(number, list):
+                previous = sums.get(key, [0.0] * len(number))
+                if not isinstance(previous, list) or len(previous) != len(number):
+                    dropped.add(key)
+                    continue
+                sums[key] = [p + weight * v for p, v in zip(previous, number, strict=True)]
+            else:
+                previous = sums.get(key, 0.0)
+                if isinstance(previous, list):
+                    dropped.add(key)
+                    continue
+                sums[key] = previous + weight * number
+            totals[key] = totals.get(key, 0.0) + weight
+    out: dict[str, float | list[float]] = {}
+    for key, total in totals.items():
+        if key in dropped or total <= 0:
+            continue
+        value = sums[key]
+        out[key] = [float(v / total) for v in value] if isinstance(value, list) else float(
+            value / total)
+    return out
+
+
+def _as_numbers(value: Any) -> float | list[float] | None:
+    """A finite float, a list of finite floats, or None for anything else."""
+    if isinstance(value, (list, tuple)):
+        numbers = [_as_numbers(v) for v in value]
+        if not numbers or any(n is None or isinstance(n, list) for n in numbers):
+            return None
+        return numbers  # type: ignore[return-value]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _preview(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    more = len(names) - limit
+    return f"[{shown}{f', ... ({more} more)' if more > 0 else ''}]"

@@ -1,0 +1,43 @@
+"""The Flower App's run-config defaults and the flower-server flags agree with RunConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from otfusion.server.config import RunConfig
+from otfusion.server.flower_server import build_parser, run_config_from_args
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_run_config_equals_the_defaults():
+    app = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
+    assert app["config"] == RunConfig().as_run_config()
+    assert app["components"] == {"serverapp": "otfusion.server.app:app",
+                                 "clientapp": "otfusion.client.app:app"}
+
+
+def test_run_config_reads_hyphenated_keys_and_rejects_unknown_ones():
+    config = RunConfig.from_run_config({"local-epochs": 3, "model": "cnn"})
+    assert (config.local_epochs, config.model, config.lr) == (3, "cnn", 0.1)
+    with pytest.raises(ValueError, match="no-such-key"):
+        RunConfig.from_run_config({"no-such-key": 1})
+    with pytest.raises(ValueError, match="partitioner"):
+        RunConfig.from_run_config({"partitioner": "random"})
+
+
+def test_flower_server_flags_map_onto_run_config_keys():
+    args = build_parser().parse_args(
+        ["--strategy", "fedavg", "--simulation", "--num-clients", "20", "--local-epochs", "2",
+         "--fusion-solver", "sinkhorn", "--partitioner", "dirichlet", "--alpha", "0.1"])
+    config = run_config_from_args(args)
+    assert (config.strategy, config.local_epochs, config.fusion_solver) == ("fedavg", 2, "sinkhorn")
+    assert (config.partitioner, config.alpha, args.num_clients) == ("dirichlet", 0.1, 20)
+    assert run_config_from_args(build_parser().parse_args([])) == RunConfig()
