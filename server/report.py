@@ -8,11 +8,14 @@ from pathlib import Path
 
 import matplotlib
 from safetensors.torch import save_file
+from torch import nn
 
 from otfusion.client.data import load_digits_dataset
+from otfusion.client.training import evaluate
 from otfusion.server.config import RunConfig
 from otfusion.server.oneshot import compare
 from otfusion.strategies.fusion import FusionConfig
+from otfusion.zoo import build_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,14 +25,16 @@ def _records(history) -> dict[str, dict]:
     return {str(r): {k: v for k, v in record.items()} for r, record in history.items()}
 
 
-def comparison(config: RunConfig, strategy) -> dict[str, float]:
-    """Accuracy of the last round's clients, their FedAvg, OT fusion and ensemble."""
+def comparison(config: RunConfig, strategy, global_model: nn.Module) -> dict[str, float]:
+    """Accuracy of the last round's clients, their FedAvg, the global model (their OT
+    fusion, or their FedAvg with ``strategy=fedavg``) and their ensemble."""
     if config.dataset != "digits" or not strategy.latest_models:
         return {}
     _, test = load_digits_dataset(seed=config.seed)
-    methods = {"FedAvg (same replies)": FusionConfig(method="average"),
-               "OT fusion": config.fusion()}
-    return dict(compare(strategy.latest_models, strategy.latest_weights, test, methods).rows())
+    fedavg = {"FedAvg (same replies)": FusionConfig(method="average")}
+    rows = compare(strategy.latest_models, strategy.latest_weights, test, fedavg).rows()
+    rows.insert(-1, (f"global model ({config.strategy})", evaluate(global_model, test)[1]))
+    return dict(rows)
 
 
 def write_report(config: RunConfig, strategy, result) -> dict:
@@ -39,11 +44,13 @@ def write_report(config: RunConfig, strategy, result) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
     save_file(state, str(folder / "global_model.safetensors"))
+    global_model = build_model(config.model, seed=config.seed)
+    global_model.load_state_dict(state)
     report = {
         "run_config": config.as_run_config(),
         "train_metrics": _records(result.train_metrics_clientapp),
         "central_evaluation": _records(result.evaluate_metrics_serverapp),
-        "comparison": comparison(config, strategy),
+        "comparison": comparison(config, strategy, global_model),
         "output_dir": str(folder),
     }
     (folder / "report.json").write_text(json.dumps(report, indent=1))

@@ -20,9 +20,10 @@ def test_one_shot_simulation_with_20_clients_beats_fedavg(tmp_path):
     (run,) = tmp_path.iterdir()
     report = json.loads((run / "report.json").read_text())
     table = report["comparison"]
-    assert table["OT fusion"] > table["FedAvg (same replies)"] + 0.2
+    assert table["global model (otfusion)"] > table["FedAvg (same replies)"] + 0.2
     assert report["train_metrics"]["1"]["accepted-replies"] == 20
     model = build_model("mlp")
     model.load_state_dict(load_file(run / "global_model.safetensors"))
-    assert report["central_evaluation"]["1"]["accuracy"] == pytest.approx(table["OT fusion"])
+    assert report["central_evaluation"]["1"]["accuracy"] == pytest.approx(
+        table["global model (otfusion)"])
     assert (run / "report.png").stat().st_size > 0

@@ -1,0 +1,92 @@
+"""One-shot simulation with many virtual clients: wall time, fusion time, peak memory.
+
+Runs ``flower-server --simulation --num-clients N`` for every N in a fresh process tree
+(the Ray workers included), samples the tree's total resident memory, and reads the
+fusion time from the run's report. Writes ``results/simulation_scale.json``.
+
+    python benchmarks/simulation_scale.py --clients 100 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def tree_rss_mib(root: int) -> float:
+    """Resident memory of ``root`` and all its descendants."""
+    tree, total, stack = _children(), 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(tree.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def run(num_clients: int, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        command = [str(Path(sys.executable).with_name("flower-server")), "--simulation",
+                   "--num-clients", str(num_clients), "--output-dir", out, *extra]
+        start, peak = time.perf_counter(), 0.0
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+        while process.poll() is None:
+            peak = max(peak, tree_rss_mib(process.pid))
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+        if process.returncode != 0:
+            raise RuntimeError(process.stderr.read().decode()[-3000:])
+        (report,) = Path(out).glob("run-*/report.json")
+        data = json.loads(report.read_text())
+    metrics = data["train_metrics"]["1"]
+    return {"clients": num_clients, "wall_seconds": wall,
+            "fusion_seconds": metrics["fusion-seconds"], "peak_rss_mib": peak,
+            "accepted": metrics["accepted-replies"], "comparison": data["comparison"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", nargs="+", type=int, default=[100, 1000])
+    parser.add_argument("extra", nargs="*", help="more flower-server flags, after --")
+    args = parser.parse_args()
+    rows = []
+    print(f"{'clients':>8} {'wall (s)':>9} {'fusion (s)':>11} {'fusion share':>13} "
+          f"{'peak RSS (MiB)':>15} {'global model acc':>17}")
+    for n in args.clients:
+        row = run(n, args.extra)
+        rows.append(row)
+        accuracy = row["comparison"].get("global model (otfusion)", float("nan"))
+        print(f"{n:>8} {row['wall_seconds']:>9.1f} {row['fusion_seconds']:>11.1f} "
+              f"{row['fusion_seconds'] / row['wall_seconds']:>13.1%} "
+              f"{row['peak_rss_mib']:>15.0f} {accuracy:>17.1%}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "simulation_scale.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
