@@ -1,6 +1,8 @@
-"""Embedded default data (scikit-learn's digits) and federated partitioning.
+"""Embedded default data (scikit-learn's digits), federated partitioning, and Hugging
+Face Hub datasets through flwr-datasets.
 
-Nothing here downloads: the digits ship with scikit-learn, and partitioning applies
+Only the hub functions (:func:`load_federated_partition` and the helpers above it)
+download: the digits ship with scikit-learn, and :func:`partition` applies
 flwr-datasets partitioners to a local ``datasets.Dataset``.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -189,3 +192,194 @@ def load_npz(path: str, split: str = "train") -> TensorData:
         x = torch.as_tensor(arrays[f"x{prefix}"], dtype=torch.float32)
         y = torch.as_tensor(arrays[f"y{prefix}"], dtype=torch.int64)
     return TensorData(x.reshape(len(x), -1), y)
+
+
+# --- Hub datasets through flwr-datasets (downloads; for users with internet access) ---
+
+HUB_DATASETS: dict[str, str] = {"mnist": "ylecun/mnist", "cifar10": "uoft-cs/cifar10"}
+"""Short dataset names and their Hugging Face Hub ids."""
+
+IMAGE_COLUMNS: tuple[str, ...] = ("image", "img")
+"""Column names holding the images, tried in this order (mnist: ``image``, cifar10:
+``img``)."""
+
+
+def hub_dataset_id(dataset_name: str) -> str:
+    """The Hugging Face Hub id of ``dataset_name``: a short name from
+    :data:`HUB_DATASETS` (``"mnist"`` -> ``"ylecun/mnist"``), or a hub id
+    (``"owner/name"``), which is returned unchanged."""
+    if dataset_name in HUB_DATASETS:
+        return HUB_DATASETS[dataset_name]
+    if "/" in dataset_name:
+        return dataset_name
+    raise ValueError(
+        f"unknown dataset {dataset_name!r}; use one of {', '.join(sorted(HUB_DATASETS))} "
+        "or a Hugging Face Hub id such as 'ylecun/mnist'"
+    )
+
+
+def make_partitioner(
+    partitioner: PartitionerName,
+    num_partitions: int,
+    alpha: float = 0.5,
+    seed: int = 0,
+    classes_per_partition: int = 2,
+    *,
+    label_column: str = "label",
+    min_partition_size: int = 1,
+):
+    """A fresh flwr-datasets ``Partitioner`` with the settings :func:`partition` uses:
+    ``IidPartitioner`` for ``"iid"``, ``DirichletPartitioner`` over ``label_column`` with
+    concentration ``alpha`` (self-balancing) for ``"dirichlet"``, and
+    ``PathologicalPartitioner`` with ``classes_per_partition`` classes each
+    (``"first-deterministic"`` assignment) for ``"pathological"``."""
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
+        raise TypeError(f"num_partitions must be an int, got {num_partitions!r}")
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be at least 1, got {num_partitions}")
+    if partitioner == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_column,
+            alpha=float(alpha),
+            min_partition_size=min_partition_size,
+            self_balancing=True,
+            shuffle=True,
+            seed=seed,
+        )
+    if partitioner == "pathological":
+        return PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by=label_column,
+            num_classes_per_partition=classes_per_partition,
+            class_assignment_mode="first-deterministic",
+            shuffle=True,
+            seed=seed,
+        )
+    raise ValueError(
+        f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}"
+    )
+
+
+def hub_federated_dataset(
+    dataset_name: str,
+    num_partitions: int,
+    partitioner: PartitionerName = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    split: str = "train",
+    **load_dataset_kwargs: object,
+):
+    """A ``flwr_datasets.FederatedDataset`` of the hub dataset ``dataset_name`` (short
+    name or hub id, see :func:`hub_dataset_id`) whose ``split`` is partitioned by
+    :func:`make_partitioner`; the samples are shuffled with ``seed`` first.
+
+    Nothing is downloaded until a partition is loaded; then ``datasets.load_dataset``
+    fetches the dataset into the Hugging Face cache (``HF_HOME``), which later runs
+    reuse. ``load_dataset_kwargs`` go to ``datasets.load_dataset``.
+    """
+    from flwr_datasets import FederatedDataset
+
+    return FederatedDataset(
+        dataset=hub_dataset_id(dataset_name),
+        partitioners={split: make_partitioner(partitioner, num_partitions, alpha, seed)},
+        shuffle=True,
+        seed=seed,
+        **load_dataset_kwargs,
+    )
+
+
+@lru_cache(maxsize=4)
+def _cached_hub_federated_dataset(
+    dataset_name: str, num_partitions: int, partitioner: PartitionerName, alpha: float,
+    seed: int, split: str
+):
+    return hub_federated_dataset(dataset_name, num_partitions, partitioner, alpha, seed, split)
+
+
+def hf_to_tensor_data(dataset, image_column: str | None = None,
+                      label_column: str = "label") -> TensorData:
+    """Convert a ``datasets.Dataset`` of images and labels to :class:`TensorData`.
+
+    The image column is ``image_column`` or the first of :data:`IMAGE_COLUMNS` present
+    (PIL images or arrays). Integer pixels (``uint8`` images) are scaled by 1/255 to
+    [0, 1]; floating pixels are kept as they are. Images are flattened channel-first:
+    a colour image ``(H, W, C)`` becomes the features of ``(C, H, W)``, so
+    ``TensorData.as_input((C, H, W))`` restores it for a CNN. Labels become int64.
+    """
+    columns = list(dataset.column_names)
+    if image_column is None:
+        image_column = next((name for name in IMAGE_COLUMNS if name in columns), None)
+    if image_column is None or image_column not in columns:
+        raise ValueError(
+            f"no image column in the dataset (looked for "
+            f"{image_column or ' or '.join(IMAGE_COLUMNS)}; columns: {columns})"
+        )
+    if label_column not in columns:
+        raise ValueError(f"no label column {label_column!r} in the dataset (columns: {columns})")
+    if len(dataset) == 0:
+        raise ValueError("the partition is empty")
+    batch = dataset.select_columns([image_column, label_column]).with_format("numpy")[:]
+    images = np.asarray(batch[image_column])
+    if images.dtype == object or images.ndim < 2:
+        raise ValueError(
+            f"the images in column {image_column!r} do not stack into one array "
+            "(different sizes or modes?)"
+        )
+    if images.ndim == 4:  # (N, H, W, C) -> (N, C, H, W)
+        images = images.transpose(0, 3, 1, 2)
+    if np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_:
+        x = images.astype(np.float32) / np.float32(255.0)
+    else:
+        x = images.astype(np.float32)
+    y = np.asarray(batch[label_column]).astype(np.int64)
+    return TensorData(torch.from_numpy(np.ascontiguousarray(x.reshape(len(x), -1))),
+                      torch.from_numpy(y))
+
+
+def load_federated_partition(
+    dataset_name: str,
+    partition_id: int,
+    num_partitions: int,
+    partitioner: PartitionerName = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    split: str = "train",
+    federated_dataset=None,
+) -> TensorData:
+    """Partition ``partition_id`` of ``split`` of a Hugging Face Hub dataset, loaded with
+    flwr-datasets and converted by :func:`hf_to_tensor_data`.
+
+    ``dataset_name`` is ``"mnist"`` (``ylecun/mnist``), ``"cifar10"``
+    (``uoft-cs/cifar10``) or another hub id with an ``image``/``img`` and a ``label``
+    column. The split is shuffled with ``seed`` and partitioned into ``num_partitions``
+    by ``partitioner`` (``iid``, ``dirichlet`` with ``alpha``, ``pathological``; see
+    :func:`make_partitioner`), so every client of a run that passes the same arguments
+    gets a disjoint part. With ``split="test"`` the test split is partitioned the same
+    way (each client evaluates on its share).
+
+    This downloads the dataset on first use (then it comes from the Hugging Face cache);
+    the ``FederatedDataset`` is kept per argument set in this process. Pass
+    ``federated_dataset`` (a ``flwr_datasets.FederatedDataset`` with a partitioner for
+    ``split``) to use that one instead; then ``dataset_name``, ``num_partitions``,
+    ``partitioner``, ``alpha`` and ``seed`` are not used.
+    """
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int):
+        raise TypeError(f"partition_id must be an int, got {partition_id!r}")
+    if federated_dataset is None:
+        if not 0 <= partition_id < num_partitions:
+            raise ValueError(
+                f"partition_id must be in [0, {num_partitions}), got {partition_id}"
+            )
+        federated_dataset = _cached_hub_federated_dataset(
+            dataset_name, num_partitions, partitioner, float(alpha), int(seed), split
+        )
+    return hf_to_tensor_data(federated_dataset.load_partition(partition_id, split))
