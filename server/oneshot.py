@@ -69,5 +69,4 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
 DEFAULT_METHODS = {
     "vanilla average": FusionConfig(method="average"),
     "OT fusion (exact)": FusionConfig(),
-    "OT fusion (sinkhorn)": FusionConfig(solver="sinkhorn"),
 }

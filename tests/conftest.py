@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Flower and flwr-datasets read these when first imported: no telemetry or update
+# checks from the tests (the machine is offline).
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
 import pytest
 import torch
 
