@@ -39,7 +39,7 @@ class RunConfig(BaseModel):
     fusion_method: Literal["wasserstein", "gromov-wasserstein", "average"] = "wasserstein"
     fusion_solver: Literal["exact", "sinkhorn"] = "exact"
     fusion_reg: float = Field(default=0.01, gt=0)
-    fusion_max_iter: int = Field(default=20, ge=1)
+    fusion_max_iter: int = Field(default=5, ge=1)
     output_dir: str = "outputs"
 
     @classmethod

@@ -9,7 +9,9 @@ weights, until ``B`` stops moving.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -84,31 +86,37 @@ def free_support_barycenter(
                  for m in widths]
     damped: list[torch.Tensor | None] = [None] * len(widths)
     warm: list[object] = [None] * len(widths)
-    plans: list[torch.Tensor] = []
-    costs: list[torch.Tensor] = []
+
+    def couple(k: int):
+        """Client ``k``'s plan to the current support, and its neurons mapped onto it."""
+        points = points_fn(k, damped[k])
+        cost = ground_cost(support, points)
+        plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], config, warm[k])
+        coupling = Coupling.from_plan(plan)
+        mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
+                  for name, p in points.items()}
+        return plan, (cost * plan).sum(), mapped
+
     iterations = 0
-    while iterations < config.max_iter:
-        iterations += 1
-        plans, costs, updated = [], [], {}
-        for k, (lam, b) in enumerate(zip(weights, marginals, strict=True)):
-            points = points_fn(k, damped[k])
-            cost = ground_cost(support, points)
-            plan, warm[k] = transport_plan(cost, uniform_n, b, config, warm[k])
-            plans.append(plan)
-            costs.append((cost * plan).sum())
-            coupling = Coupling.from_plan(plan)
-            for name, p in points.items():
-                mapped = apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
-                updated[name] = updated.get(name, 0) + lam * mapped
-        shift = _relative_shift(support, updated)
-        support = updated
-        for k, plan in enumerate(plans):
-            previous = damped[k]
-            damped[k] = plan if previous is None else (
-                config.gw_damping * plan + (1 - config.gw_damping) * previous
-            )
-        if shift <= config.tol:
-            break
+    with ThreadPoolExecutor(max_workers=config.workers or os.cpu_count()) as pool:
+        while iterations < config.max_iter:
+            iterations += 1
+            solved = list(pool.map(couple, range(len(widths))))  # solvers release the GIL
+            plans = [plan for plan, _, _ in solved]
+            costs = [cost for _, cost, _ in solved]
+            updated: dict[str, torch.Tensor] = {}
+            for lam, (_, _, mapped) in zip(weights, solved, strict=True):
+                for name, rows in mapped.items():
+                    updated[name] = updated.get(name, 0) + lam * rows
+            shift = _relative_shift(support, updated)
+            support = updated
+            for k, plan in enumerate(plans):
+                previous = damped[k]
+                damped[k] = plan if previous is None else (
+                    config.gw_damping * plan + (1 - config.gw_damping) * previous
+                )
+            if shift <= config.tol:
+                break
     mean_cost = float(sum(lam * c for lam, c in zip(weights, costs, strict=True)))
     return BarycenterResult(plans, mean_cost, iterations)
 
