@@ -18,27 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from otfusion.server.deployment import descendants
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(parent, []).append(int(entry.name))
-    return tree
 
 
 def tree_rss_mib(root: int) -> float:
     """Resident memory of ``root`` and all its descendants."""
-    tree, total, stack = _children(), 0, [root]
-    while stack:
-        pid = stack.pop()
-        stack.extend(tree.get(pid, []))
+    total = 0
+    for pid in (root, *descendants(root)):
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):

@@ -12,8 +12,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from otfusion.strategies.fusion import FusionConfig
-
 
 class RunConfig(BaseModel):
     """Settings of one federated run, under their run-config names (``local-epochs``)."""
@@ -50,6 +48,9 @@ class RunConfig(BaseModel):
     def as_run_config(self) -> dict[str, object]:
         return self.model_dump(by_alias=True)
 
-    def fusion(self) -> FusionConfig:
+    def fusion(self):
+        """The :class:`~otfusion.strategies.fusion.FusionConfig` of these settings."""
+        from otfusion.strategies.fusion import FusionConfig  # torch: not for --help
+
         return FusionConfig(method=self.fusion_method, solver=self.fusion_solver,
                             reg=self.fusion_reg, max_iter=self.fusion_max_iter)
