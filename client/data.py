@@ -132,50 +132,22 @@ def partition(
     Deterministic in ``seed``.
     """
     from datasets import Dataset
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        IidPartitioner,
-        PathologicalPartitioner,
-    )
-    from flwr_datasets.partitioner.partitioner import Partitioner
 
-    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int):
-        raise TypeError(f"num_partitions must be an int, got {num_partitions!r}")
-    if not 1 <= num_partitions <= len(data):
+    scheme = make_partitioner(
+        partitioner, num_partitions, alpha, seed, classes_per_partition,
+        min_partition_size=min_partition_size, self_balancing=self_balancing,
+        class_assignment_mode=class_assignment_mode,
+    )
+    if num_partitions > len(data):
         raise ValueError(
             f"num_partitions must be between 1 and the number of samples ({len(data)}), "
             f"got {num_partitions}"
         )
     labels = data.y.numpy()
-    if partitioner == "iid":
-        order = np.random.default_rng(seed).permutation(len(data))
-        dataset = Dataset.from_dict({"index": order, "label": labels[order]})
-        scheme: Partitioner = IidPartitioner(num_partitions=num_partitions)
-    else:
-        dataset = Dataset.from_dict({"index": np.arange(len(data)), "label": labels})
-        if partitioner == "dirichlet":
-            scheme = DirichletPartitioner(
-                num_partitions=num_partitions,
-                partition_by="label",
-                alpha=float(alpha),
-                min_partition_size=min_partition_size,
-                self_balancing=self_balancing,
-                shuffle=True,
-                seed=seed,
-            )
-        elif partitioner == "pathological":
-            scheme = PathologicalPartitioner(
-                num_partitions=num_partitions,
-                partition_by="label",
-                num_classes_per_partition=classes_per_partition,
-                class_assignment_mode=class_assignment_mode,
-                shuffle=True,
-                seed=seed,
-            )
-        else:
-            raise ValueError(
-                f"unknown partitioner {partitioner!r}; choose one of {', '.join(PARTITIONERS)}"
-            )
+    # iid shards are contiguous: shuffle the samples first
+    order = (np.random.default_rng(seed).permutation(len(data)) if partitioner == "iid"
+             else np.arange(len(data)))
+    dataset = Dataset.from_dict({"index": order, "label": labels[order]})
     scheme.dataset = dataset
     return [data.subset(scheme.load_partition(i)["index"]) for i in range(num_partitions)]
 
@@ -227,12 +199,15 @@ def make_partitioner(
     *,
     label_column: str = "label",
     min_partition_size: int = 1,
+    self_balancing: bool = True,
+    class_assignment_mode: Literal["random", "deterministic", "first-deterministic"] = (
+        "first-deterministic"
+    ),
 ):
-    """A fresh flwr-datasets ``Partitioner`` with the settings :func:`partition` uses:
-    ``IidPartitioner`` for ``"iid"``, ``DirichletPartitioner`` over ``label_column`` with
-    concentration ``alpha`` (self-balancing) for ``"dirichlet"``, and
-    ``PathologicalPartitioner`` with ``classes_per_partition`` classes each
-    (``"first-deterministic"`` assignment) for ``"pathological"``."""
+    """A fresh flwr-datasets ``Partitioner``: ``IidPartitioner`` for ``"iid"``,
+    ``DirichletPartitioner`` over ``label_column`` with concentration ``alpha`` for
+    ``"dirichlet"``, and ``PathologicalPartitioner`` with ``classes_per_partition``
+    classes each, assigned by ``class_assignment_mode``, for ``"pathological"``."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
@@ -251,7 +226,7 @@ def make_partitioner(
             partition_by=label_column,
             alpha=float(alpha),
             min_partition_size=min_partition_size,
-            self_balancing=True,
+            self_balancing=self_balancing,
             shuffle=True,
             seed=seed,
         )
@@ -260,7 +235,7 @@ def make_partitioner(
             num_partitions=num_partitions,
             partition_by=label_column,
             num_classes_per_partition=classes_per_partition,
-            class_assignment_mode="first-deterministic",
+            class_assignment_mode=class_assignment_mode,
             shuffle=True,
             seed=seed,
         )
