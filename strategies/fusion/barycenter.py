@@ -52,7 +52,7 @@ recurrent (Gromov-Wasserstein) members, which are omitted while it is None."""
 
 @dataclass(frozen=True)
 class BarycenterResult:
-    plans: list[torch.Tensor]
+    couplings: list[Coupling]
     cost: float
     iterations: int
 
@@ -95,14 +95,14 @@ def free_support_barycenter(
         coupling = Coupling.from_plan(plan)
         mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
                   for name, p in points.items()}
-        return plan, (cost * plan).sum(), mapped
+        return coupling, (cost * plan).sum(), mapped
 
     iterations = 0
     with ThreadPoolExecutor(max_workers=config.workers or os.cpu_count()) as pool:
         while iterations < config.max_iter:
             iterations += 1
             solved = list(pool.map(couple, range(len(widths))))  # solvers release the GIL
-            plans = [plan for plan, _, _ in solved]
+            couplings = [coupling for coupling, _, _ in solved]
             costs = [cost for _, cost, _ in solved]
             updated: dict[str, torch.Tensor] = {}
             for lam, (_, _, mapped) in zip(weights, solved, strict=True):
@@ -110,15 +110,15 @@ def free_support_barycenter(
                     updated[name] = updated.get(name, 0) + lam * rows
             shift = _relative_shift(support, updated)
             support = updated
-            for k, plan in enumerate(plans):
-                previous = damped[k]
+            for k, coupling in enumerate(couplings):
+                plan, previous = coupling.plan, damped[k]
                 damped[k] = plan if previous is None else (
                     config.gw_damping * plan + (1 - config.gw_damping) * previous
                 )
             if shift <= config.tol:
                 break
     mean_cost = float(sum(lam * c for lam, c in zip(weights, costs, strict=True)))
-    return BarycenterResult(plans, mean_cost, iterations)
+    return BarycenterResult(couplings, mean_cost, iterations)
 
 
 def _relative_shift(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:

@@ -187,8 +187,8 @@ class _GroupSolver:
             result = free_support_barycenter(
                 points_fn, self.lam, [w[group.id] for w in self.widths], support, self.config
             )
-            for maps, plan in zip(self.couplings, result.plans, strict=True):
-                maps[group.id] = Coupling.from_plan(plan)
+            for maps, coupling in zip(self.couplings, result.couplings, strict=True):
+                maps[group.id] = coupling
             costs[group.label] = result.cost
             iterations[group.label] = result.iterations
         return self.couplings, costs, iterations

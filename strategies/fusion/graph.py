@@ -461,16 +461,11 @@ def _flatten_layouts(value):
         raise UnsupportedModelError(f"the model returns {value.why}")
 
 
-def _has_groups(values) -> bool:
-    for value in values:
-        if isinstance(value, _Opaque):
-            return True
-        if isinstance(value, tuple | list) and any(
-            isinstance(v, AxisSpec) or _has_groups([v]) for v in value
-            if isinstance(v, AxisSpec | tuple | list | _Opaque)
-        ):
-            return True
-    return False
+def _has_groups(value) -> bool:
+    """Whether a (nested) layout value carries any aligned dimension."""
+    if isinstance(value, AxisSpec | _Opaque):
+        return True
+    return isinstance(value, tuple | list) and any(_has_groups(v) for v in value)
 
 
 def _as_input(spec: AxisSpec | None) -> AxisSpec | None:
