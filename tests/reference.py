@@ -17,6 +17,9 @@ that the engine never builds. It follows the engine's conventions, restated:
   coordinates (``W Gamma^T``), resampled with ``round(linspace(0, m - 1, n))`` when the
   widths differ; then repeat: one OT plan per client on ``C``, ``B <- sum_k lambda_k
   A_k W_k Gamma_k^T``, until the relative change of ``B`` is <= ``tol`` or ``max_iter``.
+  With ``support_clients`` S < K, only the S clients of largest weight (first ones on
+  ties) move ``B``, with their weights renormalised; then one more OT plan per client,
+  for all K clients, to the final ``B``.
 * The fused tensors of a layer are ``sum_k lambda_k A_k W_k Gamma_k^T`` with the last
   plans (``A = identity`` for the output layer).
 """
@@ -96,7 +99,8 @@ def block_diag_one(matrix: np.ndarray) -> np.ndarray:
 
 def reference_fuse_mlp(models: Sequence[nn.Module], weights: Sequence[float] | None,
                        target_widths: Sequence[int], *, max_iter: int, tol: float,
-                       solver: str = "exact", reg: float = 0.01) -> dict[str, np.ndarray]:
+                       solver: str = "exact", reg: float = 0.01,
+                       support_clients: int | None = None) -> dict[str, np.ndarray]:
     """Fused ``{layer.weight, layer.bias}`` of MLPs (Linear layers with biases, the last
     one the output layer) into hidden widths ``target_widths``."""
     lam = normalized_weights(weights, len(models))
@@ -116,18 +120,25 @@ def reference_fuse_mlp(models: Sequence[nn.Module], weights: Sequence[float] | N
         else:
             n = target_widths[index]
             support = mapped[ref][resample_index(mapped[ref].shape[0], n)]
+
+            def plans_to(support, clients, rows=rows, gammas=gammas):
+                return [exact_plan(materialised_cost(support, rows[k], gammas[k]))
+                        if solver == "exact" else
+                        sinkhorn_plan(materialised_cost(support, rows[k], gammas[k]), reg)
+                        for k in clients]
+
+            shapers = sorted(np.argsort(-lam, kind="stable")[:support_clients or len(lam)])
+            shaper_lam = lam[shapers] / lam[shapers].sum()
             for _ in range(max_iter):
-                plans = []
-                for r, g in zip(rows, gammas, strict=True):
-                    cost = materialised_cost(support, r, g)
-                    plans.append(exact_plan(cost) if solver == "exact"
-                                 else sinkhorn_plan(cost, reg))
-                updated = sum(w * neuron_map(p) @ x
-                              for w, p, x in zip(lam, plans, mapped, strict=True))
+                shaper_plans = plans_to(support, shapers)
+                updated = sum(w * neuron_map(p) @ mapped[k]
+                              for w, p, k in zip(shaper_lam, shaper_plans, shapers, strict=True))
                 shift = np.linalg.norm(updated - support) / np.linalg.norm(support)
                 support = updated
                 if shift <= tol:
                     break
+            plans = (shaper_plans if len(shapers) == len(lam)
+                     else plans_to(support, range(len(lam))))
             result = sum(w * neuron_map(p) @ x for w, p, x in zip(lam, plans, mapped,
                                                                   strict=True))
             input_maps = [input_map(p) for p in plans]

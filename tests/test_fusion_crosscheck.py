@@ -110,6 +110,22 @@ def test_engine_equals_direct_reference(widths, weights, target_widths, solver):
         np.testing.assert_allclose(as_numpy(state[key]), value, rtol=0, atol=TOL, err_msg=key)
 
 
+@pytest.mark.parametrize("support_clients", [1, 2, 3])
+def test_support_from_the_heaviest_clients_equals_direct_reference(support_clients):
+    models = make_mlps([(5, 4)] * 5, seed=2)
+    weights = [1.0, 3.0, 2.0, 3.0, 0.5]  # ties: the first of equal weights is kept
+    config = FusionConfig(max_iter=100, tol=1e-12, support_clients=support_clients)
+    fused = fuse(models, weights=weights, config=config)
+    expected = reference_fuse_mlp(models, weights, (5, 4), max_iter=config.max_iter,
+                                  tol=config.tol, support_clients=support_clients)
+    everyone = reference_fuse_mlp(models, weights, (5, 4), max_iter=config.max_iter,
+                                  tol=config.tol)
+    state = fused.state_dict()
+    assert any(not np.allclose(expected[k], everyone[k]) for k in expected)  # it matters
+    for key, value in expected.items():
+        np.testing.assert_allclose(as_numpy(state[key]), value, rtol=0, atol=TOL, err_msg=key)
+
+
 def test_reference_is_sensitive_to_the_input_coupling_convention():
     """Guard for the oracle itself: using the averaging map on the consumer's input axis
     (instead of the mass-preserving one) gives a visibly different fusion for

@@ -173,6 +173,17 @@ def test_exact_fusion_of_permuted_copies(name, kwargs, arrangement):
     assert_same_state(fused, reference)
 
 
+@pytest.mark.parametrize(("name", "kwargs"), CASES)
+def test_support_from_a_sample_of_permuted_copies(name, kwargs):
+    """Only 2 of the 4 clients move the support; all 4 are then coupled to it."""
+    original, permuted, inputs = make_family(name, kwargs, seed=3)
+    models = [permuted[0], original, permuted[1], permuted[2]]
+    fused = fuse(models, weights=[1.0, 3.0, 1.0, 2.0], config=FusionConfig(support_clients=2))
+    assert_same_layout(fused, original)
+    assert relative_difference(fused, original, inputs) <= EXACT_TOL
+    assert_same_state(fused, original)
+
+
 @pytest.mark.parametrize(("name", "kwargs"), RECURRENT_CASES)
 def test_gromov_wasserstein_fusion_of_permuted_copies(name, kwargs):
     original, permuted, inputs = make_family(name, kwargs, seed=1)

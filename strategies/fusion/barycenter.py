@@ -10,8 +10,9 @@ weights, until ``B`` stops moving.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -73,12 +74,18 @@ def ground_cost(support: dict[str, torch.Tensor], points: dict[str, Points]) -> 
 
 def free_support_barycenter(
     points_fn: PointsFn,
-    weights: torch.Tensor,
+    weights: Sequence[float],
     widths: list[int],
     support: dict[str, torch.Tensor],
     config: FusionConfig,
 ) -> BarycenterResult:
-    """Couple every client to the fused neurons; ``support`` is the initial ``B``."""
+    """Couple every client to the fused neurons; ``support`` is the initial ``B``.
+
+    With more clients than ``config.support_clients``, ``B`` is moved by the clients of
+    largest weight only (weights renormalised over them), and every client is then
+    coupled once to the final ``B``; in that pass a client outside the sample has no
+    previous coupling, so its recurrent (Gromov-Wasserstein) members are omitted.
+    """
     n = next(iter(support.values())).shape[0]
     reference = next(iter(support.values()))
     uniform_n = torch.full((n,), 1.0 / n, dtype=reference.dtype, device=reference.device)
@@ -88,37 +95,62 @@ def free_support_barycenter(
     warm: list[object] = [None] * len(widths)
 
     def couple(k: int):
-        """Client ``k``'s plan to the current support, and its neurons mapped onto it."""
+        """Client ``k``'s plan to the current support, its cost and its mapped neurons."""
         points = points_fn(k, damped[k])
         cost = ground_cost(support, points)
         plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], config, warm[k])
         coupling = Coupling.from_plan(plan)
         mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
                   for name, p in points.items()}
-        return coupling, (cost * plan).sum(), mapped
+        return coupling, float((cost * plan).sum()), mapped
 
+    sample = support_sample(weights, config.support_clients)
+    sample_weights = [weights[k] / sum(weights[j] for j in sample) for k in sample]
     iterations = 0
-    with ThreadPoolExecutor(max_workers=config.workers or os.cpu_count()) as pool:
+    workers = config.workers or os.cpu_count() or 1
+    single = 1 if workers > 1 else None
+    with ThreadPoolExecutor(max_workers=workers) as pool, _torch_threads(single):
         while iterations < config.max_iter:
             iterations += 1
-            solved = list(pool.map(couple, range(len(widths))))  # solvers release the GIL
-            couplings = [coupling for coupling, _, _ in solved]
-            costs = [cost for _, cost, _ in solved]
+            solved = list(pool.map(couple, sample))  # solvers release the GIL
             updated: dict[str, torch.Tensor] = {}
-            for lam, (_, _, mapped) in zip(weights, solved, strict=True):
+            for lam, (_, _, mapped) in zip(sample_weights, solved, strict=True):
                 for name, rows in mapped.items():
                     updated[name] = updated.get(name, 0) + lam * rows
             shift = _relative_shift(support, updated)
             support = updated
-            for k, coupling in enumerate(couplings):
+            for k, (coupling, _, _) in zip(sample, solved, strict=True):
                 plan, previous = coupling.plan, damped[k]
                 damped[k] = plan if previous is None else (
                     config.gw_damping * plan + (1 - config.gw_damping) * previous
                 )
             if shift <= config.tol:
                 break
-    mean_cost = float(sum(lam * c for lam, c in zip(weights, costs, strict=True)))
+        if len(sample) < len(widths):
+            solved = list(pool.map(couple, range(len(widths))))
+    couplings = [coupling for coupling, _, _ in solved]
+    mean_cost = sum(lam * cost for lam, (_, cost, _) in zip(weights, solved, strict=True))
     return BarycenterResult(couplings, mean_cost, iterations)
+
+
+def support_sample(weights: Sequence[float], size: int | None) -> list[int]:
+    """The clients that move the support: all, or the ``size`` of largest weight (the
+    first ones on ties), in client order."""
+    order = sorted(range(len(weights)), key=lambda k: (-float(weights[k]), k))
+    return sorted(order if size is None else order[:size])
+
+
+@contextmanager
+def _torch_threads(count: int | None):
+    """Run with ``count`` torch threads (None: unchanged), so that concurrent solver
+    threads do not oversubscribe the CPUs with torch's own threads."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _relative_shift(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> float:

@@ -34,6 +34,12 @@ class FusionConfig(BaseModel):
         change of the support falls below ``tol``. Few clients converge in 2-3
         iterations; with 100 clients, 5 iterations reached 38.0% and 20 reached 38.9%
         at four times the cost, hence the default.
+    support_clients : int or None
+        With more clients than this, the barycenter support is moved by this many
+        clients of largest weight, and every client is then coupled once to the final
+        support (one transport problem per client instead of ``max_iter``). None: all
+        clients move it. 1000 MLPs 400-200-100 on 2 cores: 41 s with 64, 100 s with
+        None; 100 clients: 7.9 s and 17.5 s.
     gw_weight : float
         Weight of the hidden-to-hidden term in ``gromov-wasserstein`` mode.
     gw_damping : float
@@ -56,6 +62,7 @@ class FusionConfig(BaseModel):
     cost: Literal["weights", "activations"] = "weights"
     max_iter: int = Field(default=5, ge=1)
     tol: float = Field(default=1e-6, ge=0)
+    support_clients: int | None = Field(default=64, ge=1)
     gw_weight: float = Field(default=1.0, ge=0)
     gw_damping: float = Field(default=0.5, gt=0, le=1)
     sinkhorn_max_iter: int = Field(default=1000, ge=1)
