@@ -5,10 +5,15 @@ configured method; ``fedavg`` runs the same strategy with ``method="average"``, 
 FedAvg weighted by ``num-examples`` with the same reply validation. After the last round
 it evaluates the global model centrally (when the dataset is embedded), compares the
 last round's clients, their FedAvg, their OT fusion and their ensemble, and writes the
-global model (safetensors), a JSON report and a PNG plot to ``output-dir``.
+global model (safetensors), a JSON report and a PNG plot to ``output-dir``. Every
+completed round is checkpointed in ``<output-dir>/checkpoint``; ``resume=true`` continues
+the run from there.
 """
 
 from __future__ import annotations
+
+from logging import WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
@@ -16,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from otfusion.client.data import load_digits_dataset
 from otfusion.client.training import evaluate
+from otfusion.server.checkpoint import RunCheckpoint
 from otfusion.server.config import RunConfig
 from otfusion.server.report import write_report
 from otfusion.strategies import OTFusion
@@ -52,6 +58,20 @@ def central_evaluation(config: RunConfig):
     return evaluate_fn
 
 
+def run_checkpoint(config: RunConfig) -> RunCheckpoint:
+    """The run's checkpoint folder, ``<output-dir>/checkpoint``; cleared for a new run
+    (``resume`` false), kept to continue from with ``resume`` true."""
+    checkpoint = RunCheckpoint(Path(config.output_dir) / "checkpoint", config.as_run_config())
+    if checkpoint.exists() and not config.resume:
+        log(WARNING, "Starting a new run: the checkpoint in %s is replaced (set resume=true "
+            "to continue it)", checkpoint.folder)
+        checkpoint.clear()
+    elif config.resume and not checkpoint.exists():
+        log(WARNING, "resume=true but there is no checkpoint in %s: starting at round 1",
+            checkpoint.folder)
+    return checkpoint
+
+
 def run(grid: Grid, config: RunConfig) -> dict:
     """Run the federation on ``grid`` and write the outputs; returns the report."""
     strategy = make_strategy(config)
@@ -60,8 +80,10 @@ def run(grid: Grid, config: RunConfig) -> dict:
         grid=grid,
         initial_arrays=initial,
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
         train_config=ConfigRecord({"lr": config.lr}),
         evaluate_fn=central_evaluation(config),
+        checkpoint=run_checkpoint(config),
     )
     report = write_report(config, strategy, result)
     log_table = report.get("comparison")

@@ -38,7 +38,12 @@ class RunConfig(BaseModel):
     fusion_solver: Literal["exact", "sinkhorn"] = "exact"
     fusion_reg: float = Field(default=0.01, gt=0)
     fusion_max_iter: int = Field(default=5, ge=1)
+    round_timeout: float = Field(default=3600.0, gt=0, description=(
+        "seconds the server waits for the replies of a round; the round then goes on "
+        "with the replies it has"))
     output_dir: str = "outputs"
+    resume: bool = Field(default=False, description=(
+        "continue the run from the last completed round saved in <output-dir>/checkpoint"))
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:

@@ -36,11 +36,15 @@ def _add_run_config_flags(parser: argparse.ArgumentParser) -> None:
         if name == "strategy":
             continue
         flags = ["--" + name.replace("_", "-")]
-        help_text = f"default: {field.default}"
+        help_text = "; ".join(filter(None, [field.description, f"default: {field.default}"]))
         if name == "min_train_nodes":
             flags.append("--min-clients")
             help_text = ("clients (SuperNodes) that must be connected before the round "
                          f"starts, and that train in it; {help_text}")
+        if field.annotation is bool:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=None,
+                               dest=name, help=help_text)
+            continue
         choices = typing.get_args(field.annotation) or None
         kind = field.annotation if choices is None else type(choices[0])
         group.add_argument(*flags, type=kind, choices=choices, default=None, dest=name,

@@ -16,7 +16,7 @@ from torch import nn
 
 from .fusion import FusionConfig
 from .otfusion import ClientModelFn, _FusionMixin
-from .replies import check_array_list, check_weight, weighted_average_metrics
+from .replies import check_array_list, check_weight, reply_digest, weighted_average_metrics
 
 
 class LegacyOTFusion(_FusionMixin, FedAvg):
@@ -120,7 +120,7 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
             log(WARNING, "aggregate_fit (round %d): %d failures and accept_failures=False; "
                 "the global model is not updated", server_round, len(failures))
             return None, {}
-        accepted: list[tuple[str, nn.Module, float, FitRes]] = []
+        accepted: list[tuple[bytes, nn.Module, float, FitRes]] = []
         rejected = len(failures)
         for proxy, fit_res in results:
             cid = getattr(proxy, "cid", "?")
@@ -130,7 +130,8 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
                 log(WARNING, "aggregate_fit (round %d): rejected result from client %s: %s",
                     server_round, cid, checked)
             else:
-                accepted.append((str(cid), checked[0], checked[1], fit_res))
+                digest = reply_digest(checked[0].state_dict(), checked[1])
+                accepted.append((digest, checked[0], checked[1], fit_res))
         accepted.sort(key=lambda item: item[0])
         counts: dict[str, Scalar] = {"accepted-replies": len(accepted),
                                      "rejected-replies": rejected}

@@ -8,19 +8,31 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
 from .fusion import FusionConfig, fuse_models
-from .replies import ExpectedArrays, check_content, weighted_average_metrics
+from .replies import ExpectedArrays, check_content, reply_digest, weighted_average_metrics
 
 ClientModelFn = Callable[[dict[str, tuple[int, ...]]], nn.Module]
+
+
+class RoundCheckpoint(Protocol):
+    """Where :meth:`OTFusion.start` records every completed round and resumes from
+    (implemented by :class:`otfusion.server.checkpoint.RunCheckpoint`)."""
+
+    def load(self) -> tuple[int, ArrayRecord, Result] | None:
+        """(completed round, global arrays, metrics history), or None to start anew."""
+
+    def save(self, server_round: int, arrays: ArrayRecord, history: Result) -> None:
+        """Record ``server_round`` as completed."""
 
 _LABEL_UNSAFE = re.compile(r"[^0-9A-Za-z_.\-]+")
 
@@ -214,8 +226,16 @@ class OTFusion(_FusionMixin, FedAvg):
     previous global arrays. Its MetricRecord holds ``fusion-seconds``,
     ``accepted-replies``, ``rejected-replies`` (error replies included), one
     ``transport-cost/<group>`` per aligned layer group, and the weighted average of
-    the clients' numeric train metrics. Accepted replies are fused in order of node id,
-    so the result does not depend on the order in which replies arrive.
+    the clients' numeric train metrics. Accepted replies are fused in the order of a
+    digest of their content (:func:`~otfusion.strategies.replies.reply_digest`), so the
+    fused model is bit-identical whatever order the replies arrive in and whichever
+    node ids the clients have.
+
+    ``start`` takes an optional ``checkpoint`` (:class:`RoundCheckpoint`): after every
+    round (training, client and central evaluation) it saves the global arrays and the
+    metrics history there, and a run started with a saved checkpoint resumes after its
+    last completed round. The rounds keep their numbers: clients see ``server-round``
+    counting on from the checkpoint.
 
     After each successful fusion, ``latest_models`` and ``latest_weights`` hold the
     accepted client models (in fusion order) and their weights, e.g. to compare the
@@ -240,6 +260,8 @@ class OTFusion(_FusionMixin, FedAvg):
         FedAvg.__init__(self, **fedavg_kwargs)
         self._init_fusion(model_fn, fusion, ot_rounds, heterogeneous, client_model_fn,
                           max_abs_weight, inputs)
+        self._completed_rounds = 0  # rounds done before ``start`` (a resumed run)
+        self._history = Result()
 
     def summary(self) -> None:
         """Log summary configuration of the strategy, fusion settings included."""
@@ -247,10 +269,11 @@ class OTFusion(_FusionMixin, FedAvg):
         self._log_fusion_settings()
 
     def _screen(self, server_round: int, replies: Iterable[Message]
-                ) -> tuple[list[tuple[int, nn.Module, float, RecordDict]], int]:
-        """Accepted replies as (node id, model, weight, content), sorted by node id, and
-        the number rejected. Every rejection is logged with its node id and reason."""
-        accepted: list[tuple[int, nn.Module, float, RecordDict]] = []
+                ) -> tuple[list[tuple[bytes, nn.Module, float, RecordDict]], int]:
+        """Accepted replies as (digest, model, weight, content), sorted by their content
+        digest, and the number rejected. Every rejection is logged with its node id and
+        reason."""
+        accepted: list[tuple[bytes, nn.Module, float, RecordDict]] = []
         rejected = 0
         for msg in replies:
             node_id = _node_id(msg)
@@ -273,7 +296,8 @@ class OTFusion(_FusionMixin, FedAvg):
                     if isinstance(model, str):
                         reason = model
                     else:
-                        accepted.append((node_id, model, checked[1], content))
+                        digest = reply_digest(checked[0], checked[1])
+                        accepted.append((digest, model, checked[1], content))
             if reason is not None:
                 rejected += 1
                 log(WARNING, "aggregate_train (round %d): rejected reply from node %s: %s",
@@ -292,6 +316,7 @@ class OTFusion(_FusionMixin, FedAvg):
         ``min_train_nodes`` replies are valid or the fusion fails; never raises
         because of a reply.
         """
+        server_round += self._completed_rounds
         accepted, rejected = self._screen(server_round, replies)
         counts = {"accepted-replies": len(accepted), "rejected-replies": rejected}
         log(INFO, "aggregate_train (round %d): %d replies accepted, %d rejected",
@@ -301,14 +326,14 @@ class OTFusion(_FusionMixin, FedAvg):
             log(WARNING, "aggregate_train (round %d): %d valid replies, fewer than the %d "
                 "needed (min_train_nodes); the global model is not updated",
                 server_round, len(accepted), needed)
-            return None, MetricRecord(counts)
+            return self._recorded(server_round, None, MetricRecord(counts))
         try:
             fused, fusion_metrics = self._fuse(server_round, [m for _, m, _, _ in accepted],
                                                [w for _, _, w, _ in accepted])
         except Exception as exc:  # noqa: BLE001 - keep the previous global model
             log(WARNING, "aggregate_train (round %d): fusion failed (%s: %s); the global "
                 "model is not updated", server_round, type(exc).__name__, exc)
-            return None, MetricRecord(counts)
+            return self._recorded(server_round, None, MetricRecord(counts))
         metrics = MetricRecord()
         try:
             client_metrics = self.train_metrics_aggr_fn([c for _, _, _, c in accepted],
@@ -320,7 +345,33 @@ class OTFusion(_FusionMixin, FedAvg):
                 server_round, type(exc).__name__, exc)
         for key, value in {**fusion_metrics, **counts}.items():
             metrics[key] = value
-        return ArrayRecord(fused), metrics
+        return self._recorded(server_round, ArrayRecord(fused), metrics)
+
+    def _recorded(self, server_round: int, arrays: ArrayRecord | None,
+                  metrics: MetricRecord) -> tuple[ArrayRecord | None, MetricRecord]:
+        self._history.train_metrics_clientapp[server_round] = metrics
+        return arrays, metrics
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """FedAvg's, with rounds counted on from a resumed checkpoint."""
+        return super().configure_train(server_round + self._completed_rounds, arrays, config,
+                                       grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """FedAvg's, with rounds counted on from a resumed checkpoint."""
+        return super().configure_evaluate(server_round + self._completed_rounds, arrays,
+                                          config, grid)
+
+    def aggregate_evaluate(self, server_round: int,
+                           replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's, recorded in the history under the checkpoint-continued round."""
+        server_round += self._completed_rounds
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self._history.evaluate_metrics_clientapp[server_round] = metrics
+        return metrics
 
     # pylint: disable=too-many-arguments, too-many-positional-arguments
     def start(
@@ -332,24 +383,51 @@ class OTFusion(_FusionMixin, FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        checkpoint: RoundCheckpoint | None = None,
     ) -> Result:
-        """Run the strategy (see :meth:`flwr.serverapp.strategy.Strategy.start`).
+        """Run the strategy (see :meth:`flwr.serverapp.strategy.Strategy.start`),
+        saving every completed round to ``checkpoint`` and resuming from it.
 
         Flower leaves ``Result.arrays`` as an empty ArrayRecord when no round produced
-        new arrays; here it is then the unchanged ``initial_arrays``.
+        new arrays; here it is then the unchanged starting arrays.
         """
-        result = super().start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
-                               train_config=train_config, evaluate_config=evaluate_config,
-                               evaluate_fn=evaluate_fn)
+        saved = checkpoint.load() if checkpoint is not None else None
+        done, arrays, self._history = saved if saved is not None else (0, initial_arrays,
+                                                                       Result())
+        if done:
+            log(INFO, "Resuming after round %d of %d from the checkpoint", done, num_rounds)
+        self._completed_rounds = done
+
+        def evaluate_and_save(local_round: int, current: ArrayRecord) -> MetricRecord | None:
+            server_round = local_round + done
+            metrics = evaluate_fn(server_round, current) if evaluate_fn else None
+            if metrics is not None:
+                self._history.evaluate_metrics_serverapp[server_round] = metrics
+            if checkpoint is not None and local_round > 0:
+                checkpoint.save(server_round, current, self._history)
+            return metrics
+
+        try:
+            result = super().start(grid, arrays, num_rounds=max(num_rounds - done, 0),
+                                   timeout=timeout, train_config=train_config,
+                                   evaluate_config=evaluate_config,
+                                   evaluate_fn=evaluate_and_save
+                                   if evaluate_fn or checkpoint else None)
+        finally:
+            self._completed_rounds = 0
         if len(result.arrays) == 0:
-            log(WARNING, "No round produced a fused model: the final arrays are the initial "
+            log(WARNING, "No round produced a fused model: the final arrays are the starting "
                 "arrays")
-            result.arrays = initial_arrays
-        return result
+        self._history.arrays = result.arrays if len(result.arrays) else arrays
+        return self._history
 
 
 def _node_id(msg: Any) -> Any:
+    """The node a reply is from; the SuperLink sends the error replies of nodes that did
+    not answer (gone, or their upload failed) under its own id."""
     try:
-        return msg.metadata.src_node_id
+        node = msg.metadata.src_node_id
     except Exception:  # noqa: BLE001
         return "?"
+    return f"{node} (the SuperLink, for a node that did not reply)" if (
+        node == SUPERLINK_NODE_ID) else node

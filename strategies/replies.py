@@ -8,6 +8,7 @@ of them raises for malformed input, so one bad client can never stop a round.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,10 @@ def check_weight(value: Any, key: str = "num-examples") -> float | str:
         return f"no '{key}' value"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"'{key}' is {value!r}, not a number"
-    weight = float(value)
+    try:
+        weight = float(value)
+    except OverflowError:  # an int beyond the float range
+        return f"'{key}' has {len(str(abs(value)))} digits, beyond the float range"
     if not math.isfinite(weight) or weight <= 0:
         return f"'{key}' is {value!r}, not a positive finite number"
     return weight
@@ -172,6 +176,18 @@ def check_content(content: Any, expected: ExpectedArrays, *, weight_key: str,
     if isinstance(state, str):
         return state
     return state, weight
+
+
+def reply_digest(state: Mapping[str, torch.Tensor], weight: float) -> bytes:
+    """A digest of a validated reply's tensors (names, dtypes, shapes, values) and
+    weight. Fusing replies sorted by it makes the result depend only on what the clients
+    sent: neither on the order the replies arrive in nor on the node ids."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(float(weight)).encode())
+    for name, tensor in state.items():
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
 
 
 def weighted_average_metrics(

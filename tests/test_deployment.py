@@ -206,7 +206,7 @@ def test_tls_deployment_with_three_flower_clients_and_a_failing_second_run(tmp_p
         log = server.log_path.read_text()
         assert "completed" in log and "stopping the SuperLink" in log
 
-        (run,) = outputs.iterdir()
+        (run,) = outputs.glob("run-*")
         report = json.loads((run / "report.json").read_text())
         assert report["train_metrics"]["1"]["accepted-replies"] == 3
         assert report["run_config"]["min-train-nodes"] == 3

@@ -17,6 +17,7 @@ from flwr.common import (
 )
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
+from test_strategy import fusion_order
 from torch import nn
 
 from otfusion.strategies import LegacyOTFusion
@@ -254,7 +255,8 @@ def test_heterogeneous_results():
     parameters, metrics = strategy.aggregate_fit(
         1, [result("a", ndarrays(models[0]), 5), result("b", ndarrays(models[1]), 5)], [])
     assert metrics["accepted-replies"] == 2
-    expected = fuse_models(models, weights=[5, 5], target=global_model())
+    order = fusion_order([m.state_dict() for m in models], [5, 5])
+    expected = fuse_models([models[k] for k in order], weights=[5, 5], target=global_model())
     assert_same_arrays(parameters, expected.model.state_dict())
 
 

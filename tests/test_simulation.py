@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_one_shot_simulation_with_20_clients_beats_fedavg(tmp_path):
     config = RunConfig(output_dir=str(tmp_path))
     simulate(config, num_clients=20)
-    (run,) = tmp_path.iterdir()
+    (run,) = tmp_path.glob("run-*")
     report = json.loads((run / "report.json").read_text())
     table = report["comparison"]
     assert table["global model (otfusion)"] > table["FedAvg (same replies)"] + 0.2

@@ -26,6 +26,7 @@ from torch import nn
 
 from otfusion.strategies import OTFusion
 from otfusion.strategies.fusion import FusionConfig, fuse_models
+from otfusion.strategies.replies import reply_digest
 from otfusion.zoo import build_model
 
 WIDTHS = (16, 8)
@@ -62,6 +63,11 @@ def load(state) -> nn.Module:
     return model
 
 
+def fusion_order(states, weights) -> list[int]:
+    """Indices of ``states`` in the order the strategies fuse them (by content digest)."""
+    return sorted(range(len(states)), key=lambda k: reply_digest(states[k], weights[k]))
+
+
 def direct_fusion(states, weights, config: FusionConfig | None = None):
     return fuse_models([load(s) for s in states], weights=weights, config=config,
                        target=global_model())
@@ -93,13 +99,13 @@ def warnings_text(caplog) -> str:
 def test_good_replies_fuse_like_the_engine():
     states = client_states()
     weights = [10, 20, 30]
-    node_ids = [7, 3, 5]  # fused in node-id order: 3, 5, 7
+    node_ids = [7, 3, 5]
     replies = [reply(i, s, n, loss=float(i)) for i, s, n in zip(node_ids, states, weights,
                                                                 strict=True)]
     strategy = OTFusion(global_model)
     arrays, metrics = strategy.aggregate_train(1, replies)
 
-    order = sorted(range(3), key=lambda k: node_ids[k])
+    order = fusion_order(states, weights)
     expected = direct_fusion([states[k] for k in order], [weights[k] for k in order])
     assert_same_state(arrays, expected.model.state_dict())
     assert list(arrays.keys()) == list(global_model().state_dict())
@@ -112,18 +118,33 @@ def test_good_replies_fuse_like_the_engine():
     assert costs == pytest.approx({f"transport-cost/{label}": cost
                                    for label, cost in expected.group_costs.items()})
     assert costs and all(v > 0 for v in costs.values())
-    assert strategy.latest_weights == [20.0, 30.0, 10.0]
+    assert strategy.latest_weights == [float(weights[k]) for k in order]
     for model, k in zip(strategy.latest_models, order, strict=True):
         assert torch.equal(model.state_dict()["head.weight"], states[k]["head.weight"])
 
 
-def test_result_does_not_depend_on_reply_order():
-    states = client_states()
-    replies = [reply(i, s, 10) for i, s in enumerate(states)]  # equal weights: ties
-    strategy = OTFusion(global_model)
-    a, _ = strategy.aggregate_train(1, replies)
-    b, _ = strategy.aggregate_train(1, replies[::-1])
-    assert_same_state(b, a.to_torch_state_dict())
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_result_is_bit_identical_whatever_the_order_and_node_ids(seed):
+    states = client_states(4)
+    weights = [10, 10, 10, 20]  # ties: the first of the largest is the reference
+    first, _ = OTFusion(global_model).aggregate_train(
+        1, [reply(k + 1, s, w) for k, (s, w) in enumerate(zip(states, weights, strict=True))])
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(4, generator=generator).tolist()
+    node_ids = torch.randperm(1000, generator=generator)[:4].tolist()
+    again, _ = OTFusion(global_model).aggregate_train(
+        1, [reply(node_ids[k], states[k], weights[k]) for k in order])
+    a, b = first.to_torch_state_dict(), again.to_torch_state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_reply_digest_tells_replies_apart():
+    state = client_states(1)[0]
+    changed = {**state, "head.bias": state["head.bias"].clone()}
+    changed["head.bias"][0] += 1e-6
+    assert reply_digest(state, 10) == reply_digest(OrderedDict(state), 10.0)
+    assert len({reply_digest(state, 10), reply_digest(state, 11),
+                reply_digest(changed, 10)}) == 3
 
 
 def test_arrays_are_aligned_by_name_not_order():
@@ -383,9 +404,9 @@ def test_integer_buffers_keep_their_dtype(flwr_logs):
     assert metrics["accepted-replies"] == 2
     assert arrays["bn.num_batches_tracked"].dtype == "int64"
     models = []
-    for s in states:
+    for k in fusion_order(states, [4, 4]):
         m = TinyBN()
-        m.load_state_dict(s)
+        m.load_state_dict(states[k])
         models.append(m)
     expected = fuse_models(models, weights=[4, 4], target=TinyBN())
     assert_same_state(arrays, expected.model.state_dict())
@@ -541,7 +562,8 @@ def test_start_keeps_previous_arrays_when_a_round_fails(task_identity):
     initial = ArrayRecord(global_model().state_dict())
     result = strategy.start(grid, initial, num_rounds=2)
 
-    fused = direct_fusion([states[n] for n in (1, 2, 3)], [10, 10, 10]).model.state_dict()
+    order = [(1, 2, 3)[k] for k in fusion_order([states[n] for n in (1, 2, 3)], [10] * 3)]
+    fused = direct_fusion([states[n] for n in order], [10, 10, 10]).model.state_dict()
     assert_same_state(result.arrays, fused)
     round2_arrays = [arrays for rnd, arrays in grid.sent if rnd == 2]
     assert round2_arrays and all(a is round2_arrays[0] for a in round2_arrays)
