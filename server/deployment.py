@@ -419,10 +419,13 @@ def _exists(pid: int) -> bool:
         return True
 
 
-def superlink_command(host: str, port: int, security: Security, database: Path) -> list[str]:
-    return [executable("flower-superlink"), *security.superlink_args(),
-            "--disable-runtime-dependency-installation",
-            "--host", host, "--port", str(port), "--database", str(database)]
+def superlink_command(host: str, port: int, security: Security,
+                      database: Path | None) -> list[str]:
+    """``flower-superlink`` with its state in the SQLite file ``database`` (None: in
+    memory, lost when it stops)."""
+    command = [executable("flower-superlink"), *security.superlink_args(),
+               "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+    return command + (["--database", str(database)] if database is not None else [])
 
 
 def health_check(host: str, port: int, security: Security, timeout: float = 2.0) -> bool:
