@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
+import torch
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from otfusion.client.data import label_counts, load_digits_dataset, partition
+from otfusion.client.data import as_input, label_counts, load_digits_dataset, load_npz, partition
 from otfusion.client.training import recipe_for
-from otfusion.zoo import available_models
+from otfusion.strategies.fusion import FusionConfig, fuse
+from otfusion.zoo import available_models, build_model
 
+from .lmc import interpolation_barrier
 from .oneshot import DEFAULT_METHODS, compare, train_clients
 
 
@@ -44,6 +52,134 @@ def _demo(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _load_model(path: Path, name: str, kwargs: dict) -> nn.Module:
+    """The zoo model ``name`` with the safetensors checkpoint ``path`` loaded (eval mode);
+    ``ValueError`` naming the file and the keys when it is missing or does not fit."""
+    try:
+        model = build_model(name, seed=0, **kwargs)
+    except TypeError as error:
+        raise ValueError(str(error)) from None
+    if not path.is_file():
+        raise ValueError(f"no such checkpoint file: {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as error:  # safetensors raises its own (Rust) error types
+        raise ValueError(f"cannot read {path} as safetensors: {error}") from None
+    expected = model.state_dict()
+    problems = [
+        f"{kind} {_listing(sorted(keys))}" for kind, keys in (
+            ("missing keys", expected.keys() - state.keys()),
+            ("unexpected keys", state.keys() - expected.keys())) if keys
+    ]
+    shapes = [f"{key} {tuple(state[key].shape)} (model {tuple(tensor.shape)})"
+              for key, tensor in expected.items()
+              if key in state and state[key].shape != tensor.shape]
+    if shapes:
+        problems.append(f"shape mismatch: {_listing(shapes)}")
+    if problems:
+        raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def _listing(items: list[str], limit: int = 5) -> str:
+    more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _model_kwargs(text: str) -> dict:
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model-kwargs is not valid JSON: {error}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--model-kwargs must be a JSON object, got {text}")
+    return kwargs
+
+
+def _fusion_config(args: argparse.Namespace) -> FusionConfig:
+    options = {"method": args.method, "solver": args.solver, "reg": args.reg,
+               "cost": args.cost, "max_iter": args.max_iter}
+    try:
+        return FusionConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"--{'-'.join(str(part) for part in e['loc']).replace('_', '-')}: {e['msg']}"
+            for e in error.errors())
+        raise ValueError(f"invalid fusion option: {problems}") from None
+
+
+def _activation_inputs(args: argparse.Namespace, config: FusionConfig,
+                       model: nn.Module) -> torch.Tensor | None:
+    """The batch for ``cost="activations"``: ``--inputs`` or the digits training split."""
+    if config.cost != "activations":
+        return None
+    data = load_npz(args.inputs) if args.inputs else load_digits_dataset(seed=args.seed)[0]
+    return as_input(data, model.input_shape)
+
+
+def _fuse(args: argparse.Namespace) -> None:
+    if args.weights is not None and len(args.weights) != len(args.checkpoints):
+        raise ValueError(
+            f"got {len(args.weights)} --weights for {len(args.checkpoints)} checkpoints"
+        )
+    kwargs = _model_kwargs(args.model_kwargs)
+    config = _fusion_config(args)
+    models = [_load_model(path, args.model, kwargs) for path in args.checkpoints]
+    inputs = _activation_inputs(args, config, models[0])
+    fused = fuse(models, args.weights, config, inputs=inputs)
+    state = {key: tensor.contiguous() for key, tensor in fused.state_dict().items()}
+    try:
+        save_file(state, str(args.output),
+                  metadata={"model": args.model, "model_kwargs": json.dumps(kwargs)})
+    except Exception as error:  # safetensors raises its own (Rust) error types
+        raise ValueError(f"cannot write {args.output}: {error}") from None
+    Console().print(
+        f"fused {len(models)} '{args.model}' checkpoints ({config.method}, {config.solver}) "
+        f"into [bold]{args.output}[/]"
+    )
+
+
+def _lmc(args: argparse.Namespace) -> None:
+    kwargs = _model_kwargs(args.model_kwargs)
+    config = _fusion_config(args)
+    a, b = (_load_model(path, args.model, kwargs) for path in (args.a, args.b))
+    _, test_data = load_digits_dataset(seed=args.seed)
+    as_input(test_data, a.input_shape)  # fails early, naming both shapes, if they do not fit
+    console = Console()
+    with console.status("aligning and interpolating"):
+        report = interpolation_barrier(a, b, test_data, args.steps, args.batchnorm, config,
+                                       _activation_inputs(args, config, a))
+    before, after = report.before, report.after
+    table = Table(
+        title=f"linear mode connectivity on {len(test_data)} held-out digits, {args.steps} "
+              f"points (BatchNorm statistics: {args.batchnorm})",
+        caption=f"endpoints: a loss {before.loss[0]:.4f} acc {before.accuracy[0]:.2%}, "
+                f"b loss {before.loss[-1]:.4f} acc {before.accuracy[-1]:.2%}",
+    )
+    for column in ("path", "loss barrier", "accuracy barrier", "max loss", "min accuracy"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for name, curve in (("a -> b", before), ("a -> align(b, a)", after)):
+        table.add_row(name, f"{curve.loss_barrier:.4f}", f"{curve.accuracy_barrier:.2%}",
+                      f"{max(curve.loss):.4f}", f"{min(curve.accuracy):.2%}")
+    console.print(table)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, choices=available_models(),
+                        help="zoo model the checkpoints were saved from")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                        help='keyword arguments of the zoo model, e.g. {"widths": [64, 32]}')
+    parser.add_argument("--method", choices=["wasserstein", "gromov-wasserstein", "average"])
+    parser.add_argument("--solver", choices=["exact", "sinkhorn"])
+    parser.add_argument("--reg", type=float, help="entropic regularisation (sinkhorn)")
+    parser.add_argument("--cost", choices=["weights", "activations"])
+    parser.add_argument("--max-iter", type=int, help="barycenter iterations per layer group")
+    parser.add_argument("--inputs", metavar="NPZ",
+                        help="inputs for --cost activations (array 'x'; default: the digits)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the digits split")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otfusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,9 +196,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, help="default: the model's training recipe")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    fuse_command = commands.add_parser(
+        "fuse", help="fuse safetensors checkpoints of one zoo model into one checkpoint"
+    )
+    fuse_command.add_argument("checkpoints", nargs="+", type=Path, metavar="CHECKPOINT")
+    fuse_command.add_argument("-o", "--output", required=True, type=Path,
+                              help="where to write the fused safetensors file")
+    fuse_command.add_argument("--weights", nargs="+", type=float,
+                              help="one weight per checkpoint (default: uniform)")
+    _add_model_options(fuse_command)
+    fuse_command.set_defaults(run=_fuse)
+    lmc = commands.add_parser(
+        "lmc", help="loss and accuracy barrier between two checkpoints, before and after "
+                    "aligning the second to the first"
+    )
+    lmc.add_argument("a", type=Path, help="checkpoint at t=0, the alignment reference")
+    lmc.add_argument("b", type=Path, help="checkpoint at t=1, aligned to a")
+    lmc.add_argument("--steps", type=int, default=11, help="points on the segment, ends included")
+    lmc.add_argument("--batchnorm", default="interpolate", choices=["interpolate", "recompute"],
+                     help="interpolate BatchNorm running statistics or recompute them on "
+                          "the test data")
+    _add_model_options(lmc)
+    lmc.set_defaults(run=_lmc)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        parser.exit(1, f"otfusion {args.command}: error: {error}\n")

@@ -1,7 +1,7 @@
 """Fusion engine: layer-wise Wasserstein barycenters of torch models."""
 
 from .config import FusionConfig
-from .engine import FusionResult, fuse, fuse_models
+from .engine import FusionResult, align, fuse, fuse_models
 from .graph import AlignmentGraph, UnsupportedModelError, build_alignment_graph
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "FusionConfig",
     "FusionResult",
     "UnsupportedModelError",
+    "align",
     "build_alignment_graph",
     "fuse",
     "fuse_models",

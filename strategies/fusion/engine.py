@@ -77,16 +77,51 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
         couplings = [{} for _ in models]
         costs, iterations = {}, {}
     else:
-        if config.cost == "activations" and inputs is None:
-            raise ValueError("cost='activations' needs a batch of inputs: fuse(..., inputs=x)")
-        graph = build_alignment_graph(template, _example_input(template, inputs))
-        _check_unaligned_axes(graph, [template.state_dict(), *states], ["target", *names])
-        solver = _GroupSolver(graph, models, states, lam, reference, template, config, inputs)
-        couplings, costs, iterations = solver.solve_all()
+        graph, (couplings, costs, iterations) = _solve(
+            models, states, lam, reference, template, names, config, inputs)
     fused = _assemble(graph, template.state_dict(), states, couplings, lam)
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
     return FusionResult(model, costs, iterations)
+
+
+def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = None,
+          inputs: torch.Tensor | None = None) -> nn.Module:
+    """``model`` expressed in ``reference``'s neuron coordinates.
+
+    Every group of ``model`` is coupled to ``reference``'s neurons (a barycenter with
+    weights ``[1, 0]``, whose support stays the reference's), and ``model``'s tensors
+    are mapped through its couplings alone. With exact OT and equal widths the
+    couplings are permutations, so the result computes the same function as ``model``
+    with its hidden units reordered to match ``reference`` (the alignment of
+    linear-mode-connectivity studies); with other widths or Sinkhorn it is ``model``
+    transported onto ``reference``'s widths, an approximation. Returns a new module
+    with ``reference``'s architecture; ``config`` and ``inputs`` are as in :func:`fuse`
+    (``method="average"`` is rejected: it aligns nothing).
+    """
+    config = config or FusionConfig()
+    if config.method == "average":
+        raise ValueError("align needs an optimal-transport method, not method='average'")
+    models = check_models([reference, model])
+    names = ["reference", "model"]
+    check_same_architecture(models, names)
+    states = [_compute_state(m, reference) for m in models]
+    graph, (couplings, _, _) = _solve(models, states, [1.0, 0.0], 0, reference, names,
+                                      config, inputs)
+    aligned = copy.deepcopy(reference)
+    aligned.load_state_dict(_assemble(graph, states[1], states[1:], couplings[1:], [1.0]))
+    return aligned
+
+
+def _solve(models, states, lam, reference, template, names, config: FusionConfig, inputs):
+    """The alignment graph of ``template`` and every client's couplings, costs and
+    iterations (:meth:`_GroupSolver.solve_all`)."""
+    if config.cost == "activations" and inputs is None:
+        raise ValueError("cost='activations' needs a batch of inputs (inputs=x)")
+    graph = build_alignment_graph(template, _example_input(template, inputs))
+    _check_unaligned_axes(graph, [template.state_dict(), *states], ["target", *names])
+    solver = _GroupSolver(graph, models, states, lam, reference, template, config, inputs)
+    return graph, solver.solve_all()
 
 
 def _compute_state(model: nn.Module, template: nn.Module) -> dict[str, torch.Tensor]:
