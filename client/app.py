@@ -6,7 +6,11 @@ A client's data is either its partition of the run's dataset (``partition-id`` a
 from ``data-path`` in the node config (an ``.npz`` file with arrays ``x`` and ``y``).
 
 What leaves the client: the trained model's arrays (state_dict, by name), the number of
-training examples (the fusion weight) and the training loss.
+training examples (the fusion weight), the training loss, and the number of training
+examples per class (``label-counts``, one integer per class of the model). The server
+fuses the output layer per class with these counts as weights, so that the row of a
+class comes from the clients that saw it (FedMA-style); they reveal the client's label
+distribution, no features.
 """
 
 from __future__ import annotations
@@ -17,19 +21,20 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from otfusion.client.data import TensorData, load_digits_dataset, load_npz, partition
+from otfusion.client.data import (
+    TensorData,
+    label_counts,
+    load_digits_dataset,
+    load_federated_partition,
+    load_npz,
+    partition,
+)
 from otfusion.client.training import evaluate, train
 from otfusion.server.config import RunConfig
-from otfusion.zoo import build_model
 
 
 @lru_cache(maxsize=4)
-def _partitions(config: RunConfig, num_partitions: int, split: str) -> list[TensorData]:
-    if config.dataset != "digits":
-        raise ValueError(
-            f"dataset {config.dataset!r} is not embedded; give the client its own data with "
-            "--node-config \"data-path='FILE.npz'\""
-        )
+def _digits_partitions(config: RunConfig, num_partitions: int, split: str) -> list[TensorData]:
     train_data, test_data = load_digits_dataset(seed=config.seed)
     data = train_data if split == "train" else test_data
     return partition(data, num_partitions, config.partitioner, alpha=config.alpha,
@@ -37,11 +42,22 @@ def _partitions(config: RunConfig, num_partitions: int, split: str) -> list[Tens
 
 
 def client_data(config: RunConfig, node_config: Mapping[str, object], split: str) -> TensorData:
-    """This client's training or evaluation data."""
+    """This client's training or evaluation data: the node's own file (``data-path``),
+    or partition ``partition-id`` of ``num-partitions`` of the run's ``dataset``: the
+    embedded digits, or a Hugging Face Hub dataset through flwr-datasets (``mnist``,
+    ``cifar10`` or a hub id; downloaded on first use)."""
     if "data-path" in node_config:
         return load_npz(str(node_config["data-path"]), split)
+    if "partition-id" not in node_config:
+        raise ValueError("the node config has neither 'data-path' nor 'partition-id': give "
+                         "the client its data with --node-config \"data-path='FILE.npz'\"")
     partition_id = int(node_config["partition-id"])
-    return _partitions(config, int(node_config["num-partitions"]), split)[partition_id]
+    num_partitions = int(node_config["num-partitions"])
+    if config.dataset == "digits":
+        return _digits_partitions(config, num_partitions, split)[partition_id]
+    return load_federated_partition(config.dataset, partition_id, num_partitions,
+                                    config.partitioner, alpha=config.alpha, seed=config.seed,
+                                    split=split)
 
 
 def _local_model(config: RunConfig, msg: Message, context: Context):
@@ -50,20 +66,24 @@ def _local_model(config: RunConfig, msg: Message, context: Context):
     server_round = int(msg.content["config"].get("server-round", 1))
     node = int(context.node_config.get("partition-id", context.node_id % 2**31))
     if config.client_init == "local-seed" and server_round == 1:
-        return build_model(config.model, seed=config.seed * 1000 + node), node
-    model = build_model(config.model, seed=config.seed)
+        return config.build_model(seed=config.seed * 1000 + node), node
+    model = config.build_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model, node
 
 
 def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
-    """Train locally and reply with the model's arrays and ``num-examples``."""
+    """Train locally and reply with the model's arrays, ``num-examples`` and
+    ``label-counts``."""
     data = client_data(config, context.node_config, "train")
     model, node = _local_model(config, msg, context)
     loss = train(model, data, epochs=config.local_epochs, lr=config.lr,
                  batch_size=config.batch_size, optimizer=config.optimizer,
                  seed=config.seed * 1000 + node)
-    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data)})
+    classes = getattr(model, "num_classes", None)
+    counts = [int(c) for c in label_counts(data, classes)]
+    metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data),
+                            "label-counts": counts})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
@@ -71,7 +91,7 @@ def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
 def evaluate_handler(config: RunConfig, msg: Message, context: Context) -> Message:
     """Evaluate the server's arrays on this client's test data."""
     data = client_data(config, context.node_config, "test")
-    model = build_model(config.model, seed=config.seed)
+    model = config.build_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     loss, accuracy = evaluate(model, data)
     metrics = MetricRecord({"eval-loss": float(loss), "eval-accuracy": float(accuracy),

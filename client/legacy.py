@@ -25,7 +25,6 @@ from torch import nn
 from otfusion.client.app import client_data
 from otfusion.client.training import evaluate, train
 from otfusion.server.config import RunConfig
-from otfusion.zoo import build_model
 
 
 def get_weights(model: nn.Module) -> NDArrays:
@@ -70,7 +69,7 @@ class LegacyClient(NumPyClient):
         self.config = config
         self.node_config = node_config
         self.node = int(node_config.get("partition-id", node_id % 2**31))
-        self.model = build_model(config.model, seed=config.seed)
+        self.model = config.build_model()
 
     def get_parameters(self, config: dict[str, Scalar]) -> NDArrays:
         return get_weights(self.model)
@@ -80,7 +79,7 @@ class LegacyClient(NumPyClient):
         settings = self.config
         seed = settings.seed * 1000 + self.node
         if settings.client_init == "local-seed" and int(config.get("server-round", 1)) == 1:
-            self.model = build_model(settings.model, seed=seed)
+            self.model = settings.build_model(seed=seed)
         else:
             set_weights(self.model, parameters)
         data = client_data(settings, self.node_config, "train")

@@ -26,14 +26,13 @@ from otfusion.server.config import RunConfig
 from otfusion.server.report import write_report
 from otfusion.strategies import OTFusion
 from otfusion.strategies.fusion import FusionConfig
-from otfusion.zoo import build_model
 
 
 def make_strategy(config: RunConfig) -> OTFusion:
     """The strategy named by the run config."""
     fusion = config.fusion() if config.strategy == "otfusion" else FusionConfig(method="average")
     return OTFusion(
-        lambda: build_model(config.model, seed=config.seed),
+        config.build_model,
         fusion=fusion,
         ot_rounds=config.ot_rounds,
         fraction_train=config.fraction_train,
@@ -50,7 +49,7 @@ def central_evaluation(config: RunConfig):
     _, test = load_digits_dataset(seed=config.seed)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = build_model(config.model, seed=config.seed)
+        model = config.build_model()
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(model, test)
         return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
@@ -75,7 +74,7 @@ def run_checkpoint(config: RunConfig) -> RunCheckpoint:
 def run(grid: Grid, config: RunConfig) -> dict:
     """Run the federation on ``grid`` and write the outputs; returns the report."""
     strategy = make_strategy(config)
-    initial = ArrayRecord(build_model(config.model, seed=config.seed).state_dict())
+    initial = ArrayRecord(config.build_model().state_dict())
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,

@@ -20,6 +20,7 @@ from otfusion.client.training import recipe_for
 from otfusion.strategies.fusion import FusionConfig, fuse
 from otfusion.zoo import available_models, build_model
 
+from .config import json_object
 from .lmc import interpolation_barrier
 from .oneshot import DEFAULT_METHODS, compare, train_clients
 
@@ -39,9 +40,10 @@ def _demo(args: argparse.Namespace) -> None:
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     with console.status(f"training clients ({recipe})"):
         clients = train_clients(args.model, parts, recipe, seed=args.seed)
-    weights = [float(label_counts(p).sum()) for p in parts]
+    counts = [label_counts(p, clients[0].num_classes).tolist() for p in parts]
+    weights = [float(sum(c)) for c in counts]
     with console.status("fusing"):
-        result = compare(clients, weights, test_data, DEFAULT_METHODS)
+        result = compare(clients, weights, test_data, DEFAULT_METHODS, label_counts=counts)
     table = Table(title=f"test accuracy on {len(test_data)} held-out digits")
     table.add_column("model")
     table.add_column("accuracy", justify="right")
@@ -87,16 +89,6 @@ def _listing(items: list[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def _model_kwargs(text: str) -> dict:
-    try:
-        kwargs = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--model-kwargs is not valid JSON: {error}") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError(f"--model-kwargs must be a JSON object, got {text}")
-    return kwargs
-
-
 def _fusion_config(args: argparse.Namespace) -> FusionConfig:
     options = {"method": args.method, "solver": args.solver, "reg": args.reg,
                "cost": args.cost, "max_iter": args.max_iter}
@@ -123,7 +115,7 @@ def _fuse(args: argparse.Namespace) -> None:
         raise ValueError(
             f"got {len(args.weights)} --weights for {len(args.checkpoints)} checkpoints"
         )
-    kwargs = _model_kwargs(args.model_kwargs)
+    kwargs = json_object(args.model_kwargs, "--model-kwargs")
     config = _fusion_config(args)
     models = [_load_model(path, args.model, kwargs) for path in args.checkpoints]
     inputs = _activation_inputs(args, config, models[0])
@@ -141,7 +133,7 @@ def _fuse(args: argparse.Namespace) -> None:
 
 
 def _lmc(args: argparse.Namespace) -> None:
-    kwargs = _model_kwargs(args.model_kwargs)
+    kwargs = json_object(args.model_kwargs, "--model-kwargs")
     config = _fusion_config(args)
     a, b = (_load_model(path, args.model, kwargs) for path in (args.a, args.b))
     _, test_data = load_digits_dataset(seed=args.seed)

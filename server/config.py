@@ -7,10 +7,22 @@ and so do the flags of ``flower-server``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def json_object(text: str, what: str) -> dict:
+    """``text`` parsed as a JSON object; a ValueError naming ``what`` otherwise."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} is not valid JSON: {err}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{what} must be a JSON object, got {text!r}")
+    return parsed
 
 
 class RunConfig(BaseModel):
@@ -22,6 +34,9 @@ class RunConfig(BaseModel):
     strategy: Literal["otfusion", "fedavg"] = "otfusion"
     num_server_rounds: int = Field(default=1, ge=1)
     model: str = "mlp"
+    model_kwargs: str = Field(default="{}", description=(
+        "keyword arguments of the zoo model as a JSON object, e.g. '{\"in_features\": 784}' "
+        "for mnist with the mlp"))
     dataset: str = "digits"
     partitioner: Literal["iid", "dirichlet", "pathological"] = "iid"
     alpha: float = Field(default=0.5, gt=0)
@@ -45,6 +60,12 @@ class RunConfig(BaseModel):
     resume: bool = Field(default=False, description=(
         "continue the run from the last completed round saved in <output-dir>/checkpoint"))
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        json_object(value, "model-kwargs")
+        return value
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:
         """Parse ``context.run_config``; keys left out take their defaults."""
@@ -52,6 +73,14 @@ class RunConfig(BaseModel):
 
     def as_run_config(self) -> dict[str, object]:
         return self.model_dump(by_alias=True)
+
+    def build_model(self, seed: int | None = None):
+        """The run's zoo model with ``model-kwargs``, initialised from ``seed`` (default:
+        the run's seed)."""
+        from otfusion.zoo import build_model  # torch: not for --help
+
+        return build_model(self.model, seed=self.seed if seed is None else seed,
+                           **json.loads(self.model_kwargs))
 
     def fusion(self):
         """The :class:`~otfusion.strategies.fusion.FusionConfig` of these settings."""

@@ -25,7 +25,6 @@ from otfusion.server.config import RunConfig
 from otfusion.strategies import LegacyOTFusion
 from otfusion.strategies.fusion import FusionConfig
 from otfusion.strategies.replies import weighted_average_metrics
-from otfusion.zoo import build_model
 
 
 def _settings(config: RunConfig | None, context: Context) -> RunConfig:
@@ -41,7 +40,7 @@ def legacy_central_evaluation(config: RunConfig):
 
     def evaluate_fn(server_round: int, parameters: NDArrays, fit_config: dict[str, Scalar]
                     ) -> tuple[float, dict[str, Scalar]]:
-        model = build_model(config.model, seed=config.seed)
+        model = config.build_model()
         set_weights(model, parameters)
         loss, accuracy = evaluate(model, test)
         return float(loss), {"accuracy": float(accuracy)}
@@ -67,7 +66,7 @@ def make_legacy_strategy(config: RunConfig, **overrides: object) -> LegacyOTFusi
     :class:`LegacyOTFusion` / ``flwr.server.strategy.FedAvg``.
     """
     fusion = config.fusion() if config.strategy == "otfusion" else FusionConfig(method="average")
-    initial = build_model(config.model, seed=config.seed)
+    initial = config.build_model()
     kwargs: dict[str, object] = {
         "fusion": fusion,
         "ot_rounds": config.ot_rounds,
@@ -83,8 +82,7 @@ def make_legacy_strategy(config: RunConfig, **overrides: object) -> LegacyOTFusi
         "evaluate_metrics_aggregation_fn": _weighted_metrics,
     }
     kwargs.update(overrides)
-    return LegacyOTFusion(lambda: build_model(config.model, seed=config.seed),
-                          **kwargs)  # type: ignore[arg-type]
+    return LegacyOTFusion(config.build_model, **kwargs)  # type: ignore[arg-type]
 
 
 def create_legacy_server_app(

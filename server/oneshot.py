@@ -49,13 +49,30 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
     return clients
 
 
+@dataclass(frozen=True)
+class Method:
+    """A fusion method of the comparison: engine settings, and whether the output layer
+    is weighted per class by the clients' label counts."""
+
+    config: FusionConfig
+    label_weighted: bool = False
+
+
 def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: TensorData,
-            methods: Mapping[str, FusionConfig]) -> Comparison:
-    """Evaluate every client, every fusion of them and their ensemble on ``test``."""
+            methods: Mapping[str, FusionConfig | Method],
+            label_counts: Sequence[Sequence[float]] | None = None) -> Comparison:
+    """Evaluate every client, every fusion of them and their ensemble on ``test``.
+
+    ``label_counts`` (per client, per class) are the class weights of the methods with
+    ``label_weighted``; such a method needs them."""
     accuracies, seconds = {}, {}
-    for name, config in methods.items():
+    for name, method in methods.items():
+        method = method if isinstance(method, Method) else Method(method)
+        if method.label_weighted and label_counts is None:
+            raise ValueError(f"method {name!r} weights classes by label counts: pass them")
         start = time.perf_counter()
-        fused = fuse_models(clients, weights, config).model
+        fused = fuse_models(clients, weights, method.config,
+                            class_weights=label_counts if method.label_weighted else None).model
         seconds[name] = time.perf_counter() - start
         accuracies[name] = evaluate(fused, test)[1]
     return Comparison(
@@ -68,5 +85,7 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
 
 DEFAULT_METHODS = {
     "vanilla average": FusionConfig(method="average"),
-    "OT fusion (exact)": FusionConfig(),
+    "OT fusion": Method(FusionConfig(), label_weighted=True),
 }
+"""What the demo compares: FedAvg, and OT fusion as :class:`OTFusion` does it (default
+settings, output layer weighted per class by the clients' label counts)."""

@@ -15,7 +15,6 @@ from otfusion.client.training import evaluate
 from otfusion.server.config import RunConfig
 from otfusion.server.oneshot import compare
 from otfusion.strategies.fusion import FusionConfig
-from otfusion.zoo import build_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -44,7 +43,7 @@ def write_report(config: RunConfig, strategy, result) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
     save_file(state, str(folder / "global_model.safetensors"))
-    global_model = build_model(config.model, seed=config.seed)
+    global_model = config.build_model()
     global_model.load_state_dict(state)
     report = {
         "run_config": config.as_run_config(),

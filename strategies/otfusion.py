@@ -18,8 +18,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
-from .fusion import FusionConfig, fuse_models
-from .replies import ExpectedArrays, check_content, reply_digest, weighted_average_metrics
+from .fusion import FusionConfig, fuse_models, output_width
+from .replies import (
+    LABEL_COUNTS_KEY,
+    ExpectedArrays,
+    check_content,
+    check_label_counts,
+    reply_digest,
+    weighted_average_metrics,
+)
 
 ClientModelFn = Callable[[dict[str, tuple[int, ...]]], nn.Module]
 
@@ -48,7 +55,8 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         pairs.append((float(metrics[weighted_by_key]), dict(metrics)))
-    return MetricRecord(weighted_average_metrics(pairs, skip=(weighted_by_key,)))
+    return MetricRecord(weighted_average_metrics(pairs, skip=(weighted_by_key,
+                                                              LABEL_COUNTS_KEY)))
 
 
 def transport_cost_metrics(group_costs: Mapping[str, float]) -> dict[str, float]:
@@ -110,6 +118,26 @@ class _FusionMixin:
         self.expected = ExpectedArrays.from_state_dict(template.state_dict())
         self.latest_models = []
         self.latest_weights = []
+        self._num_classes: int | None | bool = False  # False: not computed yet
+
+    @property
+    def num_classes(self) -> int | None:
+        """The global model's number of classes (output width), None if unknown."""
+        if self._num_classes is False:
+            self._num_classes = output_width(self.model_fn(), self.inputs)
+        return self._num_classes  # type: ignore[return-value]
+
+    def class_weights(self, weights: Sequence[float],
+                      counts: Sequence[Sequence[float] | None]) -> list[list[float]] | None:
+        """Per-client, per-class weights of the output layer: ``weight * counts /
+        sum(counts)`` (the client's weight spread over its label distribution), or
+        ``weight / C`` per class for a reply without label counts. None when no reply
+        has counts or the number of classes is unknown."""
+        classes = self.num_classes
+        if classes is None or all(c is None for c in counts):
+            return None
+        return [[w / classes] * classes if c is None else [w * v / sum(c) for v in c]
+                for w, c in zip(weights, counts, strict=True)]
 
     def fusion_config(self, server_round: int) -> FusionConfig:
         """The fusion settings of ``server_round``: averaging after round 1 when
@@ -135,15 +163,22 @@ class _FusionMixin:
         return model
 
     def _fuse(self, server_round: int, models: Sequence[nn.Module],
-              weights: Sequence[float]) -> tuple[OrderedDict[str, torch.Tensor],
-                                                 dict[str, float]]:
+              weights: Sequence[float],
+              label_counts: Sequence[Sequence[float] | None] | None = None,
+              ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
         """Fuse the accepted models; the fused state_dict in global key order with the
-        global dtypes, and the fusion metrics. Raises if the engine fails."""
+        global dtypes, and the fusion metrics. ``label_counts`` (validated, one per model
+        or None) weight the output layer per class in optimal-transport rounds. Raises
+        if the engine fails."""
         largest = max(weights)
+        scaled = [w / largest for w in weights]
+        config = self.fusion_config(server_round)
+        per_class = (self.class_weights(scaled, label_counts)
+                     if label_counts is not None and config.method != "average" else None)
         start = time.perf_counter()
-        result = fuse_models(list(models), weights=[w / largest for w in weights],
-                             config=self.fusion_config(server_round), target=self.model_fn(),
-                             inputs=self.inputs)
+        result = fuse_models(list(models), weights=scaled, config=config,
+                             target=self.model_fn(), inputs=self.inputs,
+                             class_weights=per_class)
         seconds = time.perf_counter() - start
         state = result.model.state_dict()
         fused: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -268,6 +303,12 @@ class OTFusion(_FusionMixin, FedAvg):
         super().summary()
         self._log_fusion_settings()
 
+    def _label_counts(self, content: RecordDict) -> list[float] | None | str:
+        """The reply's validated ``label-counts`` metric (None when absent), or why it
+        is rejected (call after ``check_content``: one MetricRecord)."""
+        metrics = next(iter(content.metric_records.values()))
+        return check_label_counts(metrics.get(LABEL_COUNTS_KEY), self.num_classes)
+
     def _screen(self, server_round: int, replies: Iterable[Message]
                 ) -> tuple[list[tuple[bytes, nn.Module, float, RecordDict]], int]:
         """Accepted replies as (digest, model, weight, content), sorted by their content
@@ -292,11 +333,12 @@ class OTFusion(_FusionMixin, FedAvg):
                 if isinstance(checked, str):
                     reason = checked
                 else:
-                    model = self._load_model(checked[0])
+                    counts = self._label_counts(content)
+                    model = counts if isinstance(counts, str) else self._load_model(checked[0])
                     if isinstance(model, str):
                         reason = model
                     else:
-                        digest = reply_digest(checked[0], checked[1])
+                        digest = reply_digest(checked[0], checked[1], counts)
                         accepted.append((digest, model, checked[1], content))
             if reason is not None:
                 rejected += 1
@@ -328,8 +370,9 @@ class OTFusion(_FusionMixin, FedAvg):
                 server_round, len(accepted), needed)
             return self._recorded(server_round, None, MetricRecord(counts))
         try:
-            fused, fusion_metrics = self._fuse(server_round, [m for _, m, _, _ in accepted],
-                                               [w for _, _, w, _ in accepted])
+            fused, fusion_metrics = self._fuse(
+                server_round, [m for _, m, _, _ in accepted], [w for _, _, w, _ in accepted],
+                [self._label_counts(c) for _, _, _, c in accepted])
         except Exception as exc:  # noqa: BLE001 - keep the previous global model
             log(WARNING, "aggregate_train (round %d): fusion failed (%s: %s); the global "
                 "model is not updated", server_round, type(exc).__name__, exc)

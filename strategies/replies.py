@@ -58,6 +58,36 @@ def check_weight(value: Any, key: str = "num-examples") -> float | str:
     return weight
 
 
+LABEL_COUNTS_KEY = "label-counts"
+"""Train-reply metric: the client's number of training examples per class, which
+weights the fused output layer per class (:func:`otfusion.strategies.fusion.fuse`)."""
+
+
+def check_label_counts(value: Any, num_classes: int | None) -> list[float] | None | str:
+    """A reply's ``label-counts`` as floats; None when absent; a reason when it is not a
+    list of ``num_classes`` finite non-negative numbers with a positive sum."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        return f"'{LABEL_COUNTS_KEY}' is {type(value).__name__}, not a list"
+    counts = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            return f"'{LABEL_COUNTS_KEY}' holds {v!r}, not a number"
+        try:
+            number = float(v)
+        except OverflowError:
+            return f"'{LABEL_COUNTS_KEY}' holds a number beyond the float range"
+        if not math.isfinite(number) or number < 0:
+            return f"'{LABEL_COUNTS_KEY}' holds {v!r}, not a finite non-negative number"
+        counts.append(number)
+    if num_classes is not None and len(counts) != num_classes:
+        return f"'{LABEL_COUNTS_KEY}' has {len(counts)} entries for {num_classes} classes"
+    if not counts or not sum(counts) > 0 or not math.isfinite(sum(counts)):
+        return f"'{LABEL_COUNTS_KEY}' must have a positive finite sum"
+    return counts
+
+
 def _kinds(dtype: torch.dtype) -> str:
     """numpy dtype kinds accepted for a tensor whose global dtype is ``dtype``."""
     if dtype.is_floating_point:
@@ -178,12 +208,16 @@ def check_content(content: Any, expected: ExpectedArrays, *, weight_key: str,
     return state, weight
 
 
-def reply_digest(state: Mapping[str, torch.Tensor], weight: float) -> bytes:
-    """A digest of a validated reply's tensors (names, dtypes, shapes, values) and
-    weight. Fusing replies sorted by it makes the result depend only on what the clients
-    sent: neither on the order the replies arrive in nor on the node ids."""
+def reply_digest(state: Mapping[str, torch.Tensor], weight: float,
+                 label_counts: Sequence[float] | None = None) -> bytes:
+    """A digest of a validated reply's tensors (names, dtypes, shapes, values), weight
+    and label counts (if any). Fusing replies sorted by it makes the result depend only
+    on what the clients sent: neither on the order the replies arrive in nor on the
+    node ids."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr(float(weight)).encode())
+    if label_counts is not None:
+        digest.update(repr([float(c) for c in label_counts]).encode())
     for name, tensor in state.items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

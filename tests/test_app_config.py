@@ -41,3 +41,18 @@ def test_flower_server_flags_map_onto_run_config_keys():
     assert (config.strategy, config.local_epochs, config.fusion_solver) == ("fedavg", 2, "sinkhorn")
     assert (config.partitioner, config.alpha, args.num_clients) == ("dirichlet", 0.1, 20)
     assert run_config_from_args(build_parser().parse_args([])) == RunConfig()
+
+
+def test_model_kwargs_build_the_run_model_and_bad_json_is_refused():
+    config = RunConfig.from_run_config({"model-kwargs": '{"widths": [8, 4], "in_features": 784}'})
+    model = config.build_model()
+    assert model.input_shape == (784,)
+    assert model.layers[0].out_features == 8 and model.layers[2].out_features == 4
+    args = build_parser().parse_args(["--resume", "--round-timeout", "30",
+                                      "--model-kwargs", '{"widths": [8]}'])
+    config = run_config_from_args(args)
+    assert config.resume and config.round_timeout == 30 and config.build_model(seed=1)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        RunConfig(model_kwargs="{widths: 8}")
+    with pytest.raises(ValueError, match="JSON object"):
+        RunConfig(model_kwargs="[8]")

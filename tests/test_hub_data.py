@@ -12,6 +12,7 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
+from test_strategy import task_identity  # noqa: F401
 
 from otfusion.client import data as data_module
 from otfusion.client.data import (
@@ -194,3 +195,32 @@ def test_bad_inputs_are_named():
         load_federated_partition("mnist", 4, 4)
     with pytest.raises(ValueError, match="unknown partitioner"):
         make_partitioner("shards", 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_client_app_trains_on_a_hub_partition_with_model_kwargs(fake_hub):
+    """The ClientApp's data for ``dataset=mnist`` is its flwr-datasets partition, and
+    ``model-kwargs`` shapes the model for it (784 inputs)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from otfusion.client.app import client_data, train_handler
+    from otfusion.server.config import RunConfig
+
+    config = RunConfig(dataset="mnist", model_kwargs='{"in_features": 784, "widths": [16]}',
+                       local_epochs=1)
+    node = {"partition-id": 1, "num-partitions": 4}
+    data = client_data(config, node, "train")
+    assert data.x.shape == (NUM_TRAIN // 4, 784)
+    assert _ids(data) == _ids(load_federated_partition("mnist", 1, 4))
+    assert len(client_data(config, node, "test")) == NUM_TEST // 4
+
+    instruction = Message(content=RecordDict({
+        "arrays": ArrayRecord(config.build_model().state_dict()),
+        "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                      run_config=config.as_run_config())
+    reply = train_handler(config, instruction, context)
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    assert arrays["layers.0.weight"].shape == (16, 784)
+    assert reply.content["metrics"]["num-examples"] == NUM_TRAIN // 4
+    assert sum(reply.content["metrics"]["label-counts"]) == NUM_TRAIN // 4

@@ -1,7 +1,7 @@
 """Fusion engine: layer-wise Wasserstein barycenters of torch models."""
 
 from .config import FusionConfig
-from .engine import FusionResult, align, fuse, fuse_models
+from .engine import FusionResult, align, fuse, fuse_models, output_width
 from .graph import AlignmentGraph, UnsupportedModelError, build_alignment_graph
 
 __all__ = [
@@ -13,4 +13,5 @@ __all__ = [
     "build_alignment_graph",
     "fuse",
     "fuse_models",
+    "output_width",
 ]

@@ -88,6 +88,8 @@ class AlignmentGraph:
     groups: tuple[Group, ...]
     tensors: dict[str, TensorSpec]
     activation_sites: dict[int, tuple[ActivationSite, ...]]
+    outputs: frozenset[int] = frozenset()
+    """Groups that reach the model's output (its classes): fixed, identity coupling."""
 
     def widths(self, state_dict: dict[str, torch.Tensor], who: str = "model") -> dict[int, int]:
         """Width of every group in ``state_dict``, checked for consistency."""
@@ -177,6 +179,7 @@ class _Tracer:
         self.parent: list[int] = []
         self.labels: list[str] = []
         self.fixed: set[int] = set()
+        self.outputs: set[int] = set()
         self.specs: dict[str, tuple[tuple[AxisSpec | None, ...], bool]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
 
@@ -221,6 +224,7 @@ class _Tracer:
                     for spec in layout:
                         if spec is not None:
                             self.fixed.add(spec.group)
+                            self.outputs.add(spec.group)
                 continue
             layouts[node] = self.visit(node, layouts)
         return self.finish()
@@ -254,7 +258,9 @@ class _Tracer:
                 "these parameters or buffers are used outside the supported layers, so their "
                 f"alignment is unknown: {', '.join(missing)}"
             )
-        return AlignmentGraph(groups, tensors, {g: tuple(s) for g, s in sites.items()})
+        outputs = frozenset(canonical[self.find(g)] for g in self.outputs)
+        return AlignmentGraph(groups, tensors, {g: tuple(s) for g, s in sites.items()},
+                              outputs)
 
     # -- node rules
     def visit(self, node: fx.Node, layouts: dict) -> object:
