@@ -53,6 +53,8 @@ class RunConfig(BaseModel):
     fusion_solver: Literal["exact", "sinkhorn"] = "exact"
     fusion_reg: float = Field(default=0.01, gt=0)
     fusion_max_iter: int = Field(default=5, ge=1)
+    fusion_neuron_weights: Literal["uniform", "outgoing", "outgoing-sq"] = "outgoing-sq"
+    fusion_rescale: Literal["none", "norm"] = "norm"
     round_timeout: float = Field(default=3600.0, gt=0, description=(
         "seconds the server waits for the replies of a round; the round then goes on "
         "with the replies it has"))
@@ -87,4 +89,6 @@ class RunConfig(BaseModel):
         from otfusion.strategies.fusion import FusionConfig  # torch: not for --help
 
         return FusionConfig(method=self.fusion_method, solver=self.fusion_solver,
-                            reg=self.fusion_reg, max_iter=self.fusion_max_iter)
+                            reg=self.fusion_reg, max_iter=self.fusion_max_iter,
+                            neuron_weights=self.fusion_neuron_weights,
+                            rescale=self.fusion_rescale)
