@@ -9,16 +9,21 @@ every client is mapped through all its couplings and averaged with the client we
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .averaging import (
+    AveragingWeights,
+    average_states,
+    neuron_importance_weights,
+    normalize_class_weights,
+)
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
-from .graph import AlignmentGraph, Group, build_alignment_graph
+from .graph import AlignmentGraph, Group, build_alignment_graph, is_recurrent
 from .projection import Coupling, as_rows, project
 from .validation import (
     check_models,
@@ -93,10 +98,12 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     if per_class is not None and graph is None:
         graph = build_alignment_graph(template, _example_input(template, inputs))
     aligned = config.method != "average"  # the neuron options need couplings
-    per_neuron = (_neuron_weights(graph, states, couplings, lam, config.neuron_weights)
+    per_neuron = (neuron_importance_weights(graph, states, couplings, lam,
+                                            config.neuron_weights)
                   if aligned and config.neuron_weights != "uniform" else None)
-    fused = _assemble(graph, template.state_dict(), states, couplings, lam, per_class,
-                      per_neuron, aligned and config.rescale == "norm")
+    fused = average_states(graph, template.state_dict(), states, couplings,
+                           AveragingWeights(lam, per_class, per_neuron),
+                           rescale=aligned and config.rescale == "norm")
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
     return FusionResult(model, costs, iterations)
@@ -138,7 +145,8 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
     graph, (couplings, _, _) = _solve(models, states, [1.0, 0.0], 0, reference, names,
                                       config, inputs)
     aligned = copy.deepcopy(reference)
-    aligned.load_state_dict(_assemble(graph, states[1], states[1:], couplings[1:], [1.0]))
+    aligned.load_state_dict(average_states(graph, states[1], states[1:], couplings[1:],
+                                           AveragingWeights([1.0])))
     return aligned
 
 
@@ -190,148 +198,6 @@ def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Te
                     f"'{spec.name}' axis {axis} is not aligned (input features, kernel or "
                     f"classes) but its size differs between models: {sizes}"
                 )
-
-
-def _assemble(graph: AlignmentGraph | None, template_state: dict[str, torch.Tensor],
-              states: list[dict[str, torch.Tensor]], couplings: list[dict[int, Coupling]],
-              lam: list[float], per_class: list[list[float]] | None = None,
-              per_neuron: dict[int, list[torch.Tensor]] | None = None,
-              rescale: bool = False) -> dict[str, torch.Tensor]:
-    """Every floating tensor mapped through each client's couplings, weighted mean (per
-    class along the output group's axis when ``per_class`` is given)."""
-    if per_class is not None:
-        assert graph is not None
-        _check_class_count(graph, template_state, len(per_class[0]))
-    fused: dict[str, torch.Tensor] = {}
-    norms: dict[int, list] = {}
-    for name, reference in template_state.items():
-        if not reference.is_floating_point():
-            fused[name] = reference.clone()
-            continue
-        axes = graph.tensors[name].axes if graph is not None else ()
-        weights: list = lam
-        output = next((i for i, a in enumerate(axes)
-                       if a is not None and a.group in graph.outputs), None) if (
-            per_class is not None) else None
-        if output is not None:
-            weights = [_row_weights(row, axes[output], output, reference)
-                       for row in per_class]
-        elif per_neuron is not None and graph.tensors[name].neuron_axis is not None:
-            axis = graph.tensors[name].neuron_axis
-            spec = axes[axis]
-            if spec.group in per_neuron:
-                weights = [_row_weights(row.tolist(), spec, axis, reference)
-                           for row in per_neuron[spec.group]]
-        projected = [project(state[name], axes, maps)
-                     for state, maps in zip(states, couplings, strict=True)]
-        fused[name] = sum(w * t for w, t in zip(weights, projected, strict=True))
-        if rescale and graph is not None and graph.tensors[name].cost and output is None:
-            axis = graph.tensors[name].neuron_axis
-            spec = axes[axis]
-            if spec.group in _rescalable(graph):
-                entry = norms.setdefault(spec.group, [0.0, [0.0] * len(states), []])
-                entry[0] = entry[0] + as_rows(fused[name], axis, spec).double().square().sum(1)
-                for k, t in enumerate(projected):
-                    entry[1][k] = entry[1][k] + as_rows(t, axis, spec).double().square().sum(1)
-                entry[2].append(name)
-    for group, (own, clients, names) in norms.items():
-        mix = per_neuron[group] if per_neuron is not None and group in per_neuron else [
-            torch.full_like(own, w) for w in lam]
-        target = sum(w * c.sqrt() for w, c in zip(mix, clients, strict=True))
-        scale = target / own.sqrt().clamp_min(1e-30)
-        for name in names:
-            axis = graph.tensors[name].neuron_axis
-            fused[name] = fused[name] * _row_weights(
-                scale.tolist(), graph.tensors[name].axes[axis], axis, fused[name])
-    return fused
-
-
-def _rescalable(graph: AlignmentGraph) -> set[int]:
-    """Groups whose neurons are plain units (output proportional to their incoming
-    weights and bias): neither fixed, nor recurrent, nor normalised (BatchNorm or
-    LayerNorm would undo or mis-scale the rescaling)."""
-    groups = {g.id for g in graph.groups if not g.fixed}
-    for spec in graph.tensors.values():
-        axis = spec.neuron_axis
-        if axis is None:
-            continue
-        group = spec.axes[axis].group
-        if not spec.cost or _GroupSolver.is_recurrent(spec):
-            groups.discard(group)
-    return groups
-
-
-def _neuron_weights(graph: AlignmentGraph, states, couplings, lam, how: str,
-                    ) -> dict[int, list[torch.Tensor]]:
-    """Per group, per client: the weight of the client's neuron mapped to each fused
-    neuron, ``lam_k * importance`` normalised over clients per fused neuron. The
-    importance of a neuron is the norm of its outgoing weights."""
-    out: dict[int, list[torch.Tensor]] = {}
-    for group in graph.groups:
-        if group.fixed or group.id not in couplings[0]:
-            continue
-        mapped = []
-        for k, state in enumerate(states):
-            total = None
-            for spec in graph.tensors.values():
-                for axis, a in enumerate(spec.axes):
-                    if a is None or a.group != group.id or a.kind != "input":
-                        continue
-                    rows = as_rows(state[spec.name].double(), axis, a).square().sum(dim=1)
-                    total = rows if total is None else total + rows
-            if total is None:
-                break
-            importance = total.sqrt()
-            if how == "outgoing-sq":
-                importance = total
-            coupling = couplings[k][group.id]
-            matrix = coupling.matrix("neuron").to(importance.dtype)
-            mapped.append(lam[k] * (matrix @ importance))
-        else:
-            stacked = torch.stack(mapped)
-            stacked = stacked / stacked.sum(dim=0, keepdim=True).clamp_min(1e-300)
-            out[group.id] = list(stacked)
-    return out
-
-
-def normalize_class_weights(class_weights, lam: list[float]) -> list[list[float]] | None:
-    """``class_weights`` (K x C) normalised per class to sum one; a class of zero total
-    weight gets the client weights ``lam``. None stays None."""
-    if class_weights is None:
-        return None
-    rows = [[float(v) for v in row] for row in (
-        class_weights.tolist() if isinstance(class_weights, torch.Tensor) else class_weights)]
-    if len(rows) != len(lam):
-        raise ValueError(f"class_weights has {len(rows)} rows for {len(lam)} models")
-    sizes = {len(row) for row in rows}
-    if len(sizes) != 1 or 0 in sizes:
-        raise ValueError(f"class_weights rows must have one common, non-zero length: {sizes}")
-    if any(not math.isfinite(v) or v < 0 for row in rows for v in row):
-        raise ValueError("class_weights must be finite and non-negative")
-    columns = []
-    for column in zip(*rows, strict=True):
-        total = sum(column)
-        columns.append([v / total for v in column] if total > 0 else list(lam))
-    return [list(row) for row in zip(*columns, strict=True)]
-
-
-def _check_class_count(graph: AlignmentGraph, state: dict[str, torch.Tensor],
-                       classes: int) -> None:
-    widths = graph.widths(state, "target")
-    found = sorted({widths[g] for g in graph.outputs})
-    if found != [classes]:
-        raise ValueError(f"class_weights has {classes} columns but the model's output "
-                         f"width is {found[0] if len(found) == 1 else found}")
-
-
-def _row_weights(weights: list[float], spec, axis: int,
-                 reference: torch.Tensor) -> torch.Tensor:
-    """Per-class weights laid out along ``axis`` of a tensor like ``reference``."""
-    column = torch.tensor(weights, dtype=torch.float64).to(reference.dtype)
-    column = column.repeat_interleave(spec.inner).repeat(spec.outer)
-    shape = [1] * reference.dim()
-    shape[axis] = -1
-    return column.to(reference.device).reshape(shape)
 
 
 class _GroupSolver:
@@ -390,7 +256,7 @@ class _GroupSolver:
         return {
             spec.name: self.weight_points(spec, k, self.couplings[k])
             for spec in self.graph.cost_tensors(group.id)
-            if not self.is_recurrent(spec) and self.inputs_solved(spec, k)
+            if not is_recurrent(spec) and self.inputs_solved(spec, k)
         }
 
     def inputs_solved(self, spec, k: int) -> bool:
@@ -406,15 +272,8 @@ class _GroupSolver:
         scale = self.config.gw_weight
         return {
             spec.name: self.weight_points(spec, k, maps, scale)
-            for spec in self.graph.cost_tensors(group.id) if self.is_recurrent(spec)
+            for spec in self.graph.cost_tensors(group.id) if is_recurrent(spec)
         }
-
-    @staticmethod
-    def is_recurrent(spec) -> bool:
-        neuron = spec.neuron_axis
-        group = spec.axes[neuron].group
-        return any(a is not None and a.group == group and i != neuron
-                   for i, a in enumerate(spec.axes))
 
     def weight_points(self, spec, k: int, maps: dict[int, Coupling],
                       scale: float = 1.0) -> Points:

@@ -62,6 +62,14 @@ class TensorSpec:
         return found[0] if found else None
 
 
+def is_recurrent(spec: TensorSpec) -> bool:
+    """Whether ``spec`` maps its own group to itself (a hidden-to-hidden matrix)."""
+    neuron = spec.neuron_axis
+    group = spec.axes[neuron].group
+    return any(a is not None and a.group == group and i != neuron
+               for i, a in enumerate(spec.axes))
+
+
 @dataclass(frozen=True)
 class ActivationSite:
     """Where a group's activations can be read: a module's output dimension."""
