@@ -266,6 +266,12 @@ class OTFusion(_FusionMixin, FedAvg):
     fused model is bit-identical whatever order the replies arrive in and whichever
     node ids the clients have.
 
+    A reply may carry ``label-counts`` (its training examples per class) in its
+    MetricRecord; in OT rounds the output layer's row of each class is then fused with
+    weights ``num-examples * counts / sum(counts)``, so that a class comes from the
+    clients that saw it. A reply without them counts as uniform over the classes; a
+    malformed list rejects the reply.
+
     ``start`` takes an optional ``checkpoint`` (:class:`RoundCheckpoint`): after every
     round (training, client and central evaluation) it saves the global arrays and the
     metrics history there, and a run started with a saved checkpoint resumes after its
