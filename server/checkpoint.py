@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Result
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 STATE = "state.json"
 HISTORIES = ("train_metrics_clientapp", "evaluate_metrics_clientapp",
@@ -61,21 +61,18 @@ class RunCheckpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         model_name = f"global_model-{server_round:05d}.safetensors"
         state = {k: v.contiguous() for k, v in arrays.to_torch_state_dict().items()}
-        temporary = self.folder / f".{model_name}.tmp"
-        save_file(state, str(temporary))
-        _commit(temporary, self.folder / model_name)
+        model_bytes = save(state)
+        _write_atomically(self.folder / model_name, model_bytes)
         record = {
             "round": server_round,
             "model_file": model_name,
-            "model_sha256": _sha256(self.folder / model_name),
+            "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
             "keys": list(state),  # safetensors files sort their keys
             "run_config": self.run_config,
             **{name: {str(r): dict(m) for r, m in getattr(history, name).items()}
                for name in HISTORIES},
         }
-        temporary = self.folder / f".{STATE}.tmp"
-        temporary.write_text(json.dumps(record, indent=1))
-        _commit(temporary, self.state_path)
+        _write_atomically(self.state_path, json.dumps(record, indent=1).encode())
         for old in self.folder.glob("global_model-*.safetensors"):
             if old.name != model_name:
                 old.unlink()
@@ -88,10 +85,11 @@ class RunCheckpoint:
         try:
             record = json.loads(self.state_path.read_text())
             model_path = self.folder / record["model_file"]
-            if _sha256(model_path) != record["model_sha256"]:
+            model_bytes = model_path.read_bytes()
+            if hashlib.sha256(model_bytes).hexdigest() != record["model_sha256"]:
                 raise CheckpointError(f"{model_path} does not match its SHA-256 in "
                                       f"{self.state_path}")
-            tensors = load_file(str(model_path))
+            tensors = load(model_bytes)
             arrays = ArrayRecord({key: tensors[key] for key in record["keys"]})
             history = Result(arrays=arrays, **{
                 name: {int(r): MetricRecord(m) for r, m in record[name].items()}
@@ -115,17 +113,17 @@ class RunCheckpoint:
         return completed, arrays, history
 
 
-def _commit(temporary: Path, final: Path) -> None:
-    """Flush ``temporary`` to disk and rename it to ``final`` (atomic on POSIX)."""
-    with open(temporary, "rb") as handle:
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, flush it to disk and rename it to ``path``
+    (atomic on POSIX), then flush the directory entry."""
+    temporary = path.parent / f".{path.name}.tmp"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, final)
-    directory = os.open(final.parent, os.O_RDONLY)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

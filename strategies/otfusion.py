@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -29,6 +29,17 @@ from .replies import (
 )
 
 ClientModelFn = Callable[[dict[str, tuple[int, ...]]], nn.Module]
+
+
+class _Accepted(NamedTuple):
+    """A validated reply: its content digest (the fusion order), model, weight,
+    content and label counts (None when it sent none)."""
+
+    digest: bytes
+    model: nn.Module
+    weight: float
+    content: RecordDict
+    label_counts: list[float] | None
 
 
 class RoundCheckpoint(Protocol):
@@ -85,6 +96,7 @@ class _FusionMixin:
     expected: ExpectedArrays
     latest_models: list[nn.Module]
     latest_weights: list[float]
+    num_classes: int | None
 
     def _init_fusion(self, model_fn: Callable[[], nn.Module], fusion: FusionConfig,
                      ot_rounds: str, heterogeneous: bool,
@@ -118,14 +130,8 @@ class _FusionMixin:
         self.expected = ExpectedArrays.from_state_dict(template.state_dict())
         self.latest_models = []
         self.latest_weights = []
-        self._num_classes: int | None | bool = False  # False: not computed yet
-
-    @property
-    def num_classes(self) -> int | None:
+        self.num_classes = output_width(template, inputs)
         """The global model's number of classes (output width), None if unknown."""
-        if self._num_classes is False:
-            self._num_classes = output_width(self.model_fn(), self.inputs)
-        return self._num_classes  # type: ignore[return-value]
 
     def class_weights(self, weights: Sequence[float],
                       counts: Sequence[Sequence[float] | None]) -> list[list[float]] | None:
@@ -315,42 +321,43 @@ class OTFusion(_FusionMixin, FedAvg):
         metrics = next(iter(content.metric_records.values()))
         return check_label_counts(metrics.get(LABEL_COUNTS_KEY), self.num_classes)
 
+    def _check_reply(self, msg: Message) -> _Accepted | str:
+        """The reply as an accepted entry, or why it is rejected; never raises."""
+        try:
+            if msg.has_error():
+                return f"error reply ({msg.error.code}: {msg.error.reason})"
+            content = msg.content
+        except Exception as exc:  # noqa: BLE001 - never raise for a malformed reply
+            return f"unreadable reply ({type(exc).__name__}: {exc})"
+        checked = check_content(content, self.expected, weight_key=self.weighted_by_key,
+                                max_abs_weight=self.max_abs_weight,
+                                exact_shapes=not self.heterogeneous)
+        if isinstance(checked, str):
+            return checked
+        state, weight = checked
+        counts = self._label_counts(content)
+        if isinstance(counts, str):
+            return counts
+        model = self._load_model(state)
+        if isinstance(model, str):
+            return model
+        return _Accepted(reply_digest(state, weight, counts), model, weight, content, counts)
+
     def _screen(self, server_round: int, replies: Iterable[Message]
-                ) -> tuple[list[tuple[bytes, nn.Module, float, RecordDict]], int]:
-        """Accepted replies as (digest, model, weight, content), sorted by their content
-        digest, and the number rejected. Every rejection is logged with its node id and
-        reason."""
-        accepted: list[tuple[bytes, nn.Module, float, RecordDict]] = []
+                ) -> tuple[list[_Accepted], int]:
+        """Accepted replies sorted by their content digest, and the number rejected.
+        Every rejection is logged with its node id and reason."""
+        accepted: list[_Accepted] = []
         rejected = 0
         for msg in replies:
-            node_id = _node_id(msg)
-            reason: str | None = None
-            try:
-                if msg.has_error():
-                    reason = f"error reply ({msg.error.code}: {msg.error.reason})"
-                else:
-                    content = msg.content
-            except Exception as exc:  # noqa: BLE001 - never raise for a malformed reply
-                reason = f"unreadable reply ({type(exc).__name__}: {exc})"
-            if reason is None:
-                checked = check_content(content, self.expected, weight_key=self.weighted_by_key,
-                                        max_abs_weight=self.max_abs_weight,
-                                        exact_shapes=not self.heterogeneous)
-                if isinstance(checked, str):
-                    reason = checked
-                else:
-                    counts = self._label_counts(content)
-                    model = counts if isinstance(counts, str) else self._load_model(checked[0])
-                    if isinstance(model, str):
-                        reason = model
-                    else:
-                        digest = reply_digest(checked[0], checked[1], counts)
-                        accepted.append((digest, model, checked[1], content))
-            if reason is not None:
+            checked = self._check_reply(msg)
+            if isinstance(checked, str):
                 rejected += 1
                 log(WARNING, "aggregate_train (round %d): rejected reply from node %s: %s",
-                    server_round, node_id, reason)
-        accepted.sort(key=lambda item: item[0])
+                    server_round, _node_id(msg), checked)
+            else:
+                accepted.append(checked)
+        accepted.sort(key=lambda entry: entry.digest)
         return accepted, rejected
 
     def aggregate_train(
@@ -377,15 +384,15 @@ class OTFusion(_FusionMixin, FedAvg):
             return self._recorded(server_round, None, MetricRecord(counts))
         try:
             fused, fusion_metrics = self._fuse(
-                server_round, [m for _, m, _, _ in accepted], [w for _, _, w, _ in accepted],
-                [self._label_counts(c) for _, _, _, c in accepted])
+                server_round, [a.model for a in accepted], [a.weight for a in accepted],
+                [a.label_counts for a in accepted])
         except Exception as exc:  # noqa: BLE001 - keep the previous global model
             log(WARNING, "aggregate_train (round %d): fusion failed (%s: %s); the global "
                 "model is not updated", server_round, type(exc).__name__, exc)
             return self._recorded(server_round, None, MetricRecord(counts))
         metrics = MetricRecord()
         try:
-            client_metrics = self.train_metrics_aggr_fn([c for _, _, _, c in accepted],
+            client_metrics = self.train_metrics_aggr_fn([a.content for a in accepted],
                                                         self.weighted_by_key)
             for key, value in (client_metrics or {}).items():
                 metrics[key] = value

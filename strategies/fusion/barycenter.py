@@ -105,7 +105,8 @@ def free_support_barycenter(
         return coupling, float((cost * plan).sum()), mapped
 
     sample = support_sample(weights, config.support_clients)
-    sample_weights = [weights[k] / sum(weights[j] for j in sample) for k in sample]
+    sample_total = sum(weights[k] for k in sample)
+    sample_weights = [weights[k] / sample_total for k in sample]
     iterations = 0
     workers = config.workers or os.cpu_count() or 1
     single = 1 if workers > 1 else None
