@@ -11,6 +11,13 @@ examples per class (``label-counts``, one integer per class of the model). The s
 fuses the output layer per class with these counts as weights, so that the row of a
 class comes from the clients that saw it (FedMA-style); they reveal the client's label
 distribution, no features.
+
+Unless ``send-input-moments`` is false, it also sends the per-feature mean and
+variance of its training inputs (``input-mean``, ``input-var``: two numbers per input
+feature, e.g. the client's mean image and per-pixel variance). The server draws
+synthetic inputs from them to distil the fused model from the clients' ensemble
+(:mod:`otfusion.strategies.fusion.distillation`); they reveal the average input of
+the client's data, not any single example.
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from otfusion.client.data import (
     load_npz,
     partition,
 )
-from otfusion.client.training import evaluate, train
+from otfusion.client.training import evaluate, model_inputs, train
 from otfusion.server.config import RunConfig
+from otfusion.strategies.fusion.distillation import input_moments
 
 
 @lru_cache(maxsize=4)
@@ -73,8 +81,8 @@ def _local_model(config: RunConfig, msg: Message, context: Context):
 
 
 def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
-    """Train locally and reply with the model's arrays, ``num-examples`` and
-    ``label-counts``."""
+    """Train locally and reply with the model's arrays, ``num-examples``,
+    ``label-counts`` and (if ``send-input-moments``) ``input-mean`` and ``input-var``."""
     data = client_data(config, context.node_config, "train")
     model, node = _local_model(config, msg, context)
     loss = train(model, data, epochs=config.local_epochs, lr=config.lr,
@@ -84,6 +92,10 @@ def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
     counts = [int(c) for c in label_counts(data, classes)]
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data),
                             "label-counts": counts})
+    if config.send_input_moments:
+        moments = input_moments(model_inputs(model, data))
+        metrics["input-mean"] = moments.mean.flatten().tolist()
+        metrics["input-var"] = moments.var.flatten().tolist()
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -55,6 +55,12 @@ class RunConfig(BaseModel):
     fusion_max_iter: int = Field(default=5, ge=1)
     fusion_neuron_weights: Literal["uniform", "outgoing", "outgoing-sq"] = "outgoing-sq"
     fusion_rescale: Literal["none", "norm"] = "norm"
+    fusion_distill_steps: int = Field(default=300, ge=0, description=(
+        "Adam steps distilling the fused model from the clients' ensemble on synthetic "
+        "inputs drawn from their input moments; 0 turns it off"))
+    send_input_moments: bool = Field(default=True, description=(
+        "clients send the per-feature mean and variance of their training inputs, "
+        "which the server's distillation needs"))
     round_timeout: float = Field(default=3600.0, gt=0, description=(
         "seconds the server waits for the replies of a round; the round then goes on "
         "with the replies it has"))
@@ -91,4 +97,5 @@ class RunConfig(BaseModel):
         return FusionConfig(method=self.fusion_method, solver=self.fusion_solver,
                             reg=self.fusion_reg, max_iter=self.fusion_max_iter,
                             neuron_weights=self.fusion_neuron_weights,
-                            rescale=self.fusion_rescale)
+                            rescale=self.fusion_rescale,
+                            distill_steps=self.fusion_distill_steps)

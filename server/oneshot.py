@@ -14,7 +14,7 @@ from torch import nn
 
 from otfusion.client.data import TensorData
 from otfusion.client.training import Recipe, ensemble_accuracy, evaluate, train
-from otfusion.strategies.fusion import FusionConfig, fuse_models
+from otfusion.strategies.fusion import FusionConfig, InputMoments, fuse_models
 from otfusion.zoo import build_model
 
 
@@ -51,28 +51,35 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
 
 @dataclass(frozen=True)
 class Method:
-    """A fusion method of the comparison: engine settings, and whether the output layer
-    is weighted per class by the clients' label counts."""
+    """A fusion method of the comparison: engine settings, whether the output layer is
+    weighted per class by the clients' label counts, and whether the fused model is
+    distilled on synthetic inputs from the clients' input moments."""
 
     config: FusionConfig
     label_weighted: bool = False
+    distilled: bool = False
 
 
 def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: TensorData,
             methods: Mapping[str, FusionConfig | Method],
-            label_counts: Sequence[Sequence[float]] | None = None) -> Comparison:
+            label_counts: Sequence[Sequence[float]] | None = None,
+            input_moments: InputMoments | None = None) -> Comparison:
     """Evaluate every client, every fusion of them and their ensemble on ``test``.
 
     ``label_counts`` (per client, per class) are the class weights of the methods with
-    ``label_weighted``; such a method needs them."""
+    ``label_weighted``, and ``input_moments`` (the clients' pooled input moments) the
+    distillation inputs of the methods with ``distilled``; such methods need them."""
     accuracies, seconds = {}, {}
     for name, method in methods.items():
         method = method if isinstance(method, Method) else Method(method)
         if method.label_weighted and label_counts is None:
             raise ValueError(f"method {name!r} weights classes by label counts: pass them")
+        if method.distilled and input_moments is None:
+            raise ValueError(f"method {name!r} is distilled: pass the input moments")
         start = time.perf_counter()
         fused = fuse_models(clients, weights, method.config,
-                            class_weights=label_counts if method.label_weighted else None).model
+                            class_weights=label_counts if method.label_weighted else None,
+                            input_moments=input_moments if method.distilled else None).model
         seconds[name] = time.perf_counter() - start
         accuracies[name] = evaluate(fused, test)[1]
     return Comparison(

@@ -18,11 +18,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
-from .fusion import FusionConfig, fuse_models, output_width
+from .fusion import FusionConfig, InputMoments, fuse_models, output_width, pool_moments
 from .replies import (
+    INPUT_MEAN_KEY,
+    INPUT_VAR_KEY,
     LABEL_COUNTS_KEY,
     ExpectedArrays,
     check_content,
+    check_input_moments,
     check_label_counts,
     reply_digest,
     weighted_average_metrics,
@@ -33,13 +36,14 @@ ClientModelFn = Callable[[dict[str, tuple[int, ...]]], nn.Module]
 
 class _Accepted(NamedTuple):
     """A validated reply: its content digest (the fusion order), model, weight,
-    content and label counts (None when it sent none)."""
+    content, label counts and input moments (None when it sent none)."""
 
     digest: bytes
     model: nn.Module
     weight: float
     content: RecordDict
     label_counts: list[float] | None
+    input_moments: InputMoments | None
 
 
 class RoundCheckpoint(Protocol):
@@ -66,8 +70,8 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         pairs.append((float(metrics[weighted_by_key]), dict(metrics)))
-    return MetricRecord(weighted_average_metrics(pairs, skip=(weighted_by_key,
-                                                              LABEL_COUNTS_KEY)))
+    skip = (weighted_by_key, LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY)
+    return MetricRecord(weighted_average_metrics(pairs, skip=skip))
 
 
 def transport_cost_metrics(group_costs: Mapping[str, float]) -> dict[str, float]:
@@ -132,6 +136,11 @@ class _FusionMixin:
         self.latest_weights = []
         self.num_classes = output_width(template, inputs)
         """The global model's number of classes (output width), None if unknown."""
+        shape = getattr(template, "input_shape", None)
+        self.input_shape = (tuple(shape) if shape is not None
+                            else tuple(inputs.shape[1:]) if inputs is not None else None)
+        """The shape of one model input (that of the clients' input moments), None if
+        unknown."""
 
     def class_weights(self, weights: Sequence[float],
                       counts: Sequence[Sequence[float] | None]) -> list[list[float]] | None:
@@ -171,20 +180,25 @@ class _FusionMixin:
     def _fuse(self, server_round: int, models: Sequence[nn.Module],
               weights: Sequence[float],
               label_counts: Sequence[Sequence[float] | None] | None = None,
+              input_moments: Sequence[InputMoments | None] | None = None,
               ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
         """Fuse the accepted models; the fused state_dict in global key order with the
         global dtypes, and the fusion metrics. ``label_counts`` (validated, one per model
-        or None) weight the output layer per class in optimal-transport rounds. Raises
-        if the engine fails."""
+        or None) weight the output layer per class in optimal-transport rounds; the
+        ``input_moments`` that are not None are pooled with the models' weights for the
+        post-fusion distillation. Raises if the engine fails."""
         largest = max(weights)
         scaled = [w / largest for w in weights]
         config = self.fusion_config(server_round)
         per_class = (self.class_weights(scaled, label_counts)
                      if label_counts is not None and config.method != "average" else None)
+        sent = [(m, w) for m, w in zip(input_moments or [], weights, strict=False)
+                if m is not None]
+        pooled = pool_moments([m for m, _ in sent], [w for _, w in sent]) if sent else None
         start = time.perf_counter()
         result = fuse_models(list(models), weights=scaled, config=config,
                              target=self.model_fn(), inputs=self.inputs,
-                             class_weights=per_class)
+                             class_weights=per_class, input_moments=pooled)
         seconds = time.perf_counter() - start
         state = result.model.state_dict()
         fused: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -197,6 +211,8 @@ class _FusionMixin:
                 raise ValueError(f"fused '{name}' contains NaN or Inf values")
             fused[name] = tensor.clone()
         metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs)}
+        if result.distill_loss is not None:
+            metrics["distill-kl"] = result.distill_loss
         self.latest_models, self.latest_weights = list(models), [float(w) for w in weights]
         return fused, metrics
 
@@ -278,6 +294,15 @@ class OTFusion(_FusionMixin, FedAvg):
     clients that saw it. A reply without them counts as uniform over the classes; a
     malformed list rejects the reply.
 
+    A reply may also carry ``input-mean`` and ``input-var``: the per-feature mean and
+    variance of its training inputs (flattened; one entry per feature of the model's
+    ``input_shape``). In OT rounds the fused model is then distilled from the accepted
+    clients' ensemble on synthetic inputs drawn from the pooled moments
+    (``fusion.distill_steps``, see :mod:`~otfusion.strategies.fusion.distillation`),
+    and the round's metrics get ``distill-kl``. Replies without them are fused but do
+    not shape the synthetic inputs; when none sends them, nothing is distilled.
+    Malformed moments reject the reply.
+
     ``start`` takes an optional ``checkpoint`` (:class:`RoundCheckpoint`): after every
     round (training, client and central evaluation) it saves the global arrays and the
     metrics history there, and a run started with a saved checkpoint resumes after its
@@ -315,11 +340,19 @@ class OTFusion(_FusionMixin, FedAvg):
         super().summary()
         self._log_fusion_settings()
 
-    def _label_counts(self, content: RecordDict) -> list[float] | None | str:
-        """The reply's validated ``label-counts`` metric (None when absent), or why it
-        is rejected (call after ``check_content``: one MetricRecord)."""
+    def _client_statistics(self, content: RecordDict
+                           ) -> tuple[list[float] | None, InputMoments | None] | str:
+        """The reply's validated ``label-counts`` and input moments (each None when
+        absent), or why it is rejected (call after ``check_content``: one MetricRecord)."""
         metrics = next(iter(content.metric_records.values()))
-        return check_label_counts(metrics.get(LABEL_COUNTS_KEY), self.num_classes)
+        counts = check_label_counts(metrics.get(LABEL_COUNTS_KEY), self.num_classes)
+        if isinstance(counts, str):
+            return counts
+        moments = check_input_moments(metrics.get(INPUT_MEAN_KEY), metrics.get(INPUT_VAR_KEY),
+                                      self.input_shape)
+        if isinstance(moments, str):
+            return moments
+        return counts, moments
 
     def _check_reply(self, msg: Message) -> _Accepted | str:
         """The reply as an accepted entry, or why it is rejected; never raises."""
@@ -335,13 +368,14 @@ class OTFusion(_FusionMixin, FedAvg):
         if isinstance(checked, str):
             return checked
         state, weight = checked
-        counts = self._label_counts(content)
-        if isinstance(counts, str):
-            return counts
+        statistics = self._client_statistics(content)
+        if isinstance(statistics, str):
+            return statistics
         model = self._load_model(state)
         if isinstance(model, str):
             return model
-        return _Accepted(reply_digest(state, weight, counts), model, weight, content, counts)
+        return _Accepted(reply_digest(state, weight, *statistics), model, weight, content,
+                         *statistics)
 
     def _screen(self, server_round: int, replies: Iterable[Message]
                 ) -> tuple[list[_Accepted], int]:
@@ -385,7 +419,7 @@ class OTFusion(_FusionMixin, FedAvg):
         try:
             fused, fusion_metrics = self._fuse(
                 server_round, [a.model for a in accepted], [a.weight for a in accepted],
-                [a.label_counts for a in accepted])
+                [a.label_counts for a in accepted], [a.input_moments for a in accepted])
         except Exception as exc:  # noqa: BLE001 - keep the previous global model
             log(WARNING, "aggregate_train (round %d): fusion failed (%s: %s); the global "
                 "model is not updated", server_round, type(exc).__name__, exc)

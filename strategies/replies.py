@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .fusion import InputMoments
+
 # numpy dtype kinds accepted for a tensor of the global model, by the tensor's role.
 _FLOAT_KINDS = "f"
 _INT_KINDS = "iu"
@@ -63,29 +65,70 @@ LABEL_COUNTS_KEY = "label-counts"
 weights the fused output layer per class (:func:`otfusion.strategies.fusion.fuse`)."""
 
 
+def _number_list(value: Any, key: str, non_negative: bool) -> list[float] | str:
+    """``value`` as a list of finite floats (non-negative ones if asked), or why not."""
+    if not isinstance(value, (list, tuple)):
+        return f"'{key}' is {type(value).__name__}, not a list"
+    numbers = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            return f"'{key}' holds {v!r}, not a number"
+        try:
+            number = float(v)
+        except OverflowError:
+            return f"'{key}' holds a number beyond the float range"
+        if not math.isfinite(number) or (non_negative and number < 0):
+            kind = "finite non-negative" if non_negative else "finite"
+            return f"'{key}' holds {v!r}, not a {kind} number"
+        numbers.append(number)
+    return numbers
+
+
 def check_label_counts(value: Any, num_classes: int | None) -> list[float] | None | str:
     """A reply's ``label-counts`` as floats; None when absent; a reason when it is not a
     list of ``num_classes`` finite non-negative numbers with a positive sum."""
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)):
-        return f"'{LABEL_COUNTS_KEY}' is {type(value).__name__}, not a list"
-    counts = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-            return f"'{LABEL_COUNTS_KEY}' holds {v!r}, not a number"
-        try:
-            number = float(v)
-        except OverflowError:
-            return f"'{LABEL_COUNTS_KEY}' holds a number beyond the float range"
-        if not math.isfinite(number) or number < 0:
-            return f"'{LABEL_COUNTS_KEY}' holds {v!r}, not a finite non-negative number"
-        counts.append(number)
+    counts = _number_list(value, LABEL_COUNTS_KEY, non_negative=True)
+    if isinstance(counts, str):
+        return counts
     if num_classes is not None and len(counts) != num_classes:
         return f"'{LABEL_COUNTS_KEY}' has {len(counts)} entries for {num_classes} classes"
     if not counts or not sum(counts) > 0 or not math.isfinite(sum(counts)):
         return f"'{LABEL_COUNTS_KEY}' must have a positive finite sum"
     return counts
+
+
+INPUT_MEAN_KEY = "input-mean"
+INPUT_VAR_KEY = "input-var"
+"""Train-reply metrics: the per-feature mean and variance of the client's training
+inputs (flattened), from which the server draws the synthetic inputs of post-fusion
+distillation (:mod:`otfusion.strategies.fusion.distillation`)."""
+
+
+def check_input_moments(mean: Any, var: Any, input_shape: Sequence[int] | None
+                        ) -> InputMoments | None | str:
+    """A reply's ``input-mean`` and ``input-var`` as :class:`InputMoments` of
+    ``input_shape``; None when both are absent or the input shape is unknown; a reason
+    when only one is sent or they are not lists of one finite number per input feature
+    (variances non-negative)."""
+    if mean is None and var is None:
+        return None
+    if mean is None or var is None:
+        return f"'{INPUT_MEAN_KEY}' and '{INPUT_VAR_KEY}' must be sent together"
+    if input_shape is None:
+        return None
+    features = math.prod(input_shape)
+    values = {}
+    for key, value, non_negative in ((INPUT_MEAN_KEY, mean, False), (INPUT_VAR_KEY, var, True)):
+        numbers = _number_list(value, key, non_negative)
+        if isinstance(numbers, str):
+            return numbers
+        if len(numbers) != features:
+            return (f"'{key}' has {len(numbers)} entries for the model's {features} input "
+                    "features")
+        values[key] = torch.tensor(numbers, dtype=torch.float32).reshape(tuple(input_shape))
+    return InputMoments(values[INPUT_MEAN_KEY], values[INPUT_VAR_KEY])
 
 
 def _kinds(dtype: torch.dtype) -> str:
@@ -209,15 +252,19 @@ def check_content(content: Any, expected: ExpectedArrays, *, weight_key: str,
 
 
 def reply_digest(state: Mapping[str, torch.Tensor], weight: float,
-                 label_counts: Sequence[float] | None = None) -> bytes:
-    """A digest of a validated reply's tensors (names, dtypes, shapes, values), weight
-    and label counts (if any). Fusing replies sorted by it makes the result depend only
-    on what the clients sent: neither on the order the replies arrive in nor on the
-    node ids."""
+                 label_counts: Sequence[float] | None = None,
+                 input_moments: InputMoments | None = None) -> bytes:
+    """A digest of a validated reply's tensors (names, dtypes, shapes, values), weight,
+    label counts and input moments (if any). Fusing replies sorted by it makes the result
+    depend only on what the clients sent: neither on the order the replies arrive in nor
+    on the node ids."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr(float(weight)).encode())
     if label_counts is not None:
         digest.update(repr([float(c) for c in label_counts]).encode())
+    if input_moments is not None:
+        for tensor in input_moments:
+            digest.update(b"moments|" + tensor.contiguous().numpy().tobytes())
     for name, tensor in state.items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -66,6 +66,19 @@ class FusionConfig(BaseModel):
         (a data-free stand-in for REPAIR's variance correction; exact for ReLU units,
         whose output scales with it).
 
+    distill_steps : int
+        Post-fusion distillation, done when :func:`fuse` gets the clients' input
+        moments: this many Adam steps train the fused model to predict the clients'
+        weighted mean class probabilities on synthetic inputs drawn from those moments
+        (see :mod:`~otfusion.strategies.fusion.distillation`). 0 turns it off.
+    distill_samples, distill_batch_size, distill_lr, distill_seed : int, int, float, int
+        Number of synthetic inputs (drawn once), batch size, Adam learning rate, and the
+        seed of the inputs and batches.
+    distill_tol : float
+        No distillation when the fused model's KL divergence from the ensemble on the
+        synthetic inputs is already at most this (e.g. fused permuted copies of one
+        model, which must stay exactly that model).
+
     Defaults: ``outgoing-sq`` and ``norm`` (with the label-weighted head of
     :class:`~otfusion.strategies.OTFusion`) beat the paper's ``uniform``/``none`` in 8
     of 9 MLP settings (K = 2, 4, 8; IID, Dirichlet 0.5 and 0.1; mean of 3 seeds), by up
@@ -90,3 +103,9 @@ class FusionConfig(BaseModel):
     workers: int = Field(default=0, ge=0)
     neuron_weights: Literal["uniform", "outgoing", "outgoing-sq"] = "outgoing-sq"
     rescale: Literal["none", "norm"] = "norm"
+    distill_steps: int = Field(default=300, ge=0)
+    distill_samples: int = Field(default=2000, ge=1)
+    distill_batch_size: int = Field(default=128, ge=1)
+    distill_lr: float = Field(default=1e-3, gt=0)
+    distill_seed: int = 0
+    distill_tol: float = Field(default=1e-6, ge=0)

@@ -23,6 +23,7 @@ from .averaging import (
 )
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
+from .distillation import InputMoments, distill
 from .graph import AlignmentGraph, Group, build_alignment_graph, is_recurrent
 from .projection import Coupling, as_rows, project
 from .validation import (
@@ -35,17 +36,20 @@ from .validation import (
 
 @dataclass(frozen=True)
 class FusionResult:
-    """The fused model and, per solved group, the mean transport cost and iterations."""
+    """The fused model; per solved group, the mean transport cost and iterations; and the
+    final KL divergence of the post-fusion distillation (None when not distilled)."""
 
     model: nn.Module
     group_costs: dict[str, float]
     group_iterations: dict[str, int]
+    distill_loss: float | None = None
 
 
 def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
          config: FusionConfig | None = None, target: nn.Module | None = None,
          inputs: torch.Tensor | None = None,
-         class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None) -> nn.Module:
+         class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
+         input_moments: InputMoments | None = None) -> nn.Module:
     """Fuse ``models`` (one architecture family, widths may differ) into one model.
 
     Parameters
@@ -68,15 +72,22 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         weights and bias of class ``c``) is the average of the clients' rows weighted
         by column ``c``, so a class is fused from the clients that saw it. A class
         with zero total weight falls back to ``weights``. Hidden layers are unaffected.
+    input_moments : InputMoments, optional
+        Per-feature mean and variance of the clients' training inputs (pooled, see
+        :func:`~otfusion.strategies.fusion.distillation.pool_moments`), of the shape of
+        one model input. With them and ``config.distill_steps > 0``, the fused model is
+        then distilled from the clients' ensemble on synthetic inputs drawn from them
+        (optimal-transport methods only; ``average`` is left as it is).
     """
-    return fuse_models(models, weights, config, target, inputs, class_weights).model
+    return fuse_models(models, weights, config, target, inputs, class_weights,
+                       input_moments).model
 
 
 def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
                 config: FusionConfig | None = None, target: nn.Module | None = None,
                 inputs: torch.Tensor | None = None,
                 class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-                ) -> FusionResult:
+                input_moments: InputMoments | None = None) -> FusionResult:
     """Like :func:`fuse`, also returning the transport cost of every group."""
     config = config or FusionConfig()
     models = check_models(models)
@@ -106,7 +117,10 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                            rescale=aligned and config.rescale == "norm")
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
-    return FusionResult(model, costs, iterations)
+    distill_loss = None
+    if aligned and input_moments is not None and config.distill_steps > 0:
+        distill_loss = distill(model, models, lam, input_moments, config)
+    return FusionResult(model, costs, iterations, distill_loss)
 
 
 def output_width(model: nn.Module, inputs: torch.Tensor | None = None) -> int | None:

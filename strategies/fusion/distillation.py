@@ -1,0 +1,146 @@
+"""Post-fusion distillation: the fused model learns its clients' ensemble on synthetic
+inputs drawn from the clients' input moments, so the server needs no data.
+
+Clients send the per-feature mean and variance of their training inputs
+(:func:`input_moments`); the server pools them (:func:`pool_moments`), draws Gaussian
+inputs (:func:`synthetic_inputs`) and trains the fused model to predict the weighted
+mean of the clients' class probabilities on them (:func:`distill`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FusionConfig
+
+
+class InputMoments(NamedTuple):
+    """Per-feature mean and (population) variance of a set of model inputs; both have
+    the shape of one input."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+
+
+def input_moments(inputs: torch.Tensor) -> InputMoments:
+    """The moments of a batch of inputs ``(N, *input_shape)``, over the batch."""
+    if inputs.ndim < 2 or inputs.shape[0] == 0:
+        raise ValueError(f"need a non-empty batch (N, *input_shape), got {tuple(inputs.shape)}")
+    x = inputs.detach().double()
+    return InputMoments(x.mean(dim=0).float(), x.var(dim=0, unbiased=False).float())
+
+
+def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float]) -> InputMoments:
+    """The moments of the union of the clients' inputs, each client weighted by
+    ``weights`` (e.g. its number of examples): the mixture's mean and variance."""
+    if not moments or len(moments) != len(weights):
+        raise ValueError("need one weight per set of moments, and at least one")
+    shapes = {tuple(m.mean.shape) for m in moments} | {tuple(m.var.shape) for m in moments}
+    if len(shapes) != 1:
+        raise ValueError(f"input moments of different shapes: {sorted(shapes)}")
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    means = torch.stack([m.mean.double() for m in moments])
+    second = torch.stack([m.var.double() + m.mean.double().square() for m in moments])
+    shape = (-1,) + (1,) * (means.ndim - 1)
+    mean = (w.view(shape) * means).sum(dim=0)
+    var = ((w.view(shape) * second).sum(dim=0) - mean.square()).clamp_min(0)
+    return InputMoments(mean.float(), var.float())
+
+
+def synthetic_inputs(moments: InputMoments, num_samples: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """``num_samples`` inputs drawn feature by feature from N(mean, var)."""
+    noise = torch.randn((num_samples, *moments.mean.shape), generator=generator)
+    return moments.mean + moments.var.sqrt() * noise
+
+
+@torch.no_grad()
+def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float],
+                           inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The ``weights``-weighted mean of the models' softmax outputs on ``inputs`` (each
+    model in eval mode, its mode restored afterwards)."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    total = None
+    for wk, model in zip(w, models, strict=True):
+        probabilities = _in_eval_mode(model, lambda m: torch.cat([
+            F.softmax(_logits(m, inputs[s:s + batch_size]), dim=1)
+            for s in range(0, len(inputs), batch_size)])).to(inputs.device)
+        total = wk * probabilities if total is None else total + wk * probabilities
+    return total
+
+
+def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
+            moments: InputMoments, config: FusionConfig) -> float:
+    """Train ``student`` in place to match the teachers' weighted mean class
+    probabilities (KL divergence) on synthetic inputs drawn from ``moments``.
+
+    ``config.distill_samples`` inputs are drawn once; ``config.distill_steps`` Adam steps
+    (learning rate ``distill_lr``) on random batches of ``distill_batch_size`` follow,
+    all from ``distill_seed``, so the result is deterministic. Normalisation layers keep
+    their running statistics (those are the fusion's, not the noise's). A student whose
+    divergence on all the inputs is at most ``distill_tol`` is left unchanged (Adam's
+    normalised steps would only move it at random). Returns the divergence of the last
+    step (of all the inputs when no step was taken)."""
+    shape = getattr(student, "input_shape", None)
+    if shape is not None and tuple(moments.mean.shape) != tuple(shape):
+        raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
+                         f"model's input_shape is {tuple(shape)}")
+    parameter = next(student.parameters())
+    generator = torch.Generator().manual_seed(config.distill_seed)
+    inputs = synthetic_inputs(moments, config.distill_samples, generator).to(
+        parameter.device, parameter.dtype)
+    targets = ensemble_probabilities(teachers, weights, inputs)
+    with torch.no_grad():
+        loss = _in_eval_mode(student, lambda m: _divergence(m, inputs, targets))
+    if float(loss) <= config.distill_tol:
+        return float(loss)  # already the ensemble's predictions: Adam would only add noise
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.distill_lr)
+    modes = [(m, m.training) for m in student.modules()]
+    student.train()
+    for module in student.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.eval()
+    try:
+        for _ in range(config.distill_steps):
+            index = torch.randint(0, len(inputs), (config.distill_batch_size,),
+                                  generator=generator).to(inputs.device)
+            loss = _divergence(student, inputs[index], targets[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return float(loss.detach())
+
+
+def _divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean KL divergence from ``targets`` to the model's predicted class probabilities."""
+    return F.kl_div(F.log_softmax(_logits(model, inputs), dim=1), targets,
+                    reduction="batchmean")
+
+
+def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    logits = model(inputs.to(next(model.parameters()).device))
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        raise ValueError("distillation needs models that return class logits "
+                         f"(batch, classes); got {shape}")
+    return logits
+
+
+def _in_eval_mode(model: nn.Module, fn):
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return fn(model)
+    finally:
+        for module, mode in modes:
+            module.training = mode

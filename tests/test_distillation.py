@@ -1,0 +1,263 @@
+"""Post-fusion distillation from the clients' input moments.
+
+Pinned behaviour on small models, never accuracies: pooled moments equal the moments of
+the union of the clients' inputs; the synthetic inputs follow the moments; distillation
+moves the fused model towards the ensemble, deterministically, without touching
+BatchNorm statistics; permuted copies of one model still fuse back to it; the strategy
+validates, pools and uses the moments of the replies.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from permutations import permute_hidden_units
+from torch import nn
+
+from otfusion.strategies.fusion import (
+    FusionConfig,
+    InputMoments,
+    fuse_models,
+    input_moments,
+    pool_moments,
+)
+from otfusion.strategies.fusion.distillation import (
+    distill,
+    ensemble_probabilities,
+    synthetic_inputs,
+)
+from otfusion.strategies.replies import check_input_moments, reply_digest
+from otfusion.zoo import build_model
+
+SMALL = {"widths": (16, 12)}
+FAST = FusionConfig(distill_steps=40, distill_samples=256, distill_batch_size=64,
+                    distill_lr=1e-2)
+
+
+def _inputs(count: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(count, 64, generator=generator) * (1 + seed) + shift
+
+
+def _kl(student: nn.Module, teachers, weights, x) -> float:
+    target = ensemble_probabilities(teachers, weights, x)
+    with torch.no_grad():
+        return float(F.kl_div(F.log_softmax(student(x), dim=1), target,
+                              reduction="batchmean"))
+
+
+def test_input_moments_are_the_batch_mean_and_population_variance():
+    x = _inputs(50, 0).reshape(50, 1, 8, 8)
+    moments = input_moments(x)
+    assert moments.mean.shape == (1, 8, 8)
+    torch.testing.assert_close(moments.mean, x.mean(dim=0))
+    torch.testing.assert_close(moments.var, x.var(dim=0, unbiased=False))
+    with pytest.raises(ValueError, match="non-empty batch"):
+        input_moments(torch.zeros(0, 4))
+
+
+def test_pooled_moments_equal_the_moments_of_the_union():
+    parts = [_inputs(30, 0), _inputs(70, 1, shift=2.0), _inputs(5, 2, shift=-1.0)]
+    pooled = pool_moments([input_moments(p) for p in parts], [len(p) for p in parts])
+    union = input_moments(torch.cat(parts))
+    torch.testing.assert_close(pooled.mean, union.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pooled.var, union.var, rtol=1e-5, atol=1e-5)
+    unweighted = pool_moments([input_moments(p) for p in parts], [1, 1, 1])
+    assert not torch.allclose(unweighted.mean, union.mean, atol=1e-2)
+
+
+def test_pool_moments_rejects_mismatched_input():
+    a = InputMoments(torch.zeros(4), torch.ones(4))
+    with pytest.raises(ValueError, match="one weight per set"):
+        pool_moments([a, a], [1.0])
+    with pytest.raises(ValueError, match="different shapes"):
+        pool_moments([a, InputMoments(torch.zeros(5), torch.ones(5))], [1, 1])
+
+
+def test_synthetic_inputs_follow_the_moments_and_the_seed():
+    moments = InputMoments(torch.tensor([0.0, 3.0, -2.0]), torch.tensor([1.0, 0.25, 4.0]))
+    x = synthetic_inputs(moments, 20000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x.mean(dim=0), moments.mean, rtol=0, atol=0.05)
+    torch.testing.assert_close(x.var(dim=0), moments.var, rtol=0.05, atol=0)
+    again = synthetic_inputs(moments, 20000, torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+
+
+def test_ensemble_probabilities_are_the_weighted_mean_softmax():
+    models = [build_model("mlp", seed=k, **SMALL) for k in range(2)]
+    models[0].train()
+    models[1].eval()
+    x = _inputs(9, 0)
+    got = ensemble_probabilities(models, [1.0, 3.0], x)
+    with torch.no_grad():
+        expected = 0.25 * F.softmax(models[0].eval()(x), 1) + 0.75 * F.softmax(models[1](x), 1)
+    torch.testing.assert_close(got, expected)
+    models[0].train()
+    ensemble_probabilities(models, [1.0, 3.0], x)
+    assert models[0].training and not models[1].training  # modes restored
+
+
+def test_distillation_moves_the_student_to_the_ensemble_deterministically():
+    teachers = [build_model("mlp", seed=k, **SMALL) for k in range(3)]
+    weights = [1.0, 2.0, 3.0]
+    moments = InputMoments(torch.full((64,), 0.5), torch.full((64,), 0.1))
+    student = build_model("mlp", seed=7, **SMALL)
+    x = synthetic_inputs(moments, 500, torch.Generator().manual_seed(123))
+    before = _kl(student, teachers, weights, x)
+    twin = copy.deepcopy(student)
+    loss = distill(student, teachers, weights, moments, FAST)
+    after = _kl(student, teachers, weights, x)
+    assert after < 0.2 * before
+    assert 0 <= loss < before
+    distill(twin, teachers, weights, moments, FAST)
+    for name, tensor in student.state_dict().items():
+        assert torch.equal(tensor, twin.state_dict()[name]), name
+
+
+def test_distillation_keeps_batchnorm_statistics_and_the_module_modes():
+    teachers = [build_model("resnet20", seed=k, width_multiplier=0.25) for k in range(2)]
+    student = build_model("resnet20", seed=5, width_multiplier=0.25).eval()
+    stats = {n: t.clone() for n, t in student.state_dict().items() if "running" in n}
+    weights_before = {n: p.clone() for n, p in student.named_parameters()}
+    shape = student.input_shape
+    moments = InputMoments(torch.zeros(shape), torch.ones(shape))
+    distill(student, teachers, [1, 1], moments, FAST.model_copy(update={"distill_steps": 3}))
+    assert stats and all(torch.equal(student.state_dict()[n], t) for n, t in stats.items())
+    assert any(not torch.equal(p, weights_before[n]) for n, p in student.named_parameters())
+    assert not any(m.training for m in student.modules())
+
+
+def test_distillation_errors_name_the_problem():
+    model = build_model("mlp", seed=0, **SMALL)
+    with pytest.raises(ValueError, match=r"shape \(63,\), but the model's input_shape is \(64,\)"):
+        distill(model, [model], [1], InputMoments(torch.zeros(63), torch.ones(63)), FAST)
+
+    class Sequences(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.linear(x).unsqueeze(1)
+
+    odd = Sequences()
+    with pytest.raises(ValueError, match=r"class logits \(batch, classes\); got \(256, 1, 3\)"):
+        distill(odd, [odd], [1], InputMoments(torch.zeros(4), torch.ones(4)), FAST)
+
+
+def _clients(count: int = 3) -> list[nn.Module]:
+    return [build_model("mlp", seed=k, **SMALL) for k in range(count)]
+
+
+MOMENTS = InputMoments(torch.full((64,), 0.3), torch.full((64,), 0.09))
+
+
+@pytest.mark.parametrize("config", [FusionConfig(distill_steps=0), FusionConfig(method="average")])
+def test_moments_change_nothing_without_distillation(config):
+    models = _clients()
+    plain = fuse_models(models, [1, 2, 3], config)
+    with_moments = fuse_models(models, [1, 2, 3], config, input_moments=MOMENTS)
+    assert with_moments.distill_loss is None
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(tensor, with_moments.model.state_dict()[name]), name
+
+
+def test_fusion_with_moments_is_the_ot_fusion_then_distilled():
+    models = _clients()
+    weights = [1.0, 2.0, 3.0]
+    result = fuse_models(models, weights, FAST, input_moments=MOMENTS)
+    expected = fuse_models(models, weights, FAST.model_copy(update={"distill_steps": 0})).model
+    loss = distill(expected, models, [w / 6 for w in weights], MOMENTS, FAST)
+    assert result.distill_loss == pytest.approx(loss, rel=1e-6)
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(result.model.state_dict()[name], tensor, rtol=1e-5,
+                                   atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name, kwargs", [("mlp", SMALL), ("cnn", {"channels": (4, 8),
+                                                                    "hidden": 12}),
+                                          ("lstm", {"hidden_size": 8})])
+def test_permuted_copies_fuse_and_distill_back_to_the_model(name, kwargs):
+    model = build_model(name, seed=0, **kwargs).eval()
+    generator = torch.Generator().manual_seed(1)
+    copies = [model] + [permute_hidden_units(build_model(name, seed=0, **kwargs), generator)
+                        for _ in range(2)]
+    shape = model.input_shape
+    moments = InputMoments(torch.full(shape, 0.5), torch.full(shape, 0.1))
+    result = fuse_models(copies, [1, 2, 3], FAST, input_moments=moments)
+    assert result.distill_loss is not None and result.distill_loss < FAST.distill_tol
+    undistilled = fuse_models(copies, [1, 2, 3], FAST.model_copy(update={"distill_steps": 0}))
+    for name, tensor in undistilled.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
+    x = torch.randn(8, *shape, generator=generator)
+    with torch.no_grad():
+        expected, got = model(x), result.model.eval()(x)
+    assert float((got - expected).norm() / expected.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("mean, var, reason", [
+    ([0.0] * 64, None, "must be sent together"),
+    ([0.0] * 63, [1.0] * 63, "63 entries for the model's 64 input features"),
+    ([0.0] * 64, [1.0] * 63 + [-1.0], "not a finite non-negative number"),
+    ([float("nan")] * 64, [1.0] * 64, "not a finite number"),
+    ("zeros", [1.0] * 64, "not a list"),
+])
+def test_malformed_input_moments_are_rejected(mean, var, reason):
+    checked = check_input_moments(mean, var, (64,))
+    assert isinstance(checked, str) and reason in checked
+
+
+def test_input_moments_are_parsed_into_the_input_shape_and_enter_the_digest():
+    assert check_input_moments(None, None, (64,)) is None
+    assert check_input_moments([0.0] * 64, [1.0] * 64, None) is None  # shape unknown
+    moments = check_input_moments([-1.0] * 64, list(range(64)), (1, 8, 8))
+    assert moments.mean.shape == (1, 8, 8) and float(moments.var[0, 7, 7]) == 63.0
+    state = build_model("mlp", seed=0, **SMALL).state_dict()
+    other = InputMoments(moments.mean, moments.var + 1)
+    assert len({reply_digest(state, 3), reply_digest(state, 3, None, moments),
+                reply_digest(state, 3, None, other)}) == 3
+
+
+def test_strategy_distils_with_the_pooled_moments_of_the_replies(caplog):
+    from test_strategy import client_states, global_model, load, reply
+
+    from otfusion.strategies import OTFusion
+
+    states = client_states()
+    weights = [10, 20, 30]
+    parts = [_inputs(10 * (k + 1), k) for k in range(3)]
+    moments = [input_moments(p) for p in parts]
+    sent = [{"input-mean": m.mean.tolist(), "input-var": m.var.tolist()} for m in moments]
+    sent[2] = {}  # a client that keeps its moments
+    replies = [reply(5 + k, s, n, **extra)
+               for k, (s, n, extra) in enumerate(zip(states, weights, sent, strict=True))]
+    replies.append(reply(9, states[0], 10, **{"input-mean": [0.0] * 64}))  # malformed
+    strategy = OTFusion(global_model, FAST)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted-replies"] == 3 and metrics["rejected-replies"] == 1
+    assert "'input-mean' and 'input-var' must be sent together" in caplog.text
+    assert "input-mean" not in metrics and metrics["distill-kl"] >= 0
+    as_sent = [moments[0], moments[1], None]
+    order = sorted(range(3), key=lambda k: reply_digest(states[k], weights[k], None,
+                                                        as_sent[k]))
+    pooled = pool_moments(moments[:2], weights[:2])
+    largest = max(weights)
+    expected = fuse_models([load(states[k]) for k in order],
+                           [weights[k] / largest for k in order], FAST,
+                           target=global_model(), input_moments=pooled).model.state_dict()
+    got = arrays.to_torch_state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_strategy_without_moments_does_not_distil():
+    from test_strategy import client_states, global_model, reply
+
+    from otfusion.strategies import OTFusion
+
+    replies = [reply(5 + k, s, 10) for k, s in enumerate(client_states())]
+    _, metrics = OTFusion(global_model, FAST).aggregate_train(1, replies)
+    assert metrics["accepted-replies"] == 3 and "distill-kl" not in metrics
