@@ -3,9 +3,10 @@
 Three ways to spend R rounds on the same clients (digits, a Dirichlet split):
 
 - ``OT, then FedAvg``: round 1 as in the one-shot setting (every client trains from its
-  own seed), fused by OT (``FusionConfig()`` with the label-weighted head, what
-  ``OTFusion(ot_rounds="first")`` does); later rounds start from the global model and
-  are averaged.
+  own seed), fused by OT (``FusionConfig()`` with the label-weighted head and the
+  distillation from the clients' input moments, what ``OTFusion(ot_rounds="first")``
+  does with the ClientApp's replies); later rounds start from the global model and are
+  averaged.
 - ``FedAvg from the same start``: the same round-1 clients, averaged, then FedAvg.
 - ``FedAvg from scratch``: standard FedAvg, every client starts from the same model.
 
@@ -28,7 +29,7 @@ import torch
 
 from otfusion.client.data import label_counts, load_digits_dataset, partition
 from otfusion.client.training import evaluate, recipe_for, train
-from otfusion.server.oneshot import train_clients
+from otfusion.server.oneshot import pooled_input_moments, train_clients
 from otfusion.strategies.fusion import FusionConfig, fuse
 from otfusion.zoo import build_model
 
@@ -60,7 +61,8 @@ def run_seed(model: str, k: int, alpha: float, rounds: int, epochs: int, seed: i
     average = FusionConfig(method="average")
     one_shot = train_clients(model, parts, first, seed=seed)
     start = {
-        "OT, then FedAvg": fuse(one_shot, weights, FusionConfig(), class_weights=counts),
+        "OT, then FedAvg": fuse(one_shot, weights, FusionConfig(), class_weights=counts,
+                                input_moments=pooled_input_moments(one_shot[0], parts)),
         "FedAvg from the same start": fuse(one_shot, weights, average),
         "FedAvg from scratch": fuse(local_round(build_model(model, seed=seed), parts, first,
                                                 seed, 1), weights, average),

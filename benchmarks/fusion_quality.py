@@ -3,7 +3,7 @@
 For every model, number of clients K and data split, trains K clients from their own
 initialisations, fuses them with every method, and prints one table row of test
 accuracies. Writes ``results/fusion_quality.json`` and ``results/fusion_quality.png``
-beside this script.
+beside this script (``--name`` changes the stem).
 
     python benchmarks/fusion_quality.py                       # the full grid
     python benchmarks/fusion_quality.py --models mlp --clients 4 --no-sinkhorn
@@ -26,7 +26,7 @@ import torch
 
 from otfusion.client.data import label_counts, load_digits_dataset, partition
 from otfusion.client.training import recipe_for
-from otfusion.server.oneshot import Method, compare, train_clients
+from otfusion.server.oneshot import Method, compare, pooled_input_moments, train_clients
 from otfusion.strategies.fusion import FusionConfig
 
 matplotlib.use("Agg")
@@ -43,14 +43,18 @@ PAPER = FusionConfig(neuron_weights="uniform", rescale="none")
 def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
     """Vanilla average; the paper's exact OT (uniform neuron weights, no rescaling, head
     weighted by the client weights); the same with the head weighted per class by the
-    clients' label counts; and the default (``FusionConfig()``: neurons weighted by
-    their squared outgoing norm, norm rescaling) with the label-weighted head, which is
-    what ``OTFusion`` does when clients send ``label-counts``."""
+    clients' label counts; the data-free engine defaults (``FusionConfig()``: neurons
+    weighted by their squared outgoing norm, norm rescaling) with the label-weighted
+    head; the default, the same distilled on synthetic inputs from the clients' input
+    moments, which is what ``OTFusion`` does with the ClientApp's replies; and, to show
+    what the optimal transport adds, the vanilla average distilled the same way."""
     methods = {
         "vanilla average": Method(FusionConfig(method="average")),
         "OT paper": Method(PAPER),
         "OT paper + labels": Method(PAPER, label_weighted=True),
-        DEFAULT: Method(FusionConfig(), label_weighted=True),
+        "OT data-free": Method(FusionConfig(), label_weighted=True),
+        DEFAULT: Method(FusionConfig(), label_weighted=True, distilled=True),
+        "average + distill": Method(FusionConfig(method="average"), distilled=True),
     }
     if sinkhorn:
         methods["OT sinkhorn + labels"] = Method(FusionConfig(solver="sinkhorn"), True)
@@ -70,7 +74,8 @@ def run(models, clients, splits, seeds, sinkhorn: bool) -> list[dict]:
                     trained = train_clients(model, parts, recipe_for(model), seed=seed)
                     counts = [label_counts(p, 10).tolist() for p in parts]
                     result = compare(trained, [len(p) for p in parts], test,
-                                     methods_for(model, sinkhorn), counts)
+                                     methods_for(model, sinkhorn), counts,
+                                     pooled_input_moments(trained[0], parts))
                     row = {"model": model, "split": f"{split}" + (f"({alpha})" if alpha else ""),
                            "K": k, "seed": seed, **dict(result.rows()),
                            **{f"{name} seconds": s for name, s in result.seconds.items()}}
@@ -139,6 +144,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--no-sinkhorn", action="store_true", help="skip the slow solver")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="fusion_quality",
+                        help="stem of the result files under results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     splits = [(s.split(":")[0], float(s.split(":")[1]) if ":" in s else None)
@@ -147,9 +154,9 @@ def main() -> None:
     print("\nmean ± std over seeds " + " ".join(map(str, args.seeds)))
     print(summary(rows))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fusion_quality.json").write_text(json.dumps(rows, indent=1))
-    plot(rows, RESULTS / "fusion_quality.png")
-    print(f"wrote {RESULTS / 'fusion_quality.json'} and fusion_quality.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, RESULTS / f"{args.name}.png")
+    print(f"wrote {RESULTS / args.name}.json and {args.name}.png")
 
 
 if __name__ == "__main__":

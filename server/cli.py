@@ -22,7 +22,7 @@ from otfusion.zoo import available_models, build_model
 
 from .config import json_object
 from .lmc import interpolation_barrier
-from .oneshot import DEFAULT_METHODS, compare, train_clients
+from .oneshot import DEFAULT_METHODS, compare, pooled_input_moments, train_clients
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -43,7 +43,8 @@ def _demo(args: argparse.Namespace) -> None:
     counts = [label_counts(p, clients[0].num_classes).tolist() for p in parts]
     weights = [float(sum(c)) for c in counts]
     with console.status("fusing"):
-        result = compare(clients, weights, test_data, DEFAULT_METHODS, label_counts=counts)
+        result = compare(clients, weights, test_data, DEFAULT_METHODS, label_counts=counts,
+                         input_moments=pooled_input_moments(clients[0], parts))
     table = Table(title=f"test accuracy on {len(test_data)} held-out digits")
     table.add_column("model")
     table.add_column("accuracy", justify="right")

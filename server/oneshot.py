@@ -13,8 +13,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from otfusion.client.data import TensorData
-from otfusion.client.training import Recipe, ensemble_accuracy, evaluate, train
-from otfusion.strategies.fusion import FusionConfig, InputMoments, fuse_models
+from otfusion.client.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
+from otfusion.strategies.fusion import (
+    FusionConfig,
+    InputMoments,
+    fuse_models,
+    input_moments,
+    pool_moments,
+)
 from otfusion.zoo import build_model
 
 
@@ -47,6 +53,13 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
               optimizer=recipe.optimizer, seed=seed * 1000 + k)
         clients.append(client.eval())
     return clients
+
+
+def pooled_input_moments(model: nn.Module, partitions: Sequence[TensorData]) -> InputMoments:
+    """The clients' input moments as the server pools them: each partition's moments of
+    ``model``'s inputs, weighted by its size."""
+    return pool_moments([input_moments(model_inputs(model, p)) for p in partitions],
+                        [len(p) for p in partitions])
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,8 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
 
 DEFAULT_METHODS = {
     "vanilla average": FusionConfig(method="average"),
-    "OT fusion": Method(FusionConfig(), label_weighted=True),
+    "OT fusion": Method(FusionConfig(), label_weighted=True, distilled=True),
 }
-"""What the demo compares: FedAvg, and OT fusion as :class:`OTFusion` does it (default
-settings, output layer weighted per class by the clients' label counts)."""
+"""What the demo compares: FedAvg, and OT fusion as :class:`OTFusion` does it with the
+ClientApp's replies (default settings, output layer weighted per class by the clients'
+label counts, distilled on synthetic inputs from their input moments)."""

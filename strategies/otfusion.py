@@ -184,16 +184,16 @@ class _FusionMixin:
               ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
         """Fuse the accepted models; the fused state_dict in global key order with the
         global dtypes, and the fusion metrics. ``label_counts`` (validated, one per model
-        or None) weight the output layer per class in optimal-transport rounds; the
-        ``input_moments`` that are not None are pooled with the models' weights for the
-        post-fusion distillation. Raises if the engine fails."""
+        or None) weight the output layer per class in optimal-transport rounds, in which
+        the ``input_moments`` that are not None are pooled with the models' weights for
+        the post-fusion distillation. Raises if the engine fails."""
         largest = max(weights)
         scaled = [w / largest for w in weights]
         config = self.fusion_config(server_round)
         per_class = (self.class_weights(scaled, label_counts)
                      if label_counts is not None and config.method != "average" else None)
         sent = [(m, w) for m, w in zip(input_moments or [], weights, strict=False)
-                if m is not None]
+                if m is not None and config.method != "average"]
         pooled = pool_moments([m for m, _ in sent], [w for _, w in sent]) if sent else None
         start = time.perf_counter()
         result = fuse_models(list(models), weights=scaled, config=config,
@@ -211,8 +211,11 @@ class _FusionMixin:
                 raise ValueError(f"fused '{name}' contains NaN or Inf values")
             fused[name] = tensor.clone()
         metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs)}
-        if result.distill_loss is not None:
+        if result.distill_loss is not None and math.isfinite(result.distill_loss):
             metrics["distill-kl"] = result.distill_loss
+        elif result.distill_loss is not None:
+            log(WARNING, "round %d: the distillation diverged; the global model is the "
+                "undistilled fusion", server_round)
         self.latest_models, self.latest_weights = list(models), [float(w) for w in weights]
         return fused, metrics
 

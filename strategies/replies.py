@@ -106,12 +106,17 @@ inputs (flattened), from which the server draws the synthetic inputs of post-fus
 distillation (:mod:`otfusion.strategies.fusion.distillation`)."""
 
 
+MAX_INPUT_MOMENT = 1e6
+"""Largest accepted ``|input-mean|`` and input standard deviation."""
+
+
 def check_input_moments(mean: Any, var: Any, input_shape: Sequence[int] | None
                         ) -> InputMoments | None | str:
     """A reply's ``input-mean`` and ``input-var`` as :class:`InputMoments` of
     ``input_shape``; None when both are absent or the input shape is unknown; a reason
     when only one is sent or they are not lists of one finite number per input feature
-    (variances non-negative)."""
+    (variances non-negative), or a mean or standard deviation exceeds
+    :data:`MAX_INPUT_MOMENT` in magnitude."""
     if mean is None and var is None:
         return None
     if mean is None or var is None:
@@ -127,6 +132,9 @@ def check_input_moments(mean: Any, var: Any, input_shape: Sequence[int] | None
         if len(numbers) != features:
             return (f"'{key}' has {len(numbers)} entries for the model's {features} input "
                     "features")
+        bound = MAX_INPUT_MOMENT ** (2 if non_negative else 1)
+        if max(map(abs, numbers), default=0.0) > bound:
+            return f"'{key}' holds |value| {max(map(abs, numbers)):.3g} > {bound:.3g}"
         values[key] = torch.tensor(numbers, dtype=torch.float32).reshape(tuple(input_shape))
     return InputMoments(values[INPUT_MEAN_KEY], values[INPUT_VAR_KEY])
 

@@ -155,9 +155,9 @@ def _clients(count: int = 3) -> list[nn.Module]:
 MOMENTS = InputMoments(torch.full((64,), 0.3), torch.full((64,), 0.09))
 
 
-@pytest.mark.parametrize("config", [FusionConfig(distill_steps=0), FusionConfig(method="average")])
-def test_moments_change_nothing_without_distillation(config):
+def test_moments_change_nothing_without_distillation():
     models = _clients()
+    config = FusionConfig(distill_steps=0)
     plain = fuse_models(models, [1, 2, 3], config)
     with_moments = fuse_models(models, [1, 2, 3], config, input_moments=MOMENTS)
     assert with_moments.distill_loss is None
@@ -204,6 +204,8 @@ def test_permuted_copies_fuse_and_distill_back_to_the_model(name, kwargs):
     ([0.0] * 64, [1.0] * 63 + [-1.0], "not a finite non-negative number"),
     ([float("nan")] * 64, [1.0] * 64, "not a finite number"),
     ("zeros", [1.0] * 64, "not a list"),
+    ([2e6] + [0.0] * 63, [1.0] * 64, "'input-mean' holds |value| 2e+06 > 1e+06"),
+    ([0.0] * 64, [1e13] * 64, "'input-var' holds |value| 1e+13 > 1e+12"),
 ])
 def test_malformed_input_moments_are_rejected(mean, var, reason):
     checked = check_input_moments(mean, var, (64,))
@@ -253,11 +255,75 @@ def test_strategy_distils_with_the_pooled_moments_of_the_replies(caplog):
         assert torch.equal(got[name], tensor), name
 
 
-def test_strategy_without_moments_does_not_distil():
+@pytest.mark.parametrize("with_moments, config", [(False, FAST),
+                                                  (True, FAST.model_copy(update={
+                                                      "method": "average"}))])
+def test_strategy_distils_only_in_ot_rounds_with_moments(with_moments, config):
     from test_strategy import client_states, global_model, reply
 
     from otfusion.strategies import OTFusion
 
-    replies = [reply(5 + k, s, 10) for k, s in enumerate(client_states())]
-    _, metrics = OTFusion(global_model, FAST).aggregate_train(1, replies)
+    sent = ({"input-mean": MOMENTS.mean.tolist(), "input-var": MOMENTS.var.tolist()}
+            if with_moments else {})
+    replies = [reply(5 + k, s, 10, **sent) for k, s in enumerate(client_states())]
+    _, metrics = OTFusion(global_model, config).aggregate_train(1, replies)
     assert metrics["accepted-replies"] == 3 and "distill-kl" not in metrics
+
+
+def test_average_is_distilled_when_given_moments():
+    models = _clients()
+    config = FAST.model_copy(update={"method": "average"})
+    result = fuse_models(models, [1, 2, 3], config, input_moments=MOMENTS)
+    plain = fuse_models(models, [1, 2, 3], config).model
+    assert result.distill_loss is not None
+    assert not torch.equal(result.model.head.weight, plain.head.weight)
+
+
+@pytest.mark.parametrize("send", [True, False])
+def test_client_app_sends_the_moments_of_its_training_inputs(send, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from otfusion.client.app import client_data, train_handler
+    from otfusion.server.config import RunConfig
+
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    config = RunConfig(model="cnn", model_kwargs='{"channels": [4, 8], "hidden": 12}',
+                       local_epochs=1, send_input_moments=send)
+    node = {"partition-id": 1, "num-partitions": 4}
+    instruction = Message(content=RecordDict({
+        "arrays": ArrayRecord(config.build_model().state_dict()),
+        "config": ConfigRecord({"server-round": 1})}), dst_node_id=7, message_type="train")
+    context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(),
+                      run_config=config.as_run_config())
+    metrics = train_handler(config, instruction, context).content["metrics"]
+    if not send:
+        assert "input-mean" not in metrics and "input-var" not in metrics
+        return
+    data = client_data(config, node, "train")
+    parsed = check_input_moments(metrics["input-mean"], metrics["input-var"], (1, 8, 8))
+    expected = input_moments(data.x.reshape(-1, 1, 8, 8))
+    torch.testing.assert_close(parsed.mean, expected.mean)
+    torch.testing.assert_close(parsed.var, expected.var)
+
+
+def test_float64_target_is_distilled_from_float32_clients():
+    models = _clients(2)
+    target = build_model("mlp", seed=9, **SMALL).double()
+    result = fuse_models(models, [1, 1], FAST, target=target, input_moments=MOMENTS)
+    assert result.distill_loss is not None
+    assert all(t.dtype == torch.float64 for t in result.model.state_dict().values())
+
+
+def test_diverging_distillation_leaves_the_model_undistilled():
+    student = build_model("mlp", seed=0, **SMALL)
+    broken = build_model("mlp", seed=1, **SMALL)
+    with torch.no_grad():
+        broken.head.bias[0] = float("inf")
+    before = copy.deepcopy(student.state_dict())
+    with pytest.warns(UserWarning, match="distillation diverged"):
+        loss = distill(student, [broken], [1.0], MOMENTS, FAST)
+    assert loss != loss  # NaN
+    for name, tensor in before.items():
+        assert torch.equal(student.state_dict()[name], tensor), name

@@ -855,3 +855,29 @@ def test_at_least_1000_malformed_replies_were_fed():
     assert VOLUME["check_content"] + VOLUME["check_array_list"] >= 800, dict(VOLUME)
     assert VOLUME["aggregate_train"] + VOLUME["start"] + VOLUME["aggregate_fit"] >= 1000, \
         dict(VOLUME)
+
+
+_MOMENT_ITEMS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**400, 10**400),
+    st.booleans(), st.text(max_size=3), st.none(), st.binary(max_size=3),
+    st.lists(st.floats(), max_size=2))
+_MOMENT_VALUES = st.one_of(st.none(), st.lists(_MOMENT_ITEMS, max_size=6),
+                           st.tuples(_MOMENT_ITEMS), st.floats(), st.text(max_size=4),
+                           st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
+
+
+@given(mean=_MOMENT_VALUES, var=_MOMENT_VALUES)
+@settings(max_examples=400, **FUZZ)
+def test_check_input_moments_never_raises_and_accepts_only_valid_moments(mean, var):
+    from otfusion.strategies.fusion import InputMoments
+    from otfusion.strategies.replies import check_input_moments
+
+    checked = check_input_moments(mean, var, (2, 2))
+    if mean is None and var is None:
+        assert checked is None
+    elif isinstance(checked, InputMoments):
+        assert checked.mean.shape == checked.var.shape == (2, 2)
+        assert bool(torch.isfinite(checked.mean).all()) and bool((checked.var >= 0).all())
+        assert bool(torch.isfinite(checked.var).all())
+    else:
+        assert isinstance(checked, str) and ("input-mean" in checked or "input-var" in checked)

@@ -9,6 +9,8 @@ mean of the clients' class probabilities on them (:func:`distill`).
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -71,7 +73,7 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     for wk, model in zip(w, models, strict=True):
         probabilities = _in_eval_mode(model, lambda m: torch.cat([
             F.softmax(_logits(m, inputs[s:s + batch_size]), dim=1)
-            for s in range(0, len(inputs), batch_size)])).to(inputs.device)
+            for s in range(0, len(inputs), batch_size)])).to(inputs.device, inputs.dtype)
         total = wk * probabilities if total is None else total + wk * probabilities
     return total
 
@@ -87,7 +89,8 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     their running statistics (those are the fusion's, not the noise's). A student whose
     divergence on all the inputs is at most ``distill_tol`` is left unchanged (Adam's
     normalised steps would only move it at random). Returns the divergence of the last
-    step (of all the inputs when no step was taken)."""
+    step (of all the inputs when no step was taken); if a step's divergence is not
+    finite, the student is restored as it was, with a warning, and NaN is returned."""
     shape = getattr(student, "input_shape", None)
     if shape is not None and tuple(moments.mean.shape) != tuple(shape):
         raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
@@ -101,6 +104,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
         loss = _in_eval_mode(student, lambda m: _divergence(m, inputs, targets))
     if float(loss) <= config.distill_tol:
         return float(loss)  # already the ensemble's predictions: Adam would only add noise
+    initial = copy.deepcopy(student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.distill_lr)
     modes = [(m, m.training) for m in student.modules()]
     student.train()
@@ -108,10 +112,15 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
         if isinstance(module, nn.modules.batchnorm._NormBase):
             module.eval()
     try:
-        for _ in range(config.distill_steps):
+        for step in range(config.distill_steps):
             index = torch.randint(0, len(inputs), (config.distill_batch_size,),
                                   generator=generator).to(inputs.device)
             loss = _divergence(student, inputs[index], targets[index])
+            if not bool(torch.isfinite(loss)):
+                student.load_state_dict(initial)
+                warnings.warn(f"distillation diverged (KL divergence {float(loss.detach())} at "
+                              f"step {step}); the fused model is left undistilled", stacklevel=2)
+                return float("nan")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -128,7 +137,8 @@ def _divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    logits = model(inputs.to(next(model.parameters()).device))
+    parameter = next(model.parameters())
+    logits = model(inputs.to(parameter.device, parameter.dtype))
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
         raise ValueError("distillation needs models that return class logits "

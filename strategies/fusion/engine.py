@@ -76,8 +76,7 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         Per-feature mean and variance of the clients' training inputs (pooled, see
         :func:`~otfusion.strategies.fusion.distillation.pool_moments`), of the shape of
         one model input. With them and ``config.distill_steps > 0``, the fused model is
-        then distilled from the clients' ensemble on synthetic inputs drawn from them
-        (optimal-transport methods only; ``average`` is left as it is).
+        then distilled from the clients' ensemble on synthetic inputs drawn from them.
     """
     return fuse_models(models, weights, config, target, inputs, class_weights,
                        input_moments).model
@@ -118,7 +117,7 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
     distill_loss = None
-    if aligned and input_moments is not None and config.distill_steps > 0:
+    if input_moments is not None and config.distill_steps > 0:
         distill_loss = distill(model, models, lam, input_moments, config)
     return FusionResult(model, costs, iterations, distill_loss)
 
