@@ -17,7 +17,7 @@ from torch import nn
 
 from otfusion.client.data import as_input, label_counts, load_digits_dataset, load_npz, partition
 from otfusion.client.training import recipe_for
-from otfusion.strategies.fusion import FusionConfig, fuse
+from otfusion.strategies.fusion import FusionConfig, fuse, input_moments
 from otfusion.zoo import available_models, build_model
 
 from .config import json_object
@@ -120,7 +120,9 @@ def _fuse(args: argparse.Namespace) -> None:
     config = _fusion_config(args)
     models = [_load_model(path, args.model, kwargs) for path in args.checkpoints]
     inputs = _activation_inputs(args, config, models[0])
-    fused = fuse(models, args.weights, config, inputs=inputs)
+    moments = (input_moments(as_input(load_npz(args.distill_from), models[0].input_shape))
+               if args.distill_from else None)
+    fused = fuse(models, args.weights, config, inputs=inputs, input_moments=moments)
     state = {key: tensor.contiguous() for key, tensor in fused.state_dict().items()}
     try:
         save_file(state, str(args.output),
@@ -197,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="where to write the fused safetensors file")
     fuse_command.add_argument("--weights", nargs="+", type=float,
                               help="one weight per checkpoint (default: uniform)")
+    fuse_command.add_argument("--distill-from", metavar="NPZ",
+                              help="distil the fused model from the checkpoints' ensemble "
+                                   "on synthetic inputs drawn from the per-feature mean and "
+                                   "variance of this file's array 'x'")
     _add_model_options(fuse_command)
     fuse_command.set_defaults(run=_fuse)
     lmc = commands.add_parser(

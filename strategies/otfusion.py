@@ -192,8 +192,9 @@ class _FusionMixin:
         config = self.fusion_config(server_round)
         per_class = (self.class_weights(scaled, label_counts)
                      if label_counts is not None and config.method != "average" else None)
-        sent = [(m, w) for m, w in zip(input_moments or [], weights, strict=False)
-                if m is not None and config.method != "average"]
+        pairs = (zip(input_moments, weights, strict=True)
+                 if input_moments is not None and config.method != "average" else [])
+        sent = [(m, w) for m, w in pairs if m is not None]
         pooled = pool_moments([m for m, _ in sent], [w for _, w in sent]) if sent else None
         start = time.perf_counter()
         result = fuse_models(list(models), weights=scaled, config=config,
@@ -228,6 +229,8 @@ class _FusionMixin:
             self.fusion.solver, self.fusion.cost)
         log(INFO, "\t\t├── reg: %g | max_iter: %d | tol: %g", self.fusion.reg,
             self.fusion.max_iter, self.fusion.tol)
+        log(INFO, "\t\t├── Distillation: %d steps on %d synthetic inputs (with the clients' "
+            "input moments)", self.fusion.distill_steps, self.fusion.distill_samples)
         log(INFO, "\t\t├── OT rounds: %s%s", self.ot_rounds,
             " (average afterwards)" if self.ot_rounds == "first" else "")
         log(INFO, "\t\t├── Heterogeneous widths: %s", self.heterogeneous)

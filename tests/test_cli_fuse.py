@@ -57,6 +57,27 @@ def test_fused_file_equals_fuse(tmp_path, name, options, config):
         assert file.metadata() == {"model": name, "model_kwargs": json.dumps(KWARGS[name])}
 
 
+def test_distill_from_uses_the_moments_of_the_file(tmp_path):
+    import numpy as np
+
+    from otfusion.strategies.fusion import input_moments
+
+    models, paths = write_checkpoints(tmp_path, "cnn")
+    x = np.random.default_rng(0).random((40, 64), dtype=np.float32)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, y=np.zeros(40, dtype=np.int64))
+    output = tmp_path / "fused.safetensors"
+    main(["fuse", *paths, *model_options("cnn"), "--distill-from", str(data),
+          "-o", str(output)])
+    moments = input_moments(torch.from_numpy(x).reshape(40, 1, 8, 8))
+    expected = fuse(models, None, FusionConfig(), input_moments=moments).state_dict()
+    undistilled = fuse(models, None, FusionConfig()).state_dict()
+    got = load_file(str(output))
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    assert not torch.equal(got["head.weight"], undistilled["head.weight"])
+
+
 def test_fused_file_loads_into_the_model(tmp_path, capsys):
     _, paths = write_checkpoints(tmp_path, "mlp", seeds=(0, 1))
     output = tmp_path / "fused.safetensors"

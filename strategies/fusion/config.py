@@ -70,7 +70,11 @@ class FusionConfig(BaseModel):
         Post-fusion distillation, done when :func:`fuse` gets the clients' input
         moments: this many Adam steps train the fused model to predict the clients'
         weighted mean class probabilities on synthetic inputs drawn from those moments
-        (see :mod:`~otfusion.strategies.fusion.distillation`). 0 turns it off.
+        (see :mod:`~otfusion.strategies.fusion.distillation`). 0 turns it off. On the
+        non-IID digits splits (Dirichlet 0.5 and 0.1, K = 4, 8; 3 seeds) the MLP was
+        best at 300 steps (mean 86.0%, against 83.6% at 600 and 82.1% at 1000: longer
+        distillation moves it towards the weaker ensemble), the CNN at 1000 (85.3%
+        against 81.8% at 300), whose fused start is further from the ensemble.
     distill_samples, distill_batch_size, distill_lr, distill_seed : int, int, float, int
         Number of synthetic inputs (drawn once), batch size, Adam learning rate, and the
         seed of the inputs and batches.
@@ -83,7 +87,10 @@ class FusionConfig(BaseModel):
     :class:`~otfusion.strategies.OTFusion`) beat the paper's ``uniform``/``none`` in 8
     of 9 MLP settings (K = 2, 4, 8; IID, Dirichlet 0.5 and 0.1; mean of 3 seeds), by up
     to 16 points on non-IID splits, and were never worse for the CNN and the LSTM at
-    K=4 (see benchmarks/fusion_quality.py). ``uniform``/``none`` is the paper's method.
+    K=4. With the distillation, the default closes at least 92% of the gap between
+    FedAvg and the ensemble in all 27 MLP, CNN and LSTM settings, and beats the best
+    client on every non-IID split (see benchmarks/fusion_quality.py and the README).
+    ``uniform``/``none`` without distillation is the paper's method.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

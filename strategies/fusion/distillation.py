@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -69,12 +70,11 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     model in eval mode, its mode restored afterwards)."""
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = (w / w.sum()).tolist()
-    total = None
+    total = torch.zeros(())
     for wk, model in zip(w, models, strict=True):
-        probabilities = _in_eval_mode(model, lambda m: torch.cat([
-            F.softmax(_logits(m, inputs[s:s + batch_size]), dim=1)
-            for s in range(0, len(inputs), batch_size)])).to(inputs.device, inputs.dtype)
-        total = wk * probabilities if total is None else total + wk * probabilities
+        with _mode(model, training=False):
+            probabilities = _predict(model, inputs, batch_size, log=False)
+        total = total + wk * probabilities.to(inputs.device, inputs.dtype)
     return total
 
 
@@ -100,22 +100,19 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     inputs = synthetic_inputs(moments, config.distill_samples, generator).to(
         parameter.device, parameter.dtype)
     targets = ensemble_probabilities(teachers, weights, inputs)
-    with torch.no_grad():
-        loss = _in_eval_mode(student, lambda m: _divergence(m, inputs, targets))
-    if float(loss) <= config.distill_tol:
-        return float(loss)  # already the ensemble's predictions: Adam would only add noise
+    with torch.no_grad(), _mode(student, training=False):
+        initial_loss = F.kl_div(_predict(student, inputs, 512, log=True), targets,
+                                reduction="batchmean")
+    if float(initial_loss) <= config.distill_tol:
+        return float(initial_loss)  # already the ensemble: Adam would only add noise
     initial = copy.deepcopy(student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.distill_lr)
-    modes = [(m, m.training) for m in student.modules()]
-    student.train()
-    for module in student.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            module.eval()
-    try:
+    with _mode(student, training=True):
         for step in range(config.distill_steps):
             index = torch.randint(0, len(inputs), (config.distill_batch_size,),
                                   generator=generator).to(inputs.device)
-            loss = _divergence(student, inputs[index], targets[index])
+            loss = F.kl_div(F.log_softmax(_logits(student, inputs[index]), dim=1),
+                            targets[index], reduction="batchmean")
             if not bool(torch.isfinite(loss)):
                 student.load_state_dict(initial)
                 warnings.warn(f"distillation diverged (KL divergence {float(loss.detach())} at "
@@ -124,16 +121,15 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    finally:
-        for module, mode in modes:
-            module.training = mode
-    return float(loss.detach())
+    return float(loss.detach()) if config.distill_steps else float(initial_loss)
 
 
-def _divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean KL divergence from ``targets`` to the model's predicted class probabilities."""
-    return F.kl_div(F.log_softmax(_logits(model, inputs), dim=1), targets,
-                    reduction="batchmean")
+def _predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, log: bool
+             ) -> torch.Tensor:
+    """The model's class (log-)probabilities on ``inputs``, batch by batch."""
+    normalise = F.log_softmax if log else F.softmax
+    return torch.cat([normalise(_logits(model, inputs[s:s + batch_size]), dim=1)
+                      for s in range(0, len(inputs), batch_size)])
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
@@ -143,14 +139,20 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
         raise ValueError("distillation needs models that return class logits "
                          f"(batch, classes); got {shape}")
-    return logits
+    return logits.to(inputs.device)
 
 
-def _in_eval_mode(model: nn.Module, fn):
+@contextmanager
+def _mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train or eval mode, normalisation layers in eval mode either way
+    (their running statistics stay as they are); every module's mode restored after."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase):
+            module.eval()
     try:
-        return fn(model)
+        yield
     finally:
         for module, mode in modes:
             module.training = mode
