@@ -12,8 +12,8 @@ fuses the output layer per class with these counts as weights, so that the row o
 class comes from the clients that saw it (FedMA-style); they reveal the client's label
 distribution, no features.
 
-Unless ``send-input-moments`` is false (or the inputs are not floating point, e.g.
-token ids), it also sends the per-feature mean and variance of its training inputs (``input-mean``, ``input-var``: two numbers per input
+Unless ``send-input-moments`` is false, it also sends the per-feature mean and
+variance of its training inputs (``input-mean``, ``input-var``: two numbers per input
 feature, e.g. the client's mean image and per-pixel variance). The server draws
 synthetic inputs from them to distil the fused model from the clients' ensemble
 (:mod:`otfusion.strategies.fusion.distillation`); they reveal the average input of
@@ -92,7 +92,7 @@ def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
     counts = [int(c) for c in label_counts(data, classes)]
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data),
                             "label-counts": counts})
-    if config.send_input_moments and data.x.is_floating_point():
+    if config.send_input_moments:
         moments = input_moments(model_inputs(model, data))
         metrics["input-mean"] = moments.mean.flatten().tolist()
         metrics["input-var"] = moments.var.flatten().tolist()

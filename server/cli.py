@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from otfusion.client.data import as_input, label_counts, load_digits_dataset, load_npz, partition
-from otfusion.client.training import recipe_for
+from otfusion.client.training import model_inputs, recipe_for
 from otfusion.strategies.fusion import FusionConfig, fuse, input_moments
 from otfusion.zoo import available_models, build_model
 
@@ -120,7 +120,7 @@ def _fuse(args: argparse.Namespace) -> None:
     config = _fusion_config(args)
     models = [_load_model(path, args.model, kwargs) for path in args.checkpoints]
     inputs = _activation_inputs(args, config, models[0])
-    moments = (input_moments(as_input(load_npz(args.distill_from), models[0].input_shape))
+    moments = (input_moments(model_inputs(models[0], load_npz(args.distill_from)))
                if args.distill_from else None)
     fused = fuse(models, args.weights, config, inputs=inputs, input_moments=moments)
     state = {key: tensor.contiguous() for key, tensor in fused.state_dict().items()}

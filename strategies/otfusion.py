@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import time
@@ -19,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
 from .fusion import FusionConfig, InputMoments, fuse_models, output_width, pool_moments
+from .fusion.distillation import distill
 from .replies import (
     INPUT_MEAN_KEY,
     INPUT_VAR_KEY,
@@ -137,10 +139,14 @@ class _FusionMixin:
         self.num_classes = output_width(template, inputs)
         """The global model's number of classes (output width), None if unknown."""
         shape = getattr(template, "input_shape", None)
-        self.input_shape = (tuple(shape) if shape is not None
-                            else tuple(inputs.shape[1:]) if inputs is not None else None)
-        """The shape of one model input (that of the clients' input moments), None if
-        unknown."""
+        if inputs is not None and not inputs.is_floating_point():
+            shape = None  # e.g. token ids: no Gaussian inputs to distil on
+        elif shape is None and inputs is not None:
+            shape = inputs.shape[1:]
+        self.input_shape = None if shape is None else tuple(shape)
+        """The shape of one model input (that of the clients' input moments); None when
+        unknown or when the inputs are not floating point, and then replies' moments are
+        ignored."""
 
     def class_weights(self, weights: Sequence[float],
                       counts: Sequence[Sequence[float] | None]) -> list[list[float]] | None:
@@ -192,16 +198,21 @@ class _FusionMixin:
         config = self.fusion_config(server_round)
         per_class = (self.class_weights(scaled, label_counts)
                      if label_counts is not None and config.method != "average" else None)
-        pairs = (zip(input_moments, weights, strict=True)
-                 if input_moments is not None and config.method != "average" else [])
-        sent = [(m, w) for m, w in pairs if m is not None]
-        pooled = pool_moments([m for m, _ in sent], [w for _, w in sent]) if sent else None
+        distilled = (input_moments is not None and config.method != "average"
+                     and config.distill_steps > 0)
+        moments = input_moments if distilled else [None] * len(models)
+        sent = [(m, w) for m, w in zip(moments, weights, strict=True) if m is not None]
         start = time.perf_counter()
         result = fuse_models(list(models), weights=scaled, config=config,
                              target=self.model_fn(), inputs=self.inputs,
-                             class_weights=per_class, input_moments=pooled)
+                             class_weights=per_class)
+        model, distill_loss = result.model, None
+        if sent:
+            pooled = pool_moments([m for m, _ in sent], [w for _, w in sent])
+            model, distill_loss = self._distilled(server_round, model, models, scaled, pooled,
+                                                  config)
         seconds = time.perf_counter() - start
-        state = result.model.state_dict()
+        state = model.state_dict()
         fused: OrderedDict[str, torch.Tensor] = OrderedDict()
         for name in self.expected.keys:
             tensor = state[name].detach().to("cpu", self.expected.dtypes[name])
@@ -212,13 +223,30 @@ class _FusionMixin:
                 raise ValueError(f"fused '{name}' contains NaN or Inf values")
             fused[name] = tensor.clone()
         metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs)}
-        if result.distill_loss is not None and math.isfinite(result.distill_loss):
-            metrics["distill-kl"] = result.distill_loss
-        elif result.distill_loss is not None:
-            log(WARNING, "round %d: the distillation diverged; the global model is the "
-                "undistilled fusion", server_round)
+        if distill_loss is not None:
+            metrics["distill-kl"] = distill_loss
         self.latest_models, self.latest_weights = list(models), [float(w) for w in weights]
         return fused, metrics
+
+    @staticmethod
+    def _distilled(server_round: int, fused: nn.Module, models: Sequence[nn.Module],
+                   weights: Sequence[float], moments: InputMoments, config: FusionConfig
+                   ) -> tuple[nn.Module, float | None]:
+        """``fused`` distilled from ``models`` (:func:`distill`) and its final divergence;
+        ``fused`` itself and None, with a logged warning, when the distillation fails or
+        diverges: it is an improvement and never costs the round its model."""
+        student = copy.deepcopy(fused)
+        try:
+            loss = distill(student, models, weights, moments, config)
+        except Exception as exc:  # noqa: BLE001 - keep the undistilled fusion
+            log(WARNING, "round %d: distillation failed (%s: %s); the global model is the "
+                "undistilled fusion", server_round, type(exc).__name__, exc)
+            return fused, None
+        if not math.isfinite(loss):
+            log(WARNING, "round %d: the distillation diverged; the global model is the "
+                "undistilled fusion", server_round)
+            return fused, None
+        return student, loss
 
     def _log_fusion_settings(self) -> None:
         template = self.model_fn()
@@ -229,8 +257,13 @@ class _FusionMixin:
             self.fusion.solver, self.fusion.cost)
         log(INFO, "\t\t├── reg: %g | max_iter: %d | tol: %g", self.fusion.reg,
             self.fusion.max_iter, self.fusion.tol)
-        log(INFO, "\t\t├── Distillation: %d steps on %d synthetic inputs (with the clients' "
-            "input moments)", self.fusion.distill_steps, self.fusion.distill_samples)
+        if self.input_shape is None:
+            log(INFO, "\t\t├── Distillation: off (the model's input shape is unknown or its "
+                "inputs are not floating point)")
+        else:
+            log(INFO, "\t\t├── Distillation: %d steps on %d synthetic inputs (with the "
+                "clients' input moments)", self.fusion.distill_steps,
+                self.fusion.distill_samples)
         log(INFO, "\t\t├── OT rounds: %s%s", self.ot_rounds,
             " (average afterwards)" if self.ot_rounds == "first" else "")
         log(INFO, "\t\t├── Heterogeneous widths: %s", self.heterogeneous)

@@ -89,11 +89,11 @@ def check_label_counts(value: Any, num_classes: int | None) -> list[float] | Non
     list of ``num_classes`` finite non-negative numbers with a positive sum."""
     if value is None:
         return None
+    if isinstance(value, (list, tuple)) and num_classes is not None and len(value) != num_classes:
+        return f"'{LABEL_COUNTS_KEY}' has {len(value)} entries for {num_classes} classes"
     counts = _number_list(value, LABEL_COUNTS_KEY, non_negative=True)
     if isinstance(counts, str):
         return counts
-    if num_classes is not None and len(counts) != num_classes:
-        return f"'{LABEL_COUNTS_KEY}' has {len(counts)} entries for {num_classes} classes"
     if not counts or not sum(counts) > 0 or not math.isfinite(sum(counts)):
         return f"'{LABEL_COUNTS_KEY}' must have a positive finite sum"
     return counts
@@ -126,12 +126,12 @@ def check_input_moments(mean: Any, var: Any, input_shape: Sequence[int] | None
     features = math.prod(input_shape)
     values = {}
     for key, value, non_negative in ((INPUT_MEAN_KEY, mean, False), (INPUT_VAR_KEY, var, True)):
+        if isinstance(value, (list, tuple)) and len(value) != features:
+            return (f"'{key}' has {len(value)} entries for the model's {features} input "
+                    "features")
         numbers = _number_list(value, key, non_negative)
         if isinstance(numbers, str):
             return numbers
-        if len(numbers) != features:
-            return (f"'{key}' has {len(numbers)} entries for the model's {features} input "
-                    "features")
         bound = MAX_INPUT_MOMENT ** (2 if non_negative else 1)
         if max(map(abs, numbers), default=0.0) > bound:
             return f"'{key}' holds |value| {max(map(abs, numbers)):.3g} > {bound:.3g}"

@@ -327,3 +327,98 @@ def test_diverging_distillation_leaves_the_model_undistilled():
     assert loss != loss  # NaN
     for name, tensor in before.items():
         assert torch.equal(student.state_dict()[name], tensor), name
+
+
+def _moment_replies(states, weights, moments):
+    from test_strategy import reply
+
+    return [reply(5 + k, state, n, **{"input-mean": m.mean.tolist(), "input-var": m.var.tolist()})
+            for k, (state, n, m) in enumerate(zip(states, weights, moments, strict=True))]
+
+
+def test_strategy_result_with_moments_is_bit_identical_whatever_the_order():
+    import random
+
+    from test_strategy import client_states, global_model
+
+    from otfusion.strategies import OTFusion
+
+    states = client_states()
+    moments = [input_moments(_inputs(10 * (k + 1), k)) for k in range(3)]
+    replies = _moment_replies(states, [10, 20, 30], moments)
+    results = []
+    for seed in range(3):
+        random.Random(seed).shuffle(replies)
+        arrays, metrics = OTFusion(global_model, FAST).aggregate_train(1, list(replies))
+        assert "distill-kl" in metrics
+        results.append(arrays.to_torch_state_dict())
+    for name, tensor in results[0].items():
+        assert all(torch.equal(other[name], tensor) for other in results[1:]), name
+
+
+@pytest.mark.parametrize("failure", ["raises", "diverges"])
+def test_failed_distillation_keeps_the_undistilled_fusion(failure, monkeypatch, caplog):
+    from test_strategy import client_states, direct_fusion, global_model
+
+    import otfusion.strategies.otfusion as strategy_module
+    from otfusion.strategies import OTFusion
+
+    def broken(student, *args):
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.fill_(float("nan"))  # whatever it did to the student is dropped
+        if failure == "raises":
+            raise RuntimeError("boom")
+        return float("nan")
+
+    monkeypatch.setattr(strategy_module, "distill", broken)
+    states = client_states()
+    moments = [input_moments(_inputs(10, k)) for k in range(3)]
+    replies = _moment_replies(states, [10, 10, 10], moments)
+    arrays, metrics = OTFusion(global_model, FAST).aggregate_train(1, replies)
+    assert arrays is not None and "distill-kl" not in metrics
+    assert "the global model is the undistilled fusion" in caplog.text
+    order = sorted(range(3), key=lambda k: reply_digest(states[k], 10, None, moments[k]))
+    expected = direct_fusion([states[k] for k in order], [1.0] * 3, FAST).model.state_dict()
+    got = arrays.to_torch_state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+class _Dropped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (6,)
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_dropout_masks_come_from_the_distillation_seed():
+    torch.manual_seed(0)
+    teachers = [_Dropped() for _ in range(2)]
+    moments = InputMoments(torch.zeros(6), torch.ones(6))
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(3)
+        student = _Dropped()
+        torch.manual_seed(global_seed)
+        distill(student, teachers, [1, 1], moments, FAST)
+        results.append(student.state_dict())
+        assert torch.initial_seed() == global_seed  # the global generator is left alone
+    for name, tensor in results[0].items():
+        assert torch.equal(results[1][name], tensor), name
+
+
+def test_strategy_ignores_moments_for_integer_inputs(caplog):
+    from test_strategy import client_states, global_model, reply
+
+    from otfusion.strategies import OTFusion
+
+    strategy = OTFusion(global_model, FAST, inputs=torch.zeros(2, 64, dtype=torch.long))
+    assert strategy.input_shape is None
+    replies = [reply(5 + k, s, 10, **{"input-mean": [0.0] * 64, "input-var": [1.0] * 64})
+               for k, s in enumerate(client_states())]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted-replies"] == 3 and "distill-kl" not in metrics

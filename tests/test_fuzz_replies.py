@@ -862,6 +862,7 @@ _MOMENT_ITEMS = st.one_of(
     st.booleans(), st.text(max_size=3), st.none(), st.binary(max_size=3),
     st.lists(st.floats(), max_size=2))
 _MOMENT_VALUES = st.one_of(st.none(), st.lists(_MOMENT_ITEMS, max_size=6),
+                           st.lists(st.floats(-2e12, 2e12), min_size=4, max_size=4),
                            st.tuples(_MOMENT_ITEMS), st.floats(), st.text(max_size=4),
                            st.dictionaries(st.text(max_size=2), st.integers(), max_size=2))
 
@@ -876,8 +877,9 @@ def test_check_input_moments_never_raises_and_accepts_only_valid_moments(mean, v
     if mean is None and var is None:
         assert checked is None
     elif isinstance(checked, InputMoments):
+        event("accepted")
         assert checked.mean.shape == checked.var.shape == (2, 2)
-        assert bool(torch.isfinite(checked.mean).all()) and bool((checked.var >= 0).all())
-        assert bool(torch.isfinite(checked.var).all())
+        assert float(checked.mean.abs().max()) <= 1e6
+        assert 0 <= float(checked.var.min()) and float(checked.var.max()) <= 1e12
     else:
         assert isinstance(checked, str) and ("input-mean" in checked or "input-var" in checked)

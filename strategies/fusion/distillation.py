@@ -10,6 +10,7 @@ mean of the clients' class probabilities on them (:func:`distill`).
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -84,13 +85,14 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     probabilities (KL divergence) on synthetic inputs drawn from ``moments``.
 
     ``config.distill_samples`` inputs are drawn once; ``config.distill_steps`` Adam steps
-    (learning rate ``distill_lr``) on random batches of ``distill_batch_size`` follow,
-    all from ``distill_seed``, so the result is deterministic. Normalisation layers keep
-    their running statistics (those are the fusion's, not the noise's). A student whose
-    divergence on all the inputs is at most ``distill_tol`` is left unchanged (Adam's
-    normalised steps would only move it at random). Returns the divergence of the last
-    step (of all the inputs when no step was taken); if a step's divergence is not
-    finite, the student is restored as it was, with a warning, and NaN is returned."""
+    (learning rate ``distill_lr``) on random batches of ``distill_batch_size`` follow.
+    The inputs, the batches and any dropout masks come from ``distill_seed``, so the
+    result is deterministic. Normalisation layers keep their running statistics (those
+    are the fusion's, not the noise's). A student whose divergence on all the inputs is
+    at most ``distill_tol`` is left unchanged (Adam's normalised steps would only move
+    it at random). Returns the student's divergence on all the inputs (eval mode) after
+    training; if a divergence is not finite, the student is restored as it was, with a
+    warning, and NaN is returned."""
     shape = getattr(student, "input_shape", None)
     if shape is not None and tuple(moments.mean.shape) != tuple(shape):
         raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
@@ -100,28 +102,39 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     inputs = synthetic_inputs(moments, config.distill_samples, generator).to(
         parameter.device, parameter.dtype)
     targets = ensemble_probabilities(teachers, weights, inputs)
-    with torch.no_grad(), _mode(student, training=False):
-        initial_loss = F.kl_div(_predict(student, inputs, 512, log=True), targets,
-                                reduction="batchmean")
-    if float(initial_loss) <= config.distill_tol:
-        return float(initial_loss)  # already the ensemble: Adam would only add noise
+    initial_loss = _full_divergence(student, inputs, targets)
+    if initial_loss <= config.distill_tol or config.distill_steps == 0:
+        return initial_loss  # already the ensemble: Adam would only add noise
     initial = copy.deepcopy(student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.distill_lr)
-    with _mode(student, training=True):
-        for step in range(config.distill_steps):
+    devices = [parameter.device] if parameter.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), _mode(student, training=True):
+        torch.manual_seed(config.distill_seed)  # dropout masks
+        for _ in range(config.distill_steps):
             index = torch.randint(0, len(inputs), (config.distill_batch_size,),
                                   generator=generator).to(inputs.device)
             loss = F.kl_div(F.log_softmax(_logits(student, inputs[index]), dim=1),
                             targets[index], reduction="batchmean")
             if not bool(torch.isfinite(loss)):
-                student.load_state_dict(initial)
-                warnings.warn(f"distillation diverged (KL divergence {float(loss.detach())} at "
-                              f"step {step}); the fused model is left undistilled", stacklevel=2)
-                return float("nan")
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return float(loss.detach()) if config.distill_steps else float(initial_loss)
+    final_loss = _full_divergence(student, inputs, targets)
+    if not math.isfinite(final_loss):
+        student.load_state_dict(initial)
+        warnings.warn("distillation diverged (the KL divergence is not finite); the fused "
+                      "model is left undistilled", stacklevel=2)
+    return final_loss
+
+
+def _full_divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """The model's KL divergence from ``targets`` on all ``inputs``, in eval mode (NaN
+    when not finite)."""
+    with torch.no_grad(), _mode(model, training=False):
+        loss = float(F.kl_div(_predict(model, inputs, 512, log=True), targets,
+                              reduction="batchmean"))
+    return loss if math.isfinite(loss) else float("nan")
 
 
 def _predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, log: bool
