@@ -59,14 +59,42 @@ def test_input_moments_are_the_batch_mean_and_population_variance():
         input_moments(torch.zeros(0, 4))
 
 
-def test_pooled_moments_equal_the_moments_of_the_union():
+@pytest.mark.parametrize("outlier_factor", [None, 10.0])
+def test_pooled_moments_equal_the_moments_of_the_union(outlier_factor):
     parts = [_inputs(30, 0), _inputs(70, 1, shift=2.0), _inputs(5, 2, shift=-1.0)]
-    pooled = pool_moments([input_moments(p) for p in parts], [len(p) for p in parts])
+    moments = [input_moments(p) for p in parts]
+    pooled = pool_moments(moments, [len(p) for p in parts], outlier_factor)
     union = input_moments(torch.cat(parts))
     torch.testing.assert_close(pooled.mean, union.mean, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pooled.var, union.var, rtol=1e-5, atol=1e-5)
-    unweighted = pool_moments([input_moments(p) for p in parts], [1, 1, 1])
+    unweighted = pool_moments(moments, [1, 1, 1], outlier_factor)
     assert not torch.allclose(unweighted.mean, union.mean, atol=1e-2)
+
+
+def test_a_client_with_extreme_moments_is_shrunk_to_the_others_spread():
+    honest = [input_moments(_inputs(40, 0)) for _ in range(4)]
+    mean = honest[0].mean.clone()
+    mean[3] = 1e6
+    hostile = InputMoments(mean, honest[0].var)
+    weights = [100, 100, 100, 100, 4]
+    exact = pool_moments([*honest, hostile], weights, outlier_factor=None)
+    guarded = pool_moments([*honest, hostile], weights)
+    assert float(exact.var.max()) > 1e8
+    spread = float((honest[0].var.mean()).sqrt())  # the honest clients' spread
+    # the hostile client (weight 1%) is brought to at most 10 times that spread, root
+    # mean square over the 64 features: at most 8 x 10 x spread on its one feature
+    assert float(guarded.var.max()) < 0.01 * (8 * 10 * spread) ** 2 + float(honest[0].var.max())
+    torch.testing.assert_close(guarded.mean[:3], honest[0].mean[:3], rtol=0, atol=0.05)
+
+
+def test_weighted_median():
+    from otfusion.strategies.fusion.distillation import _weighted_median
+
+    values = torch.tensor([[3.0, -1.0], [1.0, 5.0], [2.0, 0.0]])
+    torch.testing.assert_close(_weighted_median(values, torch.tensor([1.0, 1.0, 1.0])),
+                               torch.tensor([2.0, 0.0]))
+    torch.testing.assert_close(_weighted_median(values, torch.tensor([1.0, 5.0, 1.0])),
+                               torch.tensor([1.0, 5.0]))
 
 
 def test_pool_moments_rejects_mismatched_input():

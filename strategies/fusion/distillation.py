@@ -39,9 +39,18 @@ def input_moments(inputs: torch.Tensor) -> InputMoments:
     return InputMoments(x.mean(dim=0).float(), x.var(dim=0, unbiased=False).float())
 
 
-def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float]) -> InputMoments:
+def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
+                 outlier_factor: float | None = 10.0) -> InputMoments:
     """The moments of the union of the clients' inputs, each client weighted by
-    ``weights`` (e.g. its number of examples): the mixture's mean and variance."""
+    ``weights`` (e.g. its number of examples): the mixture's mean and variance.
+
+    With ``outlier_factor``, a client whose inputs spread around the clients' median
+    mean more than ``outlier_factor`` times the median client's spread (root mean
+    square over the features of ``var + (mean - median)**2``) is first shrunk towards
+    the median to that spread, so that one client with extreme but well-formed moments
+    cannot widen everyone's synthetic inputs. Clients of one data distribution spread
+    alike and are left as they are; None pools exactly.
+    """
     if not moments or len(moments) != len(weights):
         raise ValueError("need one weight per set of moments, and at least one")
     shapes = {tuple(m.mean.shape) for m in moments} | {tuple(m.var.shape) for m in moments}
@@ -50,11 +59,26 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float]) -> I
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
     means = torch.stack([m.mean.double() for m in moments])
-    second = torch.stack([m.var.double() + m.mean.double().square() for m in moments])
+    variances = torch.stack([m.var.double() for m in moments])
     shape = (-1,) + (1,) * (means.ndim - 1)
+    if outlier_factor is not None:
+        center = _weighted_median(means, w)
+        spread = (variances + (means - center).square()).flatten(1).mean(dim=1).sqrt()
+        limit = outlier_factor * _weighted_median(spread, w)
+        shrink = torch.where(spread > limit, limit / spread, torch.ones_like(spread))
+        means = center + shrink.view(shape) * (means - center)
+        variances = shrink.view(shape).square() * variances
     mean = (w.view(shape) * means).sum(dim=0)
-    var = ((w.view(shape) * second).sum(dim=0) - mean.square()).clamp_min(0)
-    return InputMoments(mean.float(), var.float())
+    second = (w.view(shape) * (variances + means.square())).sum(dim=0)
+    return InputMoments(mean.float(), (second - mean.square()).clamp_min(0).float())
+
+
+def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted median over the first axis (the lower one on a tie)."""
+    ordered, order = values.sort(dim=0)
+    cumulative = weights[order].cumsum(dim=0)
+    index = (cumulative < 0.5 * weights.sum()).sum(dim=0, keepdim=True)
+    return ordered.gather(0, index.clamp_max(len(values) - 1)).squeeze(0)
 
 
 def synthetic_inputs(moments: InputMoments, num_samples: int,
