@@ -33,10 +33,10 @@ import matplotlib
 import torch
 
 from otfusion.client.data import load_digits_dataset
-from otfusion.client.training import recipe_for, train
+from otfusion.client.training import recipe_for
 from otfusion.server.lmc import interpolation_curve
+from otfusion.server.oneshot import train_clients
 from otfusion.strategies.fusion import FusionConfig, align
-from otfusion.zoo import build_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,16 +51,11 @@ def model_kwargs(arch: str, m: int) -> dict:
 
 
 def train_models(arch: str, m: int, count: int, train_data, epochs: int | None):
+    """``count`` models trained on ``train_data``, model k from seed k."""
     recipe = recipe_for(arch)
     if epochs is not None:
         recipe = replace(recipe, epochs=epochs)
-    models = []
-    for seed in range(count):
-        model = build_model(arch, seed=seed, **model_kwargs(arch, m))
-        train(model, train_data, epochs=recipe.epochs, lr=recipe.lr,
-              batch_size=recipe.batch_size, optimizer=recipe.optimizer, seed=seed)
-        models.append(model.eval())
-    return models, recipe
+    return train_clients(arch, [train_data] * count, recipe, **model_kwargs(arch, m)), recipe
 
 
 def measure(arch: str, m: int, args, train_data, test_data) -> list[dict]:

@@ -198,17 +198,13 @@ class _FusionMixin:
         config = self.fusion_config(server_round)
         per_class = (self.class_weights(scaled, label_counts)
                      if label_counts is not None and config.method != "average" else None)
-        distilled = (input_moments is not None and config.method != "average"
-                     and config.distill_steps > 0)
-        moments = input_moments if distilled else [None] * len(models)
-        sent = [(m, w) for m, w in zip(moments, weights, strict=True) if m is not None]
+        pooled = self._pooled_moments(config, input_moments, weights)
         start = time.perf_counter()
         result = fuse_models(list(models), weights=scaled, config=config,
                              target=self.model_fn(), inputs=self.inputs,
                              class_weights=per_class)
         model, distill_loss = result.model, None
-        if sent:
-            pooled = pool_moments([m for m, _ in sent], [w for _, w in sent])
+        if pooled is not None:
             model, distill_loss = self._distilled(server_round, model, models, scaled, pooled,
                                                   config)
         seconds = time.perf_counter() - start
@@ -227,6 +223,19 @@ class _FusionMixin:
             metrics["distill-kl"] = distill_loss
         self.latest_models, self.latest_weights = list(models), [float(w) for w in weights]
         return fused, metrics
+
+    @staticmethod
+    def _pooled_moments(config: FusionConfig,
+                        input_moments: Sequence[InputMoments | None] | None,
+                        weights: Sequence[float]) -> InputMoments | None:
+        """The replies' input moments pooled with their weights; None when the round
+        distils nothing (averaging, no distillation steps, or no reply sent moments)."""
+        if input_moments is None or config.method == "average" or config.distill_steps == 0:
+            return None
+        sent = [(m, w) for m, w in zip(input_moments, weights, strict=True) if m is not None]
+        if not sent:
+            return None
+        return pool_moments([m for m, _ in sent], [w for _, w in sent])
 
     @staticmethod
     def _distilled(server_round: int, fused: nn.Module, models: Sequence[nn.Module],

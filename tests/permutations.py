@@ -15,7 +15,16 @@ import copy
 import torch
 from torch import nn
 
-from otfusion.zoo import CNN, MLP, VGG, GRUClassifier, LSTMClassifier, ResNet, RNNClassifier
+from otfusion.zoo import (
+    CNN,
+    MLP,
+    VGG,
+    GRUClassifier,
+    LSTMClassifier,
+    ResNet,
+    RNNClassifier,
+    build_model,
+)
 
 _GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 
@@ -157,6 +166,19 @@ def permute_hidden_units(model: nn.Module, generator: torch.Generator) -> nn.Mod
         else:
             raise TypeError(f"no permutation rule for {type(model).__name__}")
     return permuted
+
+
+SMALL_MODELS = [("mlp", {"widths": (16, 12)}), ("cnn", {"channels": (4, 8), "hidden": 12}),
+                ("lstm", {"hidden_size": 8})]
+"""(name, kwargs) of small zoo models of three layer families, for quick invariance tests."""
+
+
+def model_and_permuted_copies(name: str, kwargs: dict, count: int,
+                              generator: torch.Generator) -> list[nn.Module]:
+    """The zoo model ``name`` (seed 0, eval mode) followed by ``count`` copies of it whose
+    hidden units are randomly permuted: all compute the same function."""
+    model = build_model(name, seed=0, **kwargs).eval()
+    return [model] + [permute_hidden_units(model, generator) for _ in range(count)]
 
 
 def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> nn.Module:

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from permutations import permute_hidden_units
+from permutations import SMALL_MODELS, model_and_permuted_copies
 from torch import nn
 
 from otfusion.strategies.fusion import (
@@ -205,14 +205,11 @@ def test_fusion_with_moments_is_the_ot_fusion_then_distilled():
                                    atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("name, kwargs", [("mlp", SMALL), ("cnn", {"channels": (4, 8),
-                                                                    "hidden": 12}),
-                                          ("lstm", {"hidden_size": 8})])
+@pytest.mark.parametrize("name, kwargs", SMALL_MODELS)
 def test_permuted_copies_fuse_and_distill_back_to_the_model(name, kwargs):
-    model = build_model(name, seed=0, **kwargs).eval()
     generator = torch.Generator().manual_seed(1)
-    copies = [model] + [permute_hidden_units(build_model(name, seed=0, **kwargs), generator)
-                        for _ in range(2)]
+    copies = model_and_permuted_copies(name, kwargs, 2, generator)
+    model = copies[0]
     shape = model.input_shape
     moments = InputMoments(torch.full(shape, 0.5), torch.full(shape, 0.1))
     result = fuse_models(copies, [1, 2, 3], FAST, input_moments=moments)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from permutations import permute_hidden_units
+from permutations import SMALL_MODELS, model_and_permuted_copies
 
 from otfusion.strategies.fusion import FusionConfig, align, fuse, output_width
 from otfusion.strategies.replies import check_label_counts, reply_digest
@@ -60,14 +60,11 @@ def test_unseen_class_falls_back_to_client_weights():
     torch.testing.assert_close(fused.head.weight[0], plain.head.weight[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name, kwargs", [("mlp", SMALL), ("cnn", {"channels": (4, 8),
-                                                                    "hidden": 12}),
-                                          ("lstm", {"hidden_size": 8})])
+@pytest.mark.parametrize("name, kwargs", SMALL_MODELS)
 def test_permuted_copies_with_class_weights_fuse_back(name, kwargs):
-    model = build_model(name, seed=0, **kwargs).eval()
     generator = torch.Generator().manual_seed(1)
-    copies = [model] + [permute_hidden_units(build_model(name, seed=0, **kwargs), generator)
-                        for _ in range(2)]
+    copies = model_and_permuted_copies(name, kwargs, 2, generator)
+    model = copies[0]
     counts = [[k + 1 + c for c in range(10)] for k in range(3)]
     fused = fuse(copies, [1, 2, 3], FusionConfig(), class_weights=counts).eval()
     x = torch.randn(8, *model.input_shape, generator=generator)

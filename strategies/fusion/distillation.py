@@ -12,8 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FusionConfig
+from .modes import temporary_mode
 
 
 class InputMoments(NamedTuple):
@@ -97,7 +97,7 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     w = (w / w.sum()).tolist()
     total = torch.zeros(())
     for wk, model in zip(w, models, strict=True):
-        with _mode(model, training=False):
+        with temporary_mode(model):
             probabilities = _predict(model, inputs, batch_size, log=False)
         total = total + wk * probabilities.to(inputs.device, inputs.dtype)
     return total
@@ -132,7 +132,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     initial = copy.deepcopy(student.state_dict())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.distill_lr)
     devices = [parameter.device] if parameter.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), _mode(student, training=True):
+    with torch.random.fork_rng(devices=devices), temporary_mode(student, training=True):
         torch.manual_seed(config.distill_seed)  # dropout masks
         for _ in range(config.distill_steps):
             index = torch.randint(0, len(inputs), (config.distill_batch_size,),
@@ -155,7 +155,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
 def _full_divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     """The model's KL divergence from ``targets`` on all ``inputs``, in eval mode (NaN
     when not finite)."""
-    with torch.no_grad(), _mode(model, training=False):
+    with torch.no_grad(), temporary_mode(model):
         loss = float(F.kl_div(_predict(model, inputs, 512, log=True), targets,
                               reduction="batchmean"))
     return loss if math.isfinite(loss) else float("nan")
@@ -177,19 +177,3 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         raise ValueError("distillation needs models that return class logits "
                          f"(batch, classes); got {shape}")
     return logits.to(inputs.device)
-
-
-@contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """``model`` in train or eval mode, normalisation layers in eval mode either way
-    (their running statistics stay as they are); every module's mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase):
-            module.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode

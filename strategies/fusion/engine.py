@@ -25,6 +25,7 @@ from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
 from .distillation import InputMoments, distill
 from .graph import AlignmentGraph, Group, build_alignment_graph, is_recurrent
+from .modes import temporary_mode
 from .projection import Coupling, as_rows, project
 from .validation import (
     check_models,
@@ -332,15 +333,11 @@ def _record_activations(models, graph: AlignmentGraph, inputs: torch.Tensor,
                     rows.setdefault(group, {})[site.module] = activations[
                         :, keep.round().long().to(activations.device)]
                 handles.append(modules[site.module].register_forward_hook(hook))
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), temporary_mode(model):
                 model(inputs.to(next(model.parameters()).device))
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in modes:
-                module.training = mode
         recorded.append(rows)
     return recorded

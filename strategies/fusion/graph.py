@@ -24,6 +24,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .modes import temporary_mode
+
 
 class UnsupportedModelError(ValueError):
     """The model uses a construct the alignment graph cannot describe."""
@@ -433,19 +435,14 @@ class _Tracer:
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), temporary_mode(gm):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise UnsupportedModelError(
             f"running the model on an example input of shape {tuple(example_input.shape)} "
             f"failed: {exc}"
         ) from exc
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def _shape(node) -> tuple[int, ...] | None:
