@@ -27,7 +27,7 @@ import torch
 from otfusion.client.data import label_counts, load_digits_dataset, partition
 from otfusion.client.training import recipe_for
 from otfusion.server.oneshot import Method, compare, pooled_input_moments, train_clients
-from otfusion.strategies.fusion import FusionConfig
+from otfusion.fusion import FusionConfig
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -40,7 +40,7 @@ def measure(model: str, clients: int, method: str, threads: int) -> dict:
     """Runs in the child process: one fusion of ``clients`` fresh models."""
     import torch
 
-    from otfusion.strategies.fusion import FusionConfig, fuse_models
+    from otfusion.fusion import FusionConfig, fuse_models
     from otfusion.zoo import build_model
 
     torch.set_num_threads(threads)

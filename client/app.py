@@ -16,7 +16,7 @@ Unless ``send-input-moments`` is false, it also sends the per-feature mean and
 variance of its training inputs (``input-mean``, ``input-var``: two numbers per input
 feature, e.g. the client's mean image and per-pixel variance). The server draws
 synthetic inputs from them to distil the fused model from the clients' ensemble
-(:mod:`otfusion.strategies.fusion.distillation`); they reveal the average input of
+(:mod:`otfusion.fusion.distillation`); they reveal the average input of
 the client's data, not any single example.
 """
 
@@ -38,7 +38,7 @@ from otfusion.client.data import (
 )
 from otfusion.client.training import evaluate, model_inputs, train
 from otfusion.server.config import RunConfig
-from otfusion.strategies.fusion.distillation import input_moments
+from otfusion.fusion.distillation import input_moments
 
 
 @lru_cache(maxsize=4)

@@ -22,6 +22,7 @@ RUN python -m pip install --no-cache-dir "torch==${TORCH_VERSION}" \
 # afterwards. The [simulation] extra (Ray) is dropped: SuperExec never simulates.
 COPY --chown=app:app pyproject.toml README.md /tmp/flwr-otfusion/
 COPY --chown=app:app zoo /tmp/flwr-otfusion/zoo
+COPY --chown=app:app fusion /tmp/flwr-otfusion/fusion
 COPY --chown=app:app strategies /tmp/flwr-otfusion/strategies
 COPY --chown=app:app server /tmp/flwr-otfusion/server
 COPY --chown=app:app client /tmp/flwr-otfusion/client

@@ -25,7 +25,7 @@ from otfusion.server.checkpoint import RunCheckpoint
 from otfusion.server.config import RunConfig
 from otfusion.server.report import write_report
 from otfusion.strategies import OTFusion
-from otfusion.strategies.fusion import FusionConfig
+from otfusion.fusion import FusionConfig
 
 
 def make_strategy(config: RunConfig) -> OTFusion:

@@ -17,7 +17,7 @@ from torch import nn
 
 from otfusion.client.data import as_input, label_counts, load_digits_dataset, load_npz, partition
 from otfusion.client.training import model_inputs, recipe_for
-from otfusion.strategies.fusion import FusionConfig, fuse, input_moments
+from otfusion.fusion import FusionConfig, fuse, input_moments
 from otfusion.zoo import available_models, build_model
 
 from .config import json_object

@@ -91,8 +91,8 @@ class RunConfig(BaseModel):
                            **json.loads(self.model_kwargs))
 
     def fusion(self):
-        """The :class:`~otfusion.strategies.fusion.FusionConfig` of these settings."""
-        from otfusion.strategies.fusion import FusionConfig  # torch: not for --help
+        """The :class:`~otfusion.fusion.FusionConfig` of these settings."""
+        from otfusion.fusion import FusionConfig  # torch: not for --help
 
         return FusionConfig(method=self.fusion_method, solver=self.fusion_solver,
                             reg=self.fusion_reg, max_iter=self.fusion_max_iter,

@@ -23,7 +23,7 @@ from otfusion.client.legacy import get_weights, set_weights
 from otfusion.client.training import evaluate
 from otfusion.server.config import RunConfig
 from otfusion.strategies import LegacyOTFusion
-from otfusion.strategies.fusion import FusionConfig
+from otfusion.fusion import FusionConfig
 from otfusion.strategies.replies import weighted_average_metrics
 
 

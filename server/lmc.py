@@ -31,7 +31,7 @@ from torch import nn
 
 from otfusion.client.data import TensorData
 from otfusion.client.training import evaluate, model_inputs
-from otfusion.strategies.fusion import FusionConfig, align
+from otfusion.fusion import FusionConfig, align
 
 BatchNormMode = Literal["interpolate", "recompute"]
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from otfusion.client.data import TensorData
 from otfusion.client.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
-from otfusion.strategies.fusion import (
+from otfusion.fusion import (
     FusionConfig,
     InputMoments,
     fuse_models,

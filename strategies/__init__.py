@@ -4,7 +4,7 @@
 - :class:`LegacyOTFusion`: legacy API (``flwr.server.strategy.FedAvg`` subclass) for
   NumPyClient deployments.
 
-The fusion engine itself lives in :mod:`otfusion.strategies.fusion`.
+The fusion engine itself is the Flower-free library :mod:`otfusion.fusion`.
 """
 
 from .legacy import LegacyOTFusion

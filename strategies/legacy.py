@@ -14,7 +14,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from torch import nn
 
-from .fusion import FusionConfig
+from otfusion.fusion import FusionConfig
 from .otfusion import ClientModelFn, _FusionMixin
 from .replies import check_array_list, check_weight, reply_digest, weighted_average_metrics
 
@@ -35,7 +35,7 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
         state_dict order names the arrays of every reply, its shapes and dtypes are
         what replies must carry, and it is the template of the fused model.
     fusion : FusionConfig (default: FusionConfig())
-        Fusion settings; see :class:`otfusion.strategies.fusion.FusionConfig`.
+        Fusion settings; see :class:`otfusion.fusion.FusionConfig`.
     ot_rounds : Literal["all", "first"] (default: "all")
         With ``"first"``, round 1 is fused by optimal transport and later rounds are
         averaged (``method="average"``).

@@ -19,8 +19,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
-from .fusion import FusionConfig, InputMoments, fuse_models, output_width, pool_moments
-from .fusion.distillation import distill
+from otfusion.fusion import FusionConfig, InputMoments, fuse_models, output_width, pool_moments
+from otfusion.fusion.distillation import distill
 from .replies import (
     INPUT_MEAN_KEY,
     INPUT_VAR_KEY,
@@ -295,7 +295,7 @@ class OTFusion(_FusionMixin, FedAvg):
         (architecture and widths) of the fused model.
     fusion : FusionConfig (default: FusionConfig())
         Fusion settings (method, solver, reg, cost, max_iter, tol, ...); see
-        :class:`otfusion.strategies.fusion.FusionConfig`.
+        :class:`otfusion.fusion.FusionConfig`.
     ot_rounds : Literal["all", "first"] (default: "all")
         Rounds fused by optimal transport. With ``"first"``, round 1 is fused by OT
         and later rounds, whose clients all start from the fused model, are averaged
@@ -346,7 +346,7 @@ class OTFusion(_FusionMixin, FedAvg):
     variance of its training inputs (flattened; one entry per feature of the model's
     ``input_shape``). In OT rounds the fused model is then distilled from the accepted
     clients' ensemble on synthetic inputs drawn from the pooled moments
-    (``fusion.distill_steps``, see :mod:`~otfusion.strategies.fusion.distillation`),
+    (``fusion.distill_steps``, see :mod:`~otfusion.fusion.distillation`),
     and the round's metrics get ``distill-kl``. Replies without them are fused but do
     not shape the synthetic inputs; when none sends them, nothing is distilled.
     Malformed moments reject the reply.

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .fusion import InputMoments
+from otfusion.fusion import InputMoments
 
 # numpy dtype kinds accepted for a tensor of the global model, by the tensor's role.
 _FLOAT_KINDS = "f"
@@ -62,7 +62,7 @@ def check_weight(value: Any, key: str = "num-examples") -> float | str:
 
 LABEL_COUNTS_KEY = "label-counts"
 """Train-reply metric: the client's number of training examples per class, which
-weights the fused output layer per class (:func:`otfusion.strategies.fusion.fuse`)."""
+weights the fused output layer per class (:func:`otfusion.fusion.fuse`)."""
 
 
 def _number_list(value: Any, key: str, non_negative: bool) -> list[float] | str:
@@ -103,7 +103,7 @@ INPUT_MEAN_KEY = "input-mean"
 INPUT_VAR_KEY = "input-var"
 """Train-reply metrics: the per-feature mean and variance of the client's training
 inputs (flattened), from which the server draws the synthetic inputs of post-fusion
-distillation (:mod:`otfusion.strategies.fusion.distillation`)."""
+distillation (:mod:`otfusion.fusion.distillation`)."""
 
 
 MAX_INPUT_MOMENT = 1e6

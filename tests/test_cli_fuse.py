@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from otfusion.server.cli import main
-from otfusion.strategies.fusion import FusionConfig, fuse
+from otfusion.fusion import FusionConfig, fuse
 from otfusion.zoo import build_model
 
 KWARGS = {"mlp": {"widths": [16, 12]}, "cnn": {"channels": [4, 8], "hidden": 12}}
@@ -60,7 +60,7 @@ def test_fused_file_equals_fuse(tmp_path, name, options, config):
 def test_distill_from_uses_the_moments_of_the_file(tmp_path):
     import numpy as np
 
-    from otfusion.strategies.fusion import input_moments
+    from otfusion.fusion import input_moments
 
     models, paths = write_checkpoints(tmp_path, "cnn")
     x = np.random.default_rng(0).random((40, 64), dtype=np.float32)

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 from permutations import SMALL_MODELS, model_and_permuted_copies
 from torch import nn
 
-from otfusion.strategies.fusion import (
+from otfusion.fusion import (
     FusionConfig,
     InputMoments,
     fuse_models,
     input_moments,
     pool_moments,
 )
-from otfusion.strategies.fusion.distillation import (
+from otfusion.fusion.distillation import (
     distill,
     ensemble_probabilities,
     synthetic_inputs,
@@ -88,7 +88,7 @@ def test_a_client_with_extreme_moments_is_shrunk_to_the_others_spread():
 
 
 def test_weighted_median():
-    from otfusion.strategies.fusion.distillation import _weighted_median
+    from otfusion.fusion.distillation import _weighted_median
 
     values = torch.tensor([[3.0, -1.0], [1.0, 5.0], [2.0, 0.0]])
     torch.testing.assert_close(_weighted_median(values, torch.tensor([1.0, 1.0, 1.0])),

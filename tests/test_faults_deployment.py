@@ -31,7 +31,7 @@ from test_deployment import assert_no_leftovers, free_ports, processes, write_cl
 from otfusion.server import deployment
 from otfusion.server.config import RunConfig
 from otfusion.server.deployment import Security
-from otfusion.strategies.fusion import fuse
+from otfusion.fusion import fuse
 from otfusion.strategies.replies import reply_digest
 from otfusion.zoo import build_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from permutations import SMALL_MODELS, model_and_permuted_copies
 
-from otfusion.strategies.fusion import FusionConfig, align, fuse, output_width
+from otfusion.fusion import FusionConfig, align, fuse, output_width
 from otfusion.strategies.replies import check_label_counts, reply_digest
 from otfusion.zoo import build_model
 
@@ -114,7 +114,7 @@ def test_strategy_weights_the_head_by_reply_label_counts(caplog):
     from test_strategy import client_states, direct_fusion, global_model, reply
 
     from otfusion.strategies import OTFusion
-    from otfusion.strategies.fusion import fuse_models
+    from otfusion.fusion import fuse_models
 
     states = client_states()
     weights = [10, 20, 30]

@@ -22,7 +22,7 @@ from reference import (
     weighted_average_state,
 )
 
-from otfusion.strategies.fusion import FusionConfig, fuse, fuse_models
+from otfusion.fusion import FusionConfig, fuse, fuse_models
 from otfusion.zoo import build_model
 
 TOL = 1e-6

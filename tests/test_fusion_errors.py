@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from otfusion.strategies.fusion import FusionConfig, UnsupportedModelError, fuse
+from otfusion.fusion import FusionConfig, UnsupportedModelError, fuse
 from otfusion.zoo import build_model
 
 

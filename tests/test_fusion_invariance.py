@@ -27,7 +27,7 @@ import torch
 from permutations import permute_hidden_units, randomize_batchnorm_stats
 from torch import nn
 
-from otfusion.strategies.fusion import FusionConfig, fuse
+from otfusion.fusion import FusionConfig, fuse
 from otfusion.zoo import available_models, build_model
 
 EXACT_TOL = 1e-5

@@ -870,7 +870,7 @@ _MOMENT_VALUES = st.one_of(st.none(), st.lists(_MOMENT_ITEMS, max_size=6),
 @given(mean=_MOMENT_VALUES, var=_MOMENT_VALUES)
 @settings(max_examples=400, **FUZZ)
 def test_check_input_moments_never_raises_and_accepts_only_valid_moments(mean, var):
-    from otfusion.strategies.fusion import InputMoments
+    from otfusion.fusion import InputMoments
     from otfusion.strategies.replies import check_input_moments
 
     checked = check_input_moments(mean, var, (2, 2))

@@ -21,7 +21,7 @@ from test_strategy import fusion_order
 from torch import nn
 
 from otfusion.strategies import LegacyOTFusion
-from otfusion.strategies.fusion import FusionConfig, fuse_models
+from otfusion.fusion import FusionConfig, fuse_models
 from otfusion.zoo import build_model
 
 WIDTHS = (16, 8)

@@ -15,7 +15,7 @@ from otfusion.server.lmc import (
     interpolation_barrier,
     interpolation_curve,
 )
-from otfusion.strategies.fusion import FusionConfig, align
+from otfusion.fusion import FusionConfig, align
 from otfusion.zoo import build_model
 
 FUNCTION_TOL = 1e-5  # relative L2 difference of logits (exact OT: permutations only)

@@ -25,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from otfusion.strategies import OTFusion
-from otfusion.strategies.fusion import FusionConfig, fuse_models
+from otfusion.fusion import FusionConfig, fuse_models
 from otfusion.strategies.replies import reply_digest
 from otfusion.zoo import build_model
 

@@ -75,7 +75,7 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         with zero total weight falls back to ``weights``. Hidden layers are unaffected.
     input_moments : InputMoments, optional
         Per-feature mean and variance of the clients' training inputs (pooled, see
-        :func:`~otfusion.strategies.fusion.distillation.pool_moments`), of the shape of
+        :func:`~otfusion.fusion.distillation.pool_moments`), of the shape of
         one model input. With them and ``config.distill_steps > 0``, the fused model is
         then distilled from the clients' ensemble on synthetic inputs drawn from them.
     """

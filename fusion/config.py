@@ -70,7 +70,7 @@ class FusionConfig(BaseModel):
         Post-fusion distillation, done when :func:`fuse` gets the clients' input
         moments: this many Adam steps train the fused model to predict the clients'
         weighted mean class probabilities on synthetic inputs drawn from those moments
-        (see :mod:`~otfusion.strategies.fusion.distillation`). 0 turns it off. On the
+        (see :mod:`~otfusion.fusion.distillation`). 0 turns it off. On the
         non-IID digits splits (Dirichlet 0.5 and 0.1, K = 4, 8; 3 seeds) the MLP was
         best at 300 steps (mean 86.0%, against 83.6% at 600 and 82.1% at 1000: longer
         distillation moves it towards the weaker ensemble), the CNN at 1000 (85.3%
