@@ -29,8 +29,8 @@ import torch
 
 from otfusion.client.data import label_counts, load_digits_dataset, partition
 from otfusion.client.training import evaluate, recipe_for, train
-from otfusion.server.oneshot import pooled_input_moments, train_clients
 from otfusion.fusion import FusionConfig, fuse
+from otfusion.server.oneshot import pooled_input_moments, train_clients
 from otfusion.zoo import build_model
 
 matplotlib.use("Agg")

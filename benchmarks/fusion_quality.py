@@ -26,8 +26,8 @@ import torch
 
 from otfusion.client.data import label_counts, load_digits_dataset, partition
 from otfusion.client.training import recipe_for
-from otfusion.server.oneshot import Method, compare, pooled_input_moments, train_clients
 from otfusion.fusion import FusionConfig
+from otfusion.server.oneshot import Method, compare, pooled_input_moments, train_clients
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

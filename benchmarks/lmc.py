@@ -34,9 +34,9 @@ import torch
 
 from otfusion.client.data import load_digits_dataset
 from otfusion.client.training import recipe_for
+from otfusion.fusion import FusionConfig, align
 from otfusion.server.lmc import interpolation_curve
 from otfusion.server.oneshot import train_clients
-from otfusion.fusion import FusionConfig, align
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -37,8 +37,8 @@ from otfusion.client.data import (
     partition,
 )
 from otfusion.client.training import evaluate, model_inputs, train
-from otfusion.server.config import RunConfig
 from otfusion.fusion.distillation import input_moments
+from otfusion.server.config import RunConfig
 
 
 @lru_cache(maxsize=4)

@@ -24,7 +24,13 @@ from .averaging import (
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
 from .distillation import InputMoments, distill
-from .graph import AlignmentGraph, Group, build_alignment_graph, is_recurrent
+from .graph import (
+    AlignmentGraph,
+    Group,
+    UnsupportedModelError,
+    build_alignment_graph,
+    is_recurrent,
+)
 from .modes import temporary_mode
 from .projection import Coupling, as_rows, project
 from .validation import (
@@ -50,7 +56,8 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
          config: FusionConfig | None = None, target: nn.Module | None = None,
          inputs: torch.Tensor | None = None,
          class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-         input_moments: InputMoments | None = None) -> nn.Module:
+         input_moments: InputMoments | None = None,
+         graph: AlignmentGraph | None = None) -> nn.Module:
     """Fuse ``models`` (one architecture family, widths may differ) into one model.
 
     Parameters
@@ -78,23 +85,30 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         :func:`~otfusion.fusion.distillation.pool_moments`), of the shape of
         one model input. With them and ``config.distill_steps > 0``, the fused model is
         then distilled from the clients' ensemble on synthetic inputs drawn from them.
+    graph : AlignmentGraph, optional
+        An explicit alignment spec (see :func:`~otfusion.fusion.graph.alignment_spec`)
+        instead of the one traced from the model.
+
+    Models in float16 or bfloat16 are fused in float32; the result keeps their dtype.
     """
     return fuse_models(models, weights, config, target, inputs, class_weights,
-                       input_moments).model
+                       input_moments, graph).model
 
 
 def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
                 config: FusionConfig | None = None, target: nn.Module | None = None,
                 inputs: torch.Tensor | None = None,
                 class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-                input_moments: InputMoments | None = None) -> FusionResult:
+                input_moments: InputMoments | None = None,
+                graph: AlignmentGraph | None = None) -> FusionResult:
     """Like :func:`fuse`, also returning the transport cost of every group."""
     config = config or FusionConfig()
     models = check_models(models)
     lam = normalize_weights(weights, len(models))
     per_class = normalize_class_weights(class_weights, lam)
     reference = max(range(len(models)), key=lambda k: (lam[k], -k))
-    template = target if target is not None else models[reference]
+    original = target if target is not None else models[reference]
+    models, template = _working_precision(models, original)
     names = [f"model {k}" for k in range(len(models))]
     check_same_architecture([template, *models], ["target", *names])
     states = [_compute_state(m, template) for m in models]
@@ -105,7 +119,7 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
         costs, iterations = {}, {}
     else:
         graph, (couplings, costs, iterations) = _solve(
-            models, states, lam, reference, template, names, config, inputs)
+            models, states, lam, reference, template, names, config, inputs, graph)
     if per_class is not None and graph is None:
         graph = build_alignment_graph(template, _example_input(template, inputs))
     aligned = config.method != "average"  # the neuron options need couplings
@@ -120,7 +134,7 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     distill_loss = None
     if input_moments is not None and config.distill_steps > 0:
         distill_loss = distill(model, models, lam, input_moments, config)
-    return FusionResult(model, costs, iterations, distill_loss)
+    return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss)
 
 
 def output_width(model: nn.Module, inputs: torch.Tensor | None = None) -> int | None:
@@ -136,7 +150,8 @@ def output_width(model: nn.Module, inputs: torch.Tensor | None = None) -> int | 
 
 
 def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = None,
-          inputs: torch.Tensor | None = None) -> nn.Module:
+          inputs: torch.Tensor | None = None,
+          graph: AlignmentGraph | None = None) -> nn.Module:
     """``model`` expressed in ``reference``'s neuron coordinates.
 
     Every group of ``model`` is coupled to ``reference``'s neurons (a barycenter with
@@ -152,27 +167,53 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
     config = config or FusionConfig()
     if config.method == "average":
         raise ValueError("align needs an optimal-transport method, not method='average'")
-    models = check_models([reference, model])
+    models, template = _working_precision(check_models([reference, model]), reference)
     names = ["reference", "model"]
     check_same_architecture(models, names)
-    states = [_compute_state(m, reference) for m in models]
-    graph, (couplings, _, _) = _solve(models, states, [1.0, 0.0], 0, reference, names,
-                                      config, inputs)
-    aligned = copy.deepcopy(reference)
+    states = [_compute_state(m, template) for m in models]
+    graph, (couplings, _, _) = _solve(models, states, [1.0, 0.0], 0, template, names,
+                                      config, inputs, graph)
+    aligned = copy.deepcopy(template)
     aligned.load_state_dict(average_states(graph, states[1], states[1:], couplings[1:],
                                            AveragingWeights([1.0])))
-    return aligned
+    return _in_dtype_of(aligned, reference)
 
 
-def _solve(models, states, lam, reference, template, names, config: FusionConfig, inputs):
-    """The alignment graph of ``template`` and every client's couplings, costs and
-    iterations (:meth:`_GroupSolver.solve_all`)."""
+def _solve(models, states, lam, reference, template, names, config: FusionConfig, inputs,
+           graph: AlignmentGraph | None = None):
+    """The alignment graph of ``template`` (traced unless given) and every client's
+    couplings, costs and iterations (:meth:`_GroupSolver.solve_all`)."""
     if config.cost == "activations" and inputs is None:
         raise ValueError("cost='activations' needs a batch of inputs (inputs=x)")
-    graph = build_alignment_graph(template, _example_input(template, inputs))
+    if graph is None:
+        graph = build_alignment_graph(template, _example_input(template, inputs))
     _check_unaligned_axes(graph, [template.state_dict(), *states], ["target", *names])
     solver = _GroupSolver(graph, models, states, lam, reference, template, config, inputs)
     return graph, solver.solve_all()
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _working_precision(models: list[nn.Module], template: nn.Module
+                       ) -> tuple[list[nn.Module], nn.Module]:
+    """float32 copies of the models and the template when any is in float16/bfloat16
+    (optimal transport and averaging lose too much there); else they themselves."""
+    if not any(t.dtype in _LOW_PRECISION for m in (*models, template)
+               for t in m.state_dict().values()):
+        return models, template
+    widened = {id(m): copy.deepcopy(m).float() for m in (*models, template)}
+    return [widened[id(m)] for m in models], widened[id(template)]
+
+
+def _in_dtype_of(model: nn.Module, original: nn.Module) -> nn.Module:
+    """``model`` with ``original``'s dtypes (a no-op unless they differ)."""
+    if all(a.dtype == b.dtype for a, b in zip(model.state_dict().values(),
+                                               original.state_dict().values(), strict=True)):
+        return model
+    result = copy.deepcopy(original)
+    result.load_state_dict(model.state_dict())
+    return result
 
 
 def _compute_state(model: nn.Module, template: nn.Module) -> dict[str, torch.Tensor]:
@@ -187,7 +228,7 @@ def _compute_state(model: nn.Module, template: nn.Module) -> dict[str, torch.Ten
 
 def _example_input(template: nn.Module, inputs: torch.Tensor | None) -> torch.Tensor:
     if inputs is not None:
-        return inputs[:2]
+        return _like_parameters(inputs[:2], template)
     shape = getattr(template, "input_shape", None)
     if shape is None:
         raise ValueError(
@@ -196,6 +237,14 @@ def _example_input(template: nn.Module, inputs: torch.Tensor | None) -> torch.Te
         )
     parameter = next(template.parameters())
     return torch.zeros(2, *shape, dtype=parameter.dtype, device=parameter.device)
+
+
+def _like_parameters(inputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``inputs`` on the model's device, floating inputs in its dtype."""
+    parameter = next(model.parameters())
+    if inputs.is_floating_point():
+        return inputs.to(parameter.device, parameter.dtype)
+    return inputs.to(parameter.device)
 
 
 def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Tensor]],
@@ -245,7 +294,15 @@ class _GroupSolver:
         for group in self.graph.groups:
             if group.fixed:
                 continue
+            if group.parts is not None:
+                for k, maps in enumerate(self.couplings):
+                    maps[group.id] = self.direct_sum(group, k)
+                continue
             points = [self.static_points(group, k) for k in range(len(self.states))]
+            if not all(points):
+                raise UnsupportedModelError(
+                    f"group '{group.label}': no tensor defines its units from already "
+                    "aligned inputs, so it cannot be aligned")
 
             def points_fn(k, self_plan, group=group, points=points):
                 if self_plan is None or self.config.method != "gromov-wasserstein":
@@ -261,6 +318,18 @@ class _GroupSolver:
             costs[group.label] = result.cost
             iterations[group.label] = result.iterations
         return self.couplings, costs, iterations
+
+    def direct_sum(self, group: Group, k: int) -> Coupling:
+        """Client ``k``'s coupling of a concatenation, from its parts' couplings."""
+        like = next(t for t in self.states[k].values() if t.is_floating_point())
+        parts = []
+        for part, size in group.parts:
+            if part is None or self.groups[part].fixed:
+                width = size if part is None else self.widths[k][part]
+                parts.append(Coupling.identity(width, like))
+            else:
+                parts.append(self.couplings[k][part])
+        return Coupling.direct_sum(parts)
 
     def static_points(self, group: Group, k: int) -> dict[str, Points]:
         """Member points that do not depend on the group's own coupling."""
@@ -335,7 +404,7 @@ def _record_activations(models, graph: AlignmentGraph, inputs: torch.Tensor,
                 handles.append(modules[site.module].register_forward_hook(hook))
         try:
             with torch.no_grad(), temporary_mode(model):
-                model(inputs.to(next(model.parameters()).device))
+                model(_like_parameters(inputs, model))
         finally:
             for handle in handles:
                 handle.remove()

@@ -31,6 +31,25 @@ class Coupling:
                 return cls(plan, index)
         return cls(plan)
 
+    @classmethod
+    def identity(cls, width: int, like: torch.Tensor) -> Coupling:
+        plan = torch.eye(width, dtype=like.dtype, device=like.device) / width
+        return cls(plan, torch.arange(width, device=like.device))
+
+    @classmethod
+    def direct_sum(cls, parts: list[Coupling]) -> Coupling:
+        """The coupling of a concatenation: the parts' plans on the block diagonal, each
+        scaled to its share of the fused width (a permutation if every part is one)."""
+        n = sum(p.plan.shape[0] for p in parts)
+        plan = torch.block_diag(*(p.plan * (p.plan.shape[0] / n) for p in parts))
+        if any(p.permutation is None for p in parts):
+            return cls(plan)
+        offsets = [0]
+        for p in parts[:-1]:
+            offsets.append(offsets[-1] + p.plan.shape[1])
+        return cls(plan, torch.cat([p.permutation + o for p, o in zip(parts, offsets,
+                                                                       strict=True)]))
+
     def matrix(self, kind: str) -> torch.Tensor:
         """Map from client to fused coordinates: rows average ("neuron") or columns keep
         their mass ("input"), so that a neuron split in two feeds its consumers once."""

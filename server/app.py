@@ -21,11 +21,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from otfusion.client.data import load_digits_dataset
 from otfusion.client.training import evaluate
+from otfusion.fusion import FusionConfig
 from otfusion.server.checkpoint import RunCheckpoint
 from otfusion.server.config import RunConfig
 from otfusion.server.report import write_report
 from otfusion.strategies import OTFusion
-from otfusion.fusion import FusionConfig
 
 
 def make_strategy(config: RunConfig) -> OTFusion:

@@ -21,9 +21,9 @@ from flwr.server.strategy import Strategy
 from otfusion.client.data import load_digits_dataset
 from otfusion.client.legacy import get_weights, set_weights
 from otfusion.client.training import evaluate
+from otfusion.fusion import FusionConfig
 from otfusion.server.config import RunConfig
 from otfusion.strategies import LegacyOTFusion
-from otfusion.fusion import FusionConfig
 from otfusion.strategies.replies import weighted_average_metrics
 
 

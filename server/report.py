@@ -12,9 +12,9 @@ from torch import nn
 
 from otfusion.client.data import load_digits_dataset
 from otfusion.client.training import evaluate
+from otfusion.fusion import FusionConfig
 from otfusion.server.config import RunConfig
 from otfusion.server.oneshot import compare
-from otfusion.fusion import FusionConfig
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -15,6 +15,7 @@ from flwr.server.strategy import FedAvg
 from torch import nn
 
 from otfusion.fusion import FusionConfig
+
 from .otfusion import ClientModelFn, _FusionMixin
 from .replies import check_array_list, check_weight, reply_digest, weighted_average_metrics
 

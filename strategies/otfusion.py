@@ -21,6 +21,7 @@ from torch import nn
 
 from otfusion.fusion import FusionConfig, InputMoments, fuse_models, output_width, pool_moments
 from otfusion.fusion.distillation import distill
+
 from .replies import (
     INPUT_MEAN_KEY,
     INPUT_VAR_KEY,

@@ -175,20 +175,6 @@ class _GroupedConv(nn.Module):
         return self.head(torch.flatten(self.pool(x), 1))
 
 
-class _DirectParameter(nn.Module):
-    """A parameter used directly in ``forward`` (an fx ``get_attr`` node)."""
-
-    def __init__(self):
-        super().__init__()
-        self.input_shape = (6,)
-        self.fc = nn.Linear(6, 8)
-        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.fc(x)) * self.scale)
-
-
 class _Untraceable(nn.Module):
     def __init__(self):
         super().__init__()
@@ -208,7 +194,6 @@ class _Untraceable(nn.Module):
     [
         pytest.param(_WithAttention, "attn", id="multihead-attention"),
         pytest.param(_GroupedConv, "grouped", id="grouped-conv"),
-        pytest.param(_DirectParameter, "scale", id="parameter-used-directly"),
         pytest.param(_Untraceable, "_Untraceable", id="data-dependent-control-flow"),
     ],
 )

@@ -1,0 +1,200 @@
+"""Layouts: which group lives on which dimension of a traced tensor, and the shape ops
+that move dimensions around (flatten, reshape, transpose, indexing, reductions).
+
+A layout is a tuple with one :class:`~.spec.AxisSpec` or ``None`` per dimension. Values
+that are not one tensor have other layouts: ``None`` (no tensor: a size, a dtype), a
+tuple of layouts (a module returning several tensors), :class:`Stacked` (a tensor whose
+first dimension stacks differently aligned tensors, such as the hidden states of a
+stacked LSTM) and :class:`Opaque` (a tensor whose layout cannot be described).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from torch import fx
+
+from .spec import AxisSpec, UnsupportedModelError
+
+Layout = tuple  # per-dim AxisSpec | None, for one tensor value
+
+
+class Opaque:
+    """Layout of a value whose neuron layout cannot be expressed."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+class Stacked:
+    """Layout of a tensor whose first dimension stacks tensors of different layouts
+    (``items[i]`` is the layout of ``value[i]``); usable only by indexing it."""
+
+    def __init__(self, items: tuple[Layout, ...], why: str):
+        self.items = items
+        self.why = why
+
+
+def is_layout(value) -> bool:
+    return isinstance(value, tuple) and all(isinstance(v, AxisSpec | None) for v in value)
+
+
+def shape_of(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def plain(node: fx.Node) -> Layout | None:
+    """The layout of a tensor that carries no aligned dimension (None if not a tensor)."""
+    shape = shape_of(node)
+    return None if shape is None else (None,) * len(shape)
+
+
+def has_groups(value) -> bool:
+    """Whether a (nested) layout value carries any aligned dimension."""
+    if isinstance(value, AxisSpec | Opaque | Stacked):
+        return True
+    if isinstance(value, dict):
+        return any(has_groups(v) for v in value.values())
+    return isinstance(value, tuple | list) and any(has_groups(v) for v in value)
+
+
+def as_input(spec: AxisSpec | None) -> AxisSpec | None:
+    return None if spec is None else replace(spec, kind="input")
+
+
+def as_neuron(spec: AxisSpec | None) -> AxisSpec | None:
+    return None if spec is None else replace(spec, kind="neuron")
+
+
+def require_unaligned(layout: Layout, dims, where: str, why: str) -> None:
+    """Refuse by name when an op mixes the units of an aligned dimension."""
+    for d in dims:
+        if layout[d] is not None:
+            raise UnsupportedModelError(f"{where} {why} (dimension {d % len(layout)} holds "
+                                        "aligned units)")
+
+
+def merge(layout: Layout, sizes: tuple[int, ...], where: str) -> AxisSpec | None:
+    """The spec of one dimension made by merging dimensions of ``sizes`` (row-major)."""
+    grouped = [i for i, s in enumerate(layout) if s is not None]
+    if not grouped:
+        return None
+    if len(grouped) > 1:
+        raise UnsupportedModelError(f"{where} merges several aligned dimensions into one")
+    i = grouped[0]
+    old = layout[i]
+    return replace(old, outer=old.outer * math.prod(sizes[:i]),
+                   inner=old.inner * math.prod(sizes[i + 1:]))
+
+
+def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str) -> Layout:
+    """The layout of dimensions of ``sizes`` made by splitting one of ``spec``."""
+    if spec is None:
+        return (None,) * len(sizes)
+    for d in range(len(sizes)):
+        before, after = math.prod(sizes[:d]), math.prod(sizes[d + 1:])
+        if spec.outer % before == 0 and spec.inner % after == 0:
+            return tuple(
+                replace(spec, outer=spec.outer // before, inner=spec.inner // after)
+                if i == d else None for i in range(len(sizes)))
+    raise UnsupportedModelError(f"{where} splits aligned units across dimensions {sizes} "
+                                f"(of one dimension of size {size})")
+
+
+def reshape(layout: Layout, source: tuple[int, ...], result: tuple[int, ...],
+            where: str) -> Layout:
+    """view/reshape/flatten/unflatten: dimensions are matched in runs of equal
+    product; within a run, aligned units may be merged with or split from unaligned
+    dimensions, as long as one unit stays on one dimension."""
+    out: list[AxisSpec | None] = []
+    i = j = 0
+    while i < len(source) or j < len(result):
+        i0, j0 = i, j
+        a = b = 1
+        if i < len(source):
+            a, i = source[i], i + 1
+        if j < len(result):
+            b, j = result[j], j + 1
+        while a != b:
+            if a < b and i < len(source):
+                a, i = a * source[i], i + 1
+            elif a > b and j < len(result):
+                b, j = b * result[j], j + 1
+            else:
+                raise UnsupportedModelError(f"{where}: cannot relate shapes {source} and "
+                                            f"{result}")
+        spec = merge(layout[i0:i], source[i0:i], where)
+        out.extend(split(spec, a, result[j0:j], where))
+    return tuple(out)
+
+
+def flatten(layout: Layout, shape: tuple[int, ...], start: int, end: int,
+            where: str) -> Layout:
+    ndim = len(layout)
+    if ndim == 0:
+        return layout
+    start, end = start % ndim, end % ndim
+    spec = merge(layout[start:end + 1], shape[start:end + 1], where)
+    return (*layout[:start], spec, *layout[end + 1:])
+
+
+def permute(layout: Layout, order) -> Layout:
+    return tuple(layout[d] for d in order)
+
+
+def transpose(layout: Layout, a: int, b: int) -> Layout:
+    order = list(range(len(layout)))
+    a, b = a % len(layout), b % len(layout)
+    order[a], order[b] = order[b], order[a]
+    return permute(layout, order)
+
+
+def index(value, item, where: str, shape: tuple[int, ...] | None):
+    """``value[item]``: tuples of outputs are picked from; a stacked tensor gives the
+    layout of the picked entry; a tensor keeps the dimensions sliced whole."""
+    if isinstance(value, Opaque):
+        return value
+    if isinstance(value, Stacked):
+        if isinstance(item, int):
+            return value.items[item]
+        raise UnsupportedModelError(f"{where}: {value.why} can only be indexed by one integer")
+    if value is None:
+        return None if shape is None else (None,) * len(shape)
+    if not is_layout(value):
+        return value[item]
+    items = item if isinstance(item, tuple) else (item,)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        fill = len(value) - (len(items) - 1 - sum(i is None for i in items))
+        items = (*items[:at], *(slice(None),) * fill, *items[at + 1:])
+    out: list[AxisSpec | None] = []
+    dim = 0
+    for entry in items:
+        if entry is None:
+            out.append(None)
+            continue
+        spec = value[dim]
+        whole = isinstance(entry, slice) and entry == slice(None)
+        if spec is not None and not whole:
+            raise UnsupportedModelError(f"{where} indexes into aligned units (dimension {dim})")
+        if isinstance(entry, slice):
+            out.append(spec)
+        elif isinstance(entry, fx.Node) or not isinstance(entry, int):
+            if spec is not None or isinstance(entry, fx.Node):
+                raise UnsupportedModelError(f"{where}: unsupported index {entry!r}")
+        dim += 1
+    return (*out, *value[dim:])
+
+
+def reduce(layout: Layout, dims, keepdim: bool) -> Layout:
+    """A reduction (mean, sum, amax) over ``dims`` (all when None): the reduced
+    dimensions are gone (or unaligned, with keepdim). Reducing over aligned units is
+    invariant to permuting them."""
+    if dims is None:
+        return (None,) * len(layout) if keepdim else ()
+    dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list) else (dims,))}
+    if keepdim:
+        return tuple(None if d in dims else s for d, s in enumerate(layout))
+    return tuple(s for d, s in enumerate(layout) if d not in dims)

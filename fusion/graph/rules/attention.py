@@ -1,0 +1,1 @@
+"""Attention layers (to come: nn.MultiheadAttention and the Transformer layers)."""

@@ -1,0 +1,70 @@
+"""Linear, convolution (dense and depthwise) and embedding layers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layouts import as_input, require_unaligned
+from ..spec import AxisSpec, UnsupportedModelError
+from . import register_rule
+
+
+@register_rule(nn.Linear)
+def linear(tracer, call, name, module):
+    """New neurons on the last dimension, fed by the input's last dimension."""
+    source = call.layout()
+    group = tracer.new_group(name)
+    out = AxisSpec(group, "neuron")
+    tracer.record(name, "weight", (out, as_input(source[-1])), cost=True)
+    if module.bias is not None:
+        tracer.record(name, "bias", (out,), cost=True)
+    tracer.add_site(group, name, None, len(source) - 1, out)
+    return (*source[:-1], out)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def convolution(tracer, call, name, module):
+    """New channels from the input channels; a depthwise convolution (one group per
+    input channel) keeps its input's channels, each repeated ``out/in`` times."""
+    source = call.layout()
+    k = module.weight.dim() - 2
+    where = f"module '{name}'"
+    require_unaligned(source, range(-k, 0), where, "convolves over aligned units")
+    channel = source[-k - 1]
+    kernel = (None,) * k
+    if module.groups == 1:
+        group = tracer.new_group(name)
+        out = AxisSpec(group, "neuron")
+        tracer.record(name, "weight", (out, as_input(channel), *kernel), cost=True)
+        if module.bias is not None:
+            tracer.record(name, "bias", (out,), cost=True)
+        tracer.add_site(group, name, None, len(source) - k - 1, out)
+    elif module.groups == module.in_channels:
+        multiplier = module.out_channels // module.in_channels
+        if channel is None and multiplier == 1:
+            out = None
+        elif channel is None or (channel.outer, channel.inner) != (1, 1):
+            raise UnsupportedModelError(f"{where}: a depthwise convolution with a channel "
+                                        "multiplier on unaligned or reshaped channels is not "
+                                        "supported")
+        else:
+            out = AxisSpec(channel.group, "neuron", inner=multiplier)
+        tracer.record(name, "weight", (out, None, *kernel), cost=False)
+        if module.bias is not None:
+            tracer.record(name, "bias", (out,), cost=False)
+    else:
+        raise UnsupportedModelError(
+            f"{where}: grouped convolutions with 1 < groups ({module.groups}) < channels "
+            "are not supported yet (depthwise and dense ones are)")
+    return (*source[:-k - 1], out, *source[-k:])
+
+
+@register_rule(nn.Embedding)
+def embedding(tracer, call, name, module):
+    """One vector per token id: new neurons on a new last dimension."""
+    source = call.layout()
+    group = tracer.new_group(name)
+    out = AxisSpec(group, "neuron")
+    tracer.record(name, "weight", (None, out), cost=True)
+    tracer.add_site(group, name, None, len(source), out)
+    return (*source, out)

@@ -1,0 +1,80 @@
+"""Ops that act on every unit alone (activations, dropout, softmax over any dimension,
+which is permutation-equivariant), and pooling, which mixes neighbouring positions and
+so must not run over aligned units."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layouts import require_unaligned
+from . import function_rule_for, method_rule_for, register_rule
+
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.LogSigmoid,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.Softmax, nn.LogSoftmax,
+)
+ELEMENTWISE_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
+    F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.softmax, F.log_softmax, F.tanh,
+    F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.softmax, torch.log_softmax,
+    torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.neg,
+    torch.clamp, torch.erf, torch.sin, torch.cos,
+)
+ELEMENTWISE_METHODS = (
+    "relu", "relu_", "tanh", "sigmoid", "softmax", "log_softmax", "exp", "log", "abs",
+    "sqrt", "rsqrt", "square", "neg", "clamp", "clamp_min", "clamp_max", "pow", "erf",
+    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
+    "type", "requires_grad_",
+)
+
+
+@register_rule(*ELEMENTWISE_MODULES)
+def elementwise_module(tracer, call, name, module):
+    if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        source = call.layout()
+        tracer.record(name, "weight", (source[1 if len(source) > 1 else 0],), cost=False)
+    elif isinstance(module, nn.PReLU):
+        tracer.record(name, "weight", (None,), cost=False)
+    return call.layout()
+
+
+@function_rule_for(*ELEMENTWISE_FUNCTIONS)
+@method_rule_for(*ELEMENTWISE_METHODS)
+def elementwise(tracer, call):
+    return call.layout()
+
+
+_POOLS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,
+    nn.AvgPool3d: 3, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2,
+    nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3, nn.LPPool1d: 1, nn.LPPool2d: 2,
+}
+_POOL_FUNCTIONS = {
+    F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2,
+    F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}
+
+
+@register_rule(*_POOLS)
+def pool_module(tracer, call, name, module):
+    return _pooled(call.layout(), _POOLS[type(module)], f"module '{name}'")
+
+
+@function_rule_for(*_POOL_FUNCTIONS)
+def pool_function(tracer, call):
+    return _pooled(call.layout(), _POOL_FUNCTIONS[call.node.target], f"node '{call.node.name}'")
+
+
+def _pooled(layout, dims: int, where: str):
+    require_unaligned(layout, range(-dims, 0), where,
+                      "pools neighbouring units of an aligned dimension together")
+    return layout

@@ -1,0 +1,256 @@
+"""Arithmetic, concatenation and the shape ops that move aligned dimensions around."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .. import layouts as L
+from ..spec import AxisSpec, UnsupportedModelError
+from . import function_rule_for, method_rule_for, register_rule
+
+
+def _where(call) -> str:
+    return f"node '{call.node.name}'"
+
+
+def _dims(call, index: int, name: str):
+    """A dims argument given as one tuple/list or as varargs from position ``index``."""
+    value = call.value(index, name, None)
+    if isinstance(value, tuple | list) or value is None:
+        return value
+    return tuple(call.node.args[index:])
+
+
+def unify(tracer, specs, where: str) -> AxisSpec | None:
+    """One dimension shared by several tensors (added, concatenated side by side): their
+    groups become one; ``"data"`` (an unaligned dimension of size > 1) fixes it."""
+    grouped = [s for s in specs if isinstance(s, AxisSpec)]
+    if not grouped:
+        return None
+    first = grouped[0]
+    for other in grouped[1:]:
+        if (other.outer, other.inner) != (first.outer, first.inner):
+            raise UnsupportedModelError(f"{where} combines tensors whose units are laid out "
+                                        "differently")
+        tracer.union(first.group, other.group)
+    if "data" in specs:
+        tracer.fix(first.group)
+    return replace(first, kind="neuron")
+
+
+def _operand_specs(operands, shapes, offset: int):
+    """Per operand, its spec at ``-offset`` (right-aligned broadcasting), ``"data"`` for
+    an unaligned dimension of size > 1."""
+    specs = []
+    for layout, shape in zip(operands, shapes, strict=True):
+        if offset > len(layout):
+            continue
+        spec = layout[-offset]
+        if spec is not None:
+            specs.append(spec)
+        elif shape is not None and shape[-offset] != 1:
+            specs.append("data")
+    return specs
+
+
+@function_rule_for(operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
+                   operator.imul, operator.truediv, operator.itruediv, torch.add, torch.sub,
+                   torch.mul, torch.div, torch.maximum, torch.minimum, torch.where)
+@method_rule_for("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")
+def broadcast(tracer, call):
+    """Elementwise op of tensors: dimensions that meet share one coupling."""
+    shape = call.shape
+    if shape is None:
+        raise UnsupportedModelError(f"{_where(call)}: unknown output shape")
+    raw = call.node.args[:3] if call.node.target is torch.where else call.node.args[:2]
+    pairs = [(layout, L.shape_of(arg)) for layout, arg in zip(call.args, raw, strict=False)
+             if L.is_layout(layout)]
+    result = [None] * len(shape)
+    for offset in range(1, len(shape) + 1):
+        result[-offset] = unify(tracer, _operand_specs(
+            [p[0] for p in pairs], [p[1] for p in pairs], offset), _where(call))
+    return tuple(result)
+
+
+@function_rule_for(torch.cat, torch.concat, torch.concatenate)
+def concatenate(tracer, call):
+    """Side by side along one dimension: the other dimensions meet (as in an addition);
+    along the concatenated one, aligned parts give a direct sum of their couplings."""
+    nodes = call.value(0, "tensors")
+    parts = call.layout(0, "tensors")
+    shapes = [L.shape_of(n) for n in nodes]
+    ndim = len(shapes[0])
+    dim = call.value(1, "dim", 0) % ndim
+    result = []
+    for d in range(ndim):
+        if d != dim:
+            result.append(unify(tracer, _operand_specs(parts, shapes, ndim - d), _where(call)))
+            continue
+        specs = [p[d] for p in parts]
+        if all(s is None for s in specs):
+            result.append(None)
+            continue
+        if any(s is not None and (s.outer, s.inner) != (1, 1) for s in specs):
+            raise UnsupportedModelError(f"{_where(call)} concatenates reshaped aligned units")
+        result.append(tracer.direct_sum(call.node.name, [
+            (s, shape[d]) for s, shape in zip(specs, shapes, strict=True)]))
+    return tuple(result)
+
+
+@function_rule_for(torch.stack)
+def stack(tracer, call):
+    nodes = call.value(0, "tensors")
+    parts = call.layout(0, "tensors")
+    shapes = [L.shape_of(n) for n in nodes]
+    ndim = len(shapes[0])
+    dim = call.value(1, "dim", 0) % (ndim + 1)
+    merged = [unify(tracer, _operand_specs(parts, shapes, ndim - d), _where(call))
+              for d in range(ndim)]
+    return (*merged[:dim], None, *merged[dim:])
+
+
+@function_rule_for(torch.flatten)
+@method_rule_for("flatten")
+def flatten(tracer, call):
+    return L.flatten(call.layout(), L.shape_of(call.node.args[0]),
+                     call.value(1, "start_dim", 0), call.value(2, "end_dim", -1), _where(call))
+
+
+@register_rule(nn.Flatten)
+def flatten_module(tracer, call, name, module):
+    return L.flatten(call.layout(), L.shape_of(call.node.args[0]), module.start_dim,
+                     module.end_dim, f"module '{name}'")
+
+
+@function_rule_for(torch.reshape, torch.unflatten)
+@method_rule_for("view", "reshape", "unflatten", "view_as", "reshape_as")
+def reshape(tracer, call):
+    source, result = L.shape_of(call.node.args[0]), call.shape
+    if source is None or result is None:
+        raise UnsupportedModelError(f"{_where(call)}: unknown shape")
+    return L.reshape(call.layout(), source, result, _where(call))
+
+
+@register_rule(nn.Unflatten)
+def unflatten_module(tracer, call, name, module):
+    return L.reshape(call.layout(), L.shape_of(call.node.args[0]), call.shape,
+                     f"module '{name}'")
+
+
+@function_rule_for(torch.transpose, torch.swapaxes)
+@method_rule_for("transpose", "swapaxes", "transpose_")
+def transpose(tracer, call):
+    return L.transpose(call.layout(), call.value(1, "dim0"), call.value(2, "dim1"))
+
+
+@function_rule_for(torch.permute)
+@method_rule_for("permute")
+def permute(tracer, call):
+    return L.permute(call.layout(), _dims(call, 1, "dims"))
+
+
+@function_rule_for(torch.movedim)
+@method_rule_for("movedim")
+def movedim(tracer, call):
+    layout = call.layout()
+    order = list(range(len(layout)))
+    source, target = call.value(1, "source"), call.value(2, "destination")
+    moved = order.pop(source % len(layout))
+    order.insert(target % len(layout), moved)
+    return L.permute(layout, order)
+
+
+@function_rule_for(torch.t)
+@method_rule_for("t")
+def matrix_transpose(tracer, call):
+    layout = call.layout()
+    return layout if len(layout) < 2 else L.transpose(layout, 0, 1)
+
+
+@function_rule_for(getattr)
+def attribute(tracer, call):
+    """``x.T``, ``x.mT`` move dimensions; ``x.shape`` and the like are no tensors."""
+    layout, name = call.layout(), call.node.args[1]
+    if name in ("T", "mT", "H", "mH"):
+        if not L.is_layout(layout):
+            raise UnsupportedModelError(f"{_where(call)}: .{name} of a non-tensor")
+        if name in ("T", "H"):
+            return tuple(reversed(layout))
+        return L.transpose(layout, -2, -1)
+    if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"):
+        return None
+    if name == "data":
+        return layout
+    if L.has_groups(layout):
+        raise UnsupportedModelError(f"{_where(call)} reads attribute '{name}' of a tensor "
+                                    "with aligned units")
+    return L.plain(call.node)
+
+
+@function_rule_for(operator.getitem)
+def getitem(tracer, call):
+    return L.index(call.layout(), call.node.args[1], _where(call), call.shape)
+
+
+@function_rule_for(torch.squeeze)
+@method_rule_for("squeeze")
+def squeeze(tracer, call):
+    layout, source = call.layout(), L.shape_of(call.node.args[0])
+    dims = call.value(1, "dim", None)
+    if dims is None:
+        dims = [d for d, size in enumerate(source) if size == 1]
+    dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list) else (dims,))
+            if source[d] == 1}
+    L.require_unaligned(layout, dims, _where(call), "squeezes away aligned units")
+    return tuple(s for d, s in enumerate(layout) if d not in dims)
+
+
+@function_rule_for(torch.unsqueeze)
+@method_rule_for("unsqueeze")
+def unsqueeze(tracer, call):
+    layout = list(call.layout())
+    dim = call.value(1, "dim")
+    layout.insert(dim % (len(layout) + 1), None)
+    return tuple(layout)
+
+
+@function_rule_for(torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp)
+@method_rule_for("mean", "sum", "amax", "amin", "logsumexp")
+def reduction(tracer, call):
+    """Reductions are invariant to permuting the units they reduce over."""
+    return L.reduce(call.layout(), call.value(1, "dim", None), call.value(2, "keepdim", False))
+
+
+@method_rule_for("expand", "expand_as", "repeat", "tile")
+def expand(tracer, call):
+    """Repeats along dimensions of size one (``expand``) keep the layout; ``repeat``
+    must not tile aligned units."""
+    layout, source, result = call.layout(), L.shape_of(call.node.args[0]), call.shape
+    extra = len(result) - len(layout)
+    for d, spec in enumerate(layout):
+        if spec is not None and result[d + extra] != source[d]:
+            raise UnsupportedModelError(f"{_where(call)} repeats aligned units")
+    return (None,) * extra + tuple(layout)
+
+
+@method_rule_for("size", "dim", "numel")
+def size(tracer, call):
+    return None
+
+
+@function_rule_for(torch.chunk, torch.split, torch.unbind)
+@method_rule_for("chunk", "split", "unbind")
+def split(tracer, call):
+    """Pieces along an unaligned dimension keep the other dimensions' layout."""
+    layout = call.layout()
+    unbind = call.node.target in ("unbind", torch.unbind)
+    dim = call.value(1, "dim", 0) if unbind else call.value(2, "dim", 0)
+    L.require_unaligned(layout, (dim,), _where(call), "splits aligned units apart")
+    piece = tuple(s for d, s in enumerate(layout) if d != dim % len(layout)) if unbind \
+        else layout
+    count = len(call.node.meta.get("tensor_meta", ())) or 1
+    return tuple(piece for _ in range(count))

@@ -1,0 +1,373 @@
+"""Deriving an :class:`~.spec.AlignmentGraph` from a torch model.
+
+The model is traced with ``torch.fx``; node by node, the tracer propagates which group
+lives on which dimension of every intermediate tensor (a *layout*: one
+:class:`~.spec.AxisSpec` or ``None`` per dimension). What each module, function or
+method does to a layout is a rule of :mod:`.rules`. Anything no rule covers raises
+:class:`~.spec.UnsupportedModelError` naming the module or node, so a model is never
+fused silently wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..modes import temporary_mode
+from . import rules
+from .layouts import Layout, Opaque, Stacked, has_groups, plain
+from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One fx node being visited: its raw arguments and their layouts."""
+
+    node: fx.Node
+    args: tuple
+    kwargs: dict
+
+    def value(self, index: int, name: str, default=_MISSING):
+        """The raw argument at position ``index`` or keyword ``name``."""
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        if default is _MISSING:
+            raise UnsupportedModelError(f"node '{self.node.name}': missing argument '{name}'")
+        return default
+
+    def layout(self, index: int = 0, name: str = "input"):
+        """The layout of the argument at position ``index`` or keyword ``name``."""
+        if index < len(self.args):
+            return self.args[index]
+        return self.kwargs.get(name)
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return node_shape(self.node)
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that keeps every module with a rule (built-in or registered) whole."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return rules.module_rule(module) is not None or super().is_leaf_module(
+            module, qualified_name)
+
+
+class Tracer:
+    """Union-find over groups, the axes recorded for every tensor, and the traversal."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.state = dict(model.state_dict(keep_vars=True))
+        self.parent: list[int] = []
+        self.labels: list[str] = []
+        self.passive: set[int] = set()
+        self.fixed: set[int] = set()
+        self.outputs: set[int] = set()
+        self.blocks: dict[int, tuple[int, int | None, str]] = {}
+        self.parts: dict[int, tuple[tuple[int | None, int], ...]] = {}
+        self.uses: dict[int, list[tuple[str, tuple, bool]]] = {}
+        self.sites: list[tuple[int, ActivationSite]] = []
+
+    # -- groups
+    def new_group(self, label: str, passive: bool = False) -> int:
+        """A new group; a ``passive`` one (a parameter's axis) only joins others."""
+        self.parent.append(len(self.parent))
+        self.labels.append(label)
+        if passive:
+            self.passive.add(len(self.parent) - 1)
+        return len(self.parent) - 1
+
+    def find(self, g: int) -> int:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+    def fix(self, group: int) -> None:
+        """``group`` keeps the identity coupling (it meets unaligned data)."""
+        self.fixed.add(group)
+
+    def constrain_blocks(self, group: int, blocks: int, where: str,
+                         source: int | None = None) -> None:
+        """``group``'s coupling may only move whole blocks (and units within them)."""
+        if blocks > 1:
+            self.blocks.setdefault(group, (blocks, source, where))
+            if self.blocks[group][:2] != (blocks, source):
+                raise UnsupportedModelError(
+                    f"{where} splits channels into {blocks} groups, but "
+                    f"{self.blocks[group][2]} splits the same channels differently")
+
+    def direct_sum(self, label: str, parts: list[tuple[AxisSpec | None, int]]) -> AxisSpec:
+        """A group whose coupling is the block-diagonal of its parts' couplings (a
+        concatenation); a ``None`` part is unaligned data of the given size."""
+        group = self.new_group(label)
+        self.parts[group] = tuple((None if spec is None else spec.group, size)
+                                  for spec, size in parts)
+        return AxisSpec(group, "neuron")
+
+    # -- recording
+    def record(self, module: str, param: str, axes, cost: bool) -> None:
+        """The axes of ``module.param`` at one of its uses (tied tensors have several)."""
+        name = f"{module}.{param}" if module else param
+        tensor = self.state[name]
+        axes = tuple(axes)
+        if len(axes) != tensor.dim():
+            raise UnsupportedModelError(f"'{name}' has {tensor.dim()} dims, but its rule "
+                                        f"describes {len(axes)}")
+        uses = self.uses.setdefault(id(tensor), [])
+        if uses:
+            for first, other in zip(uses[0][1], axes, strict=True):
+                self._tie(name, first, other)
+        uses.append((name, axes, cost))
+
+    def _tie(self, name: str, first: AxisSpec | None, other: AxisSpec | None) -> None:
+        if first is None and other is None:
+            return
+        if first is None or other is None:
+            self.fix((first or other).group)
+            return
+        if (first.outer, first.inner) != (other.outer, other.inner):
+            raise UnsupportedModelError(
+                f"'{name}' is used in two places that lay out its units differently")
+        self.union(first.group, other.group)
+
+    def add_site(self, group: int, module: str, output_index: int | None, dim: int,
+                 spec: AxisSpec) -> None:
+        self.sites.append((group, ActivationSite(module, output_index, dim, spec)))
+
+    # -- traversal
+    def run(self, example_input: torch.Tensor) -> AlignmentGraph:
+        gm = _trace(self.model)
+        _propagate_shapes(gm, example_input)
+        layouts: dict[fx.Node, object] = {}
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                for layout in _output_layouts(node.args[0], layouts):
+                    for spec in layout:
+                        if spec is not None:
+                            self.fix(spec.group)
+                            self.outputs.add(spec.group)
+                continue
+            layouts[node] = self.visit(node, layouts)
+        return _Finisher(self).graph()
+
+    def visit(self, node: fx.Node, layouts: dict) -> object:
+        if node.op == "placeholder":
+            return plain(node)
+        if node.op == "get_attr":
+            return self.attribute(node)
+        call = Call(node, *fx.node.map_arg((node.args, node.kwargs), lambda n: layouts[n]))
+        if node.op == "call_module":
+            return self.visit_module(call)
+        rule = (rules.method_rule(node.target) if node.op == "call_method"
+                else rules.function_rule(node.target))
+        if rule is not None:
+            return rule(self, call)
+        if has_groups([*call.args, *call.kwargs.values()]):
+            name = node.target if isinstance(node.target, str) else getattr(
+                node.target, "__name__", str(node.target))
+            raise UnsupportedModelError(
+                f"node '{node.name}' ({node.op} {name}) acts on aligned neurons in a way the "
+                "alignment graph does not support")
+        return plain(node)
+
+    def visit_module(self, call: Call) -> object:
+        name = call.node.target
+        module = self.modules[name]
+        for value in (*call.args, *call.kwargs.values()):
+            if isinstance(value, Opaque | Stacked):
+                raise UnsupportedModelError(f"module '{name}' consumes {value.why}")
+        rule = rules.module_rule(module)
+        if rule is None:
+            raise UnsupportedModelError(
+                f"module '{name}' of type {type(module).__name__} is not supported by the "
+                "alignment graph (register a rule for it with "
+                "otfusion.fusion.register_rule, or pass an explicit alignment spec)")
+        layout = rule(self, call, name, module)
+        prefix = f"{name}." if name else ""
+        missing = [f"{prefix}{p}" for p, _ in _own_state(module)
+                   if id(self.state[f"{prefix}{p}"]) not in self.uses]
+        if missing:
+            raise UnsupportedModelError(
+                f"the rule for module '{name}' ({type(module).__name__}) does not describe "
+                f"{', '.join(missing)}")
+        return layout
+
+    def attribute(self, node: fx.Node) -> Layout | None:
+        """A parameter or buffer read directly: its axes join whatever they meet."""
+        if node.target not in self.state:
+            return plain(node)
+        tensor = self.state[node.target]
+        axes = tuple(None if size == 1 else AxisSpec(
+            self.new_group(f"{node.target}[{d}]", passive=True), "neuron")
+            for d, size in enumerate(tensor.shape))
+        self.record("", node.target, axes, cost=False)
+        return axes
+
+
+def _own_state(module: nn.Module):
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+class _Finisher:
+    """Turns the tracer's union-find state into the frozen graph."""
+
+    def __init__(self, tracer: Tracer):
+        self.t = tracer
+        find = tracer.find
+        active = {find(g) for g in range(len(tracer.parent)) if g not in tracer.passive}
+        self.roots = sorted({find(g) for g in range(len(tracer.parent))})
+        self.fixed = {find(g) for g in tracer.fixed} | (set(self.roots) - active)
+        parts = {find(g): [find(p) for p, _ in value if p is not None]
+                 for g, value in tracer.parts.items()}
+        grown = True
+        while grown:  # a concatenation kept as it is keeps its parts as they are
+            before = len(self.fixed)
+            self.fixed |= {p for root in parts if root in self.fixed for p in parts[root]}
+            grown = len(self.fixed) > before
+        self.canonical = {root: i for i, root in enumerate(self.roots)}
+
+    def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
+        if spec is None:
+            return None
+        return replace(spec, group=self.canonical[self.t.find(spec.group)])
+
+    def graph(self) -> AlignmentGraph:
+        t = self.t
+        labels: dict[int, list[str]] = {}
+        for g in range(len(t.parent)):
+            if g not in t.passive or t.find(g) == g:
+                labels.setdefault(t.find(g), []).append(t.labels[g])
+        blocks = {t.find(g): value for g, value in t.blocks.items()}
+        parts = {t.find(g): value for g, value in t.parts.items()}
+        for root in parts:
+            members = [g for g in range(len(t.parent)) if t.find(g) == root
+                       and g not in t.passive and g not in t.parts]
+            if members:
+                raise UnsupportedModelError(
+                    f"'{t.labels[root]}' (a concatenation) is added to '{t.labels[members[0]]}'"
+                    ", which the alignment graph does not support")
+        groups = []
+        for root in self.roots:
+            count, source, _ = blocks.get(root, (1, None, ""))
+            groups.append(Group(
+                self.canonical[root], "+".join(labels.get(root, [t.labels[root]])),
+                root in self.fixed, count,
+                None if source is None else self.canonical[t.find(source)],
+                tuple((None if g is None else self.canonical[t.find(g)], size)
+                      for g, size in parts[root]) if root in parts else None))
+        tensors = self.tensors()
+        sites: dict[int, list[ActivationSite]] = {}
+        for g, site in t.sites:
+            sites.setdefault(self.canonical[t.find(g)], []).append(
+                replace(site, spec=self.canon(site.spec)))
+        outputs = frozenset(self.canonical[t.find(g)] for g in t.outputs)
+        return AlignmentGraph(tuple(groups), tensors,
+                              {g: tuple(s) for g, s in sites.items()}, outputs)
+
+    def tensors(self) -> dict[str, TensorSpec]:
+        """Every state_dict entry: tied names share their tensor's merged axes; entries
+        no rule saw (unused buffers) are not aligned."""
+        merged = {key: self.merge(uses) for key, uses in self.t.uses.items()}
+        tensors: dict[str, TensorSpec] = {}
+        seen: set[int] = set()
+        for name, tensor in self.t.state.items():
+            key = id(tensor)
+            if key in merged:
+                axes, cost = merged[key]
+                tensors[name] = TensorSpec(name, axes, cost and key not in seen)
+                seen.add(key)
+            else:
+                tensors[name] = TensorSpec(name, (None,) * tensor.dim(), False)
+        return tensors
+
+    def merge(self, uses) -> tuple[tuple[AxisSpec | None, ...], bool]:
+        """One description of a tensor used in several places: per axis, an aligned
+        use rather than a fixed one, a neuron axis rather than an input axis."""
+        axes = []
+        for candidates in zip(*(self.canon_axes(u[1]) for u in uses), strict=True):
+            found = [a for a in candidates if a is not None]
+            found.sort(key=lambda a: (self.is_fixed(a), a.kind != "neuron"))
+            axes.append(found[0] if found else None)
+        neurons = [i for i, a in enumerate(axes) if a is not None and a.kind == "neuron"]
+        if any(not self.is_fixed(axes[i]) for i in neurons):
+            for i in neurons:
+                if self.is_fixed(axes[i]):
+                    axes[i] = replace(axes[i], kind="input")
+        return tuple(axes), any(u[2] for u in uses)
+
+    def canon_axes(self, axes):
+        return tuple(self.canon(a) for a in axes)
+
+    def is_fixed(self, spec: AxisSpec) -> bool:
+        return self.roots[spec.group] in self.fixed
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """fx graph of ``model``; optional forward arguments keep their defaults."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())[1:]
+        concrete = {p.name: p.default for p in parameters
+                    if p.default is not inspect.Parameter.empty}
+        graph = _LeafTracer().trace(model, concrete_args=concrete or None)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be traced by torch.fx: {exc}") from exc
+    return fx.GraphModule(model, graph)
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Runs the model once, recording every node's shape (fx's own traceback, which it
+    prints to stderr on failure, is kept out of the user's terminal)."""
+    try:
+        with torch.no_grad(), temporary_mode(gm), contextlib.redirect_stderr(io.StringIO()):
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"running the model on an example input of shape {tuple(example_input.shape)} "
+            f"failed: {exc}"
+        ) from exc
+
+
+def node_shape(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _output_layouts(value, layouts):
+    """Every tensor layout the model returns."""
+    value = fx.node.map_arg(value, lambda n: layouts[n])
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Opaque | Stacked):
+            raise UnsupportedModelError(f"the model returns {item.why}")
+        if isinstance(item, tuple) and all(isinstance(v, AxisSpec | None) for v in item):
+            yield item
+        elif isinstance(item, tuple | list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+
+
+def build_alignment_graph(model: nn.Module, example_input: torch.Tensor) -> AlignmentGraph:
+    """Derive the alignment graph of ``model`` by tracing it on ``example_input``."""
+    return Tracer(model).run(example_input)
