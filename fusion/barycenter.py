@@ -20,7 +20,7 @@ import torch
 from .config import FusionConfig
 from .graph import AxisSpec
 from .projection import Coupling, apply_axis
-from .transport import transport_plan
+from .transport import block_plan, transport_plan
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,8 @@ def free_support_barycenter(
     widths: list[int],
     support: dict[str, torch.Tensor],
     config: FusionConfig,
+    blocks: int = 1,
+    block_couplings: Sequence[torch.Tensor] | None = None,
 ) -> BarycenterResult:
     """Couple every client to the fused neurons; ``support`` is the initial ``B``.
 
@@ -85,6 +87,10 @@ def free_support_barycenter(
     largest weight only (weights renormalised over them), and every client is then
     coupled once to the final ``B``; in that pass a client outside the sample has no
     previous coupling, so its recurrent (Gromov-Wasserstein) members are omitted.
+
+    ``blocks > 1`` restricts the couplings to moving whole blocks of neurons
+    (:func:`~.transport.block_plan`); ``block_couplings[k]``, when given, is how client
+    ``k``'s blocks must be matched.
     """
     n = next(iter(support.values())).shape[0]
     reference = next(iter(support.values()))
@@ -98,7 +104,11 @@ def free_support_barycenter(
         """Client ``k``'s plan to the current support, its cost and its mapped neurons."""
         points = points_fn(k, damped[k])
         cost = ground_cost(support, points)
-        plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], config, warm[k])
+        if blocks > 1:
+            plan = block_plan(cost, uniform_n, marginals[k], config, blocks,
+                              None if block_couplings is None else block_couplings[k])
+        else:
+            plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], config, warm[k])
         coupling = Coupling.from_plan(plan)
         mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
                   for name, p in points.items()}

@@ -32,7 +32,8 @@ from .graph import (
     is_recurrent,
 )
 from .modes import temporary_mode
-from .projection import Coupling, as_rows, project
+from .projection import Coupling, as_rows, dense_state, project, stored_state
+from .transport import block_marginal
 from .validation import (
     check_models,
     check_same_architecture,
@@ -111,24 +112,25 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     models, template = _working_precision(models, original)
     names = [f"model {k}" for k in range(len(models))]
     check_same_architecture([template, *models], ["target", *names])
-    states = [_compute_state(m, template) for m in models]
-    if config.method == "average":
-        check_same_shapes([template.state_dict(), *states], ["target", *names])
-        graph = None
+    aligned = config.method != "average"  # the neuron options need couplings
+    if graph is None and (aligned or per_class is not None):
+        graph = _trace(template, config, inputs)
+    template_state = dense_state(graph, template.state_dict())
+    states = [dense_state(graph, _compute_state(m, template)) for m in models]
+    if aligned:
+        couplings, costs, iterations = _solve(models, states, lam, reference, template_state,
+                                              names, config, inputs, graph)
+    else:
+        check_same_shapes([template_state, *states], ["target", *names])
         couplings = [{} for _ in models]
         costs, iterations = {}, {}
-    else:
-        graph, (couplings, costs, iterations) = _solve(
-            models, states, lam, reference, template, names, config, inputs, graph)
-    if per_class is not None and graph is None:
-        graph = build_alignment_graph(template, _example_input(template, inputs))
-    aligned = config.method != "average"  # the neuron options need couplings
     per_neuron = (neuron_importance_weights(graph, states, couplings, lam,
                                             config.neuron_weights)
                   if aligned and config.neuron_weights != "uniform" else None)
-    fused = average_states(graph, template.state_dict(), states, couplings,
+    fused = average_states(graph, template_state, states, couplings,
                            AveragingWeights(lam, per_class, per_neuron),
                            rescale=aligned and config.rescale == "norm")
+    fused = stored_state(graph, fused)
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
     distill_loss = None
@@ -170,26 +172,29 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
     models, template = _working_precision(check_models([reference, model]), reference)
     names = ["reference", "model"]
     check_same_architecture(models, names)
-    states = [_compute_state(m, template) for m in models]
-    graph, (couplings, _, _) = _solve(models, states, [1.0, 0.0], 0, template, names,
-                                      config, inputs, graph)
+    graph = graph or _trace(template, config, inputs)
+    states = [dense_state(graph, _compute_state(m, template)) for m in models]
+    couplings, _, _ = _solve(models, states, [1.0, 0.0], 0, states[0], names, config,
+                             inputs, graph)
     aligned = copy.deepcopy(template)
-    aligned.load_state_dict(average_states(graph, states[1], states[1:], couplings[1:],
-                                           AveragingWeights([1.0])))
+    aligned.load_state_dict(stored_state(graph, average_states(
+        graph, states[1], states[1:], couplings[1:], AveragingWeights([1.0]))))
     return _in_dtype_of(aligned, reference)
 
 
-def _solve(models, states, lam, reference, template, names, config: FusionConfig, inputs,
-           graph: AlignmentGraph | None = None):
-    """The alignment graph of ``template`` (traced unless given) and every client's
-    couplings, costs and iterations (:meth:`_GroupSolver.solve_all`)."""
+def _trace(template: nn.Module, config: FusionConfig, inputs) -> AlignmentGraph:
     if config.cost == "activations" and inputs is None:
         raise ValueError("cost='activations' needs a batch of inputs (inputs=x)")
-    if graph is None:
-        graph = build_alignment_graph(template, _example_input(template, inputs))
-    _check_unaligned_axes(graph, [template.state_dict(), *states], ["target", *names])
-    solver = _GroupSolver(graph, models, states, lam, reference, template, config, inputs)
-    return graph, solver.solve_all()
+    return build_alignment_graph(template, _example_input(template, inputs))
+
+
+def _solve(models, states, lam, reference, template_state, names, config: FusionConfig,
+           inputs, graph: AlignmentGraph):
+    """Every client's couplings, costs and iterations (:meth:`_GroupSolver.solve_all`);
+    the states are dense (:func:`~.projection.dense_state`)."""
+    _check_unaligned_axes(graph, [template_state, *states], ["target", *names])
+    return _GroupSolver(graph, models, states, lam, reference, template_state, config,
+                        inputs).solve_all()
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -266,7 +271,7 @@ def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Te
 class _GroupSolver:
     """Solves the groups of one fusion in order, keeping every client's couplings."""
 
-    def __init__(self, graph: AlignmentGraph, models, states, lam, reference, template,
+    def __init__(self, graph: AlignmentGraph, models, states, lam, reference, template_state,
                  config: FusionConfig, inputs):
         self.graph = graph
         self.states = states
@@ -274,7 +279,7 @@ class _GroupSolver:
         self.reference = reference
         self.config = config
         self.widths = [graph.widths(s, f"model {k}") for k, s in enumerate(states)]
-        self.target_widths = graph.widths(template.state_dict(), "target")
+        self.target_widths = graph.widths(template_state, "target")
         for group in graph.groups:
             sizes = {w[group.id] for w in [self.target_widths, *self.widths]}
             if group.fixed and len(sizes) > 1:
@@ -311,13 +316,25 @@ class _GroupSolver:
 
             support = self.initial_support(group, points[self.reference])
             result = free_support_barycenter(
-                points_fn, self.lam, [w[group.id] for w in self.widths], support, self.config
-            )
+                points_fn, self.lam, [w[group.id] for w in self.widths], support, self.config,
+                group.blocks, self.block_couplings(group))
             for maps, coupling in zip(self.couplings, result.couplings, strict=True):
                 maps[group.id] = coupling
             costs[group.label] = result.cost
             iterations[group.label] = result.iterations
         return self.couplings, costs, iterations
+
+    def block_couplings(self, group: Group) -> list[torch.Tensor] | None:
+        """Per client, how ``group``'s blocks must be matched: as its source group's
+        blocks (a grouped convolution's output follows its input), if it has one."""
+        source = group.block_source
+        if source is None:
+            return None
+        if self.groups[source].fixed:
+            like = next(t for t in self.states[0].values() if t.is_floating_point())
+            eye = torch.eye(group.blocks, dtype=like.dtype, device=like.device) / group.blocks
+            return [eye] * len(self.states)
+        return [block_marginal(maps[source].plan, group.blocks) for maps in self.couplings]
 
     def direct_sum(self, group: Group, k: int) -> Coupling:
         """Client ``k``'s coupling of a concatenation, from its parts' couplings."""

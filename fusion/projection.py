@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .graph import AxisSpec
+from .graph import AlignmentGraph, AxisSpec
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,44 @@ def as_rows(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
     width = moved.shape[0] // (spec.outer * spec.inner)
     blocks = moved.reshape(spec.outer, width, spec.inner, -1)
     return blocks.permute(1, 0, 2, 3).reshape(width, -1)
+
+
+def dense_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """``state`` with every grouped convolution weight in its dense block-diagonal form
+    (zeros between groups), so that its input axis holds every input channel."""
+    grouped = _grouped(graph)
+    if not grouped:
+        return state
+    dense = dict(state)
+    for name, groups in grouped.items():
+        weight = state[name]
+        out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
+        full = weight.new_zeros(weight.shape[0], in_per_group * groups, *weight.shape[2:])
+        for g in range(groups):
+            rows = slice(g * out_per_group, (g + 1) * out_per_group)
+            full[rows, g * in_per_group:(g + 1) * in_per_group] = weight[rows]
+        dense[name] = full
+    return dense
+
+
+def stored_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`dense_state`: the diagonal blocks of each grouped weight."""
+    grouped = _grouped(graph)
+    if not grouped:
+        return state
+    stored = dict(state)
+    for name, groups in grouped.items():
+        full = state[name]
+        out_per_group, in_per_group = full.shape[0] // groups, full.shape[1] // groups
+        stored[name] = torch.cat([
+            full[g * out_per_group:(g + 1) * out_per_group,
+                 g * in_per_group:(g + 1) * in_per_group] for g in range(groups)])
+    return stored
+
+
+def _grouped(graph: AlignmentGraph | None) -> dict[str, int]:
+    if graph is None:
+        return {}
+    return {spec.name: spec.groups for spec in graph.tensors.values() if spec.groups > 1}

@@ -53,3 +53,39 @@ def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 def _is_uniform(weights: torch.Tensor) -> bool:
     return bool(torch.allclose(weights, weights[0].expand_as(weights)))
+
+
+def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: FusionConfig,
+               blocks: int, block_coupling: torch.Tensor | None = None) -> torch.Tensor:
+    """OT restricted to plans that move whole blocks of units (``blocks`` contiguous
+    blocks on each side) and units within blocks: a two-level problem, solved exactly
+    level by level. Every pair of blocks is solved alone; the blocks are then matched on
+    those pairs' costs, unless ``block_coupling`` ((blocks, blocks), total mass one)
+    prescribes how they are matched."""
+    n, m = cost.shape
+    rows, cols = n // blocks, m // blocks
+    a_blocks, b_blocks = a.view(blocks, rows), b.view(blocks, cols)
+    within: dict[tuple[int, int], torch.Tensor] = {}
+    pair_cost = torch.zeros(blocks, blocks, dtype=cost.dtype, device=cost.device)
+    for i in range(blocks):
+        for j in range(blocks):
+            if block_coupling is not None and block_coupling[i, j] <= 0:
+                continue
+            sub = cost[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+            plan, _ = transport_plan(sub, a_blocks[i] / a_blocks[i].sum(),
+                                     b_blocks[j] / b_blocks[j].sum(), config)
+            within[i, j] = plan
+            pair_cost[i, j] = (sub * plan).sum()
+    if block_coupling is None:
+        block_coupling, _ = transport_plan(pair_cost, a_blocks.sum(dim=1), b_blocks.sum(dim=1),
+                                           config)
+    plan = torch.zeros_like(cost)
+    for (i, j), sub_plan in within.items():
+        plan[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] = block_coupling[i, j] * sub_plan
+    return plan
+
+
+def block_marginal(plan: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The (blocks, blocks) mass a plan moves between blocks of units."""
+    n, m = plan.shape
+    return plan.reshape(blocks, n // blocks, blocks, m // blocks).sum(dim=(1, 3))

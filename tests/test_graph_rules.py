@@ -86,3 +86,29 @@ def test_low_precision_models_fuse_in_float32_and_keep_their_dtype(dtype):
     aligned = align(b, a, config=CONFIG, inputs=x.to(dtype))
     assert aligned.fc.weight.dtype == dtype
     assert rel(aligned(x.to(dtype)).float(), b(x.to(dtype)).float()) < 1e-2
+
+
+def _block_permutations(blocks: int, size: int):
+    """Every permutation of ``blocks * size`` units that moves whole blocks and units
+    within blocks, as index tensors (brute force)."""
+    import itertools
+
+    for order in itertools.permutations(range(blocks)):
+        for inner in itertools.product(itertools.permutations(range(size)), repeat=blocks):
+            yield torch.tensor([order[i] * size + inner[i][j] for i in range(blocks)
+                                for j in range(size)])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_block_plan_is_the_best_block_structured_permutation(seed):
+    from otfusion.fusion.transport import block_marginal, block_plan
+
+    cost = torch.rand(6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    uniform = torch.full((6,), 1 / 6, dtype=torch.float64)
+    plan = block_plan(cost, uniform, uniform, CONFIG, blocks=3)
+    best = min(float(cost[torch.arange(6), p].sum()) for p in _block_permutations(3, 2))
+    assert torch.allclose(plan.sum(dim=1), uniform) and torch.allclose(plan.sum(dim=0), uniform)
+    assert float((plan * cost).sum()) * 6 == pytest.approx(best)
+    forced = torch.eye(3, dtype=torch.float64).flip(0) / 3
+    assert torch.allclose(block_marginal(block_plan(cost, uniform, uniform, CONFIG, 3, forced),
+                                         3), forced)

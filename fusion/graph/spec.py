@@ -41,11 +41,17 @@ class AxisSpec:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Axes of one state_dict entry; ``cost`` tensors define their neurons' identity."""
+    """Axes of one state_dict entry; ``cost`` tensors define their neurons' identity.
+
+    ``groups > 1``: a grouped convolution's weight, stored with ``1/groups`` of its input
+    channels on axis 1; ``axes`` describe its dense, block-diagonal form
+    (:func:`~otfusion.fusion.projection.dense_state`).
+    """
 
     name: str
     axes: tuple[AxisSpec | None, ...]
     cost: bool
+    groups: int = 1
 
     @property
     def neuron_axis(self) -> int | None:

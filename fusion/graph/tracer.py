@@ -79,6 +79,7 @@ class Tracer:
         self.blocks: dict[int, tuple[int, int | None, str]] = {}
         self.parts: dict[int, tuple[tuple[int | None, int], ...]] = {}
         self.uses: dict[int, list[tuple[str, tuple, bool]]] = {}
+        self.grouped: dict[int, int] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
 
     # -- groups
@@ -109,11 +110,7 @@ class Tracer:
                          source: int | None = None) -> None:
         """``group``'s coupling may only move whole blocks (and units within them)."""
         if blocks > 1:
-            self.blocks.setdefault(group, (blocks, source, where))
-            if self.blocks[group][:2] != (blocks, source):
-                raise UnsupportedModelError(
-                    f"{where} splits channels into {blocks} groups, but "
-                    f"{self.blocks[group][2]} splits the same channels differently")
+            self.blocks[group] = _merge_blocks(self.blocks.get(group), (blocks, source, where))
 
     def direct_sum(self, label: str, parts: list[tuple[AxisSpec | None, int]]) -> AxisSpec:
         """A group whose coupling is the block-diagonal of its parts' couplings (a
@@ -124,8 +121,9 @@ class Tracer:
         return AxisSpec(group, "neuron")
 
     # -- recording
-    def record(self, module: str, param: str, axes, cost: bool) -> None:
-        """The axes of ``module.param`` at one of its uses (tied tensors have several)."""
+    def record(self, module: str, param: str, axes, cost: bool, groups: int = 1) -> None:
+        """The axes of ``module.param`` at one of its uses (tied tensors have several);
+        ``groups``: see :class:`~.spec.TensorSpec`."""
         name = f"{module}.{param}" if module else param
         tensor = self.state[name]
         axes = tuple(axes)
@@ -134,8 +132,13 @@ class Tracer:
                                         f"describes {len(axes)}")
         uses = self.uses.setdefault(id(tensor), [])
         if uses:
+            if groups > 1 or self.grouped.get(id(tensor), 1) > 1:
+                raise UnsupportedModelError(f"'{name}': a grouped convolution weight used "
+                                            "in several places is not supported")
             for first, other in zip(uses[0][1], axes, strict=True):
                 self._tie(name, first, other)
+        if groups > 1:
+            self.grouped[id(tensor)] = groups
         uses.append((name, axes, cost))
 
     def _tie(self, name: str, first: AxisSpec | None, other: AxisSpec | None) -> None:
@@ -223,6 +226,16 @@ class Tracer:
         return axes
 
 
+def _merge_blocks(old, new):
+    """Two block constraints ``(blocks, source, where)`` on the same channels."""
+    if old is None:
+        return new
+    if old[0] != new[0] or None not in (old[1], new[1]) and old[1] != new[1]:
+        raise UnsupportedModelError(f"{new[2]} splits channels into {new[0]} groups, but "
+                                    f"{old[2]} splits the same channels differently")
+    return old if old[1] is not None else new
+
+
 def _own_state(module: nn.Module):
     return [*module.named_parameters(), *module.named_buffers()]
 
@@ -256,7 +269,10 @@ class _Finisher:
         for g in range(len(t.parent)):
             if g not in t.passive or t.find(g) == g:
                 labels.setdefault(t.find(g), []).append(t.labels[g])
-        blocks = {t.find(g): value for g, value in t.blocks.items()}
+        blocks: dict[int, tuple[int, int | None, str]] = {}
+        for g, (count, source, where) in t.blocks.items():
+            value = (count, None if source is None else t.find(source), where)
+            blocks[t.find(g)] = _merge_blocks(blocks.get(t.find(g)), value)
         parts = {t.find(g): value for g, value in t.parts.items()}
         for root in parts:
             members = [g for g in range(len(t.parent)) if t.find(g) == root
@@ -270,8 +286,7 @@ class _Finisher:
             count, source, _ = blocks.get(root, (1, None, ""))
             groups.append(Group(
                 self.canonical[root], "+".join(labels.get(root, [t.labels[root]])),
-                root in self.fixed, count,
-                None if source is None else self.canonical[t.find(source)],
+                root in self.fixed, count, None if source is None else self.canonical[source],
                 tuple((None if g is None else self.canonical[t.find(g)], size)
                       for g, size in parts[root]) if root in parts else None))
         tensors = self.tensors()
@@ -293,7 +308,8 @@ class _Finisher:
             key = id(tensor)
             if key in merged:
                 axes, cost = merged[key]
-                tensors[name] = TensorSpec(name, axes, cost and key not in seen)
+                tensors[name] = TensorSpec(name, axes, cost and key not in seen,
+                                           self.t.grouped.get(key, 1))
                 seen.add(key)
             else:
                 tensors[name] = TensorSpec(name, (None,) * tensor.dim(), False)

@@ -53,9 +53,18 @@ def convolution(tracer, call, name, module):
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=False)
     else:
-        raise UnsupportedModelError(
-            f"{where}: grouped convolutions with 1 < groups ({module.groups}) < channels "
-            "are not supported yet (depthwise and dense ones are)")
+        if channel is None or (channel.outer, channel.inner) != (1, 1):
+            raise UnsupportedModelError(f"{where}: a grouped convolution on unaligned or "
+                                        "reshaped channels is not supported")
+        tracer.constrain_blocks(channel.group, module.groups, where)
+        group = tracer.new_group(name)
+        tracer.constrain_blocks(group, module.groups, where, source=channel.group)
+        out = AxisSpec(group, "neuron")
+        tracer.record(name, "weight", (out, as_input(channel), *kernel), cost=True,
+                      groups=module.groups)
+        if module.bias is not None:
+            tracer.record(name, "bias", (out,), cost=True)
+        tracer.add_site(group, name, None, len(source) - k - 1, out)
     return (*source[:-k - 1], out, *source[-k:])
 
 

@@ -39,12 +39,14 @@ def layer_norm(tracer, call, name, module):
 
 @register_rule(nn.GroupNorm)
 def group_norm(tracer, call, name, module):
-    """Statistics per group of channels: one group (like a LayerNorm over channels) or
-    one channel per group (an InstanceNorm) leave every permutation free."""
+    """Statistics per group of channels: a coupling may move whole groups and channels
+    within a group (one group or one channel per group leave it free)."""
     source = call.layout()
-    if 1 < module.num_groups < module.num_channels and source[1] is not None:
-        raise UnsupportedModelError(
-            f"module '{name}': GroupNorm with 1 < num_groups ({module.num_groups}) < "
-            "channels over aligned channels is not supported yet")
-    follow(tracer, name, module, (as_neuron(source[1]),))
+    channel = source[1]
+    if 1 < module.num_groups < module.num_channels and channel is not None:
+        if (channel.outer, channel.inner) != (1, 1):
+            raise UnsupportedModelError(f"module '{name}': GroupNorm over reshaped channels "
+                                        "is not supported")
+        tracer.constrain_blocks(channel.group, module.num_groups, f"module '{name}'")
+    follow(tracer, name, module, (as_neuron(channel),))
     return source
