@@ -113,8 +113,8 @@ def test_label_counts_enter_the_digest():
 def test_strategy_weights_the_head_by_reply_label_counts(caplog):
     from test_strategy import client_states, direct_fusion, global_model, reply
 
-    from otfusion.strategies import OTFusion
     from otfusion.fusion import fuse_models
+    from otfusion.strategies import OTFusion
 
     states = client_states()
     weights = [10, 20, 30]

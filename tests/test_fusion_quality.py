@@ -6,8 +6,8 @@ import pytest
 
 from otfusion.client.data import load_digits_dataset, partition
 from otfusion.client.training import evaluate, recipe_for
-from otfusion.server.oneshot import compare, train_clients
 from otfusion.fusion import FusionConfig, fuse
+from otfusion.server.oneshot import compare, train_clients
 from otfusion.zoo import build_model
 
 

@@ -20,8 +20,8 @@ from flwr.server.strategy import FedAvg
 from test_strategy import fusion_order
 from torch import nn
 
-from otfusion.strategies import LegacyOTFusion
 from otfusion.fusion import FusionConfig, fuse_models
+from otfusion.strategies import LegacyOTFusion
 from otfusion.zoo import build_model
 
 WIDTHS = (16, 8)

@@ -9,13 +9,13 @@ from permutations import permute_hidden_units, randomize_batchnorm_stats
 
 from otfusion.client.data import load_digits_dataset
 from otfusion.client.training import evaluate, train
+from otfusion.fusion import FusionConfig, align
 from otfusion.server.lmc import (
     InterpolationCurve,
     interpolate,
     interpolation_barrier,
     interpolation_curve,
 )
-from otfusion.fusion import FusionConfig, align
 from otfusion.zoo import build_model
 
 FUNCTION_TOL = 1e-5  # relative L2 difference of logits (exact OT: permutations only)

@@ -24,8 +24,8 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from otfusion.strategies import OTFusion
 from otfusion.fusion import FusionConfig, fuse_models
+from otfusion.strategies import OTFusion
 from otfusion.strategies.replies import reply_digest
 from otfusion.zoo import build_model
 
