@@ -93,13 +93,20 @@ def as_rows(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
 
 def dense_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
-    """``state`` with every grouped convolution weight in its dense block-diagonal form
-    (zeros between groups), so that its input axis holds every input channel."""
-    grouped = _grouped(graph)
-    if not grouped:
+    """``state`` in the form the graph describes: a grouped convolution's weight dense
+    and block-diagonal (zeros between groups, so its input axis holds every input
+    channel), and a packed tensor split into its pieces ``name#i``."""
+    if graph is None or not (graph.packed or _grouped(graph)):
         return state
-    dense = dict(state)
-    for name, groups in grouped.items():
+    dense = {}
+    for name, tensor in state.items():
+        if name in graph.packed:
+            axis, count = graph.packed[name]
+            for i, piece in enumerate(tensor.chunk(count, dim=axis)):
+                dense[f"{name}#{i}"] = piece
+        else:
+            dense[name] = tensor
+    for name, groups in _grouped(graph).items():
         weight = state[name]
         out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
         full = weight.new_zeros(weight.shape[0], in_per_group * groups, *weight.shape[2:])
@@ -112,12 +119,14 @@ def dense_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
 
 def stored_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
                  ) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`dense_state`: the diagonal blocks of each grouped weight."""
-    grouped = _grouped(graph)
-    if not grouped:
+    """The inverse of :func:`dense_state`: the diagonal blocks of each grouped weight,
+    and packed tensors put back together."""
+    if graph is None or not (graph.packed or _grouped(graph)):
         return state
-    stored = dict(state)
-    for name, groups in grouped.items():
+    stored = {name: t for name, t in state.items() if "#" not in name}
+    for name, (axis, count) in graph.packed.items():
+        stored[name] = torch.cat([state[f"{name}#{i}"] for i in range(count)], dim=axis)
+    for name, groups in _grouped(graph).items():
         full = state[name]
         out_per_group, in_per_group = full.shape[0] // groups, full.shape[1] // groups
         stored[name] = torch.cat([
@@ -126,7 +135,5 @@ def stored_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
     return stored
 
 
-def _grouped(graph: AlignmentGraph | None) -> dict[str, int]:
-    if graph is None:
-        return {}
+def _grouped(graph: AlignmentGraph) -> dict[str, int]:
     return {spec.name: spec.groups for spec in graph.tensors.values() if spec.groups > 1}

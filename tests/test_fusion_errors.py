@@ -147,32 +147,35 @@ def test_model_without_input_shape_needs_inputs():
 # ------------------------------------------------------------------- unsupported models
 
 
-class _WithAttention(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.input_shape = (5, 8)
-        self.proj = nn.Linear(8, 8)
-        self.attn = nn.MultiheadAttention(8, num_heads=2, batch_first=True)
-        self.head = nn.Linear(8, 3)
+class _ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle interleaves the channels of different groups, which no
+    block-structured coupling describes."""
 
-    def forward(self, x):
-        h = self.proj(x)
-        h = self.attn(h, h, h)[0]
-        return self.head(h[:, -1])
-
-
-class _GroupedConv(nn.Module):
     def __init__(self):
         super().__init__()
         self.input_shape = (2, 8, 8)
         self.stem = nn.Conv2d(2, 8, 3, padding=1)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
-        self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
         x = torch.relu(self.grouped(torch.relu(self.stem(x))))
-        return self.head(torch.flatten(self.pool(x), 1))
+        b, c, h, w = x.shape
+        x = x.view(b, 4, c // 4, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
+class _Bilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.input_shape = (6,)
+        self.fc = nn.Linear(6, 8)
+        self.mix = nn.Bilinear(8, 8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.head(self.mix(h, h))
 
 
 class _Untraceable(nn.Module):
@@ -192,8 +195,8 @@ class _Untraceable(nn.Module):
 @pytest.mark.parametrize(
     ("factory", "named"),
     [
-        pytest.param(_WithAttention, "attn", id="multihead-attention"),
-        pytest.param(_GroupedConv, "grouped", id="grouped-conv"),
+        pytest.param(_ChannelShuffle, "channel shuffle", id="channel-shuffle"),
+        pytest.param(_Bilinear, "'mix' of type Bilinear", id="module-without-rule"),
         pytest.param(_Untraceable, "_Untraceable", id="data-dependent-control-flow"),
     ],
 )

@@ -77,34 +77,56 @@ def require_unaligned(layout: Layout, dims, where: str, why: str) -> None:
 
 
 def merge(layout: Layout, sizes: tuple[int, ...], where: str) -> AxisSpec | None:
-    """The spec of one dimension made by merging dimensions of ``sizes`` (row-major)."""
+    """The spec of one dimension made by merging dimensions of ``sizes`` (row-major);
+    a group's blocks followed by their units merge back into the group."""
     grouped = [i for i, s in enumerate(layout) if s is not None]
     if not grouped:
         return None
-    if len(grouped) > 1:
-        raise UnsupportedModelError(f"{where} merges several aligned dimensions into one")
     i = grouped[0]
     old = layout[i]
+    if len(grouped) == 2 and old.part == "block" and grouped[1] == i + 1:
+        unit = layout[i + 1]
+        if unit.part == "unit" and unit.group == old.group:
+            return replace(old, part=None, outer=math.prod(sizes[:i]),
+                           inner=math.prod(sizes[i + 2:]))
+    if len(grouped) > 1:
+        raise UnsupportedModelError(
+            f"{where} merges several aligned dimensions into one (such as a channel "
+            "shuffle, which interleaves the units of different groups)")
+    if old.part is not None:
+        raise UnsupportedModelError(f"{where} merges a group's heads or their units with "
+                                    "other dimensions")
     return replace(old, outer=old.outer * math.prod(sizes[:i]),
                    inner=old.inner * math.prod(sizes[i + 1:]))
 
 
-def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str) -> Layout:
-    """The layout of dimensions of ``sizes`` made by splitting one of ``spec``."""
+def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
+          on_blocks=None) -> Layout:
+    """The layout of dimensions of ``sizes`` made by splitting one of ``spec``: its
+    units stay on one dimension, or a plain group is split into blocks (heads) on one
+    dimension and their units on the next (``on_blocks(group, blocks)`` is told)."""
     if spec is None:
         return (None,) * len(sizes)
-    for d in range(len(sizes)):
-        before, after = math.prod(sizes[:d]), math.prod(sizes[d + 1:])
-        if spec.outer % before == 0 and spec.inner % after == 0:
-            return tuple(
-                replace(spec, outer=spec.outer // before, inner=spec.inner // after)
-                if i == d else None for i in range(len(sizes)))
+    if spec.part is None:
+        for d in range(len(sizes)):
+            before, after = math.prod(sizes[:d]), math.prod(sizes[d + 1:])
+            if spec.outer % before == 0 and spec.inner % after == 0:
+                return tuple(
+                    replace(spec, outer=spec.outer // before, inner=spec.inner // after)
+                    if i == d else None for i in range(len(sizes)))
+        big = [d for d, n in enumerate(sizes) if n > 1]
+        if ((spec.outer, spec.inner) == (1, 1) and on_blocks is not None and len(big) == 2
+                and big[1] == big[0] + 1):
+            on_blocks(spec.group, sizes[big[0]])
+            return tuple(replace(spec, part="block") if d == big[0] else
+                         replace(spec, part="unit") if d == big[1] else None
+                         for d in range(len(sizes)))
     raise UnsupportedModelError(f"{where} splits aligned units across dimensions {sizes} "
                                 f"(of one dimension of size {size})")
 
 
 def reshape(layout: Layout, source: tuple[int, ...], result: tuple[int, ...],
-            where: str) -> Layout:
+            where: str, on_blocks=None) -> Layout:
     """view/reshape/flatten/unflatten: dimensions are matched in runs of equal
     product; within a run, aligned units may be merged with or split from unaligned
     dimensions, as long as one unit stays on one dimension."""
@@ -126,7 +148,7 @@ def reshape(layout: Layout, source: tuple[int, ...], result: tuple[int, ...],
                 raise UnsupportedModelError(f"{where}: cannot relate shapes {source} and "
                                             f"{result}")
         spec = merge(layout[i0:i], source[i0:i], where)
-        out.extend(split(spec, a, result[j0:j], where))
+        out.extend(split(spec, a, result[j0:j], where, on_blocks))
     return tuple(out)
 
 
@@ -188,13 +210,17 @@ def index(value, item, where: str, shape: tuple[int, ...] | None):
     return (*out, *value[dim:])
 
 
-def reduce(layout: Layout, dims, keepdim: bool) -> Layout:
+def reduce(layout: Layout, dims, keepdim: bool, where: str) -> Layout:
     """A reduction (mean, sum, amax) over ``dims`` (all when None): the reduced
     dimensions are gone (or unaligned, with keepdim). Reducing over aligned units is
     invariant to permuting them."""
     if dims is None:
-        return (None,) * len(layout) if keepdim else ()
-    dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list) else (dims,))}
+        dims = range(len(layout))
+    dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list | range)
+                                      else (dims,))}
+    if any(layout[d] is not None and layout[d].part == "block" for d in dims):
+        raise UnsupportedModelError(f"{where} reduces over heads, whose units are aligned "
+                                    "differently")
     if keepdim:
         return tuple(None if d in dims else s for d, s in enumerate(layout))
     return tuple(s for d, s in enumerate(layout) if d not in dims)

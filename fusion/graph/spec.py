@@ -10,7 +10,7 @@ permuted (input features, kernel positions, classes). What is tied is data here;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -31,12 +31,17 @@ class AxisSpec:
     normalisation parameters; averaged over coupled neurons) or their consumers'
     inputs (``"input"``: the next layer's weights; summed, so splitting or merging
     neurons keeps the function).
+
+    On traced activations only, a group split into heads (``view(B, T, H, D // H)``)
+    spans two dimensions: ``part="block"`` indexes its blocks (heads), ``part="unit"``
+    the units within a block.
     """
 
     group: int
     kind: Literal["neuron", "input"]
     outer: int = 1
     inner: int = 1
+    part: Literal["block", "unit"] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,10 @@ class AlignmentGraph:
     activation_sites: dict[int, tuple[ActivationSite, ...]]
     outputs: frozenset[int] = frozenset()
     """Groups that reach the model's output (its classes): fixed, identity coupling."""
+    packed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """State entries that pack several tensors (``nn.MultiheadAttention``'s Q, K and V
+    rows): name -> (axis, count); each piece is described as ``name#i``
+    (:func:`~otfusion.fusion.projection.dense_state`)."""
 
     def widths(self, state_dict: dict[str, torch.Tensor], who: str = "model") -> dict[int, int]:
         """Width of every group in ``state_dict``, checked for consistency."""

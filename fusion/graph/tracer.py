@@ -80,6 +80,7 @@ class Tracer:
         self.parts: dict[int, tuple[tuple[int | None, int], ...]] = {}
         self.uses: dict[int, list[tuple[str, tuple, bool]]] = {}
         self.grouped: dict[int, int] = {}
+        self.packed: dict[str, tuple[int, list[tuple], bool]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
 
     # -- groups
@@ -127,6 +128,8 @@ class Tracer:
         name = f"{module}.{param}" if module else param
         tensor = self.state[name]
         axes = tuple(axes)
+        if any(a is not None and a.part is not None for a in axes):
+            raise UnsupportedModelError(f"'{name}' is used on units split into heads")
         if len(axes) != tensor.dim():
             raise UnsupportedModelError(f"'{name}' has {tensor.dim()} dims, but its rule "
                                         f"describes {len(axes)}")
@@ -140,6 +143,17 @@ class Tracer:
         if groups > 1:
             self.grouped[id(tensor)] = groups
         uses.append((name, axes, cost))
+
+    def record_packed(self, module: str, param: str, axis: int, pieces, cost: bool) -> None:
+        """``module.param`` packs equal pieces along ``axis`` (Q, K and V rows), each
+        with its own axes."""
+        name = f"{module}.{param}" if module else param
+        tensor = self.state[name]
+        if id(tensor) in self.uses:
+            raise UnsupportedModelError(f"'{name}': a packed tensor used in several places "
+                                        "is not supported")
+        self.uses[id(tensor)] = []
+        self.packed[name] = (axis, [tuple(axes) for axes in pieces], cost)
 
     def _tie(self, name: str, first: AxisSpec | None, other: AxisSpec | None) -> None:
         if first is None and other is None:
@@ -283,7 +297,10 @@ class _Finisher:
                     ", which the alignment graph does not support")
         groups = []
         for root in self.roots:
-            count, source, _ = blocks.get(root, (1, None, ""))
+            count, source, where = blocks.get(root, (1, None, ""))
+            if source is not None and self.canonical[source] >= self.canonical[root]:
+                raise UnsupportedModelError(f"{where}: heads are matched to heads that "
+                                            "are computed later, which is not supported")
             groups.append(Group(
                 self.canonical[root], "+".join(labels.get(root, [t.labels[root]])),
                 root in self.fixed, count, None if source is None else self.canonical[source],
@@ -296,17 +313,27 @@ class _Finisher:
                 replace(site, spec=self.canon(site.spec)))
         outputs = frozenset(self.canonical[t.find(g)] for g in t.outputs)
         return AlignmentGraph(tuple(groups), tensors,
-                              {g: tuple(s) for g, s in sites.items()}, outputs)
+                              {g: tuple(s) for g, s in sites.items()}, outputs,
+                              {name: (axis, len(pieces))
+                               for name, (axis, pieces, _) in t.packed.items()})
 
     def tensors(self) -> dict[str, TensorSpec]:
         """Every state_dict entry: tied names share their tensor's merged axes; entries
         no rule saw (unused buffers) are not aligned."""
-        merged = {key: self.merge(uses) for key, uses in self.t.uses.items()}
+        merged = {key: self.merge(uses) if uses else None for key, uses in self.t.uses.items()}
         tensors: dict[str, TensorSpec] = {}
         seen: set[int] = set()
         for name, tensor in self.t.state.items():
             key = id(tensor)
-            if key in merged:
+            if name in self.t.packed:
+                _, pieces, cost = self.t.packed[name]
+                for i, axes in enumerate(pieces):
+                    tensors[f"{name}#{i}"] = TensorSpec(f"{name}#{i}", self.canon_axes(axes),
+                                                        cost)
+            elif key in merged and merged[key] is None:
+                raise UnsupportedModelError(f"'{name}' is another name of a packed tensor, "
+                                            "which is not supported")
+            elif key in merged:
                 axes, cost = merged[key]
                 tensors[name] = TensorSpec(name, axes, cost and key not in seen,
                                            self.t.grouped.get(key, 1))

@@ -13,13 +13,20 @@ from . import register_rule
 def linear(tracer, call, name, module):
     """New neurons on the last dimension, fed by the input's last dimension."""
     source = call.layout()
+    return (*source[:-1], dense_layer(tracer, name, module, source[-1], len(source)))
+
+
+def dense_layer(tracer, name: str, module: nn.Linear, features: AxisSpec | None,
+                ndim: int) -> AxisSpec:
+    """Records the Linear ``name`` applied to ``features`` (the last of ``ndim``
+    dimensions); returns the spec of its output features."""
     group = tracer.new_group(name)
     out = AxisSpec(group, "neuron")
-    tracer.record(name, "weight", (out, as_input(source[-1])), cost=True)
+    tracer.record(name, "weight", (out, as_input(features)), cost=True)
     if module.bias is not None:
         tracer.record(name, "bias", (out,), cost=True)
-    tracer.add_site(group, name, None, len(source) - 1, out)
-    return (*source[:-1], out)
+    tracer.add_site(group, name, None, ndim - 1, out)
+    return out
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)

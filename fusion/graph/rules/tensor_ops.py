@@ -27,18 +27,20 @@ def _dims(call, index: int, name: str):
 
 def unify(tracer, specs, where: str) -> AxisSpec | None:
     """One dimension shared by several tensors (added, concatenated side by side): their
-    groups become one; ``"data"`` (an unaligned dimension of size > 1) fixes it."""
+    groups become one; ``"data"`` (an unaligned dimension of size > 1) fixes it, and
+    the dimension stays unaligned."""
     grouped = [s for s in specs if isinstance(s, AxisSpec)]
     if not grouped:
         return None
     first = grouped[0]
     for other in grouped[1:]:
-        if (other.outer, other.inner) != (first.outer, first.inner):
+        if (other.outer, other.inner, other.part) != (first.outer, first.inner, first.part):
             raise UnsupportedModelError(f"{where} combines tensors whose units are laid out "
                                         "differently")
         tracer.union(first.group, other.group)
     if "data" in specs:
         tracer.fix(first.group)
+        return None
     return replace(first, kind="neuron")
 
 
@@ -59,8 +61,10 @@ def _operand_specs(operands, shapes, offset: int):
 
 @function_rule_for(operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
                    operator.imul, operator.truediv, operator.itruediv, torch.add, torch.sub,
-                   torch.mul, torch.div, torch.maximum, torch.minimum, torch.where)
-@method_rule_for("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")
+                   torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
+                   torch.masked_fill)
+@method_rule_for("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill",
+                 "masked_fill_")
 def broadcast(tracer, call):
     """Elementwise op of tensors: dimensions that meet share one coupling."""
     shape = call.shape
@@ -132,7 +136,75 @@ def reshape(tracer, call):
     source, result = L.shape_of(call.node.args[0]), call.shape
     if source is None or result is None:
         raise UnsupportedModelError(f"{_where(call)}: unknown shape")
-    return L.reshape(call.layout(), source, result, _where(call))
+    return L.reshape(call.layout(), source, result, _where(call), _heads(tracer, call))
+
+
+def _heads(tracer, call):
+    """Told when a reshape splits a group into heads: the group's couplings then move
+    whole heads."""
+    return lambda group, heads: tracer.constrain_blocks(group, heads, _where(call))
+
+
+def _batched(tracer, a, b, size: int, where: str):
+    """One batch dimension of a batched product: pairing entry i with entry i ties the
+    two sides' couplings, or, for heads of different groups, their head matching."""
+    if isinstance(a, AxisSpec) and isinstance(b, AxisSpec) and a.part == b.part == "block" \
+            and tracer.find(a.group) != tracer.find(b.group):
+        tracer.constrain_blocks(b.group, size, where, source=a.group)
+        return b
+    return unify(tracer, [a, b], where)
+
+
+def _contract(tracer, a, b, where: str) -> None:
+    """The summed-over dimension of a product: its two sides share one coupling."""
+    if (a is None) != (b is None):
+        raise UnsupportedModelError(f"{where} multiplies aligned units with unaligned ones")
+    if a is not None:
+        if a.part == "block" or b.part == "block" or (a.outer, a.inner, a.part) != (
+                b.outer, b.inner, b.part):
+            raise UnsupportedModelError(f"{where} multiplies units laid out differently")
+        tracer.union(a.group, b.group)
+
+
+def _batch_dims(tracer, call, left, right, keep):
+    """Right-aligned batch dimensions of a product's operands (all but the last two)."""
+    shape = call.shape
+    out = []
+    for offset in range(3, len(shape) + 1):
+        a = left[-offset] if offset <= len(left) else None
+        b = right[-offset] if offset <= len(right) else None
+        out.insert(0, _batched(tracer, a, b, shape[-offset], _where(call))
+                   if keep is None else keep(a, b))
+    return out
+
+
+@function_rule_for(operator.matmul, torch.matmul, torch.bmm)
+@method_rule_for("matmul", "bmm")
+def matmul(tracer, call):
+    """A batched matrix product ``(..., n, k) @ (..., k, m)``."""
+    left, right = call.layout(0), call.layout(1)
+    if not (L.is_layout(left) and L.is_layout(right)) or min(len(left), len(right)) < 2:
+        if L.has_groups([left, right]):
+            raise UnsupportedModelError(f"{_where(call)}: a product of vectors with aligned "
+                                        "units is not supported")
+        return L.plain(call.node)
+    _contract(tracer, left[-1], right[-2], _where(call))
+    return (*_batch_dims(tracer, call, left, right, None), left[-2], right[-1])
+
+
+@function_rule_for(torch.nn.functional.scaled_dot_product_attention)
+def scaled_dot_product_attention(tracer, call):
+    """Queries and keys are multiplied (one coupling), each query head reads the value
+    head of its index (value heads follow query-key heads)."""
+    query, key, value = call.layout(0, "query"), call.layout(1, "key"), call.layout(2, "value")
+    where = _where(call)
+    for layout in (query, key, value):
+        L.require_unaligned(layout, (-2,), where, "attends over a dimension that holds "
+                            "aligned units")
+    _contract(tracer, query[-1], key[-1], where)
+    _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where))
+    batch = _batch_dims(tracer, call, query, value, None)
+    return (*batch, query[-2], value[-1])
 
 
 @register_rule(nn.Unflatten)
@@ -222,7 +294,8 @@ def unsqueeze(tracer, call):
 @method_rule_for("mean", "sum", "amax", "amin", "logsumexp")
 def reduction(tracer, call):
     """Reductions are invariant to permuting the units they reduce over."""
-    return L.reduce(call.layout(), call.value(1, "dim", None), call.value(2, "keepdim", False))
+    return L.reduce(call.layout(), call.value(1, "dim", None), call.value(2, "keepdim", False),
+                    _where(call))
 
 
 @method_rule_for("expand", "expand_as", "repeat", "tile")
