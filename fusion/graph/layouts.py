@@ -45,6 +45,10 @@ def shape_of(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def shape_of_meta(meta) -> tuple[int, ...]:
+    return tuple(meta.shape)
+
+
 def plain(node: fx.Node) -> Layout | None:
     """The layout of a tensor that carries no aligned dimension (None if not a tensor)."""
     shape = shape_of(node)
@@ -101,10 +105,11 @@ def merge(layout: Layout, sizes: tuple[int, ...], where: str) -> AxisSpec | None
 
 
 def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
-          on_blocks=None) -> Layout:
+          splitter=None) -> Layout:
     """The layout of dimensions of ``sizes`` made by splitting one of ``spec``: its
-    units stay on one dimension, or a plain group is split into blocks (heads) on one
-    dimension and their units on the next (``on_blocks(group, blocks)`` is told)."""
+    units stay on one dimension; or a plain group is split into blocks (heads) on one
+    dimension and their units on the next (``splitter.heads(group, count)``), possibly
+    after a dimension of pieces (a packed ``qkv``: ``splitter.pieces(group, count)``)."""
     if spec is None:
         return (None,) * len(sizes)
     if spec.part is None:
@@ -115,18 +120,35 @@ def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
                     replace(spec, outer=spec.outer // before, inner=spec.inner // after)
                     if i == d else None for i in range(len(sizes)))
         big = [d for d, n in enumerate(sizes) if n > 1]
-        if ((spec.outer, spec.inner) == (1, 1) and on_blocks is not None and len(big) == 2
-                and big[1] == big[0] + 1):
-            on_blocks(spec.group, sizes[big[0]])
-            return tuple(replace(spec, part="block") if d == big[0] else
-                         replace(spec, part="unit") if d == big[1] else None
+        parts = {2: ("block", "unit"), 3: ("piece", "block", "unit")}.get(len(big))
+        if ((spec.outer, spec.inner) == (1, 1) and splitter is not None and parts
+                and big == list(range(big[0], big[0] + len(big)))):
+            if len(big) == 3:
+                for piece in splitter.pieces(spec.group, sizes[big[0]], where):
+                    splitter.heads(piece, sizes[big[1]], where)
+            else:
+                splitter.heads(spec.group, sizes[big[0]], where)
+            named = dict(zip(big, parts, strict=True))
+            return tuple(replace(spec, part=named[d]) if d in named else None
                          for d in range(len(sizes)))
     raise UnsupportedModelError(f"{where} splits aligned units across dimensions {sizes} "
                                 f"(of one dimension of size {size})")
 
 
+def pick(layout: Layout, dim: int, piece: int, pieces: dict[int, list[int]]) -> Layout:
+    """``layout`` without dimension ``dim``; if that dimension indexes the pieces of a
+    packed group, every dimension of that group now holds piece ``piece``'s group."""
+    spec = layout[dim]
+    rest = tuple(s for d, s in enumerate(layout) if d != dim % len(layout))
+    if spec is None or spec.part != "piece":
+        return rest
+    group = pieces[spec.group][piece]
+    return tuple(None if s is None else replace(s, group=group) if s.group == spec.group
+                 else s for s in rest)
+
+
 def reshape(layout: Layout, source: tuple[int, ...], result: tuple[int, ...],
-            where: str, on_blocks=None) -> Layout:
+            where: str, splitter=None) -> Layout:
     """view/reshape/flatten/unflatten: dimensions are matched in runs of equal
     product; within a run, aligned units may be merged with or split from unaligned
     dimensions, as long as one unit stays on one dimension."""
@@ -148,7 +170,7 @@ def reshape(layout: Layout, source: tuple[int, ...], result: tuple[int, ...],
                 raise UnsupportedModelError(f"{where}: cannot relate shapes {source} and "
                                             f"{result}")
         spec = merge(layout[i0:i], source[i0:i], where)
-        out.extend(split(spec, a, result[j0:j], where, on_blocks))
+        out.extend(split(spec, a, result[j0:j], where, splitter))
     return tuple(out)
 
 
@@ -173,9 +195,11 @@ def transpose(layout: Layout, a: int, b: int) -> Layout:
     return permute(layout, order)
 
 
-def index(value, item, where: str, shape: tuple[int, ...] | None):
+def index(value, item, where: str, shape: tuple[int, ...] | None,
+          pieces: dict[int, list[int]]):
     """``value[item]``: tuples of outputs are picked from; a stacked tensor gives the
-    layout of the picked entry; a tensor keeps the dimensions sliced whole."""
+    layout of the picked entry; a tensor keeps the dimensions sliced whole, and one
+    piece of a packed group may be picked by an integer."""
     if isinstance(value, Opaque):
         return value
     if isinstance(value, Stacked):
@@ -191,6 +215,7 @@ def index(value, item, where: str, shape: tuple[int, ...] | None):
         at = items.index(Ellipsis)
         fill = len(value) - (len(items) - 1 - sum(i is None for i in items))
         items = (*items[:at], *(slice(None),) * fill, *items[at + 1:])
+    value = list(value)
     out: list[AxisSpec | None] = []
     dim = 0
     for entry in items:
@@ -198,6 +223,10 @@ def index(value, item, where: str, shape: tuple[int, ...] | None):
             out.append(None)
             continue
         spec = value[dim]
+        if spec is not None and spec.part == "piece" and isinstance(entry, int):
+            value = list(pick(tuple(value), dim, entry, pieces))
+            out = list(pick((*out, spec), len(out), entry, pieces))
+            continue
         whole = isinstance(entry, slice) and entry == slice(None)
         if spec is not None and not whole:
             raise UnsupportedModelError(f"{where} indexes into aligned units (dimension {dim})")

@@ -34,14 +34,15 @@ class AxisSpec:
 
     On traced activations only, a group split into heads (``view(B, T, H, D // H)``)
     spans two dimensions: ``part="block"`` indexes its blocks (heads), ``part="unit"``
-    the units within a block.
+    the units within a block; ``part="piece"`` indexes the pieces of a packed group
+    (the query, key and value of one ``qkv`` Linear), which indexing picks apart.
     """
 
     group: int
     kind: Literal["neuron", "input"]
     outer: int = 1
     inner: int = 1
-    part: Literal["block", "unit"] | None = None
+    part: Literal["block", "unit", "piece"] | None = None
 
 
 @dataclass(frozen=True)

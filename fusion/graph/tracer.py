@@ -81,6 +81,7 @@ class Tracer:
         self.uses: dict[int, list[tuple[str, tuple, bool]]] = {}
         self.grouped: dict[int, int] = {}
         self.packed: dict[str, tuple[int, list[tuple], bool]] = {}
+        self.split_groups: dict[int, list[int]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
 
     # -- groups
@@ -112,6 +113,40 @@ class Tracer:
         """``group``'s coupling may only move whole blocks (and units within them)."""
         if blocks > 1:
             self.blocks[group] = _merge_blocks(self.blocks.get(group), (blocks, source, where))
+
+    def heads(self, group: int, count: int, where: str) -> None:
+        """``group`` is split into ``count`` heads: couplings move whole heads."""
+        self.constrain_blocks(group, count, where)
+
+    def pieces(self, group: int, count: int, where: str) -> list[int]:
+        """``group`` turns out to pack ``count`` groups (a ``qkv`` Linear's output split
+        into query, key and value): its tensors become packed, one new group a piece."""
+        if group in self.split_groups:
+            return self.split_groups[group]
+        merged = [g for g in range(len(self.parent)) if g != group and self.find(g) == group]
+        if self.find(group) != group or merged or group in self.fixed or group in self.blocks:
+            raise UnsupportedModelError(f"{where} splits units that are tied to others into "
+                                        f"{count} pieces")
+        new = [self.new_group(f"{self.labels[group]}#{i}") for i in range(count)]
+        for key, uses in list(self.uses.items()):
+            found = [(use, d) for use in uses for d, a in enumerate(use[1])
+                     if a is not None and a.group == group]
+            if not found:
+                continue
+            (name, axes, cost), axis = found[0]
+            spec = axes[axis]
+            if len(uses) != 1 or len(found) != 1 or spec.kind != "neuron" or (
+                    spec.outer, spec.inner) != (1, 1):
+                raise UnsupportedModelError(f"{where} splits the units of '{name}' into "
+                                            "pieces, which is supported only for a layer's "
+                                            "own outputs")
+            self.uses[key] = []
+            self.packed[name] = (axis, [
+                tuple(replace(a, group=g) if d == axis else a for d, a in enumerate(axes))
+                for g in new], cost)
+        self.sites = [(g, site) for g, site in self.sites if g != group]
+        self.split_groups[group] = new
+        return new
 
     def direct_sum(self, label: str, parts: list[tuple[AxisSpec | None, int]]) -> AxisSpec:
         """A group whose coupling is the block-diagonal of its parts' couplings (a
@@ -261,7 +296,8 @@ class _Finisher:
         self.t = tracer
         find = tracer.find
         active = {find(g) for g in range(len(tracer.parent)) if g not in tracer.passive}
-        self.roots = sorted({find(g) for g in range(len(tracer.parent))})
+        self.roots = sorted({find(g) for g in range(len(tracer.parent))} - set(
+            tracer.split_groups))
         self.fixed = {find(g) for g in tracer.fixed} | (set(self.roots) - active)
         parts = {find(g): [find(p) for p, _ in value if p is not None]
                  for g, value in tracer.parts.items()}
@@ -275,7 +311,11 @@ class _Finisher:
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:
             return None
-        return replace(spec, group=self.canonical[self.t.find(spec.group)])
+        root = self.t.find(spec.group)
+        if root not in self.canonical:
+            raise UnsupportedModelError(f"the units of '{self.t.labels[root]}' are used whole "
+                                        "and also split into pieces")
+        return replace(spec, group=self.canonical[root])
 
     def graph(self) -> AlignmentGraph:
         t = self.t

@@ -136,13 +136,7 @@ def reshape(tracer, call):
     source, result = L.shape_of(call.node.args[0]), call.shape
     if source is None or result is None:
         raise UnsupportedModelError(f"{_where(call)}: unknown shape")
-    return L.reshape(call.layout(), source, result, _where(call), _heads(tracer, call))
-
-
-def _heads(tracer, call):
-    """Told when a reshape splits a group into heads: the group's couplings then move
-    whole heads."""
-    return lambda group, heads: tracer.constrain_blocks(group, heads, _where(call))
+    return L.reshape(call.layout(), source, result, _where(call), tracer)
 
 
 def _batched(tracer, a, b, size: int, where: str):
@@ -265,7 +259,8 @@ def attribute(tracer, call):
 
 @function_rule_for(operator.getitem)
 def getitem(tracer, call):
-    return L.index(call.layout(), call.node.args[1], _where(call), call.shape)
+    return L.index(call.layout(), call.node.args[1], _where(call), call.shape,
+                   tracer.split_groups)
 
 
 @function_rule_for(torch.squeeze)
@@ -318,12 +313,23 @@ def size(tracer, call):
 @function_rule_for(torch.chunk, torch.split, torch.unbind)
 @method_rule_for("chunk", "split", "unbind")
 def split(tracer, call):
-    """Pieces along an unaligned dimension keep the other dimensions' layout."""
+    """Pieces along an unaligned dimension keep the other dimensions' layout; equal
+    pieces of a layer's own outputs (a packed ``qkv``) become groups of their own;
+    unbinding a dimension of pieces gives each piece's layout."""
     layout = call.layout()
     unbind = call.node.target in ("unbind", torch.unbind)
-    dim = call.value(1, "dim", 0) if unbind else call.value(2, "dim", 0)
-    L.require_unaligned(layout, (dim,), _where(call), "splits aligned units apart")
-    piece = tuple(s for d, s in enumerate(layout) if d != dim % len(layout)) if unbind \
-        else layout
+    dim = (call.value(1, "dim", 0) if unbind else call.value(2, "dim", 0)) % len(layout)
     count = len(call.node.meta.get("tensor_meta", ())) or 1
-    return tuple(piece for _ in range(count))
+    spec = layout[dim]
+    if unbind:
+        if spec is not None and spec.part != "piece":
+            raise UnsupportedModelError(f"{_where(call)} splits aligned units apart")
+        return tuple(L.pick(layout, dim, i, tracer.split_groups) for i in range(count))
+    if spec is None:
+        return tuple(layout for _ in range(count))
+    shapes = {L.shape_of_meta(m)[dim] for m in call.node.meta["tensor_meta"]}
+    if spec.part is not None or (spec.outer, spec.inner) != (1, 1) or len(shapes) != 1:
+        raise UnsupportedModelError(f"{_where(call)} splits aligned units apart unevenly")
+    groups = tracer.pieces(spec.group, count, _where(call))
+    return tuple(tuple(replace(spec, group=g) if d == dim else s for d, s in enumerate(layout))
+                 for g in groups)

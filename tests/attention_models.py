@@ -1,0 +1,520 @@
+"""Tiny attention models and hand-written, function-preserving permutations of them.
+
+Only ``torch`` is imported (nothing from ``otfusion``), so the symmetries written down
+here are a second, independent description against which the fusion engine's alignment
+graph is checked.
+
+Symmetries of a Transformer, all drawn at random by :func:`permute`:
+
+* the residual stream (width ``D``) is ONE permutation through the whole model: the
+  embeddings' output units, positional embedding and class token, every LayerNorm, the
+  input columns of Q/K/V and of MLP ``fc1``, the output rows (and bias) of the attention
+  output projection and of MLP ``fc2``, the final norm and the head's input columns;
+* heads are permuted as whole heads (one ``sigma`` for Q, K, V and the output
+  projection's input columns);
+* within a head, Q and K share one permutation of the head dimension (``q . k`` and so
+  the softmax are unchanged) and V and the output projection's input columns share
+  another one;
+* the MLP hidden units have their own permutation.
+
+Every permutation is an index: position ``i`` of the copy takes unit ``index[i]`` of the
+original (``index_select``).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DIM = 8
+HEADS = 2
+HEAD_DIM = DIM // HEADS
+HIDDEN = 16
+TOKENS = 5
+FEATURES = 6
+CLASSES = 5
+VOCAB = 12
+DEPTH = 2
+IMAGE = 8
+PATCH = 4
+
+
+# ------------------------------------------------------------------------------- models
+
+
+class MHABlock(nn.Module):
+    """Pre-norm block around ``nn.MultiheadAttention`` (packed Q/K/V)."""
+
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class MHAClassifier(nn.Module):
+    """(B, T, 6) floats -> embedding + positions -> class token -> 2 blocks -> (B, 5)."""
+
+    def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = HIDDEN,
+                 tokens: int = TOKENS, features: int = FEATURES, classes: int = CLASSES,
+                 depth: int = DEPTH) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
+        self.cls = nn.Parameter(0.5 * torch.randn(1, 1, dim))
+        self.blocks = nn.ModuleList(MHABlock(dim, heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x) + self.pos_embed
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x[:, 0])
+
+
+class EncoderClassifier(nn.Module):
+    """(B, T, 6) floats -> embedding + positions -> ``nn.TransformerEncoder`` -> mean over
+    tokens -> (B, 5)."""
+
+    def __init__(self, nested: bool = False, norm_first: bool = False, dim: int = DIM,
+                 heads: int = HEADS, hidden: int = HIDDEN, tokens: int = TOKENS,
+                 features: int = FEATURES, classes: int = CLASSES, depth: int = DEPTH) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, dim)
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.0, batch_first=True,
+                                           norm_first=norm_first)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=depth,
+                                             norm=nn.LayerNorm(dim) if norm_first else None,
+                                             enable_nested_tensor=nested)
+        # the encoder deep-copies ``layer``: give every layer its own weights
+        for clone in self.encoder.layers:
+            clone.self_attn._reset_parameters()
+            clone.linear1.reset_parameters()
+            clone.linear2.reset_parameters()
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(self.embed(x) + self.pos_embed)
+        return self.head(x.mean(dim=1))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class TimmAttention(nn.Module):
+    """Decomposed attention with one packed ``qkv`` Linear, as in timm's ViT."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.head_dim = dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = TimmAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, dim, patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimmStyleViT(nn.Module):
+    """(B, 1, 8, 8) images -> 4 patches of 4x4 -> class token + positions -> blocks ->
+    class token -> (B, 5)."""
+
+    def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = HIDDEN,
+                 classes: int = CLASSES, depth: int = DEPTH) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(dim, PATCH)
+        patches = (IMAGE // PATCH) ** 2
+        self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, dim))
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, patches + 1, dim))
+        self.blocks = nn.Sequential(*(TimmBlock(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+class CausalSelfAttention(nn.Module):
+    """Separate Q/K/V projections without bias and a causal scaled dot product."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.n_head = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        hd = C // self.n_head
+        q = self.q(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_head, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+class PackedCausalSelfAttention(nn.Module):
+    """nanoGPT's own style: one ``c_attn`` Linear whose output is split into Q, K, V."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.n_head = heads
+        self.n_embd = dim
+        self.c_attn = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, packed: bool = False) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = (PackedCausalSelfAttention if packed else CausalSelfAttention)(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class NanoGPT(nn.Module):
+    """(B, T) token ids -> (B, T, V) next-token logits; ``lm_head`` tied to ``tok``."""
+
+    def __init__(self, vocab: int = VOCAB, tokens: int = TOKENS, dim: int = DIM,
+                 heads: int = HEADS, hidden: int = HIDDEN, depth: int = DEPTH,
+                 packed: bool = False) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(tokens, dim)
+        self.blocks = nn.ModuleList(GPTBlock(dim, heads, hidden, packed) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.tok.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+_BUILDERS = {
+    "mha": MHAClassifier,
+    "encoder": lambda: EncoderClassifier(nested=False),
+    "encoder-nested": lambda: EncoderClassifier(nested=True),
+    "encoder-norm-first": lambda: EncoderClassifier(nested=False, norm_first=True),
+    "timm-vit": TimmStyleViT,
+    "nanogpt": NanoGPT,
+    "nanogpt-packed": lambda: NanoGPT(packed=True),
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Random biases (of Linear, Conv, MultiheadAttention's packed ``in_proj_bias``,
+    LayerNorm) and LayerNorm weights, in place; returns ``model``.
+
+    Fresh LayerNorms (weight 1, bias 0) and attention biases (0) are left unchanged by a
+    wrong permutation; random values make every entry matter.
+    """
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.rsplit(".", 1)[-1].endswith("bias"):
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                shape = module.weight.shape
+                module.weight.copy_(1.0 + 0.5 * torch.randn(shape, generator=generator))
+    return model
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """The model ``name`` initialised from ``seed`` (global RNG untouched), with random
+    biases and LayerNorm parameters, in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = _BUILDERS[name]()
+    return randomize_(model, torch.Generator().manual_seed(10_000 + seed)).eval()
+
+
+def make_inputs(name: str, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
+    """A batch of inputs for the model ``name``."""
+    if name == "timm-vit":
+        return torch.randn(batch, 1, IMAGE, IMAGE, generator=generator)
+    if name.startswith("nanogpt"):
+        return torch.randint(0, VOCAB, (batch, TOKENS), generator=generator)
+    return torch.randn(batch, TOKENS, FEATURES, generator=generator)
+
+
+# ------------------------------------------------------------------------- permutations
+
+BROKEN = ("qk", "layernorm", "heads")
+"""Deliberately wrong variants of :func:`permute`, to show that the checks have teeth:
+``qk``: K gets a within-head permutation different from Q's; ``layernorm``: LayerNorm
+parameters are left unpermuted; ``heads``: V and the output projection's columns use a
+head order different from Q/K's."""
+
+
+def _perm(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)
+
+
+def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
+    """In place: ``tensor`` reindexed along ``dim`` (same storage, ties are kept)."""
+    tensor.copy_(tensor.index_select(dim, index))
+
+
+def _rows(layer: nn.Module, index: torch.Tensor) -> None:
+    """Output units of a Linear/Conv: weight rows and bias."""
+    _take(layer.weight, 0, index)
+    if layer.bias is not None:
+        _take(layer.bias, 0, index)
+
+
+def _columns(layer: nn.Linear, index: torch.Tensor) -> None:
+    _take(layer.weight, 1, index)
+
+
+class _Plan:
+    """The random permutations of one copy, drawn in a fixed order from ``generator``."""
+
+    def __init__(self, generator: torch.Generator, broken: str | None) -> None:
+        if broken not in (None, *BROKEN):
+            raise ValueError(f"unknown broken variant {broken!r}")
+        self.generator = generator
+        self.broken = broken
+        self.stream = _perm(DIM, generator)
+
+    def norm(self, norm: nn.LayerNorm) -> None:
+        if self.broken == "layernorm":
+            return
+        _take(norm.weight, 0, self.stream)
+        _take(norm.bias, 0, self.stream)
+
+    def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Indices (each of length ``D``) of the Q, K and V rows and of the output
+        projection's input columns: head ``sigma[j]`` moves to head ``j``; inside it, Q/K
+        share one permutation of the head dimension and V/out share another."""
+        sigma = _perm(HEADS, self.generator)
+        within_qk = [_perm(HEAD_DIM, self.generator) for _ in range(HEADS)]
+        within_v = [_perm(HEAD_DIM, self.generator) for _ in range(HEADS)]
+
+        def index(heads: torch.Tensor, within: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([heads[j] * HEAD_DIM + within[j] for j in range(HEADS)])
+
+        q = index(sigma, within_qk)
+        k = q
+        if self.broken == "qk":
+            k = index(sigma, [w.roll(1) for w in within_qk])
+        v = index(sigma, within_v)
+        out = v
+        if self.broken == "heads":
+            v = index(sigma.roll(1), within_v)
+            out = index(sigma, within_v)
+        return q, k, v, out
+
+    def packed_attention(self, in_weight: torch.Tensor, in_bias: torch.Tensor | None,
+                         out_proj: nn.Linear) -> None:
+        """Q/K/V packed as the rows [Q; K; V] of one (3D, D) weight."""
+        q, k, v, out = self.attention()
+        rows = torch.cat([q, DIM + k, 2 * DIM + v])
+        _take(in_weight, 0, rows)
+        _take(in_weight, 1, self.stream)
+        if in_bias is not None:
+            _take(in_bias, 0, rows)
+        _columns(out_proj, out)
+        _rows(out_proj, self.stream)
+
+    def separate_attention(self, q_layer: nn.Linear, k_layer: nn.Linear, v_layer: nn.Linear,
+                           out_proj: nn.Linear) -> None:
+        q, k, v, out = self.attention()
+        for layer, rows in ((q_layer, q), (k_layer, k), (v_layer, v)):
+            _rows(layer, rows)
+            _columns(layer, self.stream)
+        _columns(out_proj, out)
+        _rows(out_proj, self.stream)
+
+    def mlp(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
+        hidden = _perm(fc1.out_features, self.generator)
+        _columns(fc1, self.stream)
+        _rows(fc1, hidden)
+        _columns(fc2, hidden)
+        _rows(fc2, self.stream)
+
+
+def _mha_classifier(model: MHAClassifier, plan: _Plan) -> None:
+    _rows(model.embed, plan.stream)
+    _take(model.pos_embed, 2, plan.stream)
+    _take(model.cls, 2, plan.stream)
+    for block in model.blocks:
+        plan.norm(block.norm1)
+        attn = block.attn
+        plan.packed_attention(attn.in_proj_weight, attn.in_proj_bias, attn.out_proj)
+        plan.norm(block.norm2)
+        plan.mlp(block.mlp[0], block.mlp[2])
+    plan.norm(model.norm)
+    _columns(model.head, plan.stream)
+
+
+def _encoder_classifier(model: EncoderClassifier, plan: _Plan) -> None:
+    _rows(model.embed, plan.stream)
+    _take(model.pos_embed, 2, plan.stream)
+    for layer in model.encoder.layers:
+        attn = layer.self_attn
+        plan.packed_attention(attn.in_proj_weight, attn.in_proj_bias, attn.out_proj)
+        plan.mlp(layer.linear1, layer.linear2)
+        plan.norm(layer.norm1)
+        plan.norm(layer.norm2)
+    if model.encoder.norm is not None:
+        plan.norm(model.encoder.norm)
+    _columns(model.head, plan.stream)
+
+
+def _timm_vit(model: TimmStyleViT, plan: _Plan) -> None:
+    _rows(model.patch_embed.proj, plan.stream)  # conv output channels
+    _take(model.cls_token, 2, plan.stream)
+    _take(model.pos_embed, 2, plan.stream)
+    for block in model.blocks:
+        plan.norm(block.norm1)
+        plan.packed_attention(block.attn.qkv.weight, block.attn.qkv.bias, block.attn.proj)
+        plan.norm(block.norm2)
+        plan.mlp(block.mlp.fc1, block.mlp.fc2)
+    plan.norm(model.norm)
+    _columns(model.head, plan.stream)
+
+
+def _nanogpt(model: NanoGPT, plan: _Plan) -> None:
+    # lm_head.weight IS tok.weight (V, D): permuting its columns once covers both uses
+    assert model.lm_head.weight is model.tok.weight
+    _take(model.tok.weight, 1, plan.stream)
+    _take(model.pos.weight, 1, plan.stream)
+    for block in model.blocks:
+        plan.norm(block.ln1)
+        attn = block.attn
+        if isinstance(attn, PackedCausalSelfAttention):
+            plan.packed_attention(attn.c_attn.weight, attn.c_attn.bias, attn.proj)
+        else:
+            plan.separate_attention(attn.q, attn.k, attn.v, attn.proj)
+        plan.norm(block.ln2)
+        plan.mlp(block.mlp.fc1, block.mlp.fc2)
+    plan.norm(model.ln_f)
+
+
+_RULES = (
+    (MHAClassifier, _mha_classifier),
+    (EncoderClassifier, _encoder_classifier),
+    (TimmStyleViT, _timm_vit),
+    (NanoGPT, _nanogpt),
+)
+
+
+def permute(model: nn.Module, generator: torch.Generator, broken: str | None = None
+            ) -> nn.Module:
+    """A deep copy of ``model`` with the residual stream, the heads, the within-head
+    dimensions and the MLP hidden units randomly permuted: it computes the same function
+    (up to floating point summation order). ``broken`` (one of :data:`BROKEN`) makes a
+    deliberately wrong copy instead."""
+    permuted = copy.deepcopy(model)
+    plan = _Plan(generator, broken)
+    with torch.no_grad():
+        for family, rule in _RULES:
+            if isinstance(permuted, family):
+                rule(permuted, plan)
+                break
+        else:
+            raise TypeError(f"no permutation rule for {type(model).__name__}")
+    return permuted
+
+
+def relative_difference(model: nn.Module, reference: nn.Module, inputs: torch.Tensor
+                        ) -> float:
+    """Relative L2 distance of the two models' outputs on ``inputs`` (eval mode)."""
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        expected = reference(inputs)
+        got = model(inputs)
+    return float((got - expected).norm() / expected.norm())
+
+
+__all__ = [
+    "BROKEN",
+    "MODEL_NAMES",
+    "EncoderClassifier",
+    "MHAClassifier",
+    "NanoGPT",
+    "TimmStyleViT",
+    "build",
+    "make_inputs",
+    "permute",
+    "randomize_",
+    "relative_difference",
+]

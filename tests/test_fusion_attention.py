@@ -1,0 +1,166 @@
+"""Fusion and alignment of attention models (multi-head attention, Transformers).
+
+The permuted copies come from ``tests/attention_models.py``, which writes the symmetries
+of a Transformer down by hand and imports nothing from the engine: one permutation of
+the residual stream through every block (embeddings, positional embedding, class token,
+LayerNorms, Q/K/V input columns, output projections, MLP, head), whole-head
+permutations, a within-head permutation shared by Q and K and another shared by V and
+the output projection, and the MLP hidden units. A permuted copy computes exactly the
+same function, so:
+
+* fusing a model with two permuted copies of it must give back its function;
+* aligning one model onto another must keep its function (and move its weights);
+* aligning a permuted copy onto the original must give back the original's weights.
+
+LayerNorm weights and biases and all biases are random (:func:`attention_models.build`),
+so an engine that couples, e.g., a LayerNorm or the K rows differently from the stream
+or the Q rows shows up as different outputs.
+
+The engine is imported by the ``engine`` fixture, not at module level, so that the
+sanity checks of the permutation helper run whatever state the engine is in.
+
+Tolerances: relative L2 difference of the outputs 1e-5 (exact OT on permuted copies is
+exact up to float32 summation order); weights 1e-6.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attention_models import (
+    BROKEN,
+    MODEL_NAMES,
+    build,
+    make_inputs,
+    permute,
+    relative_difference,
+)
+
+EXACT_TOL = 1e-5
+STATE_TOL = 1e-6
+BROKEN_MIN = 1e-3
+
+MODELS = [pytest.param(name, id=name) for name in MODEL_NAMES]
+
+
+@pytest.fixture
+def engine():
+    """``(config, fuse, align)``: exact OT, no post-fusion distillation."""
+    from otfusion.fusion import FusionConfig, align, fuse
+
+    return FusionConfig(distill_steps=0), fuse, align
+
+
+def family(name: str, seed: int = 0, copies: int = 2):
+    """The model ``name`` (random LayerNorms and biases, eval mode), ``copies``
+    independently permuted copies of it, and a batch of inputs."""
+    generator = torch.Generator().manual_seed(2000 + seed)
+    original = build(name, seed=seed)
+    permuted = [permute(original, generator) for _ in range(copies)]
+    return original, permuted, make_inputs(name, generator)
+
+
+def changed_keys(model: torch.nn.Module, other: torch.nn.Module, tol: float = 0.0
+                 ) -> list[str]:
+    """Floating-point state entries that differ by more than ``tol`` (absolute)."""
+    state, other_state = model.state_dict(), other.state_dict()
+    return [key for key, tensor in state.items()
+            if tensor.is_floating_point()
+            and float((tensor - other_state[key]).abs().max()) > tol]
+
+
+def assert_same_layout(model: torch.nn.Module, expected: torch.nn.Module) -> None:
+    state, expected_state = model.state_dict(), expected.state_dict()
+    assert list(state) == list(expected_state)
+    for key, tensor in expected_state.items():
+        assert state[key].shape == tensor.shape, key
+        assert state[key].dtype == tensor.dtype, key
+
+
+# --------------------------------------------------------- the permutation helper (sanity)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sanity_permuted_copy_computes_the_same_function(name):
+    original, (permuted,), inputs = family(name, copies=1)
+    assert relative_difference(permuted, original, inputs) <= EXACT_TOL
+    assert_same_layout(permuted, original)
+    changed = changed_keys(permuted, original)
+    floating = [k for k, t in original.state_dict().items() if t.is_floating_point()]
+    # every tensor moves except the classifier's output bias (classes are not permuted)
+    assert set(floating) - set(changed) <= {"head.bias"}
+    assert permuted.training is False
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sanity_permuted_copies_differ_from_each_other(name):
+    _, (first, second), _ = family(name, copies=2)
+    assert changed_keys(first, second)
+
+
+@pytest.mark.parametrize("broken", BROKEN)
+@pytest.mark.parametrize("name", MODELS)
+def test_sanity_broken_permutation_changes_the_function(name, broken):
+    """The output check has teeth: coupling K differently from Q, leaving the LayerNorms
+    unpermuted, or giving V another head order all change the outputs."""
+    generator = torch.Generator().manual_seed(3000)
+    original = build(name, seed=0)
+    inputs = make_inputs(name, generator)
+    wrong = permute(original, generator, broken=broken)
+    assert relative_difference(wrong, original, inputs) > BROKEN_MIN
+
+
+def test_sanity_nanogpt_keeps_its_tied_head():
+    original, (permuted,), _ = family("nanogpt", copies=1)
+    assert permuted.lm_head.weight is permuted.tok.weight
+    assert original.lm_head.weight is original.tok.weight
+
+
+def test_sanity_independent_seeds_compute_different_functions():
+    for name in MODEL_NAMES:
+        first, second = build(name, seed=0), build(name, seed=1)
+        inputs = make_inputs(name, torch.Generator().manual_seed(0))
+        assert relative_difference(second, first, inputs) > 0.1, name
+
+
+# ------------------------------------------------------------------------------- fusion
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fusion_of_permuted_copies_computes_the_original_function(name, engine):
+    config, fuse, _ = engine
+    original, permuted, inputs = family(name, seed=1)
+    fused = fuse([original, *permuted], config=config, inputs=inputs)
+    assert isinstance(fused, type(original))
+    assert_same_layout(fused, original)
+    assert relative_difference(fused, original, inputs) <= EXACT_TOL
+
+
+# ---------------------------------------------------------------------------- alignment
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_align_independent_models_keeps_the_function(name, engine):
+    config, _, align = engine
+    reference, model = build(name, seed=2), build(name, seed=3)
+    inputs = make_inputs(name, torch.Generator().manual_seed(2))
+    aligned = align(model, reference, config=config, inputs=inputs)
+    assert_same_layout(aligned, model)
+    assert relative_difference(aligned, model, inputs) <= EXACT_TOL
+    # the units were reordered to match the reference: the weights moved
+    assert changed_keys(aligned, model, tol=STATE_TOL)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_align_permuted_copy_gives_back_the_original(name, engine):
+    config, _, align = engine
+    original, (permuted,), inputs = family(name, seed=4, copies=1)
+    aligned = align(permuted, original, config=config, inputs=inputs)
+    assert_same_layout(aligned, original)
+    got = aligned.state_dict()
+    for key, tensor in original.state_dict().items():
+        if tensor.is_floating_point():
+            assert torch.allclose(got[key], tensor, rtol=STATE_TOL, atol=STATE_TOL), key
+        else:
+            assert torch.equal(got[key], tensor), key
+    assert relative_difference(aligned, original, inputs) <= EXACT_TOL
