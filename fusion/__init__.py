@@ -3,7 +3,13 @@
 from .config import FusionConfig
 from .distillation import InputMoments, input_moments, pool_moments
 from .engine import FusionResult, align, fuse, fuse_models, output_width
-from .graph import AlignmentGraph, UnsupportedModelError, build_alignment_graph
+from .graph import (
+    AlignmentGraph,
+    UnsupportedModelError,
+    alignment_spec,
+    build_alignment_graph,
+    register_rule,
+)
 
 __all__ = [
     "AlignmentGraph",
@@ -12,10 +18,12 @@ __all__ = [
     "InputMoments",
     "UnsupportedModelError",
     "align",
+    "alignment_spec",
     "build_alignment_graph",
     "fuse",
     "fuse_models",
     "input_moments",
     "output_width",
     "pool_moments",
+    "register_rule",
 ]

@@ -139,12 +139,13 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss)
 
 
-def output_width(model: nn.Module, inputs: torch.Tensor | None = None) -> int | None:
-    """The number of classes of ``model`` (the width of its output group), or None when
-    it has no single output width or cannot be traced."""
+def output_width(model: nn.Module, inputs: torch.Tensor | None = None,
+                 graph: AlignmentGraph | None = None) -> int | None:
+    """The number of classes of ``model`` (the width of its output group, by ``graph``
+    or by tracing), or None when it has no single output width or cannot be traced."""
     try:
-        graph = build_alignment_graph(model, _example_input(model, inputs))
-        widths = graph.widths(model.state_dict(), "model")
+        graph = graph or build_alignment_graph(model, _example_input(model, inputs))
+        widths = graph.widths(dense_state(graph, model.state_dict()), "model")
     except ValueError:
         return None
     found = {widths[g] for g in graph.outputs if g in widths}

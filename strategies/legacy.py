@@ -14,7 +14,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from torch import nn
 
-from otfusion.fusion import FusionConfig
+from otfusion.fusion import AlignmentGraph, FusionConfig
 
 from .otfusion import ClientModelFn, _FusionMixin
 from .replies import check_array_list, check_weight, reply_digest, weighted_average_metrics
@@ -52,6 +52,8 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
     inputs : Optional[torch.Tensor] (default: None)
         Server-side input batch for the fusion engine (needed by
         ``fusion.cost == "activations"`` and models without ``input_shape``).
+    graph : Optional[AlignmentGraph] (default: None)
+        An explicit alignment spec (:func:`otfusion.fusion.alignment_spec`).
     **fedavg_kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (``fraction_fit``,
         ``min_fit_clients``, ``min_available_clients``, ``accept_failures``,
@@ -77,11 +79,12 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
         client_model_fn: ClientModelFn | None = None,
         max_abs_weight: float = 1e4,
         inputs: torch.Tensor | None = None,
+        graph: AlignmentGraph | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         FedAvg.__init__(self, **fedavg_kwargs)
         self._init_fusion(model_fn, fusion, ot_rounds, heterogeneous, client_model_fn,
-                          max_abs_weight, inputs)
+                          max_abs_weight, inputs, graph)
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""

@@ -19,7 +19,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from torch import nn
 
-from otfusion.fusion import FusionConfig, InputMoments, fuse_models, output_width, pool_moments
+from otfusion.fusion import (
+    AlignmentGraph,
+    FusionConfig,
+    InputMoments,
+    fuse_models,
+    output_width,
+    pool_moments,
+)
 from otfusion.fusion.distillation import distill
 
 from .replies import (
@@ -100,6 +107,7 @@ class _FusionMixin:
     client_model_fn: ClientModelFn | None
     max_abs_weight: float
     inputs: torch.Tensor | None
+    graph: AlignmentGraph | None
     expected: ExpectedArrays
     latest_models: list[nn.Module]
     latest_weights: list[float]
@@ -108,7 +116,7 @@ class _FusionMixin:
     def _init_fusion(self, model_fn: Callable[[], nn.Module], fusion: FusionConfig,
                      ot_rounds: str, heterogeneous: bool,
                      client_model_fn: ClientModelFn | None, max_abs_weight: float,
-                     inputs: torch.Tensor | None) -> None:
+                     inputs: torch.Tensor | None, graph: AlignmentGraph | None) -> None:
         if not callable(model_fn):
             raise TypeError("model_fn must be a zero-argument callable returning an nn.Module")
         if not isinstance(fusion, FusionConfig):
@@ -134,10 +142,11 @@ class _FusionMixin:
         self.client_model_fn = client_model_fn
         self.max_abs_weight = max_abs_weight
         self.inputs = inputs
+        self.graph = graph
         self.expected = ExpectedArrays.from_state_dict(template.state_dict())
         self.latest_models = []
         self.latest_weights = []
-        self.num_classes = output_width(template, inputs)
+        self.num_classes = output_width(template, inputs, graph)
         """The global model's number of classes (output width), None if unknown."""
         shape = getattr(template, "input_shape", None)
         if inputs is not None and not inputs.is_floating_point():
@@ -203,7 +212,7 @@ class _FusionMixin:
         start = time.perf_counter()
         result = fuse_models(list(models), weights=scaled, config=config,
                              target=self.model_fn(), inputs=self.inputs,
-                             class_weights=per_class)
+                             class_weights=per_class, graph=self.graph)
         model, distill_loss = result.model, None
         if pooled is not None:
             model, distill_loss = self._distilled(server_round, model, models, scaled, pooled,
@@ -317,6 +326,9 @@ class OTFusion(_FusionMixin, FedAvg):
         A batch of server-side inputs passed to the fusion engine. Required when
         ``fusion.cost == "activations"``, and for tracing models that declare no
         ``input_shape`` attribute.
+    graph : Optional[AlignmentGraph] (default: None)
+        An explicit alignment spec (:func:`otfusion.fusion.alignment_spec`) for a model
+        the tracer cannot describe; by default the graph is traced from the model.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg`: ``fraction_train``,
         ``fraction_evaluate``, ``min_train_nodes``, ``min_evaluate_nodes``,
@@ -374,13 +386,14 @@ class OTFusion(_FusionMixin, FedAvg):
         client_model_fn: ClientModelFn | None = None,
         max_abs_weight: float = 1e4,
         inputs: torch.Tensor | None = None,
+        graph: AlignmentGraph | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         if fedavg_kwargs.get("train_metrics_aggr_fn") is None:
             fedavg_kwargs["train_metrics_aggr_fn"] = aggregate_train_metrics
         FedAvg.__init__(self, **fedavg_kwargs)
         self._init_fusion(model_fn, fusion, ot_rounds, heterogeneous, client_model_fn,
-                          max_abs_weight, inputs)
+                          max_abs_weight, inputs, graph)
         self._completed_rounds = 0  # rounds done before ``start`` (a resumed run)
         self._history = Result()
 

@@ -112,3 +112,139 @@ def test_block_plan_is_the_best_block_structured_permutation(seed):
     forced = torch.eye(3, dtype=torch.float64).flip(0) / 3
     assert torch.allclose(block_marginal(block_plan(cost, uniform, uniform, CONFIG, 3, forced),
                                          3), forced)
+
+
+class ScaledLinear(nn.Module):
+    """A user's own layer: a Linear without bias followed by a learned per-unit scale."""
+
+    def __init__(self, inputs: int, outputs: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(outputs, inputs) / inputs ** 0.5)
+        self.scale = nn.Parameter(torch.rand(outputs) + 0.5)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight) * self.scale
+
+
+class WithCustomLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.custom = ScaledLinear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.custom(x)))
+
+
+def scaled_linear_rule(tracer, call, name, module):
+    """The rule a user writes: new units on the last dimension, fed by the input's last
+    dimension; the scale follows the units."""
+    from otfusion.fusion.graph import AxisSpec
+
+    source = call.layout()
+    units = AxisSpec(tracer.new_group(name), "neuron")
+    feeds = None if source[-1] is None else AxisSpec(source[-1].group, "input")
+    tracer.record(name, "weight", (units, feeds), cost=True)
+    tracer.record(name, "scale", (units,), cost=False)
+    return (*source[:-1], units)
+
+
+def permute_custom(model: WithCustomLayer, perm: torch.Tensor) -> WithCustomLayer:
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        out.custom.weight.copy_(model.custom.weight[perm])
+        out.custom.scale.copy_(model.custom.scale[perm])
+        out.head.weight.copy_(model.head.weight[:, perm])
+    return out
+
+
+def test_a_registered_rule_describes_a_custom_module():
+    from otfusion.fusion import UnsupportedModelError, register_rule
+    from otfusion.fusion.graph import rules
+
+    a, b = _models(WithCustomLayer)
+    x = torch.randn(16, 6)
+    with pytest.raises(UnsupportedModelError, match="linear"):
+        fuse([a, b], config=CONFIG, inputs=x)
+    register_rule(ScaledLinear)(scaled_linear_rule)
+    try:
+        copy_ = permute_custom(a, torch.randperm(8, generator=torch.Generator().manual_seed(3)))
+        assert rel(copy_(x), a(x)) < 1e-6
+        assert rel(fuse([a, copy_], config=CONFIG, inputs=x)(x), a(x)) < 1e-5
+        assert rel(align(b, a, config=CONFIG, inputs=x)(x), b(x)) < 1e-5
+        assert "custom.scale[0]" in str(build_alignment_graph(a, x))
+    finally:
+        rules._MODULES.pop(ScaledLinear)
+
+
+class Untraceable(nn.Module):
+    """Control flow on a traced value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.norm(self.fc(x))
+        if x.shape[0] > 0:
+            h = torch.relu(h)
+        return self.head(h)
+
+
+UNTRACEABLE_SPEC = {
+    "fc.weight": ("hidden", None), "fc.bias": ("hidden",),
+    "norm.weight": ("hidden",), "norm.bias": ("hidden",),
+    "head.weight": ("classes", "hidden"), "head.bias": ("classes",),
+}
+
+
+def test_an_explicit_spec_fuses_what_the_tracer_cannot():
+    from otfusion.fusion import UnsupportedModelError, alignment_spec
+
+    a, b = _models(Untraceable)
+    with torch.no_grad():
+        a.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(16, 6)
+    with pytest.raises(UnsupportedModelError, match="Untraceable"):
+        fuse([a, b], config=CONFIG, inputs=x)
+    graph = alignment_spec(UNTRACEABLE_SPEC, outputs={"classes"},
+                           follows={"norm.weight", "norm.bias"})
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(4))
+    copy_ = copy.deepcopy(a)
+    with torch.no_grad():
+        for tensor in (copy_.fc.weight, copy_.fc.bias, copy_.norm.weight, copy_.norm.bias):
+            tensor.copy_(tensor[perm])
+        copy_.head.weight.copy_(copy_.head.weight[:, perm])
+    assert rel(copy_(x), a(x)) < 1e-6
+    assert rel(fuse([a, copy_], config=CONFIG, graph=graph)(x), a(x)) < 1e-5
+    assert rel(align(b, a, config=CONFIG, graph=graph)(x), b(x)) < 1e-5
+    text = str(graph)
+    assert "group 0 'hidden'" in text and "group 1 'classes' (output)" in text
+
+
+def test_an_explicit_spec_matches_the_traced_graph():
+    from otfusion.fusion import alignment_spec
+    from otfusion.zoo import build_model
+
+    models = [build_model("mlp", seed=s, widths=(12, 10)) for s in range(3)]
+    spec = {}
+    for layer, group, previous in (("layers.0", "h1", None), ("layers.2", "h2", "h1"),
+                                   ("head", "classes", "h2")):
+        spec[f"{layer}.weight"] = (group, previous)
+        spec[f"{layer}.bias"] = (group,)
+    traced = fuse(models, config=CONFIG)
+    explicit = fuse(models, config=CONFIG, graph=alignment_spec(spec, outputs={"classes"}))
+    for name, tensor in traced.state_dict().items():
+        assert torch.equal(tensor, explicit.state_dict()[name]), name
+
+
+def test_otfusion_takes_an_explicit_spec():
+    from otfusion.fusion import alignment_spec
+    from otfusion.strategies import OTFusion
+
+    graph = alignment_spec(UNTRACEABLE_SPEC, outputs={"classes"},
+                           follows={"norm.weight", "norm.bias"})
+    strategy = OTFusion(Untraceable, graph=graph)
+    assert strategy.graph is graph and strategy.num_classes == 3

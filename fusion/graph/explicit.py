@@ -1,0 +1,60 @@
+"""An alignment graph written by hand, as data: which tensor axes share one coupling.
+
+In the spirit of Git Re-Basin's permutation specs and mergekit's architecture files,
+for models the tracer cannot describe::
+
+    graph = alignment_spec(
+        {"fc1.weight": ("h1", None), "fc1.bias": ("h1",),
+         "fc2.weight": ("h2", "h1"), "fc2.bias": ("h2",),
+         "head.weight": ("classes", "h2"), "head.bias": ("classes",)},
+        outputs={"classes"},
+    )
+    fused = fuse(models, graph=graph)
+
+Each state_dict entry maps to one label per axis: a group name, or None for an axis
+that is never permuted (input features, kernel positions). A tensor's first labelled
+axis holds its own units (their incoming weights, biases); any other labelled axis
+holds the inputs it reads from that group. Groups are solved in the order they first
+appear as a tensor's own units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .spec import AlignmentGraph, AxisSpec, Group, TensorSpec
+
+
+def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable[str] = (),
+                   follows: Iterable[str] = (), blocks: Mapping[str, int] | None = None
+                   ) -> AlignmentGraph:
+    """The graph of ``axes`` (state_dict name -> one label or None per axis).
+
+    ``outputs``: groups that are the model's outputs (classes), never permuted.
+    ``follows``: tensors that follow their units without defining them (normalisation
+    parameters and statistics); every other labelled tensor enters the transport cost.
+    ``blocks``: groups whose couplings may only move whole blocks of units (a GroupNorm's
+    groups, attention heads): label -> number of blocks.
+    """
+    blocks = dict(blocks or {})
+    follows, outputs = set(follows), set(outputs)
+    order: list[str] = []
+    for labels in axes.values():
+        own = next((label for label in labels if label is not None), None)
+        if own is not None and own not in order:
+            order.append(own)
+    for labels in axes.values():
+        order.extend(label for label in labels if label is not None and label not in order)
+    unknown = (outputs | set(blocks)) - set(order)
+    if unknown:
+        raise ValueError(f"alignment spec: groups {sorted(unknown)} label no axis")
+    ids = {label: i for i, label in enumerate(order)}
+    tensors = {}
+    for name, labels in axes.items():
+        own = next((i for i, label in enumerate(labels) if label is not None), None)
+        specs = tuple(None if label is None else AxisSpec(
+            ids[label], "neuron" if i == own else "input") for i, label in enumerate(labels))
+        tensors[name] = TensorSpec(name, specs, own is not None and name not in follows)
+    groups = tuple(Group(ids[label], label, label in outputs, blocks.get(label, 1))
+                   for label in order)
+    return AlignmentGraph(groups, tensors, {}, frozenset(ids[label] for label in outputs))
