@@ -71,11 +71,16 @@ def module_rule(module: nn.Module) -> ModuleRule | None:
     return _MODULES.get(type(module))
 
 
+_FUNCTIONS_BY_NAME: dict[str, FunctionRule] = {}
+"""Rules for functions of other libraries, by name (torchvision's fx-wrapped ops)."""
+
+
 def function_rule(target) -> FunctionRule | None:
     try:
-        return _FUNCTIONS.get(target)
+        found = _FUNCTIONS.get(target)
     except TypeError:  # unhashable target
         return None
+    return found or _FUNCTIONS_BY_NAME.get(getattr(target, "__name__", None))
 
 
 def method_rule(name: str) -> FunctionRule | None:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layouts import require_unaligned
-from . import function_rule_for, method_rule_for, register_rule
+from . import _FUNCTIONS_BY_NAME, function_rule_for, method_rule_for, register_rule
 
 ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -49,6 +49,14 @@ def elementwise_module(tracer, call, name, module):
 def elementwise(tracer, call):
     return call.layout()
 
+
+def stochastic_depth(tracer, call):
+    """torchvision's ``stochastic_depth`` (wrapped as one fx call): drops whole samples
+    or the whole batch of a residual branch, which no unit permutation changes."""
+    return call.layout()
+
+
+_FUNCTIONS_BY_NAME["stochastic_depth"] = stochastic_depth
 
 _POOLS = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,

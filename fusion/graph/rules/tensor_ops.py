@@ -69,7 +69,9 @@ def broadcast(tracer, call):
     """Elementwise op of tensors: dimensions that meet share one coupling."""
     shape = call.shape
     if shape is None:
-        raise UnsupportedModelError(f"{_where(call)}: unknown output shape")
+        if L.has_groups(call.args):
+            raise UnsupportedModelError(f"{_where(call)}: unknown output shape")
+        return None  # arithmetic on sizes
     raw = call.node.args[:3] if call.node.target is torch.where else call.node.args[:2]
     pairs = [(layout, L.shape_of(arg)) for layout, arg in zip(call.args, raw, strict=False)
              if L.is_layout(layout)]
