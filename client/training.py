@@ -28,6 +28,9 @@ class Recipe:
 RECIPES = {
     "mlp": Recipe(lr=0.1),
     "cnn": Recipe(lr=0.02),
+    "mobilenet": Recipe(lr=0.02),
+    "vit": Recipe(lr=1e-3, optimizer="adam"),
+    "transformer": Recipe(lr=1e-3, optimizer="adam"),
 }
 
 

@@ -343,15 +343,17 @@ def _columns(layer: nn.Linear, index: torch.Tensor) -> None:
     _take(layer.weight, 1, index)
 
 
-class _Plan:
+class Plan:
     """The random permutations of one copy, drawn in a fixed order from ``generator``."""
 
-    def __init__(self, generator: torch.Generator, broken: str | None) -> None:
+    def __init__(self, generator: torch.Generator, broken: str | None = None, dim: int = DIM,
+                 heads: int = HEADS) -> None:
         if broken not in (None, *BROKEN):
             raise ValueError(f"unknown broken variant {broken!r}")
         self.generator = generator
         self.broken = broken
-        self.stream = _perm(DIM, generator)
+        self.dim, self.heads = dim, heads
+        self.stream = _perm(dim, generator)
 
     def norm(self, norm: nn.LayerNorm) -> None:
         if self.broken == "layernorm":
@@ -363,12 +365,13 @@ class _Plan:
         """Indices (each of length ``D``) of the Q, K and V rows and of the output
         projection's input columns: head ``sigma[j]`` moves to head ``j``; inside it, Q/K
         share one permutation of the head dimension and V/out share another."""
-        sigma = _perm(HEADS, self.generator)
-        within_qk = [_perm(HEAD_DIM, self.generator) for _ in range(HEADS)]
-        within_v = [_perm(HEAD_DIM, self.generator) for _ in range(HEADS)]
+        count, size = self.heads, self.dim // self.heads
+        sigma = _perm(count, self.generator)
+        within_qk = [_perm(size, self.generator) for _ in range(count)]
+        within_v = [_perm(size, self.generator) for _ in range(count)]
 
         def index(heads: torch.Tensor, within: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([heads[j] * HEAD_DIM + within[j] for j in range(HEADS)])
+            return torch.cat([heads[j] * size + within[j] for j in range(count)])
 
         q = index(sigma, within_qk)
         k = q
@@ -385,7 +388,7 @@ class _Plan:
                          out_proj: nn.Linear) -> None:
         """Q/K/V packed as the rows [Q; K; V] of one (3D, D) weight."""
         q, k, v, out = self.attention()
-        rows = torch.cat([q, DIM + k, 2 * DIM + v])
+        rows = torch.cat([q, self.dim + k, 2 * self.dim + v])
         _take(in_weight, 0, rows)
         _take(in_weight, 1, self.stream)
         if in_bias is not None:
@@ -410,7 +413,7 @@ class _Plan:
         _rows(fc2, self.stream)
 
 
-def _mha_classifier(model: MHAClassifier, plan: _Plan) -> None:
+def _mha_classifier(model: MHAClassifier, plan: Plan) -> None:
     _rows(model.embed, plan.stream)
     _take(model.pos_embed, 2, plan.stream)
     _take(model.cls, 2, plan.stream)
@@ -424,21 +427,27 @@ def _mha_classifier(model: MHAClassifier, plan: _Plan) -> None:
     _columns(model.head, plan.stream)
 
 
-def _encoder_classifier(model: EncoderClassifier, plan: _Plan) -> None:
-    _rows(model.embed, plan.stream)
-    _take(model.pos_embed, 2, plan.stream)
-    for layer in model.encoder.layers:
+def permute_encoder(encoder: nn.TransformerEncoder, plan: Plan) -> None:
+    """Every layer of an ``nn.TransformerEncoder`` (and its final norm) in ``plan``'s
+    residual stream, with heads, within-head units and MLP units permuted."""
+    for layer in encoder.layers:
         attn = layer.self_attn
         plan.packed_attention(attn.in_proj_weight, attn.in_proj_bias, attn.out_proj)
         plan.mlp(layer.linear1, layer.linear2)
         plan.norm(layer.norm1)
         plan.norm(layer.norm2)
-    if model.encoder.norm is not None:
-        plan.norm(model.encoder.norm)
+    if encoder.norm is not None:
+        plan.norm(encoder.norm)
+
+
+def _encoder_classifier(model: EncoderClassifier, plan: Plan) -> None:
+    _rows(model.embed, plan.stream)
+    _take(model.pos_embed, 2, plan.stream)
+    permute_encoder(model.encoder, plan)
     _columns(model.head, plan.stream)
 
 
-def _timm_vit(model: TimmStyleViT, plan: _Plan) -> None:
+def _timm_vit(model: TimmStyleViT, plan: Plan) -> None:
     _rows(model.patch_embed.proj, plan.stream)  # conv output channels
     _take(model.cls_token, 2, plan.stream)
     _take(model.pos_embed, 2, plan.stream)
@@ -451,7 +460,7 @@ def _timm_vit(model: TimmStyleViT, plan: _Plan) -> None:
     _columns(model.head, plan.stream)
 
 
-def _nanogpt(model: NanoGPT, plan: _Plan) -> None:
+def _nanogpt(model: NanoGPT, plan: Plan) -> None:
     # lm_head.weight IS tok.weight (V, D): permuting its columns once covers both uses
     assert model.lm_head.weight is model.tok.weight
     _take(model.tok.weight, 1, plan.stream)
@@ -483,7 +492,7 @@ def permute(model: nn.Module, generator: torch.Generator, broken: str | None = N
     (up to floating point summation order). ``broken`` (one of :data:`BROKEN`) makes a
     deliberately wrong copy instead."""
     permuted = copy.deepcopy(model)
-    plan = _Plan(generator, broken)
+    plan = Plan(generator, broken)
     with torch.no_grad():
         for family, rule in _RULES:
             if isinstance(permuted, family):

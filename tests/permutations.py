@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 
+import attention_models
 import torch
 from torch import nn
 
@@ -21,8 +22,12 @@ from otfusion.zoo import (
     VGG,
     GRUClassifier,
     LSTMClassifier,
+    MobileNetV2,
     ResNet,
+    ResNetGN,
     RNNClassifier,
+    TransformerClassifier,
+    ViT,
     build_model,
 )
 
@@ -59,6 +64,8 @@ def _permute_inputs(layer: nn.Module, perm: torch.Tensor, inner: int = 1) -> Non
 
 
 def _permute_batchnorm(bn: nn.Module, perm: torch.Tensor) -> None:
+    """Affine parameters and running statistics (whichever exist: a GroupNorm has only
+    the affine parameters)."""
     for name in ("weight", "bias", "running_mean", "running_var"):
         tensor = getattr(bn, name, None)
         if tensor is not None:
@@ -121,6 +128,64 @@ def _resnet(model: ResNet, generator: torch.Generator) -> None:
     _permute_inputs(model.head, stream)
 
 
+def _mobilenet(model: MobileNetV2, generator: torch.Generator) -> None:
+    # Stem: its output channels are the residual stream of the first block.
+    stream = _perm(model.conv1.out_channels, generator)
+    _permute_outputs(model.conv1, stream)
+    _permute_batchnorm(model.bn1, stream)
+    for block in model.blocks:
+        incoming = stream
+        if not block.use_residual:
+            stream = _perm(block.project.out_channels, generator)  # a new stream starts here
+        expanded = _perm(block.expand.out_channels, generator)  # the block's own channels
+        _permute_inputs(block.expand, incoming)
+        _permute_outputs(block.expand, expanded)
+        _permute_batchnorm(block.bn1, expanded)
+        # depthwise: one filter per channel, weight (C, 1, k, k); no input axis to permute
+        _permute_outputs(block.depthwise, expanded)
+        _permute_batchnorm(block.bn2, expanded)
+        _permute_inputs(block.project, expanded)
+        _permute_outputs(block.project, stream)  # added into the stream when residual
+        _permute_batchnorm(block.bn3, stream)
+    _permute_inputs(model.head, stream)
+
+
+def _group_perm(norm: nn.GroupNorm, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of ``norm``'s channels that maps every group onto a group: the
+    groups are reordered by one permutation and the channels inside each group by
+    their own permutation."""
+    size = norm.num_channels // norm.num_groups
+    groups = _perm(norm.num_groups, generator)
+    return torch.cat([int(g) * size + _perm(size, generator) for g in groups])
+
+
+def _resnet_gn(model: ResNetGN, generator: torch.Generator) -> None:
+    # As _resnet, with group-preserving permutations: every channel set is normalised
+    # by GroupNorms with the same num_groups (the stream by gn2 and the shortcut norms).
+    stream = _group_perm(model.gn1, generator)
+    _permute_outputs(model.conv1, stream)
+    _permute_batchnorm(model.gn1, stream)
+    for index in range(model.num_stages):
+        for block in getattr(model, f"layer{index + 1}"):
+            incoming = stream
+            if isinstance(block.shortcut, nn.Sequential):
+                conv, norm = block.shortcut
+                stream = _group_perm(norm, generator)  # a new stream starts here
+                _permute_inputs(conv, incoming)
+                _permute_outputs(conv, stream)
+                _permute_batchnorm(norm, stream)
+            else:
+                assert isinstance(block.shortcut, nn.Identity)
+            inner = _group_perm(block.gn1, generator)  # the block's own channels
+            _permute_inputs(block.conv1, incoming)
+            _permute_outputs(block.conv1, inner)
+            _permute_batchnorm(block.gn1, inner)
+            _permute_inputs(block.conv2, inner)
+            _permute_outputs(block.conv2, stream)  # added into the stream
+            _permute_batchnorm(block.gn2, stream)
+    _permute_inputs(model.head, stream)
+
+
 def _recurrent(model: nn.Module, generator: torch.Generator) -> None:
     rnn = model.rnn
     gates = _GATES[type(rnn)]
@@ -143,12 +208,31 @@ def _recurrent(model: nn.Module, generator: torch.Generator) -> None:
     _permute_inputs(model.head, previous)
 
 
+def _transformer(model: ViT | TransformerClassifier, generator: torch.Generator) -> None:
+    """The residual stream through the embedding (patch convolution or Linear), the class
+    token and positions, every encoder layer, the final norm and the head's inputs;
+    heads, within-head units and MLP units as in ``tests/attention_models.py``."""
+    encoder = model.encoder.layers[0].self_attn
+    plan = attention_models.Plan(generator, dim=encoder.embed_dim, heads=encoder.num_heads)
+    embed = model.patch_embed if isinstance(model, ViT) else model.embed
+    _permute_outputs(embed, plan.stream)
+    for token in ("cls_token", "pos_embed"):
+        if hasattr(model, token):
+            _take(getattr(model, token), 2, plan.stream)
+    attention_models.permute_encoder(model.encoder, plan)
+    plan.norm(model.norm)
+    _permute_inputs(model.head, plan.stream)
+
+
 _RULES = (
     (MLP, _mlp),
     (CNN, _cnn),
     (VGG, _vgg),
     (ResNet, _resnet),
+    (ResNetGN, _resnet_gn),
+    (MobileNetV2, _mobilenet),
     ((RNNClassifier, LSTMClassifier, GRUClassifier), _recurrent),
+    ((ViT, TransformerClassifier), _transformer),
 )
 
 
@@ -182,13 +266,22 @@ def model_and_permuted_copies(name: str, kwargs: dict, count: int,
 
 
 def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Random running statistics and affine parameters for every BatchNorm, in place.
+    """Random running statistics and affine parameters for every BatchNorm, random
+    affine parameters for every GroupNorm and LayerNorm, and random values for any other
+    all-zero parameter (attention biases, a class token), in place.
 
-    Fresh BatchNorms have mean 0 / var 1 / weight 1 / bias 0, which a wrong permutation
-    leaves unchanged; random values make every entry matter. Returns ``model``.
+    Fresh BatchNorms have mean 0 / var 1 / weight 1 / bias 0 (GroupNorms and LayerNorms
+    weight 1 / bias 0), which a wrong permutation leaves unchanged; random values make
+    every entry matter. Returns ``model``.
     """
     with torch.no_grad():
         for module in model.modules():
+            if isinstance(module, nn.GroupNorm | nn.LayerNorm) and module.weight is not None:
+                shape, dtype = module.weight.shape, module.weight.dtype
+                module.weight.copy_((1.0 + 0.3 * torch.randn(shape, generator=generator)).to(
+                    dtype))
+                module.bias.copy_((0.3 * torch.randn(shape, generator=generator)).to(dtype))
+                continue
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 n = module.num_features
                 dtype = module.running_mean.dtype
@@ -201,4 +294,8 @@ def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> n
                         (1.0 + 0.3 * torch.randn(n, generator=generator)).to(dtype)
                     )
                     module.bias.copy_((0.3 * torch.randn(n, generator=generator)).to(dtype))
+                continue
+            for parameter in module.parameters(recurse=False):
+                if parameter.is_floating_point() and not parameter.any():
+                    parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
     return model

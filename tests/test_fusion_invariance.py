@@ -42,6 +42,10 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
               {"width_multiplier": 0.125, "batch_norm": True}),
     "resnet18": ({"width_multiplier": 0.125},),
     "resnet20": ({"width_multiplier": 0.25},),
+    "resnet_gn": ({"width_multiplier": 0.5},),
+    "mobilenet": ({"width_multiplier": 0.5, "expansion": 2},),
+    "vit": ({"dim": 8, "heads": 2, "hidden": 12, "patch": 4},),
+    "transformer": ({"dim": 8, "heads": 2, "hidden": 12},),
     "rnn": _RECURRENT,
     "lstm": _RECURRENT,
     "gru": _RECURRENT,
@@ -144,7 +148,7 @@ def test_helper_self_check_detects_a_broken_permutation(name, kwargs):
     """The logit check has teeth: permuting the first layer's rows alone changes them."""
     original, _, inputs = make_family(name, kwargs, copies=0)
     broken = copy.deepcopy(original)
-    first = next(p for p in broken.parameters() if p.dim() >= 2)
+    first = next(p for p in broken.parameters() if p.dim() >= 2 and p.shape[0] > 1)
     with torch.no_grad():
         first.copy_(first.roll(1, dims=0))
     assert relative_difference(broken, original, inputs) > 1e-3

@@ -9,7 +9,10 @@ from torch import nn
 
 from otfusion.zoo import available_models, build_model
 
-MODELS = ["mlp", "cnn", "vgg11", "resnet20", "resnet18", "rnn", "lstm", "gru"]
+MODELS = [
+    "mlp", "cnn", "vgg11", "resnet20", "resnet18", "resnet_gn", "mobilenet", "rnn", "lstm",
+    "gru", "vit", "transformer",
+]
 
 #: A width keyword per model, and the parameter whose shape it changes.
 WIDTH_KWARGS = {
@@ -18,9 +21,13 @@ WIDTH_KWARGS = {
     "vgg11": ({"width_multiplier": 0.125}, "features.0.weight"),
     "resnet20": ({"width_multiplier": 0.5}, "conv1.weight"),
     "resnet18": ({"width_multiplier": 0.125}, "conv1.weight"),
+    "resnet_gn": ({"width_multiplier": 0.5}, "conv1.weight"),
+    "mobilenet": ({"width_multiplier": 0.5}, "conv1.weight"),
     "rnn": ({"hidden_size": 24}, "rnn.weight_hh_l0"),
     "lstm": ({"hidden_size": 24}, "rnn.weight_hh_l0"),
     "gru": ({"hidden_size": 24}, "rnn.weight_hh_l0"),
+    "vit": ({"dim": 16, "heads": 2}, "patch_embed.weight"),
+    "transformer": ({"dim": 16, "heads": 2}, "embed.weight"),
 }
 
 
@@ -116,6 +123,26 @@ def test_width_details() -> None:
     assert r18.layer4[0].conv1.out_channels == 128
     assert sum(1 for m in r18.modules() if type(m).__name__ == "BasicBlock") == 8
 
+    gn = build_model("resnet_gn")
+    assert [gn.layer1[0].conv1.out_channels, gn.layer3[0].conv1.out_channels] == [16, 64]
+    assert sum(1 for m in gn.modules() if type(m).__name__ == "GroupNormBasicBlock") == 9
+    norms = [m for m in gn.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 1 + 9 * 2 + 2 and all(m.num_groups == 2 for m in norms)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gn.modules())
+    assert isinstance(gn.layer1[0].shortcut, nn.Identity)
+    assert isinstance(gn.layer2[0].shortcut, nn.Sequential)
+    assert build_model("resnet_gn", num_groups=4).layer1[0].gn1.num_groups == 4
+
+    mobile = build_model("mobilenet")
+    blocks = list(mobile.blocks)
+    assert [b.use_residual for b in blocks] == [True, False, True, False, True]
+    assert [b.project.out_channels for b in blocks] == [16, 24, 24, 32, 32]
+    assert blocks[1].expand.out_channels == 16 * 4
+    assert all(b.depthwise.groups == b.depthwise.in_channels == b.expand.out_channels
+               for b in blocks)
+    assert build_model("mobilenet", expansion=6).blocks[0].expand.out_channels == 96
+    assert mobile(torch.rand(2, 1, 32, 32)).shape == (2, 10)
+
     lstm = build_model("lstm", num_layers=2, hidden_size=10)
     assert lstm.rnn.num_layers == 2 and lstm.rnn.batch_first
     assert build_model("rnn").rnn.nonlinearity == "tanh"
@@ -123,7 +150,7 @@ def test_width_details() -> None:
 
 def test_unknown_name_lists_available() -> None:
     with pytest.raises(ValueError, match="available models: .*mlp"):
-        build_model("transformer")
+        build_model("perceiver")
 
 
 def test_bad_kwargs() -> None:
@@ -133,3 +160,13 @@ def test_bad_kwargs() -> None:
         build_model("mlp", widths=(10, 0))
     with pytest.raises(ValueError, match="divisible"):
         build_model("cnn", image_size=6)
+    with pytest.raises(ValueError, match="num_groups"):
+        build_model("resnet_gn", num_groups=3)
+    with pytest.raises(ValueError, match="num_groups"):
+        build_model("resnet_gn", num_groups=0)
+    with pytest.raises(ValueError, match="expansion"):
+        build_model("mobilenet", expansion=1.5)
+    with pytest.raises(ValueError, match="width_multiplier"):
+        build_model("mobilenet", width_multiplier=0)
+    with pytest.raises(TypeError, match="'mobilenet'"):
+        build_model("mobilenet", num_groups=2)

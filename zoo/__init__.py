@@ -21,8 +21,11 @@ from torch import nn
 
 from .cnn import CNN
 from .mlp import MLP
+from .mobilenet import InvertedResidual, MobileNetV2
 from .recurrent import GRUClassifier, LSTMClassifier, RNNClassifier
 from .resnet import BasicBlock, ResNet, resnet18, resnet20
+from .resnet_gn import GroupNormBasicBlock, ResNetGN, resnet20_gn
+from .transformer import TransformerClassifier, ViT
 from .vgg import VGG, vgg11
 
 __all__ = [
@@ -31,9 +34,15 @@ __all__ = [
     "VGG",
     "BasicBlock",
     "GRUClassifier",
+    "GroupNormBasicBlock",
+    "InvertedResidual",
     "LSTMClassifier",
+    "MobileNetV2",
     "RNNClassifier",
     "ResNet",
+    "ResNetGN",
+    "TransformerClassifier",
+    "ViT",
     "available_models",
     "build_model",
 ]
@@ -44,9 +53,13 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg11": vgg11,
     "resnet20": resnet20,
     "resnet18": resnet18,
+    "resnet_gn": resnet20_gn,
+    "mobilenet": MobileNetV2,
     "rnn": RNNClassifier,
     "lstm": LSTMClassifier,
     "gru": GRUClassifier,
+    "vit": ViT,
+    "transformer": TransformerClassifier,
 }
 
 
