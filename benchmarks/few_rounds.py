@@ -27,10 +27,10 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from otfusion.client.data import label_counts, load_digits_dataset, partition
-from otfusion.client.training import evaluate, recipe_for, train
 from otfusion.fusion import FusionConfig, fuse
-from otfusion.server.oneshot import pooled_input_moments, train_clients
+from otfusion.task.data import label_counts, load_digits_dataset, partition
+from otfusion.task.training import evaluate, recipe_for, train
+from otfusion.tools.comparison import pooled_input_moments, train_clients
 from otfusion.zoo import build_model
 
 matplotlib.use("Agg")

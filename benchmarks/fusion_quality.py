@@ -24,10 +24,10 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from otfusion.client.data import label_counts, load_digits_dataset, partition
-from otfusion.client.training import recipe_for
 from otfusion.fusion import FusionConfig
-from otfusion.server.oneshot import Method, compare, pooled_input_moments, train_clients
+from otfusion.task.data import label_counts, load_digits_dataset, partition
+from otfusion.task.training import recipe_for
+from otfusion.tools.comparison import Method, compare, pooled_input_moments, train_clients
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

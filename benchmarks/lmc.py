@@ -8,7 +8,7 @@ split) with the model's training recipe, and for every pair (a, b) of them measu
 barriers along the segment from a to b and from a to ``align(b, a)`` (exact OT on the
 weights), at ``--steps`` points, on the test split (loss and accuracy) and on the
 training split (loss). Akash et al. (2022) report that the barrier after alignment
-shrinks as the width grows. Barriers follow ``otfusion.server.lmc``: max over t of the
+shrinks as the width grows. Barriers follow ``otfusion.tools.lmc``: max over t of the
 excess over the straight line between the endpoints, positive when the path is worse.
 
 Prints a table (mean over pairs), writes ``results/lmc.json`` (every pair, with its
@@ -32,11 +32,11 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from otfusion.client.data import load_digits_dataset
-from otfusion.client.training import recipe_for
 from otfusion.fusion import FusionConfig, align
-from otfusion.server.lmc import interpolation_curve
-from otfusion.server.oneshot import train_clients
+from otfusion.task.data import load_digits_dataset
+from otfusion.task.training import recipe_for
+from otfusion.tools.comparison import train_clients
+from otfusion.tools.lmc import interpolation_curve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -28,7 +28,9 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from otfusion.client.data import (
+from otfusion.fusion.distillation import input_moments
+from otfusion.task.config import RunConfig
+from otfusion.task.data import (
     TensorData,
     label_counts,
     load_digits_dataset,
@@ -36,9 +38,7 @@ from otfusion.client.data import (
     load_npz,
     partition,
 )
-from otfusion.client.training import evaluate, model_inputs, train
-from otfusion.fusion.distillation import input_moments
-from otfusion.server.config import RunConfig
+from otfusion.task.training import evaluate, model_inputs, train
 
 
 @lru_cache(maxsize=4)

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from otfusion.server.deployment import DeploymentError, child_env, executable, split_address
+from otfusion.deploy.deployment import DeploymentError, child_env, executable, split_address
 
 DEFAULT_PORT = 9094
 

@@ -3,7 +3,7 @@
 For deployments still built on ``flwr.server.strategy`` and ``NumPyClient``; the server
 side is :mod:`otfusion.server.legacy_app`. Name ``otfusion.client.legacy:client_app`` in
 ``[tool.flwr.app.components]`` (it reads the run config), or build one with a fixed
-:class:`~otfusion.server.config.RunConfig` with :func:`create_legacy_client_app`.
+:class:`~otfusion.task.config.RunConfig` with :func:`create_legacy_client_app`.
 
 The legacy API moves parameters as an ordered list of arrays without names: this
 module and the strategy both use the NumPyClient convention, the order of
@@ -23,8 +23,8 @@ from flwr.common import Context, NDArrays, Scalar
 from torch import nn
 
 from otfusion.client.app import client_data
-from otfusion.client.training import evaluate, train
-from otfusion.server.config import RunConfig
+from otfusion.task.config import RunConfig
+from otfusion.task.training import evaluate, train
 
 
 def get_weights(model: nn.Module) -> NDArrays:

@@ -24,8 +24,11 @@ COPY --chown=app:app pyproject.toml README.md /tmp/flwr-otfusion/
 COPY --chown=app:app zoo /tmp/flwr-otfusion/zoo
 COPY --chown=app:app fusion /tmp/flwr-otfusion/fusion
 COPY --chown=app:app strategies /tmp/flwr-otfusion/strategies
+COPY --chown=app:app task /tmp/flwr-otfusion/task
 COPY --chown=app:app server /tmp/flwr-otfusion/server
 COPY --chown=app:app client /tmp/flwr-otfusion/client
+COPY --chown=app:app tools /tmp/flwr-otfusion/tools
+COPY --chown=app:app deploy /tmp/flwr-otfusion/deploy
 RUN sed -i 's/"flwr\[simulation\]/"flwr/' /tmp/flwr-otfusion/pyproject.toml \
     && python -m pip install --no-cache-dir /tmp/flwr-otfusion \
     && rm -rf /tmp/flwr-otfusion \

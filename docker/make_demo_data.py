@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from otfusion.client.data import PARTITIONERS, load_digits_dataset, partition
+from otfusion.task.data import PARTITIONERS, load_digits_dataset, partition
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "data"
 

@@ -19,13 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from otfusion.client.data import load_digits_dataset
-from otfusion.client.training import evaluate
 from otfusion.fusion import FusionConfig
 from otfusion.server.checkpoint import RunCheckpoint
-from otfusion.server.config import RunConfig
 from otfusion.server.report import write_report
 from otfusion.strategies import OTFusion
+from otfusion.task.config import RunConfig
+from otfusion.task.data import load_digits_dataset
+from otfusion.task.training import evaluate
 
 
 def make_strategy(config: RunConfig) -> OTFusion:

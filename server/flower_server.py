@@ -25,8 +25,8 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from otfusion.server import deployment
-from otfusion.server.config import RunConfig
+from otfusion.deploy import deployment
+from otfusion.task.config import RunConfig
 
 
 def _add_run_config_flags(parser: argparse.ArgumentParser) -> None:

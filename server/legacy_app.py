@@ -3,7 +3,7 @@
 
 Name ``otfusion.server.legacy_app:server_app`` and ``otfusion.client.legacy:client_app``
 in ``[tool.flwr.app.components]`` (they read the run config), or build them with a fixed
-:class:`~otfusion.server.config.RunConfig`::
+:class:`~otfusion.task.config.RunConfig`::
 
     config = RunConfig(local_epochs=5, min_train_nodes=4)
     run_simulation(server_app=create_legacy_server_app(config),
@@ -18,13 +18,13 @@ from flwr.common import Context, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import Strategy
 
-from otfusion.client.data import load_digits_dataset
 from otfusion.client.legacy import get_weights, set_weights
-from otfusion.client.training import evaluate
 from otfusion.fusion import FusionConfig
-from otfusion.server.config import RunConfig
 from otfusion.strategies import LegacyOTFusion
 from otfusion.strategies.replies import weighted_average_metrics
+from otfusion.task.config import RunConfig
+from otfusion.task.data import load_digits_dataset
+from otfusion.task.training import evaluate
 
 
 def _settings(config: RunConfig | None, context: Context) -> RunConfig:

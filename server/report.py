@@ -10,11 +10,11 @@ import matplotlib
 from safetensors.torch import save_file
 from torch import nn
 
-from otfusion.client.data import load_digits_dataset
-from otfusion.client.training import evaluate
 from otfusion.fusion import FusionConfig
-from otfusion.server.config import RunConfig
-from otfusion.server.oneshot import compare
+from otfusion.task.config import RunConfig
+from otfusion.task.data import load_digits_dataset
+from otfusion.task.training import evaluate
+from otfusion.tools.comparison import compare
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

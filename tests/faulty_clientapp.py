@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from safetensors.torch import save_file
 
 from otfusion.client.app import train_handler
-from otfusion.server.config import RunConfig
+from otfusion.task.config import RunConfig
 from otfusion.zoo import build_model
 
 

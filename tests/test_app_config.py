@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from otfusion.server.config import RunConfig
 from otfusion.server.flower_server import build_parser, run_config_from_args
+from otfusion.task.config import RunConfig
 
 try:
     import tomllib

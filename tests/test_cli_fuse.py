@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from otfusion.fusion import FusionConfig, fuse
-from otfusion.server.cli import main
+from otfusion.tools.cli import main
 from otfusion.zoo import build_model
 
 KWARGS = {"mlp": {"widths": [16, 12]}, "cnn": {"channels": [4, 8], "hidden": 12}}

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from otfusion.client.data import (
+from otfusion.task.data import (
     TensorData,
     as_input,
     label_counts,
     load_digits_dataset,
     partition,
 )
-from otfusion.client.training import ensemble_accuracy, evaluate, train
+from otfusion.task.training import ensemble_accuracy, evaluate, train
 from otfusion.zoo import build_model
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from otfusion.client import flower_client
-from otfusion.server import deployment, flower_server
-from otfusion.server.config import RunConfig
-from otfusion.server.deployment import DeploymentError, ManagedProcess, Security
+from otfusion.deploy import deployment
+from otfusion.server import flower_server
+from otfusion.deploy.deployment import DeploymentError, ManagedProcess, Security
+from otfusion.task.config import RunConfig
 
 # --- helpers ------------------------------------------------------------------------
 
@@ -89,7 +90,7 @@ def processes(tmp_path):
 
 def write_client_data(folder: Path, count: int) -> list[Path]:
     """The digits training set split into ``count`` .npz files (x, y, x_test, y_test)."""
-    from otfusion.client.data import load_digits_dataset
+    from otfusion.task.data import load_digits_dataset
 
     train, test = load_digits_dataset()
     paths = []

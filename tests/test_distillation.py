@@ -310,7 +310,7 @@ def test_client_app_sends_the_moments_of_its_training_inputs(send, monkeypatch):
     from flwr.supercore.task_identity import TaskIdentity
 
     from otfusion.client.app import client_data, train_handler
-    from otfusion.server.config import RunConfig
+    from otfusion.task.config import RunConfig
 
     for name in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)

@@ -490,7 +490,7 @@ def test_demo_data_matches_the_mounts(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     paths = module.write_demo_data(tmp_path, clients=3)
-    from otfusion.client.data import load_npz
+    from otfusion.task.data import load_npz
 
     for index, path in enumerate(paths, start=1):
         assert path == tmp_path / f"client{index}" / "data.npz"

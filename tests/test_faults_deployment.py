@@ -28,11 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_deployment import assert_no_leftovers, free_ports, processes, write_client_data  # noqa: F401
 
+from otfusion.deploy import deployment
+from otfusion.deploy.deployment import Security
 from otfusion.fusion import fuse
-from otfusion.server import deployment
-from otfusion.server.config import RunConfig
-from otfusion.server.deployment import Security
 from otfusion.strategies.replies import reply_digest
+from otfusion.task.config import RunConfig
 from otfusion.zoo import build_model
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from otfusion.server import deployment
+from otfusion.deploy import deployment
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from otfusion.client.data import load_digits_dataset, partition
-from otfusion.client.training import evaluate, recipe_for
 from otfusion.fusion import FusionConfig, fuse
-from otfusion.server.oneshot import compare, train_clients
+from otfusion.task.data import load_digits_dataset, partition
+from otfusion.task.training import evaluate, recipe_for
+from otfusion.tools.comparison import compare, train_clients
 from otfusion.zoo import build_model
 
 

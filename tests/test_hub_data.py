@@ -14,8 +14,8 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
 from test_strategy import task_identity  # noqa: F401
 
-from otfusion.client import data as data_module
-from otfusion.client.data import (
+from otfusion.task import data as data_module
+from otfusion.task.data import (
     HUB_DATASETS,
     hf_to_tensor_data,
     hub_dataset_id,
@@ -204,7 +204,7 @@ def test_client_app_trains_on_a_hub_partition_with_model_kwargs(fake_hub):
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from otfusion.client.app import client_data, train_handler
-    from otfusion.server.config import RunConfig
+    from otfusion.task.config import RunConfig
 
     config = RunConfig(dataset="mnist", model_kwargs='{"in_features": 784, "widths": [16]}',
                        local_epochs=1)

@@ -9,11 +9,11 @@ import torch
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy.aggregate import aggregate
 
-from otfusion.client.data import load_digits_dataset
 from otfusion.client.legacy import LegacyClient, create_legacy_client_app, get_weights, set_weights
-from otfusion.client.training import evaluate
-from otfusion.server.config import RunConfig
 from otfusion.server.legacy_app import create_legacy_server_app, make_legacy_strategy
+from otfusion.task.config import RunConfig
+from otfusion.task.data import load_digits_dataset
+from otfusion.task.training import evaluate
 from otfusion.zoo import build_model
 
 NUM_CLIENTS = 4

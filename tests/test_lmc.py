@@ -1,5 +1,5 @@
 """``align`` (a model mapped into a reference's neuron coordinates) and the linear mode
-connectivity barriers of ``otfusion.server.lmc``."""
+connectivity barriers of ``otfusion.tools.lmc``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from permutations import permute_hidden_units, randomize_batchnorm_stats
 
-from otfusion.client.data import load_digits_dataset
-from otfusion.client.training import evaluate, train
 from otfusion.fusion import FusionConfig, align
-from otfusion.server.lmc import (
+from otfusion.task.data import load_digits_dataset
+from otfusion.task.training import evaluate, train
+from otfusion.tools.lmc import (
     InterpolationCurve,
     interpolate,
     interpolation_barrier,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from otfusion.server import deployment
+from otfusion.deploy import deployment
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from otfusion.server.config import RunConfig
 from otfusion.server.flower_server import simulate
+from otfusion.task.config import RunConfig
 from otfusion.zoo import build_model
 
 pytestmark = pytest.mark.slow

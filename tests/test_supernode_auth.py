@@ -19,8 +19,8 @@ from test_deployment import (  # noqa: F401
     write_client_data,
 )
 
-from otfusion.server import deployment
-from otfusion.server.deployment import Security
+from otfusion.deploy import deployment
+from otfusion.deploy.deployment import Security
 
 pytestmark = pytest.mark.slow
 

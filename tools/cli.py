@@ -15,14 +15,14 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from otfusion.client.data import as_input, label_counts, load_digits_dataset, load_npz, partition
-from otfusion.client.training import model_inputs, recipe_for
 from otfusion.fusion import FusionConfig, fuse, input_moments
+from otfusion.task.config import json_object
+from otfusion.task.data import as_input, label_counts, load_digits_dataset, load_npz, partition
+from otfusion.task.training import model_inputs, recipe_for
 from otfusion.zoo import available_models, build_model
 
-from .config import json_object
+from .comparison import DEFAULT_METHODS, compare, pooled_input_moments, train_clients
 from .lmc import interpolation_barrier
-from .oneshot import DEFAULT_METHODS, compare, pooled_input_moments, train_clients
 
 
 def _demo(args: argparse.Namespace) -> None:

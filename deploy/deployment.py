@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 import tomli_w
 
 if TYPE_CHECKING:  # imported lazily: flower-client uses this module without torch
-    from otfusion.server.config import RunConfig
+    from otfusion.task.config import RunConfig
 
 DEFAULT_ADDRESS = "127.0.0.1:9091"
 """Where ``flower-server`` runs its SuperLink unless ``--address`` says otherwise."""
@@ -228,7 +228,7 @@ def app_version() -> str:
 def app_pyproject(version: str | None = None) -> dict[str, object]:
     """A minimal Flower App: metadata, components from the installed package, and the
     run-config defaults of :class:`RunConfig`."""
-    from otfusion.server.config import RunConfig
+    from otfusion.task.config import RunConfig
 
     return {
         "project": {

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from otfusion.client.data import TensorData
-from otfusion.client.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
 from otfusion.fusion import (
     FusionConfig,
     InputMoments,
@@ -21,6 +19,8 @@ from otfusion.fusion import (
     input_moments,
     pool_moments,
 )
+from otfusion.task.data import TensorData
+from otfusion.task.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
 from otfusion.zoo import build_model
 
 

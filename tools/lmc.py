@@ -29,9 +29,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from otfusion.client.data import TensorData
-from otfusion.client.training import evaluate, model_inputs
 from otfusion.fusion import FusionConfig, align
+from otfusion.task.data import TensorData
+from otfusion.task.training import evaluate, model_inputs
 
 BatchNormMode = Literal["interpolate", "recompute"]
 
