@@ -23,8 +23,8 @@ import pytest
 
 from otfusion.client import flower_client
 from otfusion.deploy import deployment
-from otfusion.server import flower_server
 from otfusion.deploy.deployment import DeploymentError, ManagedProcess, Security
+from otfusion.server import flower_server
 from otfusion.task.config import RunConfig
 
 # --- helpers ------------------------------------------------------------------------
