@@ -68,13 +68,27 @@ def client_data(config: RunConfig, node_config: Mapping[str, object], split: str
                                     split=split)
 
 
+def client_statistics(config: RunConfig, model, data: TensorData) -> dict[str, list]:
+    """What a client reports besides its model: ``label-counts`` (its training examples
+    per class) and, with ``send-input-moments``, ``input-mean`` and ``input-var`` (the
+    per-feature moments of its training inputs, flattened)."""
+    classes = getattr(model, "num_classes", None)
+    statistics: dict[str, list] = {"label-counts": [int(c) for c in label_counts(data,
+                                                                                   classes)]}
+    if config.send_input_moments:
+        moments = input_moments(model_inputs(model, data))
+        statistics["input-mean"] = moments.mean.flatten().tolist()
+        statistics["input-var"] = moments.var.flatten().tolist()
+    return statistics
+
+
 def _local_model(config: RunConfig, msg: Message, context: Context):
     """The model to train: the server's arrays, or in a one-shot first round with
     ``client-init=local-seed`` a fresh model from this client's own seed."""
     server_round = int(msg.content["config"].get("server-round", 1))
     node = int(context.node_config.get("partition-id", context.node_id % 2**31))
     if config.client_init == "local-seed" and server_round == 1:
-        return config.build_model(seed=config.seed * 1000 + node), node
+        return config.build_model(seed=config.client_seed(node)), node
     model = config.build_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model, node
@@ -87,15 +101,9 @@ def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
     model, node = _local_model(config, msg, context)
     loss = train(model, data, epochs=config.local_epochs, lr=config.lr,
                  batch_size=config.batch_size, optimizer=config.optimizer,
-                 seed=config.seed * 1000 + node)
-    classes = getattr(model, "num_classes", None)
-    counts = [int(c) for c in label_counts(data, classes)]
+                 seed=config.client_seed(node))
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data),
-                            "label-counts": counts})
-    if config.send_input_moments:
-        moments = input_moments(model_inputs(model, data))
-        metrics["input-mean"] = moments.mean.flatten().tolist()
-        metrics["input-var"] = moments.var.flatten().tolist()
+                            **client_statistics(config, model, data)})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 

@@ -13,6 +13,7 @@ training and the ``client-init`` rule are those of :mod:`otfusion.client.app`.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -22,7 +23,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import Context, NDArrays, Scalar
 from torch import nn
 
-from otfusion.client.app import client_data
+from otfusion.client.app import client_data, client_statistics
 from otfusion.task.config import RunConfig
 from otfusion.task.training import evaluate, train
 
@@ -60,7 +61,10 @@ class LegacyClient(NumPyClient):
     ``client-init=local-seed``, from this client's own seed (the round is the fit
     config's ``server-round``, 1 when absent). The fit config may override
     ``local-epochs`` and ``lr``. It returns the trained arrays, the number of training
-    examples (the fusion weight) and ``{"train-loss": ...}``. ``evaluate`` returns the
+    examples (the fusion weight) and the metrics ``train-loss``, ``label-counts`` and
+    (with ``send-input-moments``) ``input-mean`` and ``input-var``, as the ClientApp's
+    replies carry them (:func:`otfusion.client.app.client_statistics`), each list as a
+    JSON string: the legacy API's metrics are scalars only. ``evaluate`` returns the
     loss, the number of test examples and ``{"eval-loss", "eval-accuracy"}``.
     """
 
@@ -77,7 +81,7 @@ class LegacyClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: dict[str, Scalar]
             ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         settings = self.config
-        seed = settings.seed * 1000 + self.node
+        seed = settings.client_seed(self.node)
         if settings.client_init == "local-seed" and int(config.get("server-round", 1)) == 1:
             self.model = settings.build_model(seed=seed)
         else:
@@ -87,7 +91,10 @@ class LegacyClient(NumPyClient):
                      epochs=int(config.get("local-epochs", settings.local_epochs)),
                      lr=float(config.get("lr", settings.lr)),
                      batch_size=settings.batch_size, optimizer=settings.optimizer, seed=seed)
-        return get_weights(self.model), len(data), {"train-loss": float(loss)}
+        statistics = client_statistics(settings, self.model, data)
+        return get_weights(self.model), len(data), {
+            "train-loss": float(loss),
+            **{key: json.dumps(value) for key, value in statistics.items()}}
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]
                  ) -> tuple[float, int, dict[str, Scalar]]:

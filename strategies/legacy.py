@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from logging import INFO, WARNING
 from typing import Any, Literal
@@ -16,8 +17,32 @@ from torch import nn
 
 from otfusion.fusion import AlignmentGraph, FusionConfig
 
-from .otfusion import ClientModelFn, _FusionMixin
-from .replies import check_array_list, check_weight, reply_digest, weighted_average_metrics
+from .otfusion import ClientModelFn, _Accepted, _FusionMixin
+from .replies import (
+    INPUT_MEAN_KEY,
+    INPUT_VAR_KEY,
+    LABEL_COUNTS_KEY,
+    check_array_list,
+    check_weight,
+    weighted_average_metrics,
+)
+
+STATISTICS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY)
+
+
+def decode_statistics(metrics: dict[str, Scalar]) -> dict[str, object] | str:
+    """A FitRes's metrics with the client statistics (``label-counts``, ``input-mean``,
+    ``input-var``; lists sent as JSON strings, the legacy API's metrics being scalars)
+    decoded, or why they cannot be."""
+    decoded: dict[str, object] = dict(metrics)
+    for key in STATISTICS:
+        value = metrics.get(key)
+        if isinstance(value, str):
+            try:
+                decoded[key] = json.loads(value)
+            except ValueError as exc:
+                return f"'{key}' is not a JSON list ({exc})"
+    return decoded
 
 
 class LegacyOTFusion(_FusionMixin, FedAvg):
@@ -91,8 +116,10 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
         return (f"LegacyOTFusion(method={self.fusion.method!r}, ot_rounds={self.ot_rounds!r}, "
                 f"accept_failures={self.accept_failures})")
 
-    def _check_result(self, fit_res: Any) -> tuple[nn.Module, float] | str:
-        """A model and weight from one FitRes, or why it is rejected."""
+    def _check_result(self, fit_res: Any) -> _Accepted | str:
+        """One FitRes as an accepted entry (model, weight, label counts and input moments
+        from its metrics, as the Message API's replies carry them), or why it is
+        rejected."""
         try:
             if fit_res.status.code != Code.OK:
                 return f"status {fit_res.status.code}: {fit_res.status.message}"
@@ -106,10 +133,10 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
                                  exact_shapes=not self.heterogeneous)
         if isinstance(state, str):
             return state
-        model = self._load_model(state)
-        if isinstance(model, str):
-            return model
-        return model, weight
+        metrics = decode_statistics(fit_res.metrics or {})
+        if isinstance(metrics, str):
+            return metrics
+        return self._accept(state, weight, metrics, fit_res)
 
     def aggregate_fit(
         self,
@@ -124,7 +151,7 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
             log(WARNING, "aggregate_fit (round %d): %d failures and accept_failures=False; "
                 "the global model is not updated", server_round, len(failures))
             return None, {}
-        accepted: list[tuple[bytes, nn.Module, float, FitRes]] = []
+        accepted: list[_Accepted] = []
         rejected = len(failures)
         for proxy, fit_res in results:
             cid = getattr(proxy, "cid", "?")
@@ -134,9 +161,8 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
                 log(WARNING, "aggregate_fit (round %d): rejected result from client %s: %s",
                     server_round, cid, checked)
             else:
-                digest = reply_digest(checked[0].state_dict(), checked[1])
-                accepted.append((digest, checked[0], checked[1], fit_res))
-        accepted.sort(key=lambda item: item[0])
+                accepted.append(checked)
+        accepted.sort(key=lambda entry: entry.digest)
         counts: dict[str, Scalar] = {"accepted-replies": len(accepted),
                                      "rejected-replies": rejected}
         log(INFO, "aggregate_fit (round %d): %d results accepted, %d rejected or failed",
@@ -148,15 +174,14 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
                 server_round, len(accepted), needed)
             return None, counts
         try:
-            fused, fusion_metrics = self._fuse(server_round, [m for _, m, _, _ in accepted],
-                                               [w for _, _, w, _ in accepted])
+            fused, fusion_metrics = self._fuse_accepted(server_round, accepted)
         except Exception as exc:  # noqa: BLE001 - keep the previous global model
             log(WARNING, "aggregate_fit (round %d): fusion failed (%s: %s); the global model "
                 "is not updated", server_round, type(exc).__name__, exc)
             return None, counts
         metrics: dict[str, Scalar] = {}
         try:
-            pairs = [(res.num_examples, res.metrics or {}) for _, _, _, res in accepted]
+            pairs = [(a.content.num_examples, a.content.metrics or {}) for a in accepted]
             if self.fit_metrics_aggregation_fn:
                 metrics.update(self.fit_metrics_aggregation_fn(pairs))
             else:

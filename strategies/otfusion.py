@@ -46,12 +46,13 @@ ClientModelFn = Callable[[dict[str, tuple[int, ...]]], nn.Module]
 
 class _Accepted(NamedTuple):
     """A validated reply: its content digest (the fusion order), model, weight,
-    content, label counts and input moments (None when it sent none)."""
+    content (a RecordDict, or a legacy FitRes), label counts and input moments (None
+    when it sent none)."""
 
     digest: bytes
     model: nn.Module
     weight: float
-    content: RecordDict
+    content: Any
     label_counts: list[float] | None
     input_moments: InputMoments | None
 
@@ -176,6 +177,39 @@ class _FusionMixin:
         if self.ot_rounds == "first" and server_round > 1:
             return self.fusion.model_copy(update={"method": "average"})
         return self.fusion
+
+    def _client_statistics(self, metrics: Mapping[str, Any]
+                           ) -> tuple[list[float] | None, InputMoments | None] | str:
+        """A reply's validated ``label-counts`` and input moments (each None when absent),
+        or why it is rejected."""
+        counts = check_label_counts(metrics.get(LABEL_COUNTS_KEY), self.num_classes)
+        if isinstance(counts, str):
+            return counts
+        moments = check_input_moments(metrics.get(INPUT_MEAN_KEY), metrics.get(INPUT_VAR_KEY),
+                                      self.input_shape)
+        if isinstance(moments, str):
+            return moments
+        return counts, moments
+
+    def _accept(self, state: dict[str, torch.Tensor], weight: float,
+                metrics: Mapping[str, Any], content: Any) -> _Accepted | str:
+        """A reply whose arrays and weight passed ``check_content``/``check_array_list``,
+        with its statistics validated and its model loaded, or why it is rejected."""
+        statistics = self._client_statistics(metrics)
+        if isinstance(statistics, str):
+            return statistics
+        model = self._load_model(state)
+        if isinstance(model, str):
+            return model
+        return _Accepted(reply_digest(state, weight, *statistics), model, weight, content,
+                         *statistics)
+
+    def _fuse_accepted(self, server_round: int, accepted: Sequence[_Accepted]
+                       ) -> tuple[OrderedDict[str, torch.Tensor], dict[str, float]]:
+        """:meth:`_fuse` of the accepted replies, with their statistics."""
+        return self._fuse(server_round, [a.model for a in accepted],
+                          [a.weight for a in accepted], [a.label_counts for a in accepted],
+                          [a.input_moments for a in accepted])
 
     def _load_model(self, state: dict[str, torch.Tensor]) -> nn.Module | str:
         """A model holding a validated state_dict, or why the state does not fit one."""
@@ -402,20 +436,6 @@ class OTFusion(_FusionMixin, FedAvg):
         super().summary()
         self._log_fusion_settings()
 
-    def _client_statistics(self, content: RecordDict
-                           ) -> tuple[list[float] | None, InputMoments | None] | str:
-        """The reply's validated ``label-counts`` and input moments (each None when
-        absent), or why it is rejected (call after ``check_content``: one MetricRecord)."""
-        metrics = next(iter(content.metric_records.values()))
-        counts = check_label_counts(metrics.get(LABEL_COUNTS_KEY), self.num_classes)
-        if isinstance(counts, str):
-            return counts
-        moments = check_input_moments(metrics.get(INPUT_MEAN_KEY), metrics.get(INPUT_VAR_KEY),
-                                      self.input_shape)
-        if isinstance(moments, str):
-            return moments
-        return counts, moments
-
     def _check_reply(self, msg: Message) -> _Accepted | str:
         """The reply as an accepted entry, or why it is rejected; never raises."""
         try:
@@ -430,14 +450,8 @@ class OTFusion(_FusionMixin, FedAvg):
         if isinstance(checked, str):
             return checked
         state, weight = checked
-        statistics = self._client_statistics(content)
-        if isinstance(statistics, str):
-            return statistics
-        model = self._load_model(state)
-        if isinstance(model, str):
-            return model
-        return _Accepted(reply_digest(state, weight, *statistics), model, weight, content,
-                         *statistics)
+        return self._accept(state, weight, next(iter(content.metric_records.values())),
+                            content)
 
     def _screen(self, server_round: int, replies: Iterable[Message]
                 ) -> tuple[list[_Accepted], int]:
@@ -479,9 +493,7 @@ class OTFusion(_FusionMixin, FedAvg):
                 server_round, len(accepted), needed)
             return self._recorded(server_round, None, MetricRecord(counts))
         try:
-            fused, fusion_metrics = self._fuse(
-                server_round, [a.model for a in accepted], [a.weight for a in accepted],
-                [a.label_counts for a in accepted], [a.input_moments for a in accepted])
+            fused, fusion_metrics = self._fuse_accepted(server_round, accepted)
         except Exception as exc:  # noqa: BLE001 - keep the previous global model
             log(WARNING, "aggregate_train (round %d): fusion failed (%s: %s); the global "
                 "model is not updated", server_round, type(exc).__name__, exc)

@@ -82,6 +82,10 @@ class RunConfig(BaseModel):
     def as_run_config(self) -> dict[str, object]:
         return self.model_dump(by_alias=True)
 
+    def client_seed(self, node: int) -> int:
+        """The seed of client ``node``'s own initialisation and training batches."""
+        return self.seed * 1000 + node
+
     def build_model(self, seed: int | None = None):
         """The run's zoo model with ``model-kwargs``, initialised from ``seed`` (default:
         the run's seed)."""

@@ -3,6 +3,8 @@ on Flower's simulation engine, and the NumPyClient's parameter order."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -39,7 +41,14 @@ def test_numpy_client_parameter_order_round_trips():
                                                                                   seed=7))))
     returned, num_examples, metrics = client.fit(given, {"server-round": 2})
     assert all(np.array_equal(a, b) for a, b in zip(returned, given, strict=True))
-    assert num_examples > 0 and set(metrics) == {"train-loss"}
+    assert num_examples > 0
+    assert set(metrics) == {"train-loss", "label-counts", "input-mean", "input-var"}
+    # the statistics of this client's own training data, as the ClientApp sends them
+    # lists travel as JSON strings: the legacy API's metrics are scalars
+    counts, mean, var = (json.loads(metrics[k]) for k in ("label-counts", "input-mean",
+                                                          "input-var"))
+    assert sum(counts) == num_examples and len(counts) == 10
+    assert len(mean) == len(var) == 64
     loss, num_test, eval_metrics = client.evaluate(given, {})
     assert eval_metrics["eval-accuracy"] == pytest.approx(
         evaluate(build_model("mlp", seed=7), _test_partition(1))[1])

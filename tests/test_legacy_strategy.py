@@ -290,3 +290,54 @@ def test_integer_buffers_survive_the_list_format():
     out = dict(zip(TinyBN().state_dict(), parameters_to_ndarrays(parameters), strict=True))
     assert out["bn.num_batches_tracked"].dtype == np.int64
     assert out["fc.weight"].dtype == np.float32
+
+
+def test_legacy_path_fuses_the_head_per_class_and_distils_like_the_message_api():
+    """The same client updates (models, num-examples, label counts, input moments)
+    through both strategies give the same global model; the label counts and moments
+    are used (the result differs from a fusion without them)."""
+    import json
+
+    from flwr.app import ArrayRecord
+    from test_strategy import reply
+
+    from otfusion.strategies import OTFusion
+
+    config = FusionConfig(distill_steps=20, distill_samples=64)
+    states = client_states(3)
+    generator = torch.Generator().manual_seed(0)
+    statistics = []
+    for k in range(3):
+        counts = [0] * 10
+        for c in range(3 * k, 3 * k + 4):
+            counts[c] = 5 + c
+        mean = torch.rand(64, generator=generator).tolist()
+        var = (0.5 + torch.rand(64, generator=generator)).tolist()
+        statistics.append({"label-counts": counts, "input-mean": mean, "input-var": var})
+    weights = [sum(s["label-counts"]) for s in statistics]
+
+    message = OTFusion(global_model, config, min_train_nodes=3)
+    arrays, message_metrics = message.aggregate_train(1, [
+        reply(k + 1, ArrayRecord(states[k]), weights[k], **statistics[k]) for k in range(3)])
+    legacy = LegacyOTFusion(global_model, config, min_fit_clients=3)
+    parameters, legacy_metrics = legacy.aggregate_fit(1, [
+        result(str(k), ndarrays(states[k]), weights[k],
+               {key: json.dumps(value) for key, value in statistics[k].items()})
+        for k in range(3)], [])
+    assert "distill-kl" in message_metrics and "distill-kl" in legacy_metrics
+    fused = arrays.to_torch_state_dict()
+    assert_same_arrays(parameters, fused)
+    plain, _ = legacy.aggregate_fit(1, [result(str(k), ndarrays(states[k]), weights[k])
+                                        for k in range(3)], [])
+    head = list(fused).index("head.weight")
+    assert not np.array_equal(parameters_to_ndarrays(plain)[head],
+                              parameters_to_ndarrays(parameters)[head])
+
+
+def test_legacy_statistics_that_are_not_json_reject_the_result():
+    legacy = LegacyOTFusion(global_model, min_fit_clients=1)
+    states = client_states(2)
+    parameters, metrics = legacy.aggregate_fit(1, [
+        result("good", ndarrays(states[0])),
+        result("bad", ndarrays(states[1]), metrics={"label-counts": "[1, 2"})], [])
+    assert metrics["accepted-replies"] == 1 and metrics["rejected-replies"] == 1
