@@ -248,3 +248,24 @@ def test_otfusion_takes_an_explicit_spec():
                            follows={"norm.weight", "norm.bias"})
     strategy = OTFusion(Untraceable, graph=graph)
     assert strategy.graph is graph and strategy.num_classes == 3
+
+
+class FailsAtRunTime(nn.Module):
+    """Traces, but its forward fails on the example input (a shape mismatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.fc(x))
+
+
+def test_a_model_that_fails_is_named_without_fx_printing_its_traceback(capfd):
+    from otfusion.fusion import UnsupportedModelError
+
+    a, b = _models(FailsAtRunTime)
+    with pytest.raises(UnsupportedModelError, match="example input of shape"):
+        fuse([a, b], config=CONFIG, inputs=torch.randn(4, 6))
+    assert capfd.readouterr().err == ""
