@@ -25,6 +25,12 @@ def json_object(text: str, what: str) -> dict:
     return parsed
 
 
+def client_seed(run_seed: int, node: int) -> int:
+    """The seed of client ``node``'s own initialisation and training batches in a run
+    seeded with ``run_seed`` (the same in simulations, deployments and benchmarks)."""
+    return run_seed * 1000 + node
+
+
 class RunConfig(BaseModel):
     """Settings of one federated run, under their run-config names (``local-epochs``)."""
 
@@ -84,7 +90,7 @@ class RunConfig(BaseModel):
 
     def client_seed(self, node: int) -> int:
         """The seed of client ``node``'s own initialisation and training batches."""
-        return self.seed * 1000 + node
+        return client_seed(self.seed, node)
 
     def build_model(self, seed: int | None = None):
         """The run's zoo model with ``model-kwargs``, initialised from ``seed`` (default:

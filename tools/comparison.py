@@ -19,6 +19,7 @@ from otfusion.fusion import (
     input_moments,
     pool_moments,
 )
+from otfusion.task.config import client_seed
 from otfusion.task.data import TensorData
 from otfusion.task.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
 from otfusion.zoo import build_model
@@ -48,9 +49,9 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
     """One model per partition, each initialised from its own seed and trained locally."""
     clients = []
     for k, data in enumerate(partitions):
-        client = build_model(model, seed=seed * 1000 + k, **model_kwargs)
+        client = build_model(model, seed=client_seed(seed, k), **model_kwargs)
         train(client, data, epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-              optimizer=recipe.optimizer, seed=seed * 1000 + k)
+              optimizer=recipe.optimizer, seed=client_seed(seed, k))
         clients.append(client.eval())
     return clients
 
