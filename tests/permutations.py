@@ -24,7 +24,6 @@ from otfusion.zoo import (
     LSTMClassifier,
     MobileNetV2,
     ResNet,
-    ResNetGN,
     RNNClassifier,
     TransformerClassifier,
     ViT,
@@ -103,8 +102,16 @@ def _vgg(model: VGG, generator: torch.Generator) -> None:
 
 
 def _resnet(model: ResNet, generator: torch.Generator) -> None:
+    """Stream and block channels; with GroupNorm, only group-preserving permutations
+    (every channel set is normalised by GroupNorms with the same num_groups)."""
+
+    def perm(norm: nn.Module) -> torch.Tensor:
+        if isinstance(norm, nn.GroupNorm):
+            return _group_perm(norm, generator)
+        return _perm(norm.num_features, generator)
+
     # Stem: its output channels are the residual stream of the first stage.
-    stream = _perm(model.conv1.out_channels, generator)
+    stream = perm(model.bn1)
     _permute_outputs(model.conv1, stream)
     _permute_batchnorm(model.bn1, stream)
     for index in range(model.num_stages):
@@ -112,13 +119,13 @@ def _resnet(model: ResNet, generator: torch.Generator) -> None:
             incoming = stream
             if isinstance(block.shortcut, nn.Sequential):
                 conv, bn = block.shortcut
-                stream = _perm(conv.out_channels, generator)  # a new stream starts here
+                stream = perm(bn)  # a new stream starts here
                 _permute_inputs(conv, incoming)
                 _permute_outputs(conv, stream)
                 _permute_batchnorm(bn, stream)
             else:
                 assert isinstance(block.shortcut, nn.Identity)
-            inner = _perm(block.conv1.out_channels, generator)  # the block's own channels
+            inner = perm(block.bn1)  # the block's own channels
             _permute_inputs(block.conv1, incoming)
             _permute_outputs(block.conv1, inner)
             _permute_batchnorm(block.bn1, inner)
@@ -157,33 +164,6 @@ def _group_perm(norm: nn.GroupNorm, generator: torch.Generator) -> torch.Tensor:
     size = norm.num_channels // norm.num_groups
     groups = _perm(norm.num_groups, generator)
     return torch.cat([int(g) * size + _perm(size, generator) for g in groups])
-
-
-def _resnet_gn(model: ResNetGN, generator: torch.Generator) -> None:
-    # As _resnet, with group-preserving permutations: every channel set is normalised
-    # by GroupNorms with the same num_groups (the stream by gn2 and the shortcut norms).
-    stream = _group_perm(model.gn1, generator)
-    _permute_outputs(model.conv1, stream)
-    _permute_batchnorm(model.gn1, stream)
-    for index in range(model.num_stages):
-        for block in getattr(model, f"layer{index + 1}"):
-            incoming = stream
-            if isinstance(block.shortcut, nn.Sequential):
-                conv, norm = block.shortcut
-                stream = _group_perm(norm, generator)  # a new stream starts here
-                _permute_inputs(conv, incoming)
-                _permute_outputs(conv, stream)
-                _permute_batchnorm(norm, stream)
-            else:
-                assert isinstance(block.shortcut, nn.Identity)
-            inner = _group_perm(block.gn1, generator)  # the block's own channels
-            _permute_inputs(block.conv1, incoming)
-            _permute_outputs(block.conv1, inner)
-            _permute_batchnorm(block.gn1, inner)
-            _permute_inputs(block.conv2, inner)
-            _permute_outputs(block.conv2, stream)  # added into the stream
-            _permute_batchnorm(block.gn2, stream)
-    _permute_inputs(model.head, stream)
 
 
 def _recurrent(model: nn.Module, generator: torch.Generator) -> None:
@@ -229,7 +209,6 @@ _RULES = (
     (CNN, _cnn),
     (VGG, _vgg),
     (ResNet, _resnet),
-    (ResNetGN, _resnet_gn),
     (MobileNetV2, _mobilenet),
     ((RNNClassifier, LSTMClassifier, GRUClassifier), _recurrent),
     ((ViT, TransformerClassifier), _transformer),

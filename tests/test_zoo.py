@@ -125,13 +125,13 @@ def test_width_details() -> None:
 
     gn = build_model("resnet_gn")
     assert [gn.layer1[0].conv1.out_channels, gn.layer3[0].conv1.out_channels] == [16, 64]
-    assert sum(1 for m in gn.modules() if type(m).__name__ == "GroupNormBasicBlock") == 9
+    assert sum(1 for m in gn.modules() if type(m).__name__ == "BasicBlock") == 9
     norms = [m for m in gn.modules() if isinstance(m, nn.GroupNorm)]
     assert len(norms) == 1 + 9 * 2 + 2 and all(m.num_groups == 2 for m in norms)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in gn.modules())
     assert isinstance(gn.layer1[0].shortcut, nn.Identity)
     assert isinstance(gn.layer2[0].shortcut, nn.Sequential)
-    assert build_model("resnet_gn", num_groups=4).layer1[0].gn1.num_groups == 4
+    assert build_model("resnet_gn", num_groups=4).layer1[0].bn1.num_groups == 4
 
     mobile = build_model("mobilenet")
     blocks = list(mobile.blocks)

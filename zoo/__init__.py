@@ -23,8 +23,7 @@ from .cnn import CNN
 from .mlp import MLP
 from .mobilenet import InvertedResidual, MobileNetV2
 from .recurrent import GRUClassifier, LSTMClassifier, RNNClassifier
-from .resnet import BasicBlock, ResNet, resnet18, resnet20
-from .resnet_gn import GroupNormBasicBlock, ResNetGN, resnet20_gn
+from .resnet import BasicBlock, ResNet, resnet18, resnet20, resnet20_gn
 from .transformer import TransformerClassifier, ViT
 from .vgg import VGG, vgg11
 
@@ -34,13 +33,11 @@ __all__ = [
     "VGG",
     "BasicBlock",
     "GRUClassifier",
-    "GroupNormBasicBlock",
     "InvertedResidual",
     "LSTMClassifier",
     "MobileNetV2",
     "RNNClassifier",
     "ResNet",
-    "ResNetGN",
     "TransformerClassifier",
     "ViT",
     "available_models",
