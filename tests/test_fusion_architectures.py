@@ -32,6 +32,7 @@ from architectures import (
     pool_inputs,
     vector_inputs,
 )
+from model_checks import assert_same_layout, changed_keys
 from torch import nn
 
 TOL = 1e-5
@@ -81,19 +82,6 @@ def family(name: str, seed: int = 0, copies: int = 2):
     model = arch.make(seed)
     permuted = [arch.permute(model, generator) for _ in range(copies)]
     return model, permuted, arch.inputs(generator)
-
-
-def changed_keys(a: nn.Module, b: nn.Module) -> list[str]:
-    state, other = a.state_dict(), b.state_dict()
-    return [key for key in state if not torch.equal(state[key], other[key])]
-
-
-def assert_same_layout(got: nn.Module, expected: nn.Module) -> None:
-    state, other = expected.state_dict(), got.state_dict()
-    assert list(other) == list(state)
-    for key, tensor in state.items():
-        assert other[key].shape == tensor.shape, key
-        assert other[key].dtype == tensor.dtype, key
 
 
 def assert_same_state(got: nn.Module, expected: nn.Module, tol: float = STATE_TOL) -> None:

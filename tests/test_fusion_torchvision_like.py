@@ -30,6 +30,7 @@ import copy
 import pytest
 import torch
 import torchvision_like as tv
+from model_checks import assert_same_layout, changed_keys
 from torch import nn
 
 TOL = 1e-5
@@ -124,19 +125,6 @@ def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def pair(name: str, dtype: torch.dtype = torch.float32):
     """Models a (seed 0) and b (seed 1) and a batch of inputs, in ``dtype``."""
     return tv.build(name, 0, dtype), tv.build(name, 1, dtype), tv.inputs(0, dtype=dtype)
-
-
-def changed_keys(a: nn.Module, b: nn.Module) -> list[str]:
-    state, other = a.state_dict(), b.state_dict()
-    return [key for key in state if not torch.equal(state[key], other[key])]
-
-
-def assert_same_layout(got: nn.Module, expected: nn.Module) -> None:
-    state, other = expected.state_dict(), got.state_dict()
-    assert list(other) == list(state)
-    for key, tensor in state.items():
-        assert other[key].shape == tensor.shape, key
-        assert other[key].dtype == tensor.dtype, key
 
 
 def test_the_lists_cover_every_model():

@@ -131,8 +131,10 @@ def resnet20(
     in_channels: int = 1,
     image_size: int = 8,
     num_classes: int = 10,
+    num_groups: int | None = None,
 ) -> ResNet:
-    """ResNet-20: 3 stages of 3 BasicBlocks, 16/32/64 channels x ``width_multiplier``."""
+    """ResNet-20: 3 stages of 3 BasicBlocks, 16/32/64 channels x ``width_multiplier``
+    (BatchNorm, or GroupNorm with ``num_groups``)."""
     return ResNet(
         (16, 32, 64),
         (3, 3, 3),
@@ -140,6 +142,7 @@ def resnet20(
         in_channels=in_channels,
         image_size=image_size,
         num_classes=num_classes,
+        num_groups=num_groups,
     )
 
 
@@ -168,14 +171,5 @@ def resnet20_gn(
     image_size: int = 8,
     num_classes: int = 10,
 ) -> ResNet:
-    """ResNet-20 with GroupNorm: 3 stages of 3 blocks, 16/32/64 channels x
-    ``width_multiplier``, ``num_groups`` groups in every GroupNorm."""
-    return ResNet(
-        (16, 32, 64),
-        (3, 3, 3),
-        width_multiplier=width_multiplier,
-        in_channels=in_channels,
-        image_size=image_size,
-        num_classes=num_classes,
-        num_groups=num_groups,
-    )
+    """ResNet-20 with ``num_groups`` groups in every GroupNorm (the zoo's ``resnet_gn``)."""
+    return resnet20(width_multiplier, in_channels, image_size, num_classes, num_groups)
