@@ -45,10 +45,6 @@ def shape_of(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def shape_of_meta(meta) -> tuple[int, ...]:
-    return tuple(meta.shape)
-
-
 def plain(node: fx.Node) -> Layout | None:
     """The layout of a tensor that carries no aligned dimension (None if not a tensor)."""
     shape = shape_of(node)

@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..modes import temporary_mode
 from . import rules
-from .layouts import Layout, Opaque, Stacked, has_groups, plain
+from .layouts import Layout, Opaque, Stacked, has_groups, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
 
 _MISSING = object()
@@ -53,7 +53,7 @@ class Call:
 
     @property
     def shape(self) -> tuple[int, ...] | None:
-        return node_shape(self.node)
+        return shape_of(self.node)
 
 
 class _LeafTracer(fx.Tracer):
@@ -428,11 +428,6 @@ def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
             f"running the model on an example input of shape {tuple(example_input.shape)} "
             f"failed: {exc}"
         ) from exc
-
-
-def node_shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _output_layouts(value, layouts):

@@ -75,6 +75,17 @@ _FUNCTIONS_BY_NAME: dict[str, FunctionRule] = {}
 """Rules for functions of other libraries, by name (torchvision's fx-wrapped ops)."""
 
 
+def function_rule_named(*names: str):
+    """Decorator registering a rule for functions of other libraries by their name."""
+
+    def decorator(rule: FunctionRule) -> FunctionRule:
+        for name in names:
+            _FUNCTIONS_BY_NAME[name] = rule
+        return rule
+
+    return decorator
+
+
 def function_rule(target) -> FunctionRule | None:
     try:
         found = _FUNCTIONS.get(target)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layouts import require_unaligned
-from . import _FUNCTIONS_BY_NAME, function_rule_for, method_rule_for, register_rule
+from . import function_rule_for, function_rule_named, method_rule_for, register_rule
 
 ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -50,13 +50,11 @@ def elementwise(tracer, call):
     return call.layout()
 
 
+@function_rule_named("stochastic_depth")
 def stochastic_depth(tracer, call):
     """torchvision's ``stochastic_depth`` (wrapped as one fx call): drops whole samples
     or the whole batch of a residual branch, which no unit permutation changes."""
     return call.layout()
-
-
-_FUNCTIONS_BY_NAME["stochastic_depth"] = stochastic_depth
 
 _POOLS = {
     nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2,

@@ -329,7 +329,7 @@ def split(tracer, call):
         return tuple(L.pick(layout, dim, i, tracer.split_groups) for i in range(count))
     if spec is None:
         return tuple(layout for _ in range(count))
-    shapes = {L.shape_of_meta(m)[dim] for m in call.node.meta["tensor_meta"]}
+    shapes = {tuple(meta.shape)[dim] for meta in call.node.meta["tensor_meta"]}
     if spec.part is not None or (spec.outer, spec.inner) != (1, 1) or len(shapes) != 1:
         raise UnsupportedModelError(f"{_where(call)} splits aligned units apart unevenly")
     groups = tracer.pieces(spec.group, count, _where(call))
