@@ -56,8 +56,9 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _load_model(path: Path, name: str, kwargs: dict) -> nn.Module:
-    """The zoo model ``name`` with the safetensors checkpoint ``path`` loaded (eval mode);
-    ``ValueError`` naming the file and the keys when it is missing or does not fit."""
+    """The model ``name`` (zoo name or import path) with the safetensors checkpoint
+    ``path`` loaded (eval mode); ``ValueError`` naming the file and the keys when it is
+    missing or does not fit."""
     try:
         model = build_model(name, seed=0, **kwargs)
     except TypeError as error:
@@ -160,11 +161,21 @@ def _lmc(args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def _model_name(value: str) -> str:
+    """A zoo model name or an import path ``package.module:callable``."""
+    if value in available_models() or ":" in value:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {value!r} (a zoo model: {', '.join(available_models())}; or your "
+        "own as package.module:callable)")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, choices=available_models(),
-                        help="zoo model the checkpoints were saved from")
+    parser.add_argument("--model", required=True, type=_model_name,
+                        help="the model the checkpoints were saved from: a zoo name, or "
+                        "your own as package.module:callable")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
-                        help='keyword arguments of the zoo model, e.g. {"widths": [64, 32]}')
+                        help='keyword arguments of the model, e.g. {"widths": [64, 32]}')
     parser.add_argument("--method", choices=["wasserstein", "gromov-wasserstein", "average"])
     parser.add_argument("--solver", choices=["exact", "sinkhorn"])
     parser.add_argument("--reg", type=float, help="entropic regularisation (sinkhorn)")

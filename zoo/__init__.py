@@ -13,6 +13,7 @@ Width keyword arguments (``widths``, ``channels``/``hidden``, ``width_multiplier
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable
 
@@ -66,22 +67,20 @@ def available_models() -> list[str]:
 
 
 def build_model(name: str, seed: int | None = 0, **kwargs: object) -> nn.Module:
-    """Build the zoo model ``name`` with its parameters initialised from ``seed``.
+    """Build the zoo model ``name``, or a user's own model given by its import path
+    ``"package.module:callable"`` (a class or a function returning an ``nn.Module``),
+    with its parameters initialised from ``seed``.
 
     The same name, kwargs and seed give identical parameters. The global torch RNG state
     is left untouched unless ``seed`` is ``None``, in which case the model is initialised
     from (and advances) the global RNG.
 
-    Raises ``ValueError`` for an unknown name (the message lists the available ones) or
-    an invalid argument value, and ``TypeError`` naming the model for keyword arguments
-    the model does not take.
+    Raises ``ValueError`` for an unknown name (the message lists the available ones), an
+    import path that cannot be imported or does not build a module (the message names
+    the path), or an invalid argument value, and ``TypeError`` naming the model for
+    keyword arguments the model does not take.
     """
-    try:
-        builder = _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(available_models())}"
-        ) from None
+    builder = _builder(name)
     try:
         inspect.signature(builder).bind(**kwargs)
     except TypeError as error:
@@ -89,8 +88,38 @@ def build_model(name: str, seed: int | None = 0, **kwargs: object) -> nn.Module:
         raise TypeError(
             f"invalid arguments for model {name!r}: {error}; accepted: {accepted}"
         ) from None
-    if seed is None:
-        return builder(**kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return builder(**kwargs)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if name not in _REGISTRY:
+            try:
+                model = builder(**kwargs)
+            except Exception as error:  # noqa: BLE001 - a user's code: name the path
+                raise ValueError(f"building model {name!r} failed: {type(error).__name__}: "
+                                 f"{error}") from error
+        else:
+            model = builder(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} returned a {type(model).__name__}, not a "
+                         "torch.nn.Module")
+    return model
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    """The zoo's builder of ``name``, or the callable at the import path ``name``."""
+    if isinstance(name, str) and ":" in name:
+        module_name, _, attribute = name.partition(":")
+        try:
+            builder = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(f"cannot import model {name!r}: {error}") from None
+        if not callable(builder):
+            raise ValueError(f"model {name!r} is not callable")
+        return builder
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown model {name!r}; available models: {', '.join(available_models())}, "
+            "or an import path 'package.module:callable'"
+        ) from None
