@@ -40,7 +40,7 @@ def _demo(args: argparse.Namespace) -> None:
     recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     with console.status(f"training clients ({recipe})"):
         clients = train_clients(args.model, parts, recipe, seed=args.seed)
-    counts = [label_counts(p, clients[0].num_classes).tolist() for p in parts]
+    counts = [label_counts(p, getattr(clients[0], "num_classes", None)).tolist() for p in parts]
     weights = [float(sum(c)) for c in counts]
     with console.status("fusing"):
         result = compare(clients, weights, test_data, DEFAULT_METHODS, label_counts=counts,
@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="train clients on the embedded digits data, fuse them, print a table"
     )
-    demo.add_argument("--model", default="mlp", choices=available_models())
+    demo.add_argument("--model", default="mlp", type=_model_name,
+                      help="a zoo name, or your own model as package.module:callable")
     demo.add_argument("--clients", type=int, default=8)
     demo.add_argument("--partitioner", default="iid",
                       choices=["iid", "dirichlet", "pathological"])
