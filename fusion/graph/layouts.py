@@ -3,9 +3,9 @@ that move dimensions around (flatten, reshape, transpose, indexing, reductions).
 
 A layout is a tuple with one :class:`~.spec.AxisSpec` or ``None`` per dimension. Values
 that are not one tensor have other layouts: ``None`` (no tensor: a size, a dtype), a
-tuple of layouts (a module returning several tensors), :class:`Stacked` (a tensor whose
-first dimension stacks differently aligned tensors, such as the hidden states of a
-stacked LSTM) and :class:`Opaque` (a tensor whose layout cannot be described).
+tuple of layouts (a module returning several tensors) and :class:`Stacked` (a tensor
+whose first dimension stacks differently aligned tensors, such as the hidden states of a
+stacked LSTM).
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ from torch import fx
 from .spec import AxisSpec, UnsupportedModelError
 
 Layout = tuple  # per-dim AxisSpec | None, for one tensor value
-
-
-class Opaque:
-    """Layout of a value whose neuron layout cannot be expressed."""
-
-    def __init__(self, why: str):
-        self.why = why
 
 
 class Stacked:
@@ -53,7 +46,7 @@ def plain(node: fx.Node) -> Layout | None:
 
 def has_groups(value) -> bool:
     """Whether a (nested) layout value carries any aligned dimension."""
-    if isinstance(value, AxisSpec | Opaque | Stacked):
+    if isinstance(value, AxisSpec | Stacked):
         return True
     if isinstance(value, dict):
         return any(has_groups(v) for v in value.values())
@@ -196,8 +189,6 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
     """``value[item]``: tuples of outputs are picked from; a stacked tensor gives the
     layout of the picked entry; a tensor keeps the dimensions sliced whole, and one
     piece of a packed group may be picked by an integer."""
-    if isinstance(value, Opaque):
-        return value
     if isinstance(value, Stacked):
         if isinstance(item, int):
             return value.items[item]

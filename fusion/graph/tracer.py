@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..modes import temporary_mode
 from . import rules
-from .layouts import Layout, Opaque, Stacked, has_groups, plain, shape_of
+from .layouts import Layout, Stacked, has_groups, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
 
 _MISSING = object()
@@ -245,7 +245,7 @@ class Tracer:
         name = call.node.target
         module = self.modules[name]
         for value in (*call.args, *call.kwargs.values()):
-            if isinstance(value, Opaque | Stacked):
+            if isinstance(value, Stacked):
                 raise UnsupportedModelError(f"module '{name}' consumes {value.why}")
         rule = rules.module_rule(module)
         if rule is None:
@@ -436,7 +436,7 @@ def _output_layouts(value, layouts):
     stack = [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, Opaque | Stacked):
+        if isinstance(item, Stacked):
             raise UnsupportedModelError(f"the model returns {item.why}")
         if isinstance(item, tuple) and all(isinstance(v, AxisSpec | None) for v in item):
             yield item
