@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from reindex import blocks as _blocks
+from reindex import random_perm as _perm
+from reindex import take as _take
 from torch import nn
 
 BATCH = 4
@@ -37,23 +40,7 @@ _GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 # ------------------------------------------------------------------------------ helpers
 
 
-def _perm(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randperm(n, generator=generator)
 
-
-def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-    """In place: ``tensor`` gathered along ``dim`` by ``index`` (same storage/Parameter)."""
-    tensor.copy_(tensor.index_select(dim, index))
-
-
-def _blocks(perm: torch.Tensor, outer: int = 1, inner: int = 1) -> torch.Tensor:
-    """Index of an axis made of ``outer`` consecutive blocks of ``len(perm)`` units, each
-    unit ``inner`` entries wide, where every block has its units reordered by ``perm``
-    (``outer``: the gate blocks of a recurrent layer; ``inner``: flattened positions)."""
-    width = perm.numel()
-    unit = perm.view(1, width, 1) * inner + torch.arange(inner).view(1, 1, inner)
-    block = torch.arange(outer).view(outer, 1, 1) * (width * inner)
-    return (block + unit).reshape(-1)
 
 
 def _direct_sum(*indices: torch.Tensor) -> torch.Tensor:

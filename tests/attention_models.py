@@ -27,6 +27,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from reindex import random_perm as _perm
+from reindex import take as _take
 from torch import nn
 
 DIM = 8
@@ -323,13 +325,6 @@ parameters are left unpermuted; ``heads``: V and the output projection's columns
 head order different from Q/K's."""
 
 
-def _perm(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randperm(n, generator=generator)
-
-
-def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-    """In place: ``tensor`` reindexed along ``dim`` (same storage, ties are kept)."""
-    tensor.copy_(tensor.index_select(dim, index))
 
 
 def _rows(layer: nn.Module, index: torch.Tensor) -> None:

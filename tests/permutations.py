@@ -14,6 +14,9 @@ import copy
 
 import attention_models
 import torch
+from reindex import blocks as _blocks
+from reindex import random_perm as _perm
+from reindex import take as _take
 from torch import nn
 
 from otfusion.zoo import (
@@ -33,21 +36,7 @@ from otfusion.zoo import (
 _GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 
 
-def _perm(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randperm(n, generator=generator)
 
-
-def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> None:
-    """In place: ``tensor`` reindexed along ``dim`` (keeps the same storage/Parameter)."""
-    tensor.copy_(tensor.index_select(dim, index))
-
-
-def _blocks(perm: torch.Tensor, outer: int = 1, inner: int = 1) -> torch.Tensor:
-    """Index of an axis laid out as ``outer`` blocks of ``len(perm)`` units, each unit
-    repeated ``inner`` times contiguously, with the units reordered by ``perm``."""
-    width = perm.numel()
-    units = perm[None, :, None] * inner + torch.arange(inner)[None, None, :]
-    return (torch.arange(outer)[:, None, None] * width * inner + units).reshape(-1)
 
 
 def _permute_outputs(layer: nn.Module, perm: torch.Tensor) -> None:

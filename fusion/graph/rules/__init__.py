@@ -29,6 +29,19 @@ FunctionRule = Callable[..., object]
 _MODULES: dict[type, ModuleRule] = {}
 _FUNCTIONS: dict[object, FunctionRule] = {}
 _METHODS: dict[str, FunctionRule] = {}
+_FUNCTIONS_BY_NAME: dict[str, FunctionRule] = {}
+"""Rules for functions of other libraries, by name (torchvision's fx-wrapped ops)."""
+
+
+def _registering(table: dict, keys):
+    """Decorator putting its rule into ``table`` under every one of ``keys``."""
+
+    def decorator(rule):
+        for key in keys:
+            table[key] = rule
+        return rule
+
+    return decorator
 
 
 def register_rule(*module_types: type[nn.Module]):
@@ -36,54 +49,26 @@ def register_rule(*module_types: type[nn.Module]):
     given module types (exact types: a subclass needs its own rule). Modules of these
     types are then traced as leaves. See :mod:`otfusion.fusion.graph.rules.layers` for
     examples, and the README for a worked one."""
-
-    def decorator(rule: ModuleRule) -> ModuleRule:
-        for module_type in module_types:
-            _MODULES[module_type] = rule
-        return rule
-
-    return decorator
+    return _registering(_MODULES, module_types)
 
 
 def function_rule_for(*targets):
     """Decorator registering a rule for torch functions / operators (``call_function``)."""
-
-    def decorator(rule: FunctionRule) -> FunctionRule:
-        for target in targets:
-            _FUNCTIONS[target] = rule
-        return rule
-
-    return decorator
+    return _registering(_FUNCTIONS, targets)
 
 
 def method_rule_for(*names: str):
     """Decorator registering a rule for tensor methods (``call_method``)."""
-
-    def decorator(rule: FunctionRule) -> FunctionRule:
-        for name in names:
-            _METHODS[name] = rule
-        return rule
-
-    return decorator
-
-
-def module_rule(module: nn.Module) -> ModuleRule | None:
-    return _MODULES.get(type(module))
-
-
-_FUNCTIONS_BY_NAME: dict[str, FunctionRule] = {}
-"""Rules for functions of other libraries, by name (torchvision's fx-wrapped ops)."""
+    return _registering(_METHODS, names)
 
 
 def function_rule_named(*names: str):
     """Decorator registering a rule for functions of other libraries by their name."""
+    return _registering(_FUNCTIONS_BY_NAME, names)
 
-    def decorator(rule: FunctionRule) -> FunctionRule:
-        for name in names:
-            _FUNCTIONS_BY_NAME[name] = rule
-        return rule
 
-    return decorator
+def module_rule(module: nn.Module) -> ModuleRule | None:
+    return _MODULES.get(type(module))
 
 
 def function_rule(target) -> FunctionRule | None:
