@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from otfusion.deploy.deployment import descendants
+from otfusion.deploy.processes import descendants
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

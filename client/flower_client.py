@@ -19,7 +19,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from otfusion.deploy.deployment import DeploymentError, child_env, executable, split_address
+from otfusion.deploy.addresses import split_address
+from otfusion.deploy.errors import DeploymentError
+from otfusion.deploy.processes import child_env, executable
 
 DEFAULT_PORT = 9094
 

@@ -25,7 +25,10 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from otfusion.deploy import deployment
+from otfusion.deploy.addresses import DEFAULT_ADDRESS, split_address
+from otfusion.deploy.deployment import DEFAULT_STATE_DIR, DeploymentOptions, deploy
+from otfusion.deploy.errors import DeploymentError, say
+from otfusion.deploy.security import choose_security
 from otfusion.task.config import RunConfig
 
 
@@ -59,7 +62,7 @@ def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
                        help="where the SuperLink that flower-server starts listens (one port "
                             "for clients and for flower-server itself); 0.0.0.0:PORT to "
                             "accept clients from other machines (default: "
-                            f"{deployment.DEFAULT_ADDRESS})")
+                            f"{DEFAULT_ADDRESS})")
     group.add_argument("--superlink", metavar="HOST:PORT", default=None,
                        help="use this running SuperLink instead of starting one")
     group.add_argument("--insecure", action="store_true",
@@ -86,10 +89,10 @@ def _add_deployment_flags(parser: argparse.ArgumentParser) -> None:
                        help="register this client public key (OpenSSH ECDSA, from "
                             "ssh-keygen -t ecdsa -b 384) with the SuperLink before the run; "
                             "repeat for every client")
-    group.add_argument("--state-dir", default=deployment.DEFAULT_STATE_DIR, metavar="DIR",
+    group.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
                        help="flower-server's private folder: FLWR_HOME with the connection, "
                             "the generated app, the run config, the SuperLink's database and "
-                            f"log (default: ./{deployment.DEFAULT_STATE_DIR})")
+                            f"log (default: ./{DEFAULT_STATE_DIR})")
     group.add_argument("--startup-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="how long to wait for the SuperLink to become healthy "
                             "(default: 60)")
@@ -141,27 +144,27 @@ _DEPLOYMENT_ONLY = ("address", "superlink", "insecure", "ssl_ca_certfile", "ssl_
                     "supernode_public_key")
 
 
-def deployment_options(args: argparse.Namespace) -> deployment.DeploymentOptions:
+def deployment_options(args: argparse.Namespace) -> DeploymentOptions:
     """The deployment settings from the flags; raises DeploymentError on a bad choice."""
-    security = deployment.choose_security(
+    security = choose_security(
         insecure=args.insecure, ssl_ca_certfile=args.ssl_ca_certfile,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         root_certificates=args.root_certificates,
         enable_supernode_auth=args.enable_supernode_auth,
         own_superlink=args.superlink is None)
     if args.superlink is not None and args.address is not None:
-        raise deployment.DeploymentError("--address is where the SuperLink that flower-server "
-                                         "starts listens; it does not apply with --superlink")
-    address = args.address or deployment.DEFAULT_ADDRESS
-    deployment.split_address(args.superlink or address)
+        raise DeploymentError("--address is where the SuperLink that flower-server "
+                              "starts listens; it does not apply with --superlink")
+    address = args.address or DEFAULT_ADDRESS
+    split_address(args.superlink or address)
     keys = [Path(key).expanduser().resolve() for key in args.supernode_public_key]
     missing = [str(key) for key in keys if not key.is_file()]
     if missing:
-        raise deployment.DeploymentError(f"--supernode-public-key: no such file {missing[0]}")
+        raise DeploymentError(f"--supernode-public-key: no such file {missing[0]}")
     if keys and security.insecure:
-        raise deployment.DeploymentError("--supernode-public-key needs TLS and a SuperLink "
-                                         "with --enable-supernode-auth")
-    return deployment.DeploymentOptions(
+        raise DeploymentError("--supernode-public-key needs TLS and a SuperLink "
+                              "with --enable-supernode-auth")
+    return DeploymentOptions(
         security=security, address=address, superlink=args.superlink,
         state_dir=Path(args.state_dir), startup_timeout=args.startup_timeout,
         supernode_public_keys=keys)
@@ -187,13 +190,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         options = deployment_options(args)
-    except deployment.DeploymentError as err:
+    except DeploymentError as err:
         parser.error(str(err))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = deployment.deploy(config, options)
-    except deployment.DeploymentError as err:
-        deployment.say(f"error: {err}")
+        code = deploy(config, options)
+    except DeploymentError as err:
+        say(f"error: {err}")
         code = 1
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -22,8 +22,26 @@ import numpy as np
 import pytest
 
 from otfusion.client import flower_client
-from otfusion.deploy import deployment
-from otfusion.deploy.deployment import DeploymentError, ManagedProcess, Security
+from otfusion.deploy.addresses import (
+    DEFAULT_ADDRESS,
+    is_local,
+    join_address,
+    local_host,
+    split_address,
+)
+from otfusion.deploy.deployment import DeploymentOptions, deploy, prepare
+from otfusion.deploy.errors import DeploymentError
+from otfusion.deploy.flwr_cli import parse_status, stream_run
+from otfusion.deploy.processes import ManagedProcess, _exists, child_env, descendants, executable
+from otfusion.deploy.security import Security, choose_security
+from otfusion.deploy.state_files import (
+    CONNECTION,
+    app_version,
+    write_app_dir,
+    write_flwr_config,
+    write_run_config,
+)
+from otfusion.deploy.superlink import health_check, superlink_command
 from otfusion.server import flower_server
 from otfusion.task.config import RunConfig
 
@@ -81,7 +99,7 @@ def processes(tmp_path):
     home.mkdir()
     logs = tmp_path / "logs"
     logs.mkdir()
-    procs = Processes(deployment.child_env(home), logs)
+    procs = Processes(child_env(home), logs)
     try:
         yield procs
     finally:
@@ -169,24 +187,24 @@ def test_tls_deployment_with_three_flower_clients_and_a_failing_second_run(tmp_p
     start = time.monotonic()
     try:
         server = processes.start("flower-server", [
-            deployment.executable("flower-server"), "--ssl-ca-certfile", str(tls["ca"]),
+            executable("flower-server"), "--ssl-ca-certfile", str(tls["ca"]),
             "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
             "--address", f"127.0.0.1:{link}", "--state-dir", str(state),
             "--min-clients", "3", "--local-epochs", "1", "--output-dir", str(outputs)])
         security = Security(insecure=False, root_certificates=tls["ca"])
         deadline = time.monotonic() + 150
-        while not deployment.health_check("127.0.0.1", link, security):
+        while not health_check("127.0.0.1", link, security):
             assert server.alive(), processes.logs_text()
             assert time.monotonic() < deadline, processes.logs_text()
             time.sleep(0.5)
         for k, (port, path) in enumerate(zip(node_ports, data, strict=True)):
             processes.start(f"flower-client{k}", [
-                deployment.executable("flower-client"), "--superlink", f"127.0.0.1:{link}",
+                executable("flower-client"), "--superlink", f"127.0.0.1:{link}",
                 "--root-certificates", str(tls["ca"]), "--data", str(path),
                 "--port", str(port)])
 
         failing = subprocess.run(
-            [deployment.executable("flower-server"), "--superlink", f"127.0.0.1:{link}",
+            [executable("flower-server"), "--superlink", f"127.0.0.1:{link}",
              "--root-certificates", str(tls["ca"]), "--supernode-public-key",
              str(tls["node.pub"]), "--state-dir", str(tmp_path / "state2"),
              "--model", "no-such-model", "--output-dir", str(tmp_path / "outputs2")],
@@ -244,31 +262,31 @@ def test_insecure_or_complete_tls(tmp_path):
     ca, cert, key = (tmp_path / name for name in ("ca.crt", "server.crt", "server.key"))
     for path in (ca, cert, key):
         path.write_text("pem")
-    assert deployment.choose_security(insecure=True) == Security(insecure=True)
-    tls = deployment.choose_security(ssl_ca_certfile=str(ca), ssl_certfile=str(cert),
-                                     ssl_keyfile=str(key), enable_supernode_auth=True)
+    assert choose_security(insecure=True) == Security(insecure=True)
+    tls = choose_security(ssl_ca_certfile=str(ca), ssl_certfile=str(cert),
+                          ssl_keyfile=str(key), enable_supernode_auth=True)
     assert tls.root_certificates == ca and not tls.insecure
     assert tls.superlink_args() == ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert),
                                     "--ssl-keyfile", str(key), "--enable-supernode-auth"]
     assert tls.connection("127.0.0.1:9") == {"address": "127.0.0.1:9",
                                              "root-certificates": str(ca)}
     with pytest.raises(DeploymentError, match="cannot be combined"):
-        deployment.choose_security(insecure=True, ssl_ca_certfile=str(ca))
+        choose_security(insecure=True, ssl_ca_certfile=str(ca))
     with pytest.raises(DeploymentError, match="--ssl-keyfile"):
-        deployment.choose_security(ssl_ca_certfile=str(ca), ssl_certfile=str(cert))
+        choose_security(ssl_ca_certfile=str(ca), ssl_certfile=str(cert))
     with pytest.raises(DeploymentError, match="no such file"):
-        deployment.choose_security(ssl_ca_certfile=str(ca), ssl_certfile=str(cert),
-                                   ssl_keyfile=str(tmp_path / "missing.key"))
+        choose_security(ssl_ca_certfile=str(ca), ssl_certfile=str(cert),
+                        ssl_keyfile=str(tmp_path / "missing.key"))
     with pytest.raises(DeploymentError, match="needs TLS"):
-        deployment.choose_security(insecure=True, enable_supernode_auth=True)
+        choose_security(insecure=True, enable_supernode_auth=True)
     # an existing SuperLink: only the CA
-    remote = deployment.choose_security(root_certificates=str(ca), own_superlink=False)
+    remote = choose_security(root_certificates=str(ca), own_superlink=False)
     assert remote == Security(insecure=False, root_certificates=ca)
     with pytest.raises(DeploymentError, match="--root-certificates"):
-        deployment.choose_security(own_superlink=False)
+        choose_security(own_superlink=False)
     with pytest.raises(DeploymentError, match="--ssl-certfile"):
-        deployment.choose_security(root_certificates=str(ca), ssl_certfile=str(cert),
-                                   own_superlink=False)
+        choose_security(root_certificates=str(ca), ssl_certfile=str(cert),
+                        own_superlink=False)
 
 
 def test_deployment_flags(tmp_path):
@@ -276,7 +294,7 @@ def test_deployment_flags(tmp_path):
     config = flower_server.run_config_from_args(args)
     assert (config.min_train_nodes, config.local_epochs) == (3, 2)
     options = flower_server.deployment_options(args)
-    assert options.address == deployment.DEFAULT_ADDRESS and options.superlink is None
+    assert options.address == DEFAULT_ADDRESS and options.superlink is None
     assert options.state_dir == Path(".flower-server") and options.security.insecure
     assert flower_server.run_config_from_args(parse("--min-train-nodes", "4")).min_train_nodes == 4
     with pytest.raises(DeploymentError, match="does not apply"):
@@ -310,16 +328,16 @@ def test_help_documents_every_flag():
 
 
 def test_addresses():
-    assert deployment.split_address("127.0.0.1:9091") == ("127.0.0.1", 9091)
-    assert deployment.split_address("[::1]:9091") == ("::1", 9091)
-    assert deployment.split_address("server.example.org:443") == ("server.example.org", 443)
+    assert split_address("127.0.0.1:9091") == ("127.0.0.1", 9091)
+    assert split_address("[::1]:9091") == ("::1", 9091)
+    assert split_address("server.example.org:443") == ("server.example.org", 443)
     for bad in ("9091", "host:", "host:99999", "::1:9091"):
         with pytest.raises(DeploymentError):
-            deployment.split_address(bad)
-    assert deployment.join_address("::1", 5) == "[::1]:5"
-    assert deployment.local_host("0.0.0.0") == "127.0.0.1"
-    assert deployment.is_local("0.0.0.0") and deployment.is_local("localhost")
-    assert not deployment.is_local("10.0.0.7") and not deployment.is_local("server.example.org")
+            split_address(bad)
+    assert join_address("::1", 5) == "[::1]:5"
+    assert local_host("0.0.0.0") == "127.0.0.1"
+    assert is_local("0.0.0.0") and is_local("localhost")
+    assert not is_local("10.0.0.7") and not is_local("server.example.org")
 
 
 # --- generated files ----------------------------------------------------------------
@@ -329,7 +347,7 @@ def test_generated_app_folder_is_a_valid_flower_app_outside_the_checkout(tmp_pat
     from flwr.cli.config_utils import load_and_validate
 
     monkeypatch.chdir(tmp_path)  # nothing may depend on the source checkout
-    app = deployment.write_app_dir(tmp_path / "app")
+    app = write_app_dir(tmp_path / "app")
     assert [p.name for p in app.iterdir()] == ["pyproject.toml"]
     config, warnings = load_and_validate(app / "pyproject.toml")  # imports the components
     assert warnings == []
@@ -337,7 +355,7 @@ def test_generated_app_folder_is_a_valid_flower_app_outside_the_checkout(tmp_pat
     assert flwr_app["components"] == {"serverapp": "otfusion.server.app:app",
                                       "clientapp": "otfusion.client.app:app"}
     assert flwr_app["config"] == RunConfig().as_run_config()
-    assert config["project"]["version"] == deployment.app_version()
+    assert config["project"]["version"] == app_version()
     assert len(build_fab_from_disk(app)) < 10_000
 
 
@@ -346,34 +364,34 @@ def test_connection_and_run_config_files_are_read_by_flower(tmp_path, monkeypatc
     from flwr.common.config import parse_config_args
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    deployment.write_flwr_config(tmp_path / "home", "127.0.0.1:9091", Security(insecure=True))
-    connection = read_superlink_connection(deployment.CONNECTION)
+    write_flwr_config(tmp_path / "home", "127.0.0.1:9091", Security(insecure=True))
+    connection = read_superlink_connection(CONNECTION)
     assert (connection.address, connection.insecure) == ("127.0.0.1:9091", True)
-    assert read_superlink_connection(None).name == deployment.CONNECTION
+    assert read_superlink_connection(None).name == CONNECTION
 
     config = RunConfig(local_epochs=3, output_dir="with space/it's here")
-    path = deployment.write_run_config(tmp_path / "run-config.toml", config)
+    path = write_run_config(tmp_path / "run-config.toml", config)
     assert parse_config_args([str(path)]) == config.as_run_config()
 
 
 def test_prepare_resolves_local_output_dirs_only(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    options = deployment.DeploymentOptions(security=Security(insecure=True),
-                                           state_dir=Path("state"))
-    state, env, argv, config = deployment.prepare(RunConfig(output_dir="outs"), options)
+    options = DeploymentOptions(security=Security(insecure=True),
+                                state_dir=Path("state"))
+    state, env, argv, config = prepare(RunConfig(output_dir="outs"), options)
     assert state == tmp_path / "state" and env["FLWR_HOME"] == str(state / "flwr-home")
     assert config.output_dir == str(tmp_path / "outs")
-    assert argv[1:] == ["run", str(state / "app"), deployment.CONNECTION,
+    assert argv[1:] == ["run", str(state / "app"), CONNECTION,
                         "--run-config", str(state / "run-config.toml"), "--stream"]
-    remote = deployment.DeploymentOptions(security=Security(insecure=True),
-                                          superlink="10.1.2.3:9091", state_dir=Path("state"))
-    assert deployment.prepare(RunConfig(output_dir="outs"), remote)[3].output_dir == "outs"
+    remote = DeploymentOptions(security=Security(insecure=True),
+                               superlink="10.1.2.3:9091", state_dir=Path("state"))
+    assert prepare(RunConfig(output_dir="outs"), remote)[3].output_dir == "outs"
     assert 'address = "10.1.2.3:9091"' in (state / "flwr-home" / "config.toml").read_text()
 
 
 def test_superlink_command():
-    command = deployment.superlink_command("0.0.0.0", 9091, Security(insecure=True),
-                                           Path("/state/superlink.db"))
+    command = superlink_command("0.0.0.0", 9091, Security(insecure=True),
+                                Path("/state/superlink.db"))
     assert Path(command[0]).name == "flower-superlink"
     assert command[1:] == ["--insecure", "--disable-runtime-dependency-installation",
                            "--host", "0.0.0.0", "--port", "9091",
@@ -385,10 +403,10 @@ def test_a_taken_port_is_an_error_before_anything_starts(tmp_path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        options = deployment.DeploymentOptions(security=Security(insecure=True),
-                                               address=f"127.0.0.1:{port}",
-                                               state_dir=tmp_path / "state")
-        assert deployment.deploy(RunConfig(output_dir=str(tmp_path)), options) == 1
+        options = DeploymentOptions(security=Security(insecure=True),
+                                    address=f"127.0.0.1:{port}",
+                                    state_dir=tmp_path / "state")
+        assert deploy(RunConfig(output_dir=str(tmp_path)), options) == 1
     error = capsys.readouterr().err
     assert "is in use" in error and "--superlink" in error
     assert not (tmp_path / "state" / "superlink.log").exists()
@@ -398,7 +416,7 @@ def test_a_taken_port_is_an_error_before_anything_starts(tmp_path, capsys):
 
 def test_stream_run_finds_the_run_id_and_parse_status_reads_flwr_ls():
     lines = []
-    code, run_id = deployment.stream_run(
+    code, run_id = stream_run(
         [sys.executable, "-c", "print('Using SuperLink: x'); print('Successfully started run "
                                "1234567890123'); print('logs...')"],
         dict(os.environ), echo=lines.append)
@@ -406,9 +424,9 @@ def test_stream_run_finds_the_run_id_and_parse_status_reads_flwr_ls():
     listing = json.dumps({"success": True, "runs": [
         {"run-id": "1234567890123", "status": "finished:failed",
          "status-details": "ServerApp raised ValueError"}]})
-    assert deployment.parse_status("noise\n" + listing, 1234567890123) == (
+    assert parse_status("noise\n" + listing, 1234567890123) == (
         "finished:failed", "ServerApp raised ValueError")
-    assert deployment.parse_status("not json", 5)[0] == ""
+    assert parse_status("not json", 5)[0] == ""
 
 
 def test_managed_process_stops_children_in_other_sessions():
@@ -419,15 +437,15 @@ def test_managed_process_stops_children_in_other_sessions():
               "time.sleep(60)\n")
     process = ManagedProcess([sys.executable, "-c", script])
     deadline = time.monotonic() + 20
-    while not deployment.descendants(process.pid) and time.monotonic() < deadline:
+    while not descendants(process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    (child,) = deployment.descendants(process.pid)
+    (child,) = descendants(process.pid)
     process.stop(grace=2.0)
     assert not process.alive()
     deadline = time.monotonic() + 5
-    while deployment._exists(child) and time.monotonic() < deadline:
+    while _exists(child) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not deployment._exists(child)
+    assert not _exists(child)
 
 
 # --- flower-client ------------------------------------------------------------------

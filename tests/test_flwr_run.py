@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from otfusion.deploy import deployment
+from otfusion.deploy.processes import child_env, executable
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_flwr_run_dot_in_simulation(tmp_path):
     home, outputs = tmp_path / "flwr-home", tmp_path / "outputs"
     home.mkdir()
-    env = {**deployment.child_env(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**child_env(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     try:
         done = subprocess.run(
-            [deployment.executable("flwr"), "run", ".", "--stream",
+            [executable("flwr"), "run", ".", "--stream",
              "--federation-config", "num-supernodes=4",
              "--run-config", f"local-epochs=2 output-dir='{outputs}'"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)

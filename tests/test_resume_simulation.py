@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from otfusion.deploy import deployment
+from otfusion.deploy.processes import ManagedProcess, descendants, executable
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ ROUNDS = 3
 
 
 def command(output: Path, *extra: str) -> list[str]:
-    return [deployment.executable("flower-server"), "--simulation", "--num-clients", "3",
+    return [executable("flower-server"), "--simulation", "--num-clients", "3",
             "--num-server-rounds", str(ROUNDS), "--local-epochs", "20",
             "--output-dir", str(output), *extra]
 
@@ -43,9 +43,9 @@ def completed_round(output: Path) -> int:
         return 0
 
 
-def kill_tree(process: deployment.ManagedProcess) -> None:
+def kill_tree(process: ManagedProcess) -> None:
     """SIGKILL the whole process tree at once, as a crash would."""
-    for pid in (process.pid, *deployment.descendants(process.pid)):
+    for pid in (process.pid, *descendants(process.pid)):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -64,7 +64,7 @@ def test_killed_simulation_resumes_after_its_last_completed_round(tmp_path):
     run_to_end(command(reference), tmp_path / "uninterrupted.log")
 
     crashed = tmp_path / "crashed"
-    process = deployment.ManagedProcess(command(crashed), log_path=tmp_path / "first.log")
+    process = ManagedProcess(command(crashed), log_path=tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 300
         while completed_round(crashed) < 1:

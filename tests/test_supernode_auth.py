@@ -19,8 +19,11 @@ from test_deployment import (  # noqa: F401
     write_client_data,
 )
 
-from otfusion.deploy import deployment
-from otfusion.deploy.deployment import Security
+from otfusion.deploy.flwr_cli import register_supernodes
+from otfusion.deploy.processes import executable
+from otfusion.deploy.security import Security
+from otfusion.deploy.state_files import write_flwr_config
+from otfusion.deploy.superlink import health_check, superlink_command
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +49,20 @@ def test_only_registered_supernodes_are_admitted(tmp_path, processes):  # noqa: 
                         ssl_keyfile=tls["key"], root_certificates=tls["ca"],
                         enable_supernode_auth=True)
     env = processes.env
-    deployment.write_flwr_config(Path(env["FLWR_HOME"]), f"127.0.0.1:{link}", security)
+    write_flwr_config(Path(env["FLWR_HOME"]), f"127.0.0.1:{link}", security)
     (data,) = write_client_data(tmp_path, 1)
     try:
-        superlink = processes.start("superlink", deployment.superlink_command(
+        superlink = processes.start("superlink", superlink_command(
             "127.0.0.1", link, security, None))
         deadline = time.monotonic() + 120
-        while not deployment.health_check("127.0.0.1", link, security):
+        while not health_check("127.0.0.1", link, security):
             assert superlink.alive() and time.monotonic() < deadline, processes.logs_text()
             time.sleep(0.5)
-        deployment.register_supernodes([tls["node.pub"]], env)
+        register_supernodes([tls["node.pub"]], env)
 
         def client(name: str, key: Path, port: int):
             return processes.start(name, [
-                deployment.executable("flower-client"), "--superlink", f"127.0.0.1:{link}",
+                executable("flower-client"), "--superlink", f"127.0.0.1:{link}",
                 "--root-certificates", str(tls["ca"]), "--auth-supernode-private-key",
                 str(key), "--data", str(data), "--port", str(port)])
 
