@@ -37,7 +37,7 @@ RECURRENT = {"rnn", "lstm", "gru"}
 
 
 DEFAULT = "OT default"
-PAPER = FusionConfig(neuron_weights="uniform", rescale="none")
+PAPER = FusionConfig.from_options(neuron_weights="uniform", rescale="none")
 
 
 def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
@@ -57,7 +57,7 @@ def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
         "average + distill": Method(FusionConfig(method="average"), distilled=True),
     }
     if sinkhorn:
-        methods["OT sinkhorn + labels"] = Method(FusionConfig(solver="sinkhorn"), True)
+        methods["OT sinkhorn + labels"] = Method(FusionConfig.from_options(solver="sinkhorn"), True)
     if model in RECURRENT:
         methods["OT GW + labels"] = Method(FusionConfig(method="gromov-wasserstein"), True)
     return methods

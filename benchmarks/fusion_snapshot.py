@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from otfusion.fusion import FusionConfig, align, fuse_models, input_moments
+from otfusion.fusion import FusionConfig, align, fuse_result, input_moments
 from otfusion.zoo import build_model
 
 CASES = [("mlp", {"widths": (32, 16)}), ("cnn", {"channels": (4, 8), "hidden": 12}),
@@ -40,7 +40,7 @@ def snapshot() -> dict[str, dict[str, torch.Tensor]]:
         models = [build_model(name, seed=s, **kwargs) for s in range(3)]
         x = torch.randn(8, *models[0].input_shape, generator=torch.Generator().manual_seed(0))
         for label, settings in CONFIGS.items():
-            result = fuse_models(models, [1, 2, 3], FusionConfig(**settings),
+            result = fuse_result(models, [1, 2, 3], FusionConfig.from_options(**settings),
                                  class_weights=CLASS_WEIGHTS,
                                  input_moments=input_moments(x) if label == "distill" else None)
             out[f"{name}/{label}"] = result.model.state_dict()

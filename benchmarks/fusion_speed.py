@@ -40,19 +40,19 @@ def measure(model: str, clients: int, method: str, threads: int) -> dict:
     """Runs in the child process: one fusion of ``clients`` fresh models."""
     import torch
 
-    from otfusion.fusion import FusionConfig, fuse_models
+    from otfusion.fusion import FusionConfig, fuse_result
     from otfusion.zoo import build_model
 
     torch.set_num_threads(threads)
     tiny = {**MODELS[model], **TINY[model]}
-    fuse_models([build_model(model, seed=k, **tiny) for k in range(2)])  # one-time warm-up
+    fuse_result([build_model(model, seed=k, **tiny) for k in range(2)])  # one-time warm-up
     models = [build_model(model, seed=k, **MODELS[model]) for k in range(clients)]
     model_mib = sum(t.numel() * t.element_size() for m in models
                     for t in m.state_dict().values()) / 2**20
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter
     start = time.perf_counter()
-    result = fuse_models(models, config=FusionConfig(method=method))
+    result = fuse_result(models, config=FusionConfig(method=method))
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     return {"model": model, "K": clients, "method": method, "seconds": seconds,

@@ -1,8 +1,14 @@
 """Fusion engine: layer-wise Wasserstein barycenters of torch models."""
 
-from .config import FusionConfig
+from .config import (
+    AveragingConfig,
+    BarycenterConfig,
+    DistillationConfig,
+    FusionConfig,
+    TransportConfig,
+)
 from .distillation import InputMoments, input_moments, pool_moments
-from .engine import FusionResult, align, fuse, fuse_models, output_width
+from .engine import FusionResult, align, fuse, fuse_models, fuse_result, output_width
 from .graph import (
     AlignmentGraph,
     UnsupportedModelError,
@@ -13,6 +19,9 @@ from .graph import (
 
 __all__ = [
     "AlignmentGraph",
+    "AveragingConfig",
+    "BarycenterConfig",
+    "DistillationConfig",
     "FusionConfig",
     "FusionResult",
     "InputMoments",
@@ -22,8 +31,10 @@ __all__ = [
     "build_alignment_graph",
     "fuse",
     "fuse_models",
+    "fuse_result",
     "input_moments",
     "output_width",
     "pool_moments",
     "register_rule",
+    "TransportConfig",
 ]

@@ -24,6 +24,7 @@ import torch
 
 from .graph import AlignmentGraph, AxisSpec, TensorSpec, is_recurrent
 from .projection import Coupling, as_rows, project
+from .robust import Combine, robust_mean
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,11 @@ class AveragingWeights:
 def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch.Tensor],
                    states: list[dict[str, torch.Tensor]],
                    couplings: list[dict[int, Coupling]], weights: AveragingWeights,
-                   rescale: bool = False) -> dict[str, torch.Tensor]:
+                   rescale: bool = False, combine: Combine = robust_mean
+                   ) -> dict[str, torch.Tensor]:
     """The fused state: every floating tensor of every client mapped through its
-    couplings and averaged with ``weights``; integer buffers come from the template."""
+    couplings and combined with ``weights`` (by ``combine``: the weighted mean, or a
+    robust estimator); integer buffers come from the template."""
     if weights.per_class is not None:
         assert graph is not None
         _check_class_count(graph, template_state, len(weights.per_class[0]))
@@ -57,10 +60,10 @@ def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch
         projected = [project(state[name], axes, maps)
                      for state, maps in zip(states, couplings, strict=True)]
         factors = _tensor_weights(graph, spec, reference, weights)
-        fused[name] = sum(w * t for w, t in zip(factors, projected, strict=True))
+        fused[name] = combine(projected, factors)
         if spec is not None and spec.cost and spec.axes[spec.neuron_axis].group in plain:
             norms.add(spec, fused[name], projected)
-    for spec, scale in norms.scales(weights):
+    for spec, scale in norms.scales(weights, combine):
         axis = spec.neuron_axis
         fused[spec.name] = fused[spec.name] * _along(scale, spec.axes[axis], axis,
                                                      fused[spec.name])
@@ -105,12 +108,12 @@ class _NormTargets:
             totals[k] = totals[k] + _sq_rows(tensor, axis, neuron)
         self.members.setdefault(group, []).append(spec)
 
-    def scales(self, weights: AveragingWeights):
+    def scales(self, weights: AveragingWeights, combine: Combine):
         """(member tensor, per-neuron scale) pairs: target norm over fused norm."""
         for group, own in self.fused.items():
             mix = ((weights.per_neuron or {}).get(group)
                    or [torch.full_like(own, w) for w in weights.clients])
-            target = sum(w * c.sqrt() for w, c in zip(mix, self.mapped[group], strict=True))
+            target = combine([c.sqrt() for c in self.mapped[group]], mix)
             scale = target / own.sqrt().clamp_min(1e-30)
             for spec in self.members[group]:
                 yield spec, scale

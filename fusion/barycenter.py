@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import FusionConfig
+from .config import BarycenterConfig, TransportConfig
 from .graph import AxisSpec
 from .projection import Coupling, apply_axis
+from .robust import Combine, robust_mean
 from .transport import block_plan, transport_plan
 
 
@@ -77,9 +78,11 @@ def free_support_barycenter(
     weights: Sequence[float],
     widths: list[int],
     support: dict[str, torch.Tensor],
-    config: FusionConfig,
+    config: BarycenterConfig,
+    transport: TransportConfig,
     blocks: int = 1,
     block_couplings: Sequence[torch.Tensor] | None = None,
+    combine: Combine = robust_mean,
 ) -> BarycenterResult:
     """Couple every client to the fused neurons; ``support`` is the initial ``B``.
 
@@ -90,7 +93,9 @@ def free_support_barycenter(
 
     ``blocks > 1`` restricts the couplings to moving whole blocks of neurons
     (:func:`~.transport.block_plan`); ``block_couplings[k]``, when given, is how client
-    ``k``'s blocks must be matched.
+    ``k``'s blocks must be matched. Every plan is solved with ``transport``, and the
+    support moves to ``combine(mapped rows, weights)`` of the clients (default: their
+    weighted mean; a robust estimator keeps hostile clients from dragging it).
     """
     n = next(iter(support.values())).shape[0]
     reference = next(iter(support.values()))
@@ -105,10 +110,10 @@ def free_support_barycenter(
         points = points_fn(k, damped[k])
         cost = ground_cost(support, points)
         if blocks > 1:
-            plan = block_plan(cost, uniform_n, marginals[k], config, blocks,
+            plan = block_plan(cost, uniform_n, marginals[k], transport, blocks,
                               None if block_couplings is None else block_couplings[k])
         else:
-            plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], config, warm[k])
+            plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], transport, warm[k])
         coupling = Coupling.from_plan(plan)
         mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
                   for name, p in points.items()}
@@ -124,10 +129,9 @@ def free_support_barycenter(
         while iterations < config.max_iter:
             iterations += 1
             solved = list(pool.map(couple, sample))  # solvers release the GIL
-            updated: dict[str, torch.Tensor] = {}
-            for lam, (_, _, mapped) in zip(sample_weights, solved, strict=True):
-                for name, rows in mapped.items():
-                    updated[name] = updated.get(name, 0) + lam * rows
+            updated = {name: combine([mapped[name] for _, _, mapped in solved],
+                                     sample_weights)
+                       for name in solved[0][2]}
             shift = _relative_shift(support, updated)
             support = updated
             for k, (coupling, _, _) in zip(sample, solved, strict=True):

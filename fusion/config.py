@@ -1,10 +1,204 @@
-"""Configuration of the fusion engine."""
+"""Configuration of the fusion engine: one part per stage, each read by its own stage.
+
+:class:`FusionConfig` holds the method and the ground cost, and one part per stage of a
+fusion: :class:`TransportConfig` (the OT solver), :class:`BarycenterConfig` (the
+free-support iterations), :class:`AveragingConfig` (how coupled neurons are averaged)
+and :class:`DistillationConfig` (the optional post-fusion distillation), and
+:class:`RobustConfig` (the defences against hostile clients). Every stage's
+function takes only its part. What the defaults measure on the benchmarks is in the
+README ("Fusion quality"), where the figures are kept up to date, not here.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransportConfig(_Part):
+    """One optimal-transport solve between two discrete measures.
+
+    Parameters
+    ----------
+    solver : "exact" | "sinkhorn"
+        Exact optimal transport (a linear assignment when the measures are uniform of
+        equal size, POT's network simplex otherwise) or entropic OT (POT's log-domain
+        Sinkhorn).
+    reg : float
+        Entropic regularisation for ``sinkhorn``, relative to the largest cost entry.
+    max_iter, tol : int, float
+        Iteration cap of a single Sinkhorn solve, and its stopping threshold: the
+        violation of the client marginal relative to that marginal's norm.
+    """
+
+    solver: Literal["exact", "sinkhorn"] = "exact"
+    reg: float = Field(default=0.01, gt=0)
+    max_iter: int = Field(default=1000, ge=1)
+    tol: float = Field(default=1e-4, ge=0)
+
+
+class BarycenterConfig(_Part):
+    """The free-support Wasserstein barycenter of one layer group.
+
+    Parameters
+    ----------
+    max_iter, tol : int, float
+        Iterations per layer group, stopped once the relative change of the support
+        falls below ``tol``.
+    support_clients : int or None
+        With more clients than this, the support is moved by this many clients of
+        largest weight, and every client is then coupled once to the final support (one
+        transport problem per client instead of ``max_iter``). None: all clients move it.
+    workers : int
+        Threads solving the clients' transport problems of one iteration concurrently
+        (0: one per CPU). The result does not depend on it.
+    gw_weight : float
+        Weight of the hidden-to-hidden term in ``gromov-wasserstein`` mode.
+    gw_damping : float
+        Step of the damped fixed point used for the quadratic term (1 = no damping).
+    """
+
+    max_iter: int = Field(default=5, ge=1)
+    tol: float = Field(default=1e-6, ge=0)
+    support_clients: int | None = Field(default=64, ge=1)
+    workers: int = Field(default=0, ge=0)
+    gw_weight: float = Field(default=1.0, ge=0)
+    gw_damping: float = Field(default=0.5, gt=0, le=1)
+
+
+class AveragingConfig(_Part):
+    """How the client neurons coupled to one fused neuron are averaged.
+
+    Parameters
+    ----------
+    neuron_weights : "uniform" | "outgoing" | "outgoing-sq"
+        With the client weights (``uniform``, the paper's), or with the client weights
+        times each neuron's importance, the norm (``outgoing``) or squared norm
+        (``outgoing-sq``) of its outgoing weights, renormalised per fused neuron, so that
+        a neuron a client barely uses pulls the average less. Data-free; the couplings
+        are unchanged.
+    rescale : "none" | "norm"
+        ``norm``: after averaging, scale every fused hidden neuron's incoming weights and
+        bias so that their norm is the (same-weighted) mean norm of the client neurons
+        coupled to it, undoing the shrinkage of averaging imperfectly matched neurons
+        (a data-free stand-in for REPAIR's variance correction; exact for ReLU units).
+    """
+
+    neuron_weights: Literal["uniform", "outgoing", "outgoing-sq"] = "outgoing-sq"
+    rescale: Literal["none", "norm"] = "norm"
+
+
+class DistillationConfig(_Part):
+    """Post-fusion distillation from the clients' ensemble on synthetic inputs
+    (:mod:`~otfusion.fusion.distillation`).
+
+    Parameters
+    ----------
+    steps : int
+        Adam steps; 0 turns the distillation off.
+    samples, batch_size, lr, seed : int, int, float, int
+        Number of synthetic inputs (drawn once), batch size, Adam learning rate, and the
+        seed of the inputs, the batches and any dropout masks.
+    tol : float
+        No training when the fused model's KL divergence from the ensemble on the
+        synthetic inputs is already at most this (e.g. fused permuted copies of one
+        model, which must stay exactly that model).
+    """
+
+    steps: int = Field(default=300, ge=0)
+    samples: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    seed: int = 0
+    tol: float = Field(default=1e-6, ge=0)
+
+
+class RobustConfig(_Part):
+    """Defences against hostile but well-formed clients (:mod:`~otfusion.fusion.robust`).
+
+    Parameters
+    ----------
+    max_weight_ratio : float or None
+        Cap every client's weight (its claimed number of examples) at this multiple of
+        the median weight; None: no cap.
+    screen : bool
+        Exclude the clients whose predictions on the synthetic (or given) inputs are
+        outliers among the clients', before fusing and before distilling.
+    screen_threshold : float
+        How many robust standard deviations of the clients' disagreement scores above
+        their median make a client an outlier.
+    aggregate : "mean" | "trimmed-mean" | "median"
+        How the clients' tensors, once mapped into the fused coordinates, are combined
+        (in the barycenter's support updates and the final averaging): the weighted
+        mean, or a weighted trimmed mean or median per coordinate. The robust ones weigh
+        clients by their (capped) weights alone: ``averaging.neuron_weights``, which a
+        client controls through its own weights, is then not used.
+    trim : float
+        Share of the weight removed from each end by ``trimmed-mean``.
+    """
+
+    max_weight_ratio: float | None = Field(default=2.0, gt=1)
+    screen: bool = False
+    screen_threshold: float = Field(default=3.0, gt=0)
+    aggregate: Literal["mean", "trimmed-mean", "median"] = "mean"
+    trim: float = Field(default=0.25, ge=0, lt=0.5)
+
+
+# Flat option name -> (part, field): the names of the run config and the CLI flags.
+_FLAT_OPTIONS: dict[str, tuple[str, str]] = {
+    "solver": ("transport", "solver"),
+    "reg": ("transport", "reg"),
+    "sinkhorn_max_iter": ("transport", "max_iter"),
+    "sinkhorn_tol": ("transport", "tol"),
+    "max_iter": ("barycenter", "max_iter"),
+    "tol": ("barycenter", "tol"),
+    "support_clients": ("barycenter", "support_clients"),
+    "workers": ("barycenter", "workers"),
+    "gw_weight": ("barycenter", "gw_weight"),
+    "gw_damping": ("barycenter", "gw_damping"),
+    "neuron_weights": ("averaging", "neuron_weights"),
+    "rescale": ("averaging", "rescale"),
+    **{f"distill_{name}": ("distillation", name)
+       for name in ("steps", "samples", "batch_size", "lr", "seed", "tol")},
+    "max_weight_ratio": ("robust", "max_weight_ratio"),
+    **{f"robust_{name}": ("robust", name)
+       for name in ("screen", "screen_threshold", "aggregate", "trim")},
+}
+
+
+def option_name(location: Sequence[str | int]) -> str:
+    """The flat option name (as in :meth:`FusionConfig.from_options`) of a field's
+    location in a validation error, e.g. ``("transport", "reg")`` -> ``reg``."""
+    wanted = tuple(str(part) for part in location)
+    for name, path in _FLAT_OPTIONS.items():
+        if path == wanted:
+            return name
+    return "_".join(wanted)
+
+
+def _nested(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with its flat option names moved into their parts."""
+    nested: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if key in _FLAT_OPTIONS:
+            part, field = _FLAT_OPTIONS[key]
+            parts.setdefault(part, {})[field] = value
+        else:
+            nested[key] = value
+    for part, fields in parts.items():
+        given = nested.get(part, {})
+        if isinstance(given, BaseModel):
+            given = given.model_dump()
+        nested[part] = {**given, **fields}
+    return nested
 
 
 class FusionConfig(BaseModel):
@@ -18,101 +212,64 @@ class FusionConfig(BaseModel):
         found from the input weights (the FedMA way). ``gromov-wasserstein`` adds the
         quadratic hidden-to-hidden term to the cost of recurrent groups, solved by
         iterated linearisation. ``average`` is the coordinate-wise weighted average
-        (FedAvg), which needs equal widths.
-    solver : "exact" | "sinkhorn"
-        Exact optimal transport (a linear assignment when the measures are uniform of
-        equal size, POT's network simplex otherwise) or entropic OT (POT's log-domain
-        Sinkhorn).
-    reg : float
-        Entropic regularisation for ``sinkhorn``, relative to the largest cost entry.
+        (FedAvg), which needs equal widths and is never distilled.
     cost : "weights" | "activations"
         Ground cost between neurons: squared distance of their incoming weights in the
         fused model's coordinates, or of their activations on a batch of inputs passed
-        to :func:`fuse`.
-    max_iter, tol : int, float
-        Free-support barycenter iterations per layer group, stopped once the relative
-        change of the support falls below ``tol``. Few clients converge in 2-3
-        iterations; with 100 clients, 5 iterations reached 38.0% and 20 reached 38.9%
-        at four times the cost, hence the default.
-    support_clients : int or None
-        With more clients than this, the barycenter support is moved by this many
-        clients of largest weight, and every client is then coupled once to the final
-        support (one transport problem per client instead of ``max_iter``). None: all
-        clients move it. 1000 MLPs 400-200-100 on 2 cores: 41 s with 64, 100 s with
-        None; 100 clients: 7.9 s and 17.5 s.
-    gw_weight : float
-        Weight of the hidden-to-hidden term in ``gromov-wasserstein`` mode.
-    gw_damping : float
-        Step of the damped fixed point used for the quadratic term (1 = no damping).
-    sinkhorn_max_iter, sinkhorn_tol : int, float
-        Iteration cap of a single Sinkhorn solve, and its stopping threshold: the
-        violation of the client marginal relative to that marginal's norm.
+        to :func:`~otfusion.fusion.fuse`.
     max_activation_samples : int
         Columns kept per neuron when ``cost="activations"`` (samples x positions).
-    workers : int
-        Threads solving the clients' transport problems of one iteration concurrently
-        (0: one per CPU). The result does not depend on it.
-    neuron_weights : "uniform" | "outgoing" | "outgoing-sq"
-        How the clients' neurons coupled to one fused neuron are averaged (the couplings
-        are unchanged): with the client weights (``uniform``, the paper's), or with the
-        client weights times each neuron's importance, the norm (``outgoing``) or
-        squared norm (``outgoing-sq``) of its outgoing weights, renormalised per fused
-        neuron, so that a neuron a client barely uses (a feature of classes it never
-        saw) pulls the average less. Data-free.
-    rescale : "none" | "norm"
-        ``norm``: after averaging, scale every fused hidden neuron's incoming weights and
-        bias so that their norm is the (same-weighted) mean norm of the client neurons
-        coupled to it, undoing the shrinkage of averaging imperfectly matched neurons
-        (a data-free stand-in for REPAIR's variance correction; exact for ReLU units,
-        whose output scales with it).
+    transport, barycenter, averaging, distillation, robust
+        The parts read by each stage; see their classes. Whether a fusion given the
+        clients' input moments is distilled is decided by :attr:`distils` alone.
 
-    distill_steps : int
-        Post-fusion distillation, done when :func:`fuse` gets the clients' input
-        moments: this many Adam steps train the fused model to predict the clients'
-        weighted mean class probabilities on synthetic inputs drawn from those moments
-        (see :mod:`~otfusion.fusion.distillation`). 0 turns it off. On the
-        non-IID digits splits (Dirichlet 0.5 and 0.1, K = 4, 8; 3 seeds) the MLP was
-        best at 300 steps (mean 86.0%, against 83.6% at 600 and 82.1% at 1000: longer
-        distillation moves it towards the weaker ensemble), the CNN at 1000 (85.3%
-        against 81.8% at 300), whose fused start is further from the ensemble.
-    distill_samples, distill_batch_size, distill_lr, distill_seed : int, int, float, int
-        Number of synthetic inputs (drawn once), batch size, Adam learning rate, and the
-        seed of the inputs and batches.
-    distill_tol : float
-        No distillation when the fused model's KL divergence from the ensemble on the
-        synthetic inputs is already at most this (e.g. fused permuted copies of one
-        model, which must stay exactly that model).
+    :meth:`from_options` builds one from the flat option names of the run config and the
+    ``otfusion`` command (``reg``, ``max_iter``, ``distill_steps``, ...). Passing those
+    names to the constructor still works but is deprecated.
 
-    Defaults: ``outgoing-sq`` and ``norm`` (with the label-weighted head of
-    :class:`~otfusion.strategies.OTFusion`) beat the paper's ``uniform``/``none`` in 8
-    of 9 MLP settings (K = 2, 4, 8; IID, Dirichlet 0.5 and 0.1; mean of 3 seeds), by up
-    to 16 points on non-IID splits, and were never worse for the CNN and the LSTM at
-    K=4. With the distillation, the default closes at least 92% of the gap between
-    FedAvg and the ensemble in all 27 MLP, CNN and LSTM settings, and beats the best
-    client on every non-IID split (see benchmarks/fusion_quality.py and the README).
-    ``uniform``/``none`` without distillation is the paper's method.
+    The defaults (``outgoing-sq`` neuron weights, ``norm`` rescaling, 300 distillation
+    steps) are the best measured on the benchmarks; ``uniform``/``none`` without
+    distillation is the paper's method.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     method: Literal["wasserstein", "gromov-wasserstein", "average"] = "wasserstein"
-    solver: Literal["exact", "sinkhorn"] = "exact"
-    reg: float = Field(default=0.01, gt=0)
     cost: Literal["weights", "activations"] = "weights"
-    max_iter: int = Field(default=5, ge=1)
-    tol: float = Field(default=1e-6, ge=0)
-    support_clients: int | None = Field(default=64, ge=1)
-    gw_weight: float = Field(default=1.0, ge=0)
-    gw_damping: float = Field(default=0.5, gt=0, le=1)
-    sinkhorn_max_iter: int = Field(default=1000, ge=1)
-    sinkhorn_tol: float = Field(default=1e-4, ge=0)
     max_activation_samples: int = Field(default=4096, ge=1)
-    workers: int = Field(default=0, ge=0)
-    neuron_weights: Literal["uniform", "outgoing", "outgoing-sq"] = "outgoing-sq"
-    rescale: Literal["none", "norm"] = "norm"
-    distill_steps: int = Field(default=300, ge=0)
-    distill_samples: int = Field(default=2000, ge=1)
-    distill_batch_size: int = Field(default=128, ge=1)
-    distill_lr: float = Field(default=1e-3, gt=0)
-    distill_seed: int = 0
-    distill_tol: float = Field(default=1e-6, ge=0)
+    transport: TransportConfig = TransportConfig()
+    barycenter: BarycenterConfig = BarycenterConfig()
+    averaging: AveragingConfig = AveragingConfig()
+    distillation: DistillationConfig = DistillationConfig()
+    robust: RobustConfig = RobustConfig()
+
+    @classmethod
+    def from_options(cls, **options: Any) -> FusionConfig:
+        """A config from flat option names (``solver``, ``reg``, ``sinkhorn_max_iter``,
+        ``max_iter``, ``tol``, ``neuron_weights``, ``distill_steps``, ...) and the
+        top-level fields; the names of the run config and the ``otfusion`` flags."""
+        return cls.model_validate(_nested(options))
+
+    def replace(self, **options: Any) -> FusionConfig:
+        """A validated copy with some fields changed; flat option names as in
+        :meth:`from_options`."""
+        return self.from_options(**{**self.model_dump(), **options})
+
+    @property
+    def distils(self) -> bool:
+        """Whether a fusion given the clients' input moments is distilled afterwards: by
+        an optimal-transport method with ``distillation.steps > 0``. ``average`` is
+        FedAvg and is never distilled."""
+        return self.method != "average" and self.distillation.steps > 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_keywords(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and _FLAT_OPTIONS.keys() & data.keys():
+            flat = sorted(_FLAT_OPTIONS.keys() & data.keys())
+            warnings.warn(f"FusionConfig({', '.join(flat)}=...) is deprecated: use "
+                          "FusionConfig.from_options(...) or the nested parts "
+                          "(transport=, barycenter=, averaging=, distillation=)",
+                          DeprecationWarning, stacklevel=4)
+            return _nested(data)
+        return data

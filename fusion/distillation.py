@@ -9,9 +9,7 @@ mean of the clients' class probabilities on them (:func:`distill`).
 
 from __future__ import annotations
 
-import copy
 import math
-import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FusionConfig
+from .config import DistillationConfig
 from .modes import temporary_mode
+from .robust import weighted_median
 
 
 class InputMoments(NamedTuple):
@@ -62,23 +61,15 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
     variances = torch.stack([m.var.double() for m in moments])
     shape = (-1,) + (1,) * (means.ndim - 1)
     if outlier_factor is not None:
-        center = _weighted_median(means, w)
+        center = weighted_median(means, w)
         spread = (variances + (means - center).square()).flatten(1).mean(dim=1).sqrt()
-        limit = outlier_factor * _weighted_median(spread, w)
+        limit = outlier_factor * weighted_median(spread, w)
         shrink = torch.where(spread > limit, limit / spread, torch.ones_like(spread))
         means = center + shrink.view(shape) * (means - center)
         variances = shrink.view(shape).square() * variances
     mean = (w.view(shape) * means).sum(dim=0)
     second = (w.view(shape) * (variances + means.square())).sum(dim=0)
     return InputMoments(mean.float(), (second - mean.square()).clamp_min(0).float())
-
-
-def _weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The weighted median over the first axis (the lower one on a tie)."""
-    ordered, order = values.sort(dim=0)
-    cumulative = weights[order].cumsum(dim=0)
-    index = (cumulative < 0.5 * weights.sum()).sum(dim=0, keepdim=True)
-    return ordered.gather(0, index.clamp_max(len(values) - 1)).squeeze(0)
 
 
 def synthetic_inputs(moments: InputMoments, num_samples: int,
@@ -104,38 +95,37 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
 
 
 def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
-            moments: InputMoments, config: FusionConfig) -> float:
+            moments: InputMoments, config: DistillationConfig) -> float:
     """Train ``student`` in place to match the teachers' weighted mean class
     probabilities (KL divergence) on synthetic inputs drawn from ``moments``.
 
-    ``config.distill_samples`` inputs are drawn once; ``config.distill_steps`` Adam steps
-    (learning rate ``distill_lr``) on random batches of ``distill_batch_size`` follow.
-    The inputs, the batches and any dropout masks come from ``distill_seed``, so the
+    ``config.samples`` inputs are drawn once; ``config.steps`` Adam steps
+    (learning rate ``lr``) on random batches of ``batch_size`` follow.
+    The inputs, the batches and any dropout masks come from ``seed``, so the
     result is deterministic. Normalisation layers keep their running statistics (those
     are the fusion's, not the noise's). A student whose divergence on all the inputs is
-    at most ``distill_tol`` is left unchanged (Adam's normalised steps would only move
+    at most ``tol`` is left unchanged (Adam's normalised steps would only move
     it at random). Returns the student's divergence on all the inputs (eval mode) after
-    training; if a divergence is not finite, the student is restored as it was, with a
-    warning, and NaN is returned."""
+    training, NaN when it is not finite (the caller, :func:`~.engine.fuse_result`, then
+    restores the undistilled model)."""
     shape = getattr(student, "input_shape", None)
     if shape is not None and tuple(moments.mean.shape) != tuple(shape):
         raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
                          f"model's input_shape is {tuple(shape)}")
     parameter = next(student.parameters())
-    generator = torch.Generator().manual_seed(config.distill_seed)
-    inputs = synthetic_inputs(moments, config.distill_samples, generator).to(
+    generator = torch.Generator().manual_seed(config.seed)
+    inputs = synthetic_inputs(moments, config.samples, generator).to(
         parameter.device, parameter.dtype)
     targets = ensemble_probabilities(teachers, weights, inputs)
     initial_loss = _full_divergence(student, inputs, targets)
-    if initial_loss <= config.distill_tol or config.distill_steps == 0:
+    if initial_loss <= config.tol:
         return initial_loss  # already the ensemble: Adam would only add noise
-    initial = copy.deepcopy(student.state_dict())
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.distill_lr)
+    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     devices = [parameter.device] if parameter.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), temporary_mode(student, training=True):
-        torch.manual_seed(config.distill_seed)  # dropout masks
-        for _ in range(config.distill_steps):
-            index = torch.randint(0, len(inputs), (config.distill_batch_size,),
+        torch.manual_seed(config.seed)  # dropout masks
+        for _ in range(config.steps):
+            index = torch.randint(0, len(inputs), (config.batch_size,),
                                   generator=generator).to(inputs.device)
             loss = F.kl_div(F.log_softmax(_logits(student, inputs[index]), dim=1),
                             targets[index], reduction="batchmean")
@@ -144,12 +134,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    final_loss = _full_divergence(student, inputs, targets)
-    if not math.isfinite(final_loss):
-        student.load_state_dict(initial)
-        warnings.warn("distillation diverged (the KL divergence is not finite); the fused "
-                      "model is left undistilled", stacklevel=2)
-    return final_loss
+    return _full_divergence(student, inputs, targets)
 
 
 def _full_divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:

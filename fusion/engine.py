@@ -9,8 +9,11 @@ every client is mapped through all its couplings and averaged with the client we
 from __future__ import annotations
 
 import copy
+import functools
+import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,7 +26,7 @@ from .averaging import (
 )
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
-from .distillation import InputMoments, distill
+from .distillation import InputMoments, distill, synthetic_inputs
 from .graph import (
     AlignmentGraph,
     Group,
@@ -33,6 +36,7 @@ from .graph import (
 )
 from .modes import temporary_mode
 from .projection import Coupling, as_rows, dense_state, project, stored_state
+from .robust import Combine, cap_weights, prediction_outliers, robust_mean
 from .transport import block_marginal
 from .validation import (
     check_models,
@@ -44,13 +48,17 @@ from .validation import (
 
 @dataclass(frozen=True)
 class FusionResult:
-    """The fused model; per solved group, the mean transport cost and iterations; and the
-    final KL divergence of the post-fusion distillation (None when not distilled)."""
+    """The fused model; per solved group, the mean transport cost and iterations; the
+    final KL divergence of the post-fusion distillation (None when not distilled); the
+    clients whose weight was capped (``robust.max_weight_ratio``) and those excluded by
+    the screening, with their disagreement score (indices into the models given)."""
 
     model: nn.Module
     group_costs: dict[str, float]
     group_iterations: dict[str, int]
     distill_loss: float | None = None
+    capped: list[int] = field(default_factory=list)
+    excluded: dict[int, float] = field(default_factory=dict)
 
 
 def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
@@ -84,31 +92,44 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
     input_moments : InputMoments, optional
         Per-feature mean and variance of the clients' training inputs (pooled, see
         :func:`~otfusion.fusion.distillation.pool_moments`), of the shape of
-        one model input. With them and ``config.distill_steps > 0``, the fused model is
-        then distilled from the clients' ensemble on synthetic inputs drawn from them.
+        one model input. With them, when ``config.distils`` (an optimal-transport method
+        with ``distillation.steps > 0``), the fused model is then distilled from the
+        clients' ensemble on synthetic inputs drawn from them.
+        A distillation that fails or diverges leaves the fusion undistilled, with a
+        warning.
     graph : AlignmentGraph, optional
         An explicit alignment spec (see :func:`~otfusion.fusion.graph.alignment_spec`)
         instead of the one traced from the model.
 
     Models in float16 or bfloat16 are fused in float32; the result keeps their dtype.
     """
-    return fuse_models(models, weights, config, target, inputs, class_weights,
+    return fuse_result(models, weights, config, target, inputs, class_weights,
                        input_moments, graph).model
 
 
-def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
+def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
                 config: FusionConfig | None = None, target: nn.Module | None = None,
                 inputs: torch.Tensor | None = None,
                 class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
                 input_moments: InputMoments | None = None,
                 graph: AlignmentGraph | None = None) -> FusionResult:
-    """Like :func:`fuse`, also returning the transport cost of every group."""
+    """Like :func:`fuse`, returning the :class:`FusionResult`: the model, the transport
+    cost and iterations of every group, and the distillation's final divergence."""
     config = config or FusionConfig()
     models = check_models(models)
-    lam = normalize_weights(weights, len(models))
-    per_class = normalize_class_weights(class_weights, lam)
-    reference = max(range(len(models)), key=lambda k: (lam[k], -k))
-    original = target if target is not None else models[reference]
+    weights, capped = cap_weights(normalize_weights(weights, len(models)),
+                                  config.robust.max_weight_ratio)
+    excluded = (_screened_out(models, input_moments, inputs, config)
+                if config.robust.screen else {})
+    if excluded:
+        kept = [k for k in range(len(models)) if k not in excluded]
+        models, weights = [models[k] for k in kept], [weights[k] for k in kept]
+        if class_weights is not None:
+            class_weights = [list(class_weights[k]) for k in kept]
+    weights = normalize_weights(weights, len(models))
+    per_class = normalize_class_weights(class_weights, weights)
+    anchor = max(range(len(models)), key=lambda k: (weights[k], -k))
+    original = target if target is not None else models[anchor]
     models, template = _working_precision(models, original)
     names = [f"model {k}" for k in range(len(models))]
     check_same_architecture([template, *models], ["target", *names])
@@ -118,25 +139,51 @@ def fuse_models(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     template_state = dense_state(graph, template.state_dict())
     states = [dense_state(graph, _compute_state(m, template)) for m in models]
     if aligned:
-        couplings, costs, iterations = _solve(models, states, lam, reference, template_state,
+        couplings, costs, iterations = _solve(models, states, weights, anchor, template_state,
                                               names, config, inputs, graph)
     else:
         check_same_shapes([template_state, *states], ["target", *names])
         couplings = [{} for _ in models]
         costs, iterations = {}, {}
-    per_neuron = (neuron_importance_weights(graph, states, couplings, lam,
-                                            config.neuron_weights)
-                  if aligned and config.neuron_weights != "uniform" else None)
+    averaging = config.averaging
+    per_neuron = (neuron_importance_weights(graph, states, couplings, weights,
+                                            averaging.neuron_weights)
+                  if aligned and averaging.neuron_weights != "uniform"
+                  and config.robust.aggregate == "mean" else None)
     fused = average_states(graph, template_state, states, couplings,
-                           AveragingWeights(lam, per_class, per_neuron),
-                           rescale=aligned and config.rescale == "norm")
+                           AveragingWeights(weights, per_class, per_neuron),
+                           rescale=aligned and averaging.rescale == "norm",
+                           combine=_combiner(config))
     fused = stored_state(graph, fused)
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
-    distill_loss = None
-    if input_moments is not None and config.distill_steps > 0:
-        distill_loss = distill(model, models, lam, input_moments, config)
-    return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss)
+    distill_loss = (_distilled(model, models, weights, input_moments, config)
+                    if input_moments is not None and config.distils else None)
+    return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
+                        capped, excluded)
+
+
+def _combiner(config: FusionConfig) -> Combine:
+    """How the clients' mapped tensors are combined (:func:`~.robust.robust_mean`)."""
+    return functools.partial(robust_mean, how=config.robust.aggregate,
+                             trim=config.robust.trim)
+
+
+def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
+                  inputs: torch.Tensor | None, config: FusionConfig) -> dict[int, float]:
+    """The clients whose predictions are outliers (:func:`~.robust.prediction_outliers`)
+    on synthetic inputs drawn from ``moments`` (or on ``inputs``); none, with a warning,
+    when neither is given."""
+    if moments is not None:
+        generator = torch.Generator().manual_seed(config.distillation.seed)
+        probe = synthetic_inputs(moments, min(config.distillation.samples, 512), generator)
+    elif inputs is not None:
+        probe = inputs
+    else:
+        warnings.warn("robust.screen needs the clients' input moments or a batch of inputs; "
+                      "no client was screened", stacklevel=3)
+        return {}
+    return prediction_outliers(models, probe, config.robust.screen_threshold)
 
 
 def output_width(model: nn.Module, inputs: torch.Tensor | None = None,
@@ -183,18 +230,37 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
     return _in_dtype_of(aligned, reference)
 
 
+def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
+               moments: InputMoments, config: FusionConfig) -> float | None:
+    """Distil ``model`` in place (:func:`~.distillation.distill`); its final divergence,
+    or None, with a warning and ``model`` unchanged, when the distillation fails or
+    diverges: it is an improvement and never costs the fusion its result."""
+    before = copy.deepcopy(model.state_dict())
+    try:
+        loss = distill(model, teachers, weights, moments, config.distillation)
+        problem = None if math.isfinite(loss) else "diverged (the KL divergence is not finite)"
+    except Exception as exc:  # noqa: BLE001 - keep the undistilled fusion
+        problem = f"failed ({type(exc).__name__}: {exc})"
+    if problem is None:
+        return loss
+    model.load_state_dict(before)
+    warnings.warn(f"distillation {problem}; the fused model is left undistilled",
+                  stacklevel=3)
+    return None
+
+
 def _trace(template: nn.Module, config: FusionConfig, inputs) -> AlignmentGraph:
     if config.cost == "activations" and inputs is None:
         raise ValueError("cost='activations' needs a batch of inputs (inputs=x)")
     return build_alignment_graph(template, _example_input(template, inputs))
 
 
-def _solve(models, states, lam, reference, template_state, names, config: FusionConfig,
+def _solve(models, states, weights, anchor, template_state, names, config: FusionConfig,
            inputs, graph: AlignmentGraph):
     """Every client's couplings, costs and iterations (:meth:`_GroupSolver.solve_all`);
     the states are dense (:func:`~.projection.dense_state`)."""
     _check_unaligned_axes(graph, [template_state, *states], ["target", *names])
-    return _GroupSolver(graph, models, states, lam, reference, template_state, config,
+    return _GroupSolver(graph, models, states, weights, anchor, template_state, config,
                         inputs).solve_all()
 
 
@@ -272,12 +338,12 @@ def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Te
 class _GroupSolver:
     """Solves the groups of one fusion in order, keeping every client's couplings."""
 
-    def __init__(self, graph: AlignmentGraph, models, states, lam, reference, template_state,
+    def __init__(self, graph: AlignmentGraph, models, states, weights, anchor, template_state,
                  config: FusionConfig, inputs):
         self.graph = graph
         self.states = states
-        self.lam = lam
-        self.reference = reference
+        self.weights = weights
+        self.anchor = anchor
         self.config = config
         self.widths = [graph.widths(s, f"model {k}") for k, s in enumerate(states)]
         self.target_widths = graph.widths(template_state, "target")
@@ -315,10 +381,11 @@ class _GroupSolver:
                     return points[k]
                 return {**points[k], **self.recurrent_points(group, k, self_plan)}
 
-            support = self.initial_support(group, points[self.reference])
+            support = self.initial_support(group, points[self.anchor])
             result = free_support_barycenter(
-                points_fn, self.lam, [w[group.id] for w in self.widths], support, self.config,
-                group.blocks, self.block_couplings(group))
+                points_fn, self.weights, [w[group.id] for w in self.widths], support,
+                self.config.barycenter, self.config.transport, group.blocks,
+                self.block_couplings(group), combine=_combiner(self.config))
             for maps, coupling in zip(self.couplings, result.couplings, strict=True):
                 maps[group.id] = coupling
             costs[group.label] = result.cost
@@ -370,7 +437,7 @@ class _GroupSolver:
     def recurrent_points(self, group: Group, k: int, self_plan) -> dict[str, Points]:
         """Hidden-to-hidden members, linearised at the current coupling ``self_plan``."""
         maps = {**self.couplings[k], group.id: Coupling(self_plan)}
-        scale = self.config.gw_weight
+        scale = self.config.barycenter.gw_weight
         return {
             spec.name: self.weight_points(spec, k, maps, scale)
             for spec in self.graph.cost_tensors(group.id) if is_recurrent(spec)
@@ -393,9 +460,10 @@ class _GroupSolver:
         return Points(rows, own, coverage, scale)
 
     def initial_support(self, group: Group, points: dict[str, Points]) -> dict[str, torch.Tensor]:
-        """The reference client's neurons, resampled to the fused width if it differs."""
+        """The anchor client's neurons (the largest weight), resampled to the fused width
+        if it differs."""
         n = self.target_widths[group.id]
-        m = self.widths[self.reference][group.id]
+        m = self.widths[self.anchor][group.id]
         if n == m:
             return {name: p.rows for name, p in points.items()}
         index = torch.linspace(0, m - 1, n).round().long()
@@ -428,3 +496,10 @@ def _record_activations(models, graph: AlignmentGraph, inputs: torch.Tensor,
                 handle.remove()
         recorded.append(rows)
     return recorded
+
+
+def fuse_models(*args, **kwargs) -> FusionResult:
+    """Deprecated name of :func:`fuse_result`."""
+    warnings.warn("otfusion.fusion.fuse_models is deprecated: use fuse_result",
+                  DeprecationWarning, stacklevel=2)
+    return fuse_result(*args, **kwargs)

@@ -1,5 +1,6 @@
 """Optimal transport solvers with one signature:
-``(cost, a, b, config, warmstart=None) -> (plan, warmstart)``.
+``(cost, a, b, config, warmstart=None) -> (plan, warmstart)``, ``config`` being a
+:class:`~.config.TransportConfig`.
 
 ``cost`` is an (n, m) tensor, ``a`` and ``b`` the source and target marginals; the plan
 is an (n, m) tensor on the cost's device with total mass 1. ``warmstart`` is solver
@@ -12,11 +13,11 @@ import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .config import FusionConfig
+from .config import TransportConfig
 
 
 def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-               config: FusionConfig, warmstart=None) -> tuple[torch.Tensor, None]:
+               config: TransportConfig, warmstart=None) -> tuple[torch.Tensor, None]:
     """Exact OT: a linear assignment for uniform square problems, else network simplex."""
     n, m = cost.shape
     if n == m and _is_uniform(a) and _is_uniform(b):
@@ -29,14 +30,14 @@ def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 
 
 def sinkhorn_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  config: FusionConfig, warmstart=None) -> tuple[torch.Tensor, tuple]:
+                  config: TransportConfig, warmstart=None) -> tuple[torch.Tensor, tuple]:
     """Entropic OT (log-domain Sinkhorn in float64); ``config.reg`` is relative to the
     largest cost. The plan's marginals are only approximate; the engine normalises by
     the plan's own marginals, so a capped solve is still a valid coupling."""
     scale = cost.max().clamp_min(torch.finfo(cost.dtype).tiny)
     plan, log = ot.sinkhorn(
         a.double(), b.double(), (cost / scale).double(), config.reg, method="sinkhorn_log",
-        numItermax=config.sinkhorn_max_iter, stopThr=config.sinkhorn_tol * float(b.norm()),
+        numItermax=config.max_iter, stopThr=config.tol * float(b.norm()),
         warn=False, log=True, warmstart=warmstart,
     )
     return plan.to(cost.dtype), (log["log_u"], log["log_v"])
@@ -46,7 +47,7 @@ SOLVERS = {"exact": exact_plan, "sinkhorn": sinkhorn_plan}
 
 
 def transport_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                   config: FusionConfig, warmstart=None) -> tuple[torch.Tensor, object]:
+                   config: TransportConfig, warmstart=None) -> tuple[torch.Tensor, object]:
     """Solve OT between marginals ``a`` and ``b`` with the solver named in ``config``."""
     return SOLVERS[config.solver](cost, a, b, config, warmstart)
 
@@ -55,7 +56,7 @@ def _is_uniform(weights: torch.Tensor) -> bool:
     return bool(torch.allclose(weights, weights[0].expand_as(weights)))
 
 
-def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: FusionConfig,
+def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: TransportConfig,
                blocks: int, block_coupling: torch.Tensor | None = None) -> torch.Tensor:
     """OT restricted to plans that move whole blocks of units (``blocks`` contiguous
     blocks on each side) and units within blocks: a two-level problem, solved exactly

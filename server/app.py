@@ -12,47 +12,44 @@ the run from there.
 
 from __future__ import annotations
 
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from otfusion.fusion import FusionConfig
 from otfusion.server.checkpoint import RunCheckpoint
-from otfusion.server.report import write_report
+from otfusion.server.evaluation import central_evaluator
+from otfusion.server.report import LastFusion, write_report
 from otfusion.strategies import OTFusion
+from otfusion.strategies.rounds import FusedCallback
 from otfusion.task.config import RunConfig
-from otfusion.task.data import load_digits_dataset
-from otfusion.task.training import evaluate
 
 
-def make_strategy(config: RunConfig) -> OTFusion:
+def make_strategy(config: RunConfig, on_fused: FusedCallback | None = None) -> OTFusion:
     """The strategy named by the run config."""
-    fusion = config.fusion() if config.strategy == "otfusion" else FusionConfig(method="average")
     return OTFusion(
         config.build_model,
-        fusion=fusion,
+        fusion=config.fusion(),
         ot_rounds=config.ot_rounds,
         fraction_train=config.fraction_train,
         min_train_nodes=config.min_train_nodes,
         min_available_nodes=config.min_train_nodes,
         fraction_evaluate=0.0,
+        on_fused=on_fused,
     )
 
 
 def central_evaluation(config: RunConfig):
     """``evaluate_fn`` on the embedded test split, or None for other datasets."""
-    if config.dataset != "digits":
+    evaluate_state = central_evaluator(config)
+    if evaluate_state is None:
         return None
-    _, test = load_digits_dataset(seed=config.seed)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = config.build_model()
-        model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, test)
-        return MetricRecord({"loss": float(loss), "accuracy": float(accuracy)})
+        loss, accuracy = evaluate_state(arrays.to_torch_state_dict())
+        return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     return evaluate_fn
 
@@ -73,7 +70,8 @@ def run_checkpoint(config: RunConfig) -> RunCheckpoint:
 
 def run(grid: Grid, config: RunConfig) -> dict:
     """Run the federation on ``grid`` and write the outputs; returns the report."""
-    strategy = make_strategy(config)
+    last_fusion = LastFusion()
+    strategy = make_strategy(config, on_fused=last_fusion)
     initial = ArrayRecord(config.build_model().state_dict())
     result = strategy.start(
         grid=grid,
@@ -84,11 +82,11 @@ def run(grid: Grid, config: RunConfig) -> dict:
         evaluate_fn=central_evaluation(config),
         checkpoint=run_checkpoint(config),
     )
-    report = write_report(config, strategy, result)
+    report = write_report(config, result, last_fusion.updates)
     log_table = report.get("comparison")
     if log_table:
         lines = [f"{name:<22} {accuracy:7.2%}" for name, accuracy in log_table.items()]
-        log(20, "Test accuracy of the last round's models:\n%s", "\n".join(lines))
+        log(INFO, "Test accuracy of the last round's models:\n%s", "\n".join(lines))
     return report
 
 

@@ -19,12 +19,10 @@ from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import Strategy
 
 from otfusion.client.legacy import get_weights, set_weights
-from otfusion.fusion import FusionConfig
+from otfusion.server.evaluation import central_evaluator
 from otfusion.strategies import LegacyOTFusion
 from otfusion.strategies.replies import weighted_average_metrics
 from otfusion.task.config import RunConfig
-from otfusion.task.data import load_digits_dataset
-from otfusion.task.training import evaluate
 
 
 def _settings(config: RunConfig | None, context: Context) -> RunConfig:
@@ -34,16 +32,16 @@ def _settings(config: RunConfig | None, context: Context) -> RunConfig:
 def legacy_central_evaluation(config: RunConfig):
     """Legacy ``evaluate_fn(server_round, ndarrays, config) -> (loss, metrics)`` on the
     embedded test split, or None for other datasets."""
-    if config.dataset != "digits":
+    evaluate_state = central_evaluator(config)
+    if evaluate_state is None:
         return None
-    _, test = load_digits_dataset(seed=config.seed)
 
     def evaluate_fn(server_round: int, parameters: NDArrays, fit_config: dict[str, Scalar]
                     ) -> tuple[float, dict[str, Scalar]]:
         model = config.build_model()
         set_weights(model, parameters)
-        loss, accuracy = evaluate(model, test)
-        return float(loss), {"accuracy": float(accuracy)}
+        loss, accuracy = evaluate_state(model.state_dict())
+        return loss, {"accuracy": accuracy}
 
     return evaluate_fn
 
@@ -65,10 +63,9 @@ def make_legacy_strategy(config: RunConfig, **overrides: object) -> LegacyOTFusi
     ``server-round``. ``overrides`` replace any keyword argument of
     :class:`LegacyOTFusion` / ``flwr.server.strategy.FedAvg``.
     """
-    fusion = config.fusion() if config.strategy == "otfusion" else FusionConfig(method="average")
     initial = config.build_model()
     kwargs: dict[str, object] = {
-        "fusion": fusion,
+        "fusion": config.fusion(),
         "ot_rounds": config.ot_rounds,
         "fraction_fit": config.fraction_train,
         "fraction_evaluate": config.fraction_train,

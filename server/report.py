@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -11,8 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from otfusion.fusion import FusionConfig
+from otfusion.server.evaluation import central_test_data
+from otfusion.strategies.updates import ClientUpdate
 from otfusion.task.config import RunConfig
-from otfusion.task.data import load_digits_dataset
 from otfusion.task.training import evaluate
 from otfusion.tools.comparison import compare
 
@@ -24,21 +26,35 @@ def _records(history) -> dict[str, dict]:
     return {str(r): {k: v for k, v in record.items()} for r, record in history.items()}
 
 
-def comparison(config: RunConfig, strategy, global_model: nn.Module) -> dict[str, float]:
-    """Accuracy of the last round's clients, their FedAvg, the global model (their OT
-    fusion, or their FedAvg with ``strategy=fedavg``) and their ensemble."""
-    if config.dataset != "digits" or not strategy.latest_models:
+class LastFusion:
+    """An ``on_fused`` callback of the strategies that keeps the last fused round's
+    client updates, for :func:`write_report`."""
+
+    def __init__(self) -> None:
+        self.updates: list[ClientUpdate] = []
+
+    def __call__(self, server_round: int, updates: Sequence[ClientUpdate]) -> None:
+        self.updates = list(updates)
+
+
+def comparison(config: RunConfig, updates: Sequence[ClientUpdate],
+               global_model: nn.Module) -> dict[str, float]:
+    """Accuracy of the last fused round's clients, their FedAvg, the global model (their
+    OT fusion, or their FedAvg with ``strategy=fedavg``) and their ensemble."""
+    test = central_test_data(config)
+    if test is None or not updates:
         return {}
-    _, test = load_digits_dataset(seed=config.seed)
     fedavg = {"FedAvg (same replies)": FusionConfig(method="average")}
-    rows = compare(strategy.latest_models, strategy.latest_weights, test, fedavg).rows()
+    rows = compare([u.model for u in updates], [u.weight for u in updates], test,
+                   fedavg).rows()
     rows.insert(-1, (f"global model ({config.strategy})", evaluate(global_model, test)[1]))
     return dict(rows)
 
 
-def write_report(config: RunConfig, strategy, result) -> dict:
+def write_report(config: RunConfig, result, updates: Sequence[ClientUpdate]) -> dict:
     """Write ``global_model.safetensors``, ``report.json`` and ``report.png`` into a new
-    folder under ``config.output_dir``; return the report."""
+    folder under ``config.output_dir``; return the report. ``result`` is the strategy's
+    ``Result``, ``updates`` the client updates of the last fused round."""
     folder = Path(config.output_dir) / time.strftime("run-%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in result.arrays.to_torch_state_dict().items()}
@@ -49,7 +65,7 @@ def write_report(config: RunConfig, strategy, result) -> dict:
         "run_config": config.as_run_config(),
         "train_metrics": _records(result.train_metrics_clientapp),
         "central_evaluation": _records(result.evaluate_metrics_serverapp),
-        "comparison": comparison(config, strategy, global_model),
+        "comparison": comparison(config, updates, global_model),
         "output_dir": str(folder),
     }
     (folder / "report.json").write_text(json.dumps(report, indent=1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any, Literal
 
 import torch
@@ -17,7 +17,6 @@ from torch import nn
 
 from otfusion.fusion import AlignmentGraph, FusionConfig
 
-from .otfusion import ClientModelFn, _Accepted, _FusionMixin
 from .replies import (
     INPUT_MEAN_KEY,
     INPUT_VAR_KEY,
@@ -26,6 +25,9 @@ from .replies import (
     check_weight,
     weighted_average_metrics,
 )
+from .rounds import FusedCallback, fuse_round, screen
+from .settings import ClientModelFn, FusionSettings
+from .updates import ClientUpdate, decode_update
 
 STATISTICS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY)
 
@@ -45,7 +47,7 @@ def decode_statistics(metrics: dict[str, Scalar]) -> dict[str, object] | str:
     return decoded
 
 
-class LegacyOTFusion(_FusionMixin, FedAvg):
+class LegacyOTFusion(FedAvg):
     """OT fusion for deployments on the legacy API (``NumPyClient``, ``Parameters``).
 
     The twin of :class:`otfusion.strategies.OTFusion` for ``flwr.server.strategy``
@@ -79,6 +81,9 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
         ``fusion.cost == "activations"`` and models without ``input_shape``).
     graph : Optional[AlignmentGraph] (default: None)
         An explicit alignment spec (:func:`otfusion.fusion.alignment_spec`).
+    on_fused : Optional[Callable[[int, Sequence[ClientUpdate]], None]] (default: None)
+        Called after every successful fusion with the round and the accepted client
+        updates in fusion order.
     **fedavg_kwargs
         Passed to :class:`flwr.server.strategy.FedAvg` (``fraction_fit``,
         ``min_fit_clients``, ``min_available_clients``, ``accept_failures``,
@@ -91,6 +96,13 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
     ``aggregate_fit`` returns ``(None, metrics)`` when fewer than ``min_fit_clients``
     results are valid, when the fusion fails, or when there are failures and
     ``accept_failures`` is False; Flower then keeps the previous parameters.
+
+    A NumPyClient sends ``label-counts``, ``input-mean`` and ``input-var`` in its fit
+    metrics as JSON strings (:func:`decode_statistics`); every result becomes a
+    :class:`~otfusion.strategies.updates.ClientUpdate` and the round is
+    :func:`~otfusion.strategies.rounds.fuse_round`, exactly as in
+    :class:`~otfusion.strategies.OTFusion`: the output layer is fused per class and the
+    fused model is distilled from the clients' input moments.
     """
 
     # pylint: disable=too-many-arguments
@@ -105,21 +117,24 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
         max_abs_weight: float = 1e4,
         inputs: torch.Tensor | None = None,
         graph: AlignmentGraph | None = None,
+        on_fused: FusedCallback | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
-        FedAvg.__init__(self, **fedavg_kwargs)
-        self._init_fusion(model_fn, fusion, ot_rounds, heterogeneous, client_model_fn,
-                          max_abs_weight, inputs, graph)
+        super().__init__(**fedavg_kwargs)
+        self.settings = FusionSettings.create(model_fn, fusion, ot_rounds, heterogeneous,
+                                              client_model_fn, max_abs_weight, inputs, graph)
+        self.on_fused = on_fused
 
     def __repr__(self) -> str:
         """Compute a string representation of the strategy."""
-        return (f"LegacyOTFusion(method={self.fusion.method!r}, ot_rounds={self.ot_rounds!r}, "
+        return (f"LegacyOTFusion(method={self.settings.fusion.method!r}, "
+                f"ot_rounds={self.settings.ot_rounds!r}, "
                 f"accept_failures={self.accept_failures})")
 
-    def _check_result(self, fit_res: Any) -> _Accepted | str:
-        """One FitRes as an accepted entry (model, weight, label counts and input moments
+    def _decode(self, fit_res: Any, source: str) -> ClientUpdate | str:
+        """One FitRes as a client update (model, weight, label counts and input moments
         from its metrics, as the Message API's replies carry them), or why it is
-        rejected."""
+        rejected; never raises."""
         try:
             if fit_res.status.code != Code.OK:
                 return f"status {fit_res.status.code}: {fit_res.status.message}"
@@ -129,14 +144,15 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
             return f"unreadable result ({type(exc).__name__}: {exc})"
         if isinstance(weight, str):
             return weight
-        state = check_array_list(arrays, self.expected, max_abs_weight=self.max_abs_weight,
-                                 exact_shapes=not self.heterogeneous)
+        state = check_array_list(arrays, self.settings.expected,
+                                 max_abs_weight=self.settings.max_abs_weight,
+                                 exact_shapes=not self.settings.heterogeneous)
         if isinstance(state, str):
             return state
         metrics = decode_statistics(fit_res.metrics or {})
         if isinstance(metrics, str):
             return metrics
-        return self._accept(state, weight, metrics, fit_res)
+        return decode_update(state, weight, metrics, fit_res, source, self.settings)
 
     def aggregate_fit(
         self,
@@ -151,37 +167,18 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
             log(WARNING, "aggregate_fit (round %d): %d failures and accept_failures=False; "
                 "the global model is not updated", server_round, len(failures))
             return None, {}
-        accepted: list[_Accepted] = []
-        rejected = len(failures)
-        for proxy, fit_res in results:
-            cid = getattr(proxy, "cid", "?")
-            checked = self._check_result(fit_res)
-            if isinstance(checked, str):
-                rejected += 1
-                log(WARNING, "aggregate_fit (round %d): rejected result from client %s: %s",
-                    server_round, cid, checked)
-            else:
-                accepted.append(checked)
-        accepted.sort(key=lambda entry: entry.digest)
-        counts: dict[str, Scalar] = {"accepted-replies": len(accepted),
-                                     "rejected-replies": rejected}
-        log(INFO, "aggregate_fit (round %d): %d results accepted, %d rejected or failed",
-            server_round, len(accepted), rejected)
-        needed = max(1, self.min_fit_clients)
-        if len(accepted) < needed:
-            log(WARNING, "aggregate_fit (round %d): %d valid results, fewer than the %d needed "
-                "(min_fit_clients); the global model is not updated",
-                server_round, len(accepted), needed)
-            return None, counts
-        try:
-            fused, fusion_metrics = self._fuse_accepted(server_round, accepted)
-        except Exception as exc:  # noqa: BLE001 - keep the previous global model
-            log(WARNING, "aggregate_fit (round %d): fusion failed (%s: %s); the global model "
-                "is not updated", server_round, type(exc).__name__, exc)
-            return None, counts
+        updates, rejected = screen("aggregate_fit", server_round, (
+            (f"result from client {getattr(proxy, 'cid', '?')}",
+             self._decode(fit_res, f"client {getattr(proxy, 'cid', '?')}"))
+            for proxy, fit_res in results), rejected=len(failures))
+        state, fusion_metrics = fuse_round(updates, self.settings, server_round,
+                                           rejected=rejected,
+                                           min_updates=self.min_fit_clients)
+        if state is None:
+            return None, fusion_metrics  # type: ignore[return-value]
         metrics: dict[str, Scalar] = {}
         try:
-            pairs = [(a.content.num_examples, a.content.metrics or {}) for a in accepted]
+            pairs = [(u.reply.num_examples, u.reply.metrics or {}) for u in updates]
             if self.fit_metrics_aggregation_fn:
                 metrics.update(self.fit_metrics_aggregation_fn(pairs))
             else:
@@ -191,6 +188,6 @@ class LegacyOTFusion(_FusionMixin, FedAvg):
             log(WARNING, "aggregate_fit (round %d): client metrics not aggregated (%s: %s)",
                 server_round, type(exc).__name__, exc)
         metrics.update(fusion_metrics)
-        metrics.update(counts)
-        parameters = ndarrays_to_parameters([t.numpy() for t in fused.values()])
-        return parameters, metrics
+        if self.on_fused is not None:
+            self.on_fused(server_round, updates)
+        return ndarrays_to_parameters([t.numpy() for t in state.values()]), metrics

@@ -64,6 +64,15 @@ class RunConfig(BaseModel):
     fusion_distill_steps: int = Field(default=300, ge=0, description=(
         "Adam steps distilling the fused model from the clients' ensemble on synthetic "
         "inputs drawn from their input moments; 0 turns it off"))
+    fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
+        "cap every client's weight (its claimed num-examples) at this multiple of the "
+        "median claim; 0 turns the cap off"))
+    fusion_robust_screen: bool = Field(default=False, description=(
+        "exclude the clients whose predictions on synthetic inputs are outliers among "
+        "the clients'"))
+    fusion_robust_aggregate: Literal["mean", "trimmed-mean", "median"] = Field(
+        default="mean", description=(
+            "how the aligned client tensors are combined: mean, or robustly per coordinate"))
     send_input_moments: bool = Field(default=True, description=(
         "clients send the per-feature mean and variance of their training inputs, "
         "which the server's distillation needs"))
@@ -101,11 +110,16 @@ class RunConfig(BaseModel):
                            **json.loads(self.model_kwargs))
 
     def fusion(self):
-        """The :class:`~otfusion.fusion.FusionConfig` of these settings."""
+        """The :class:`~otfusion.fusion.FusionConfig` of these settings; with
+        ``strategy=fedavg``, the weighted average (FedAvg)."""
         from otfusion.fusion import FusionConfig  # torch: not for --help
 
-        return FusionConfig(method=self.fusion_method, solver=self.fusion_solver,
-                            reg=self.fusion_reg, max_iter=self.fusion_max_iter,
-                            neuron_weights=self.fusion_neuron_weights,
-                            rescale=self.fusion_rescale,
-                            distill_steps=self.fusion_distill_steps)
+        if self.strategy == "fedavg":
+            return FusionConfig(method="average")
+        return FusionConfig.from_options(
+            method=self.fusion_method, solver=self.fusion_solver, reg=self.fusion_reg,
+            max_iter=self.fusion_max_iter, neuron_weights=self.fusion_neuron_weights,
+            rescale=self.fusion_rescale, distill_steps=self.fusion_distill_steps,
+            max_weight_ratio=self.fusion_max_weight_ratio or None,
+            robust_screen=self.fusion_robust_screen,
+            robust_aggregate=self.fusion_robust_aggregate)

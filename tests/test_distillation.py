@@ -20,7 +20,7 @@ from torch import nn
 from otfusion.fusion import (
     FusionConfig,
     InputMoments,
-    fuse_models,
+    fuse_result,
     input_moments,
     pool_moments,
 )
@@ -33,8 +33,9 @@ from otfusion.strategies.replies import check_input_moments, reply_digest
 from otfusion.zoo import build_model
 
 SMALL = {"widths": (16, 12)}
-FAST = FusionConfig(distill_steps=40, distill_samples=256, distill_batch_size=64,
-                    distill_lr=1e-2)
+FAST = FusionConfig.from_options(distill_steps=40, distill_samples=256,
+                                 distill_batch_size=64, distill_lr=1e-2)
+DISTIL = FAST.distillation
 
 
 def _inputs(count: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -88,7 +89,7 @@ def test_a_client_with_extreme_moments_is_shrunk_to_the_others_spread():
 
 
 def test_weighted_median():
-    from otfusion.fusion.distillation import _weighted_median
+    from otfusion.fusion.robust import weighted_median as _weighted_median
 
     values = torch.tensor([[3.0, -1.0], [1.0, 5.0], [2.0, 0.0]])
     torch.testing.assert_close(_weighted_median(values, torch.tensor([1.0, 1.0, 1.0])),
@@ -136,11 +137,11 @@ def test_distillation_moves_the_student_to_the_ensemble_deterministically():
     x = synthetic_inputs(moments, 500, torch.Generator().manual_seed(123))
     before = _kl(student, teachers, weights, x)
     twin = copy.deepcopy(student)
-    loss = distill(student, teachers, weights, moments, FAST)
+    loss = distill(student, teachers, weights, moments, DISTIL)
     after = _kl(student, teachers, weights, x)
     assert after < 0.2 * before
     assert 0 <= loss < before
-    distill(twin, teachers, weights, moments, FAST)
+    distill(twin, teachers, weights, moments, DISTIL)
     for name, tensor in student.state_dict().items():
         assert torch.equal(tensor, twin.state_dict()[name]), name
 
@@ -152,7 +153,7 @@ def test_distillation_keeps_batchnorm_statistics_and_the_module_modes():
     weights_before = {n: p.clone() for n, p in student.named_parameters()}
     shape = student.input_shape
     moments = InputMoments(torch.zeros(shape), torch.ones(shape))
-    distill(student, teachers, [1, 1], moments, FAST.model_copy(update={"distill_steps": 3}))
+    distill(student, teachers, [1, 1], moments, DISTIL.model_copy(update={"steps": 3}))
     assert stats and all(torch.equal(student.state_dict()[n], t) for n, t in stats.items())
     assert any(not torch.equal(p, weights_before[n]) for n, p in student.named_parameters())
     assert not any(m.training for m in student.modules())
@@ -161,7 +162,7 @@ def test_distillation_keeps_batchnorm_statistics_and_the_module_modes():
 def test_distillation_errors_name_the_problem():
     model = build_model("mlp", seed=0, **SMALL)
     with pytest.raises(ValueError, match=r"shape \(63,\), but the model's input_shape is \(64,\)"):
-        distill(model, [model], [1], InputMoments(torch.zeros(63), torch.ones(63)), FAST)
+        distill(model, [model], [1], InputMoments(torch.zeros(63), torch.ones(63)), DISTIL)
 
     class Sequences(nn.Module):
         def __init__(self):
@@ -173,7 +174,7 @@ def test_distillation_errors_name_the_problem():
 
     odd = Sequences()
     with pytest.raises(ValueError, match=r"class logits \(batch, classes\); got \(256, 1, 3\)"):
-        distill(odd, [odd], [1], InputMoments(torch.zeros(4), torch.ones(4)), FAST)
+        distill(odd, [odd], [1], InputMoments(torch.zeros(4), torch.ones(4)), DISTIL)
 
 
 def _clients(count: int = 3) -> list[nn.Module]:
@@ -185,9 +186,9 @@ MOMENTS = InputMoments(torch.full((64,), 0.3), torch.full((64,), 0.09))
 
 def test_moments_change_nothing_without_distillation():
     models = _clients()
-    config = FusionConfig(distill_steps=0)
-    plain = fuse_models(models, [1, 2, 3], config)
-    with_moments = fuse_models(models, [1, 2, 3], config, input_moments=MOMENTS)
+    config = FusionConfig.from_options(distill_steps=0)
+    plain = fuse_result(models, [1, 2, 3], config)
+    with_moments = fuse_result(models, [1, 2, 3], config, input_moments=MOMENTS)
     assert with_moments.distill_loss is None
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(tensor, with_moments.model.state_dict()[name]), name
@@ -196,9 +197,9 @@ def test_moments_change_nothing_without_distillation():
 def test_fusion_with_moments_is_the_ot_fusion_then_distilled():
     models = _clients()
     weights = [1.0, 2.0, 3.0]
-    result = fuse_models(models, weights, FAST, input_moments=MOMENTS)
-    expected = fuse_models(models, weights, FAST.model_copy(update={"distill_steps": 0})).model
-    loss = distill(expected, models, [w / 6 for w in weights], MOMENTS, FAST)
+    result = fuse_result(models, weights, FAST, input_moments=MOMENTS)
+    expected = fuse_result(models, weights, FAST.replace(distill_steps=0)).model
+    loss = distill(expected, models, [w / 6 for w in weights], MOMENTS, DISTIL)
     assert result.distill_loss == pytest.approx(loss, rel=1e-6)
     for name, tensor in expected.state_dict().items():
         torch.testing.assert_close(result.model.state_dict()[name], tensor, rtol=1e-5,
@@ -212,9 +213,9 @@ def test_permuted_copies_fuse_and_distill_back_to_the_model(name, kwargs):
     model = copies[0]
     shape = model.input_shape
     moments = InputMoments(torch.full(shape, 0.5), torch.full(shape, 0.1))
-    result = fuse_models(copies, [1, 2, 3], FAST, input_moments=moments)
-    assert result.distill_loss is not None and result.distill_loss < FAST.distill_tol
-    undistilled = fuse_models(copies, [1, 2, 3], FAST.model_copy(update={"distill_steps": 0}))
+    result = fuse_result(copies, [1, 2, 3], FAST, input_moments=moments)
+    assert result.distill_loss is not None and result.distill_loss < FAST.distillation.tol
+    undistilled = fuse_result(copies, [1, 2, 3], FAST.replace(distill_steps=0))
     for name, tensor in undistilled.model.state_dict().items():
         assert torch.equal(result.model.state_dict()[name], tensor), name
     x = torch.randn(8, *shape, generator=generator)
@@ -272,7 +273,7 @@ def test_strategy_distils_with_the_pooled_moments_of_the_replies(caplog):
                                                         as_sent[k]))
     pooled = pool_moments(moments[:2], weights[:2])
     largest = max(weights)
-    expected = fuse_models([load(states[k]) for k in order],
+    expected = fuse_result([load(states[k]) for k in order],
                            [weights[k] / largest for k in order], FAST,
                            target=global_model(), input_moments=pooled).model.state_dict()
     got = arrays.to_torch_state_dict()
@@ -281,8 +282,7 @@ def test_strategy_distils_with_the_pooled_moments_of_the_replies(caplog):
 
 
 @pytest.mark.parametrize("with_moments, config", [(False, FAST),
-                                                  (True, FAST.model_copy(update={
-                                                      "method": "average"}))])
+                                                  (True, FAST.replace(method="average"))])
 def test_strategy_distils_only_in_ot_rounds_with_moments(with_moments, config):
     from test_strategy import client_states, global_model, reply
 
@@ -295,13 +295,30 @@ def test_strategy_distils_only_in_ot_rounds_with_moments(with_moments, config):
     assert metrics["accepted-replies"] == 3 and "distill-kl" not in metrics
 
 
-def test_average_is_distilled_when_given_moments():
+def test_average_is_never_distilled():
+    """``average`` is FedAvg: the one rule (``FusionConfig.distils``) keeps it
+    undistilled in the engine, the CLI and the strategies alike."""
     models = _clients()
-    config = FAST.model_copy(update={"method": "average"})
-    result = fuse_models(models, [1, 2, 3], config, input_moments=MOMENTS)
-    plain = fuse_models(models, [1, 2, 3], config).model
-    assert result.distill_loss is not None
-    assert not torch.equal(result.model.head.weight, plain.head.weight)
+    config = FAST.replace(method="average")
+    assert not config.distils and FAST.distils
+    result = fuse_result(models, [1, 2, 3], config, input_moments=MOMENTS)
+    plain = fuse_result(models, [1, 2, 3], config).model
+    assert result.distill_loss is None
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
+
+
+def test_failed_distillation_keeps_the_fusion_with_a_warning():
+    """A model whose output is not class logits cannot be distilled: the fusion is
+    returned undistilled, as the server and the CLI both need."""
+    models = _clients()
+    wrong = InputMoments(torch.zeros(5), torch.ones(5))  # not the models' input shape
+    with pytest.warns(UserWarning, match="distillation failed"):
+        result = fuse_result(models, [1, 2, 3], FAST, input_moments=wrong)
+    plain = fuse_result(models, [1, 2, 3], FAST).model
+    assert result.distill_loss is None
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
 
 
 @pytest.mark.parametrize("send", [True, False])
@@ -336,22 +353,40 @@ def test_client_app_sends_the_moments_of_its_training_inputs(send, monkeypatch):
 def test_float64_target_is_distilled_from_float32_clients():
     models = _clients(2)
     target = build_model("mlp", seed=9, **SMALL).double()
-    result = fuse_models(models, [1, 1], FAST, target=target, input_moments=MOMENTS)
+    result = fuse_result(models, [1, 1], FAST, target=target, input_moments=MOMENTS)
     assert result.distill_loss is not None
     assert all(t.dtype == torch.float64 for t in result.model.state_dict().values())
 
 
-def test_diverging_distillation_leaves_the_model_undistilled():
+def test_diverging_distillation_returns_nan():
     student = build_model("mlp", seed=0, **SMALL)
     broken = build_model("mlp", seed=1, **SMALL)
     with torch.no_grad():
         broken.head.bias[0] = float("inf")
-    before = copy.deepcopy(student.state_dict())
-    with pytest.warns(UserWarning, match="distillation diverged"):
-        loss = distill(student, [broken], [1.0], MOMENTS, FAST)
+    loss = distill(student, [broken], [1.0], MOMENTS, DISTIL)
     assert loss != loss  # NaN
-    for name, tensor in before.items():
-        assert torch.equal(student.state_dict()[name], tensor), name
+
+
+def test_diverging_distillation_leaves_the_fusion_undistilled(monkeypatch):
+    import otfusion.fusion.engine as engine
+
+    real = engine.distill
+
+    def diverging(student, *args):
+        real(student, *args)
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.fill_(float("nan"))
+        return float("nan")
+
+    models = _clients()
+    plain = fuse_result(models, [1, 2, 3], FAST.replace(distill_steps=0)).model
+    monkeypatch.setattr(engine, "distill", diverging)
+    with pytest.warns(UserWarning, match="distillation diverged"):
+        result = fuse_result(models, [1, 2, 3], FAST, input_moments=MOMENTS)
+    assert result.distill_loss is None
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], tensor), name
 
 
 def _moment_replies(states, weights, moments):
@@ -385,7 +420,7 @@ def test_strategy_result_with_moments_is_bit_identical_whatever_the_order():
 def test_failed_distillation_keeps_the_undistilled_fusion(failure, monkeypatch, caplog):
     from test_strategy import client_states, direct_fusion, global_model
 
-    import otfusion.strategies.otfusion as strategy_module
+    import otfusion.fusion.engine as engine
     from otfusion.strategies import OTFusion
 
     def broken(student, *args):
@@ -396,13 +431,13 @@ def test_failed_distillation_keeps_the_undistilled_fusion(failure, monkeypatch, 
             raise RuntimeError("boom")
         return float("nan")
 
-    monkeypatch.setattr(strategy_module, "distill", broken)
+    monkeypatch.setattr(engine, "distill", broken)
     states = client_states()
     moments = [input_moments(_inputs(10, k)) for k in range(3)]
     replies = _moment_replies(states, [10, 10, 10], moments)
     arrays, metrics = OTFusion(global_model, FAST).aggregate_train(1, replies)
     assert arrays is not None and "distill-kl" not in metrics
-    assert "the global model is the undistilled fusion" in caplog.text
+    assert "undistilled" in caplog.text  # the engine's warning, logged by the round
     order = sorted(range(3), key=lambda k: reply_digest(states[k], 10, None, moments[k]))
     expected = direct_fusion([states[k] for k in order], [1.0] * 3, FAST).model.state_dict()
     got = arrays.to_torch_state_dict()
@@ -429,7 +464,7 @@ def test_dropout_masks_come_from_the_distillation_seed():
         torch.manual_seed(3)
         student = _Dropped()
         torch.manual_seed(global_seed)
-        distill(student, teachers, [1, 1], moments, FAST)
+        distill(student, teachers, [1, 1], moments, DISTIL)
         results.append(student.state_dict())
         assert torch.initial_seed() == global_seed  # the global generator is left alone
     for name, tensor in results[0].items():
@@ -442,7 +477,7 @@ def test_strategy_ignores_moments_for_integer_inputs(caplog):
     from otfusion.strategies import OTFusion
 
     strategy = OTFusion(global_model, FAST, inputs=torch.zeros(2, 64, dtype=torch.long))
-    assert strategy.input_shape is None
+    assert strategy.settings.input_shape is None
     replies = [reply(5 + k, s, 10, **{"input-mean": [0.0] * 64, "input-var": [1.0] * 64})
                for k, s in enumerate(client_states())]
     _, metrics = strategy.aggregate_train(1, replies)

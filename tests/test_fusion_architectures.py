@@ -1,6 +1,6 @@
 """The fusion engine on architectures beyond the zoo (``tests/architectures.py``).
 
-Oracles, for every supported architecture (exact OT, ``FusionConfig(distill_steps=0)``,
+Oracles, for every supported architecture (exact OT, ``FusionConfig.from_options(distill_steps=0)``,
 eval mode):
 
 1. sanity: the hand-written permutation helper returns a copy that computes the same
@@ -56,12 +56,12 @@ def engine():
 
 def fuse(models, **kwargs) -> nn.Module:
     fusion = engine()
-    return fusion.fuse(models, config=fusion.FusionConfig(distill_steps=0), **kwargs)
+    return fusion.fuse(models, config=fusion.FusionConfig.from_options(distill_steps=0), **kwargs)
 
 
 def align(model, reference, **kwargs) -> nn.Module:
     fusion = engine()
-    return fusion.align(model, reference, config=fusion.FusionConfig(distill_steps=0),
+    return fusion.align(model, reference, config=fusion.FusionConfig.from_options(distill_steps=0),
                         **kwargs)
 
 

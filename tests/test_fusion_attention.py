@@ -48,7 +48,7 @@ def engine():
     """``(config, fuse, align)``: exact OT, no post-fusion distillation."""
     from otfusion.fusion import FusionConfig, align, fuse
 
-    return FusionConfig(distill_steps=0), fuse, align
+    return FusionConfig.from_options(distill_steps=0), fuse, align
 
 
 def family(name: str, seed: int = 0, copies: int = 2):

@@ -40,7 +40,8 @@ def test_class_seen_by_one_client_gets_its_projected_head_row():
 
 
 @pytest.mark.parametrize("config", [FusionConfig(), FusionConfig(method="average"),
-                                    FusionConfig(neuron_weights="uniform", rescale="none")])
+                                    FusionConfig.from_options(neuron_weights="uniform",
+                                                              rescale="none")])
 def test_class_weights_equal_to_client_weights_change_nothing(config):
     models = _clients()
     weights = [3.0, 5.0, 2.0]
@@ -75,7 +76,8 @@ def test_permuted_copies_with_class_weights_fuse_back(name, kwargs):
 
 def test_rescale_and_neuron_weights_are_identity_on_one_model():
     model = build_model("mlp", seed=0, **SMALL)
-    for config in (FusionConfig(rescale="norm"), FusionConfig(neuron_weights="outgoing-sq")):
+    for config in (FusionConfig.from_options(rescale="norm"),
+                   FusionConfig.from_options(neuron_weights="outgoing-sq")):
         fused = fuse([model, model], config=config)
         for key, tensor in model.state_dict().items():
             torch.testing.assert_close(fused.state_dict()[key], tensor, rtol=1e-6, atol=1e-7)
@@ -113,7 +115,7 @@ def test_label_counts_enter_the_digest():
 def test_strategy_weights_the_head_by_reply_label_counts(caplog):
     from test_strategy import client_states, direct_fusion, global_model, reply
 
-    from otfusion.fusion import fuse_models
+    from otfusion.fusion import fuse_result
     from otfusion.strategies import OTFusion
 
     states = client_states()
@@ -134,7 +136,7 @@ def test_strategy_weights_the_head_by_reply_label_counts(caplog):
                  [weights[k] / largest * v / sum(counts[k]) for v in counts[k]]
                  for k in order]
     from test_strategy import load
-    expected = fuse_models([load(states[k]) for k in order],
+    expected = fuse_result([load(states[k]) for k in order],
                            [weights[k] / largest for k in order], target=global_model(),
                            class_weights=per_class).model.state_dict()
     got = arrays.to_torch_state_dict()
@@ -166,7 +168,7 @@ def test_neuron_weights_and_rescale_equal_a_direct_computation(neuron_weights, r
         for p in b.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
     lam = torch.tensor([0.75, 0.25], dtype=torch.float64)  # A is the reference
-    config = FusionConfig(neuron_weights=neuron_weights, rescale=rescale)
+    config = FusionConfig.from_options(neuron_weights=neuron_weights, rescale=rescale)
     fused = fuse([a, b], weights=[3.0, 1.0], target=build_model(
         "mlp", in_features=5, num_classes=3, widths=(6,)), config=config).state_dict()
 

@@ -22,11 +22,12 @@ from reference import (
     weighted_average_state,
 )
 
-from otfusion.fusion import FusionConfig, fuse, fuse_models
+from otfusion.fusion import FusionConfig, fuse, fuse_result
 from otfusion.zoo import build_model
 
 TOL = 1e-6
-PAPER = {"neuron_weights": "uniform", "rescale": "none"}
+PAPER = {"neuron_weights": "uniform", "rescale": "none",
+         "max_weight_ratio": None}  # the paper weights clients as given
 """The paper's averaging, which the direct reference and POT implement (the defaults'
 neuron weighting and rescaling are checked in test_fusion_class_weights.py)."""
 IN_FEATURES, NUM_CLASSES = 6, 3
@@ -66,8 +67,8 @@ POT_CASES = [
 def test_first_layer_equals_pot_free_support_barycenter(widths, weights, target_widths):
     models = make_mlps(widths)
     target = make_target(target_widths)
-    result = fuse_models(models, weights=weights, target=target,
-                         config=FusionConfig(max_iter=100, tol=1e-12, **PAPER))
+    result = fuse_result(models, weights=weights, target=target,
+                         config=FusionConfig.from_options(max_iter=100, tol=1e-12, **PAPER))
     first = linear_layers(result.model)[0][1]
     fused_rows = np.concatenate([as_numpy(first.weight), as_numpy(first.bias)[:, None]], 1)
     assert result.group_iterations["layers.0"] < 100  # converged, not cut off
@@ -97,15 +98,17 @@ def test_engine_equals_direct_reference(widths, weights, target_widths, solver):
     models = make_mlps(widths, seed=1)
     target = make_target(target_widths)
     if solver == "exact":
-        config = FusionConfig(max_iter=100, tol=1e-12, **PAPER)
+        config = FusionConfig.from_options(max_iter=100, tol=1e-12, **PAPER)
     else:  # a fixed number of barycenter iterations on both sides
-        config = FusionConfig(solver="sinkhorn", reg=0.2, max_iter=4, tol=0.0, **PAPER,
-                              sinkhorn_max_iter=2000, sinkhorn_tol=1e-12)
+        config = FusionConfig.from_options(solver="sinkhorn", reg=0.2, max_iter=4, tol=0.0,
+                                           sinkhorn_max_iter=2000, sinkhorn_tol=1e-12,
+                                           **PAPER)
     fused = fuse(models, weights=weights, target=target, config=config)
 
     hidden = target_widths or widths[int(np.argmax(weights or [1.0] * len(widths)))]
-    expected = reference_fuse_mlp(models, weights, hidden, max_iter=config.max_iter,
-                                  tol=config.tol, solver=solver, reg=config.reg)
+    expected = reference_fuse_mlp(models, weights, hidden, max_iter=config.barycenter.max_iter,
+                                  tol=config.barycenter.tol, solver=solver,
+                                  reg=config.transport.reg)
     state = fused.state_dict()
     assert set(expected) == set(state)
     for key, value in expected.items():
@@ -117,12 +120,13 @@ def test_engine_equals_direct_reference(widths, weights, target_widths, solver):
 def test_support_from_the_heaviest_clients_equals_direct_reference(support_clients):
     models = make_mlps([(5, 4)] * 5, seed=2)
     weights = [1.0, 3.0, 2.0, 3.0, 0.5]  # ties: the first of equal weights is kept
-    config = FusionConfig(max_iter=100, tol=1e-12, support_clients=support_clients, **PAPER)
+    config = FusionConfig.from_options(max_iter=100, tol=1e-12,
+                                       support_clients=support_clients, **PAPER)
     fused = fuse(models, weights=weights, config=config)
-    expected = reference_fuse_mlp(models, weights, (5, 4), max_iter=config.max_iter,
-                                  tol=config.tol, support_clients=support_clients)
-    everyone = reference_fuse_mlp(models, weights, (5, 4), max_iter=config.max_iter,
-                                  tol=config.tol)
+    expected = reference_fuse_mlp(models, weights, (5, 4), max_iter=config.barycenter.max_iter,
+                                  tol=config.barycenter.tol, support_clients=support_clients)
+    everyone = reference_fuse_mlp(models, weights, (5, 4), max_iter=config.barycenter.max_iter,
+                                  tol=config.barycenter.tol)
     state = fused.state_dict()
     assert any(not np.allclose(expected[k], everyone[k]) for k in expected)  # it matters
     for key, value in expected.items():

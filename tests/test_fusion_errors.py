@@ -116,7 +116,7 @@ def test_activation_cost_needs_inputs():
 )
 def test_invalid_config_values(kwargs):
     with pytest.raises(pydantic.ValidationError):
-        FusionConfig(**kwargs)
+        FusionConfig.from_options(**kwargs)
 
 
 def test_average_needs_identical_shapes():

@@ -182,7 +182,8 @@ def test_support_from_a_sample_of_permuted_copies(name, kwargs):
     """Only 2 of the 4 clients move the support; all 4 are then coupled to it."""
     original, permuted, inputs = make_family(name, kwargs, seed=3)
     models = [permuted[0], original, permuted[1], permuted[2]]
-    fused = fuse(models, weights=[1.0, 3.0, 1.0, 2.0], config=FusionConfig(support_clients=2))
+    fused = fuse(models, weights=[1.0, 3.0, 1.0, 2.0],
+                 config=FusionConfig.from_options(support_clients=2))
     assert_same_layout(fused, original)
     assert relative_difference(fused, original, inputs) <= EXACT_TOL
     assert_same_state(fused, original)
@@ -219,7 +220,7 @@ def test_sinkhorn_fusion_of_permuted_copies(name, kwargs):
     original, permuted, inputs = make_family(name, kwargs, seed=3, dtype=torch.float64)
     models = [permuted[0], original, permuted[1], permuted[2]]
     fused = fuse(models, weights=[1.0, 3.0, 2.0, 2.0],
-                 config=FusionConfig(solver="sinkhorn", reg=1e-3))
+                 config=FusionConfig.from_options(solver="sinkhorn", reg=1e-3))
     assert_same_layout(fused, original)
     assert relative_difference(fused, original, inputs) <= SINKHORN_TOL
 
@@ -227,7 +228,7 @@ def test_sinkhorn_fusion_of_permuted_copies(name, kwargs):
 def test_sinkhorn_fusion_of_permuted_copies_float32():
     original, permuted, inputs = make_family("mlp", {"widths": (12, 8)}, seed=4, copies=2)
     fused = fuse([permuted[0], original, permuted[1]], weights=[0.2, 0.5, 0.3],
-                 config=FusionConfig(solver="sinkhorn", reg=1e-3))
+                 config=FusionConfig.from_options(solver="sinkhorn", reg=1e-3))
     assert relative_difference(fused, original, inputs) <= SINKHORN_TOL
 
 
@@ -250,7 +251,7 @@ def test_fusion_does_not_modify_the_clients():
                                                   "batch_norm": True}, seed=6)
     models = [original, *permuted]
     before = [copy.deepcopy(m.state_dict()) for m in models]
-    fuse(models, config=FusionConfig(solver="sinkhorn"))
+    fuse(models, config=FusionConfig.from_options(solver="sinkhorn"))
     for model, state in zip(models, before, strict=True):
         for key, tensor in state.items():
             assert torch.equal(model.state_dict()[key], tensor), key

@@ -2,7 +2,7 @@
 (``tests/torchvision_like.py``: torchvision's module structure, state_dict keys and
 forward idioms at reduced widths; torchvision itself cannot be installed here).
 
-For every model the engine accepts (exact OT, ``FusionConfig(distill_steps=0)``, eval
+For every model the engine accepts (exact OT, ``FusionConfig.from_options(distill_steps=0)``, eval
 mode), with ``a`` and ``b`` initialised from seeds 0 and 1:
 
 1. ``align(b, a)`` computes b's function (relative L2 difference of the outputs below
@@ -109,7 +109,7 @@ def engine():
 
 
 def config():
-    return engine().FusionConfig(distill_steps=0)
+    return engine().FusionConfig.from_options(distill_steps=0)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ from torch import nn
 
 from otfusion.fusion import FusionConfig, align, build_alignment_graph, fuse
 
-CONFIG = FusionConfig(distill_steps=0)
+CONFIG = FusionConfig.from_options(distill_steps=0)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,13 +105,13 @@ def test_block_plan_is_the_best_block_structured_permutation(seed):
 
     cost = torch.rand(6, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     uniform = torch.full((6,), 1 / 6, dtype=torch.float64)
-    plan = block_plan(cost, uniform, uniform, CONFIG, blocks=3)
+    plan = block_plan(cost, uniform, uniform, CONFIG.transport, blocks=3)
     best = min(float(cost[torch.arange(6), p].sum()) for p in _block_permutations(3, 2))
     assert torch.allclose(plan.sum(dim=1), uniform) and torch.allclose(plan.sum(dim=0), uniform)
     assert float((plan * cost).sum()) * 6 == pytest.approx(best)
     forced = torch.eye(3, dtype=torch.float64).flip(0) / 3
-    assert torch.allclose(block_marginal(block_plan(cost, uniform, uniform, CONFIG, 3, forced),
-                                         3), forced)
+    forced_plan = block_plan(cost, uniform, uniform, CONFIG.transport, 3, forced)
+    assert torch.allclose(block_marginal(forced_plan, 3), forced)
 
 
 class ScaledLinear(nn.Module):
@@ -247,7 +247,7 @@ def test_otfusion_takes_an_explicit_spec():
     graph = alignment_spec(UNTRACEABLE_SPEC, outputs={"classes"},
                            follows={"norm.weight", "norm.bias"})
     strategy = OTFusion(Untraceable, graph=graph)
-    assert strategy.graph is graph and strategy.num_classes == 3
+    assert strategy.settings.graph is graph and strategy.settings.num_classes == 3
 
 
 class FailsAtRunTime(nn.Module):

@@ -20,7 +20,7 @@ from flwr.server.strategy import FedAvg
 from test_strategy import fusion_order
 from torch import nn
 
-from otfusion.fusion import FusionConfig, fuse_models
+from otfusion.fusion import FusionConfig, fuse_result
 from otfusion.strategies import LegacyOTFusion
 from otfusion.zoo import build_model
 
@@ -74,7 +74,7 @@ def direct_fusion(states, weights, config=None):
         m = global_model()
         m.load_state_dict(s)
         models.append(m)
-    return fuse_models(models, weights=weights, config=config, target=global_model())
+    return fuse_result(models, weights=weights, config=config, target=global_model())
 
 
 def assert_same_arrays(parameters: Parameters, expected_state) -> None:
@@ -203,7 +203,7 @@ def test_engine_failure_returns_none(monkeypatch, flwr_logs):
     def broken(*args, **kwargs):
         raise RuntimeError("solver exploded")
 
-    monkeypatch.setattr("otfusion.strategies.otfusion.fuse_models", broken)
+    monkeypatch.setattr("otfusion.strategies.rounds.fuse_result", broken)
     states = client_states(2)
     parameters, metrics = LegacyOTFusion(global_model).aggregate_fit(
         1, [result("a", ndarrays(states[0])), result("b", ndarrays(states[1]))], [])
@@ -213,7 +213,7 @@ def test_engine_failure_returns_none(monkeypatch, flwr_logs):
 
 def test_ot_rounds_first_averages_after_round_one():
     states = client_states()
-    weights = [1, 2, 5]
+    weights = [1, 2, 3]  # within the default weight cap (twice the median)
     results = [result(c, ndarrays(s), w) for c, s, w in zip("abc", states, weights,
                                                             strict=True)]
     strategy = LegacyOTFusion(global_model, ot_rounds="first")
@@ -256,7 +256,7 @@ def test_heterogeneous_results():
         1, [result("a", ndarrays(models[0]), 5), result("b", ndarrays(models[1]), 5)], [])
     assert metrics["accepted-replies"] == 2
     order = fusion_order([m.state_dict() for m in models], [5, 5])
-    expected = fuse_models([models[k] for k in order], weights=[5, 5], target=global_model())
+    expected = fuse_result([models[k] for k in order], weights=[5, 5], target=global_model())
     assert_same_arrays(parameters, expected.model.state_dict())
 
 
@@ -265,7 +265,7 @@ def test_settings_and_repr():
         LegacyOTFusion(global_model, ot_rounds="sometimes")
     strategy = LegacyOTFusion(global_model, FusionConfig(method="average"), min_fit_clients=3,
                               accept_failures=False)
-    assert strategy.min_fit_clients == 3 and strategy.fusion.method == "average"
+    assert strategy.min_fit_clients == 3 and strategy.settings.fusion.method == "average"
     assert repr(strategy) == ("LegacyOTFusion(method='average', ot_rounds='all', "
                               "accept_failures=False)")
 
@@ -303,7 +303,7 @@ def test_legacy_path_fuses_the_head_per_class_and_distils_like_the_message_api()
 
     from otfusion.strategies import OTFusion
 
-    config = FusionConfig(distill_steps=20, distill_samples=64)
+    config = FusionConfig.from_options(distill_steps=20, distill_samples=64)
     states = client_states(3)
     generator = torch.Generator().manual_seed(0)
     statistics = []

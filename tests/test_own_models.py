@@ -60,7 +60,7 @@ def test_otfusion_fuse_fuses_checkpoints_of_a_users_model(tmp_path, capsys):
         save_file({n: t.contiguous() for n, t in model.state_dict().items()}, paths[-1])
     out = tmp_path / "fused.safetensors"
     main(["fuse", *paths, "--model", PATH, "--model-kwargs", '{"hidden": 8}', "-o", str(out)])
-    expected = fuse(models, config=FusionConfig(distill_steps=0)).state_dict()
+    expected = fuse(models, config=FusionConfig.from_options(distill_steps=0)).state_dict()
     fused = load_file(str(out))
     assert all(torch.equal(fused[n], t) for n, t in expected.items())
 

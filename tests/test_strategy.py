@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
-from otfusion.fusion import FusionConfig, fuse_models
+from otfusion.fusion import FusionConfig, fuse_result
 from otfusion.strategies import OTFusion
 from otfusion.strategies.replies import reply_digest
 from otfusion.zoo import build_model
@@ -69,7 +69,7 @@ def fusion_order(states, weights) -> list[int]:
 
 
 def direct_fusion(states, weights, config: FusionConfig | None = None):
-    return fuse_models([load(s) for s in states], weights=weights, config=config,
+    return fuse_result([load(s) for s in states], weights=weights, config=config,
                        target=global_model())
 
 
@@ -102,7 +102,9 @@ def test_good_replies_fuse_like_the_engine():
     node_ids = [7, 3, 5]
     replies = [reply(i, s, n, loss=float(i)) for i, s, n in zip(node_ids, states, weights,
                                                                 strict=True)]
-    strategy = OTFusion(global_model)
+    fused_rounds = []
+    strategy = OTFusion(global_model, on_fused=lambda rnd, updates: fused_rounds.append(
+        (rnd, updates)))
     arrays, metrics = strategy.aggregate_train(1, replies)
 
     order = fusion_order(states, weights)
@@ -118,9 +120,11 @@ def test_good_replies_fuse_like_the_engine():
     assert costs == pytest.approx({f"transport-cost/{label}": cost
                                    for label, cost in expected.group_costs.items()})
     assert costs and all(v > 0 for v in costs.values())
-    assert strategy.latest_weights == [float(weights[k]) for k in order]
-    for model, k in zip(strategy.latest_models, order, strict=True):
-        assert torch.equal(model.state_dict()["head.weight"], states[k]["head.weight"])
+    [(server_round, updates)] = fused_rounds
+    assert server_round == 1
+    assert [u.weight for u in updates] == [float(weights[k]) for k in order]
+    for update, k in zip(updates, order, strict=True):
+        assert torch.equal(update.model.state_dict()["head.weight"], states[k]["head.weight"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -301,19 +305,19 @@ def test_engine_failure_keeps_the_global_model(monkeypatch, flwr_logs):
 
     states = client_states(2)
     replies = [reply(1, states[0]), reply(2, states[1])]
-    strategy = OTFusion(global_model)
+    fused_rounds = []
+    strategy = OTFusion(global_model, on_fused=lambda rnd, _: fused_rounds.append(rnd))
     strategy.aggregate_train(1, replies)
-    kept = strategy.latest_models
-    monkeypatch.setattr("otfusion.strategies.otfusion.fuse_models", broken)
+    monkeypatch.setattr("otfusion.strategies.rounds.fuse_result", broken)
     arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is None
     assert dict(metrics) == {"accepted-replies": 2, "rejected-replies": 0}
     assert "fusion failed (RuntimeError: solver exploded)" in warnings_text(flwr_logs)
-    assert strategy.latest_models is kept and len(kept) == 2
+    assert fused_rounds == [1]  # no callback for the failed round
 
 
 def test_non_finite_fusion_output_keeps_the_global_model(monkeypatch, flwr_logs):
-    real = fuse_models
+    real = fuse_result
 
     def poisoned(*args, **kwargs):
         result = real(*args, **kwargs)
@@ -321,7 +325,7 @@ def test_non_finite_fusion_output_keeps_the_global_model(monkeypatch, flwr_logs)
             result.model.head.bias[0] = float("nan")
         return result
 
-    monkeypatch.setattr("otfusion.strategies.otfusion.fuse_models", poisoned)
+    monkeypatch.setattr("otfusion.strategies.rounds.fuse_result", poisoned)
     states = client_states(2)
     arrays, _ = OTFusion(global_model).aggregate_train(1, [reply(1, states[0]),
                                                            reply(2, states[1])])
@@ -341,12 +345,12 @@ def test_replies_are_not_mutated():
 
 def test_ot_rounds_first_averages_after_round_one():
     states = client_states()
-    weights = [1, 2, 5]
+    weights = [1, 2, 3]  # within the default weight cap (twice the median)
     replies = [reply(i + 1, s, w) for i, (s, w) in enumerate(zip(states, weights,
                                                                  strict=True))]
     strategy = OTFusion(global_model, ot_rounds="first")
-    assert strategy.fusion_config(1).method == "wasserstein"
-    assert strategy.fusion_config(2).method == "average"
+    assert strategy.settings.round_config(1).method == "wasserstein"
+    assert strategy.settings.round_config(2).method == "average"
 
     first, m1 = strategy.aggregate_train(1, replies)
     assert_same_state(first, direct_fusion(states, weights).model.state_dict())
@@ -408,7 +412,7 @@ def test_integer_buffers_keep_their_dtype(flwr_logs):
         m = TinyBN()
         m.load_state_dict(states[k])
         models.append(m)
-    expected = fuse_models(models, weights=[4, 4], target=TinyBN())
+    expected = fuse_result(models, weights=[4, 4], target=TinyBN())
     assert_same_state(arrays, expected.model.state_dict())
     assert "node 3" in warnings_text(flwr_logs)
     assert "'bn.num_batches_tracked' has dtype float64" in warnings_text(flwr_logs)
@@ -428,7 +432,7 @@ def test_heterogeneous_widths_fuse_into_the_global_widths(flwr_logs):
     replies = [reply(k + 1, m.state_dict(), 10 * (k + 1)) for k, m in enumerate(models)]
     arrays, metrics = strategy.aggregate_train(1, [*replies, reply(9, bad_rank, 10)])
     assert metrics["accepted-replies"] == 3 and metrics["rejected-replies"] == 1
-    expected = fuse_models(models, weights=[10, 20, 30], target=global_model())
+    expected = fuse_result(models, weights=[10, 20, 30], target=global_model())
     assert_same_state(arrays, expected.model.state_dict())
     assert "node 9" in warnings_text(flwr_logs) and "rank 2" in warnings_text(flwr_logs)
 
@@ -486,7 +490,7 @@ def test_client_metrics_average_over_reporting_replies():
 
 
 def test_transport_cost_labels_are_sanitised():
-    from otfusion.strategies.otfusion import transport_cost_metrics
+    from otfusion.strategies.rounds import transport_cost_metrics
 
     out = transport_cost_metrics({"conv1+layer1.0.conv2": 1, "a b/c": 2.5, "a_b_c": 3})
     assert out == {"transport-cost/conv1_layer1.0.conv2": 1.0, "transport-cost/a_b_c": 2.5,
@@ -507,15 +511,15 @@ def test_settings_are_validated():
         OTFusion(global_model, FusionConfig(cost="activations"))
     with pytest.raises(TypeError, match="nn.Module"):
         OTFusion(lambda: 3)
-    strategy = OTFusion(global_model, FusionConfig(solver="sinkhorn"), fraction_train=0.5,
-                        min_train_nodes=3)
+    strategy = OTFusion(global_model, FusionConfig.from_options(solver="sinkhorn"),
+                        fraction_train=0.5, min_train_nodes=3)
     assert isinstance(strategy, FedAvg)
     assert strategy.fraction_train == 0.5 and strategy.min_train_nodes == 3
-    assert strategy.fusion.solver == "sinkhorn"
+    assert strategy.settings.fusion.transport.solver == "sinkhorn"
 
 
 def test_summary_logs_fusion_settings(flwr_logs):
-    OTFusion(global_model, FusionConfig(solver="sinkhorn", reg=0.05), ot_rounds="first"
+    OTFusion(global_model, FusionConfig.from_options(solver="sinkhorn", reg=0.05), ot_rounds="first"
              ).summary()
     text = "\n".join(r.getMessage() for r in flwr_logs.records)
     assert "Method: wasserstein | solver: sinkhorn" in text

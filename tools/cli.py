@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from otfusion.fusion import FusionConfig, fuse, input_moments
-from otfusion.task.config import json_object
+from otfusion.fusion import FusionConfig, TransportConfig, fuse, input_moments
+from otfusion.fusion.config import option_name
+from otfusion.task.config import RunConfig, json_object
 from otfusion.task.data import as_input, label_counts, load_digits_dataset, load_npz, partition
 from otfusion.task.training import model_inputs, recipe_for
 from otfusion.zoo import available_models, build_model
@@ -95,10 +97,10 @@ def _fusion_config(args: argparse.Namespace) -> FusionConfig:
     options = {"method": args.method, "solver": args.solver, "reg": args.reg,
                "cost": args.cost, "max_iter": args.max_iter}
     try:
-        return FusionConfig(**{k: v for k, v in options.items() if v is not None})
+        return FusionConfig.from_options(**{k: v for k, v in options.items() if v is not None})
     except ValidationError as error:
         problems = "; ".join(
-            f"--{'-'.join(str(part) for part in e['loc']).replace('_', '-')}: {e['msg']}"
+            f"--{option_name(e['loc']).replace('_', '-')}: {e['msg']}"
             for e in error.errors())
         raise ValueError(f"invalid fusion option: {problems}") from None
 
@@ -131,8 +133,8 @@ def _fuse(args: argparse.Namespace) -> None:
     except Exception as error:  # safetensors raises its own (Rust) error types
         raise ValueError(f"cannot write {args.output}: {error}") from None
     Console().print(
-        f"fused {len(models)} '{args.model}' checkpoints ({config.method}, {config.solver}) "
-        f"into [bold]{args.output}[/]"
+        f"fused {len(models)} '{args.model}' checkpoints ({config.method}, "
+        f"{config.transport.solver}) into [bold]{args.output}[/]"
     )
 
 
@@ -170,16 +172,22 @@ def _model_name(value: str) -> str:
         "own as package.module:callable)")
 
 
+def _choices(model: type[BaseModel], field: str) -> list[str]:
+    """The values of a Literal field of a pydantic model: one list for the flag and the
+    setting it fills."""
+    return list(typing.get_args(model.model_fields[field].annotation))
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=_model_name,
                         help="the model the checkpoints were saved from: a zoo name, or "
                         "your own as package.module:callable")
     parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
                         help='keyword arguments of the model, e.g. {"widths": [64, 32]}')
-    parser.add_argument("--method", choices=["wasserstein", "gromov-wasserstein", "average"])
-    parser.add_argument("--solver", choices=["exact", "sinkhorn"])
+    parser.add_argument("--method", choices=_choices(FusionConfig, "method"))
+    parser.add_argument("--solver", choices=_choices(TransportConfig, "solver"))
     parser.add_argument("--reg", type=float, help="entropic regularisation (sinkhorn)")
-    parser.add_argument("--cost", choices=["weights", "activations"])
+    parser.add_argument("--cost", choices=_choices(FusionConfig, "cost"))
     parser.add_argument("--max-iter", type=int, help="barycenter iterations per layer group")
     parser.add_argument("--inputs", metavar="NPZ",
                         help="inputs for --cost activations (array 'x'; default: the digits)")
@@ -195,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="mlp", type=_model_name,
                       help="a zoo name, or your own model as package.module:callable")
     demo.add_argument("--clients", type=int, default=8)
-    demo.add_argument("--partitioner", default="iid",
-                      choices=["iid", "dirichlet", "pathological"])
+    demo.add_argument("--partitioner", default="iid", choices=_choices(RunConfig, "partitioner"))
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     demo.add_argument("--epochs", type=int, help="default: the model's training recipe")
     demo.add_argument("--lr", type=float, help="default: the model's training recipe")

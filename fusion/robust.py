@@ -1,0 +1,124 @@
+"""Defences against hostile but well-formed clients (f of K, f < K/2, possibly colluding).
+
+- :func:`cap_weights`: no client's claimed weight (``num-examples``) may exceed a
+  multiple of the median claim.
+- :func:`prediction_outliers`: function-space screening. The clients' predictions on
+  the same inputs do not depend on how their hidden units are ordered, so clients can be
+  compared before any alignment; a client that disagrees with the others far more than
+  they disagree among themselves is excluded.
+- :func:`robust_mean`: the weighted mean, trimmed mean or median over clients, used in
+  aligned coordinates (after the couplings) where coordinate-wise statistics mean
+  something: by the barycenter's support update and by the final averaging.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .modes import temporary_mode
+
+Combine = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor | float]], torch.Tensor]
+"""``combine(values, weights)``: the clients' tensors combined into one, e.g.
+``functools.partial(robust_mean, how="median")``."""
+
+_MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution is 0.6745 sigma
+
+
+def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted median over the first axis (the lower one on a tie); ``weights``
+    has one entry per row, or the shape of ``values``."""
+    ordered, order = values.sort(dim=0)
+    cumulative = _reordered(weights, order, values).cumsum(dim=0)
+    total = cumulative[-1:]
+    index = (cumulative < 0.5 * total).sum(dim=0, keepdim=True)
+    return ordered.gather(0, index.clamp_max(len(values) - 1)).squeeze(0)
+
+
+def weighted_trimmed_mean(values: torch.Tensor, weights: torch.Tensor,
+                          trim: float) -> torch.Tensor:
+    """The weighted mean over the first axis of the values left after removing the
+    ``trim`` share of the weight from each end, coordinate by coordinate (a client
+    straddling a cut counts with the part of its weight inside)."""
+    ordered, order = values.sort(dim=0)
+    w = _reordered(weights, order, values)
+    w = w / w.sum(dim=0, keepdim=True)
+    upper = w.cumsum(dim=0)
+    lower = upper - w
+    kept = (upper.clamp(max=1 - trim) - lower.clamp(min=trim)).clamp_min(0)
+    return (kept * ordered).sum(dim=0) / kept.sum(dim=0).clamp_min(1e-300)
+
+
+def robust_mean(values: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float],
+                how: str = "mean", trim: float = 0.25) -> torch.Tensor:
+    """The clients' ``values`` (one tensor each, same shape) combined with ``weights``
+    (numbers, or tensors broadcastable to the values) by ``how``: ``mean`` (the weighted
+    sum, weights summing to one), ``trimmed-mean`` or ``median``."""
+    if how == "mean":
+        return sum(w * v for w, v in zip(weights, values, strict=True))
+    stacked = torch.stack(list(values))
+    factors = torch.stack([torch.as_tensor(w, dtype=stacked.dtype, device=stacked.device)
+                           .expand_as(stacked[0]) for w in weights])
+    if how == "median":
+        return weighted_median(stacked, factors)
+    if how == "trimmed-mean":
+        return weighted_trimmed_mean(stacked, factors, trim)
+    raise ValueError(f"unknown aggregate {how!r}: 'mean', 'trimmed-mean' or 'median'")
+
+
+def _reordered(weights: torch.Tensor, order: torch.Tensor, values: torch.Tensor
+               ) -> torch.Tensor:
+    weights = weights.to(values.dtype)
+    if weights.dim() == 1:
+        weights = weights.view((-1,) + (1,) * (values.dim() - 1)).expand_as(values)
+    return weights.gather(0, order)
+
+
+def cap_weights(weights: Sequence[float], ratio: float | None
+                ) -> tuple[list[float], list[int]]:
+    """``weights`` with every weight above ``ratio`` times the median positive weight
+    lowered to that cap, and the indices of the capped ones (none when ``ratio`` is None
+    or fewer than three clients have a positive weight: no majority median)."""
+    weights = [float(w) for w in weights]
+    positive = [w for w in weights if w > 0]
+    if ratio is None or len(positive) < 3:
+        return weights, []
+    cap = ratio * statistics.median(positive)
+    capped = [k for k, w in enumerate(weights) if w > cap]
+    return [min(w, cap) for w in weights], capped
+
+
+@torch.no_grad()
+def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
+                        threshold: float, min_distance: float = 0.05
+                        ) -> dict[int, float]:
+    """The clients whose predictions are outliers, with their disagreement score.
+
+    A client's score is the median, over the other clients, of the mean total-variation
+    distance between its class probabilities and theirs on ``inputs``. A client is an
+    outlier when its score exceeds the median score by more than ``threshold`` robust
+    standard deviations (1.4826 MAD) of the scores, and by at least ``min_distance`` (so
+    that clients which all agree are never split). Needs three clients or more; the
+    median is the honest majority's when fewer than half are hostile.
+    """
+    if len(models) < 3:
+        return {}
+    probabilities = []
+    for model in models:
+        parameter = next(model.parameters())
+        with temporary_mode(model):
+            logits = model(inputs.to(parameter.device, parameter.dtype))
+        probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
+    stacked = torch.stack(probabilities)  # clients x inputs x classes
+    distance = 0.5 * (stacked[:, None] - stacked[None]).abs().sum(dim=-1).mean(dim=-1)
+    k = len(models)
+    others = distance[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)
+    scores = others.median(dim=1).values
+    center = scores.median()
+    spread = _MAD_TO_SIGMA * (scores - center).abs().median()
+    limit = center + torch.maximum(threshold * spread, torch.tensor(min_distance,
+                                                                    dtype=scores.dtype))
+    return {i: float(scores[i]) for i in range(k) if scores[i] > limit}

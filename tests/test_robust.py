@@ -1,0 +1,184 @@
+"""Robust fusion against hostile but well-formed clients (``FusionConfig.robust``).
+
+Honest clients are permuted copies of one model (the permutation helper of the tests,
+independent of the engine); hostile ones send arbitrary well-formed models.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_fusion_invariance import make_family, relative_difference
+
+from otfusion.fusion import FusionConfig, InputMoments, fuse, fuse_result
+from otfusion.fusion.robust import (
+    cap_weights,
+    prediction_outliers,
+    robust_mean,
+    weighted_median,
+    weighted_trimmed_mean,
+)
+from otfusion.zoo import build_model
+
+EXACT_TOL = 1e-5
+PLAIN = {"distill_steps": 0}
+ROBUST = [pytest.param({"robust_aggregate": "median", **PLAIN}, id="median"),
+          pytest.param({"robust_aggregate": "trimmed-mean", **PLAIN}, id="trimmed-mean"),
+          pytest.param({"robust_screen": True, **PLAIN}, id="screen")]
+FAMILIES = [("mlp", {"widths": (16, 12)}), ("cnn", {"channels": (4, 8), "hidden": 12})]
+
+
+def hostile(name: str, kwargs: dict, seed: int, scale: float = 5.0) -> torch.nn.Module:
+    """A model of the zoo architecture with arbitrary, large (but bounded) weights."""
+    attacker = build_model(name, seed=seed, **kwargs)
+    with torch.no_grad():
+        for parameter in attacker.parameters():
+            parameter.mul_(scale)
+    return attacker.eval()
+
+
+MLP = ("mlp", {"widths": (16, 12)})
+
+
+# ---------------------------------------------------------------- estimators
+
+
+def test_weighted_median_and_trimmed_mean_against_direct_computation():
+    values = torch.tensor([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0], [3.0, 1.0]])
+    weights = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    assert torch.equal(weighted_median(values, weights), torch.tensor([2.0, 0.0]))
+    # trim 0.25 of four equal weights drops the lowest and the highest per coordinate
+    expected = torch.tensor([(2.0 + 3.0) / 2, (0.0 + 1.0) / 2])
+    torch.testing.assert_close(weighted_trimmed_mean(values, weights, 0.25), expected)
+    # no trimming is the weighted mean
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.testing.assert_close(weighted_trimmed_mean(values, w, 0.0),
+                               (w[:, None] * values).sum(0))
+    # a weight above one half decides the median
+    assert torch.equal(weighted_median(values, torch.tensor([0.1, 0.1, 0.7, 0.1])),
+                       torch.tensor([100.0, 0.0]))
+
+
+def test_robust_mean_with_per_coordinate_weights():
+    values = [torch.tensor([1.0, 1.0]), torch.tensor([5.0, 5.0]), torch.tensor([9.0, 9.0])]
+    weights = [torch.tensor([0.8, 0.1]), torch.tensor([0.1, 0.1]), torch.tensor([0.1, 0.8])]
+    assert torch.equal(robust_mean(values, weights, "median"), torch.tensor([1.0, 9.0]))
+    assert torch.equal(robust_mean(values, [0.5, 0.25, 0.25], "mean"),
+                       torch.tensor([4.0, 4.0]))
+    with pytest.raises(ValueError, match="unknown aggregate"):
+        robust_mean(values, [1, 1, 1], "mode")
+
+
+@pytest.mark.parametrize(("weights", "capped"), [
+    ([1, 1, 1, 4.0], []),             # exactly at the cap: kept
+    ([1, 1, 1, 4.001], [3]),          # above it: capped at 4 x median
+    ([10, 10, 20, 1000], [3]),        # median 15 (the mean of the middle two)
+    ([10, 10, 500, 1000], []),        # median 255
+    ([1, 1000], []),                  # two clients have no majority median
+])
+def test_weight_cap_bites_exactly_above_ratio_times_the_median(weights, capped):
+    new, which = cap_weights(weights, 4.0)
+    assert which == capped
+    median = sorted(weights)[len(weights) // 2 - 1:len(weights) // 2 + 1]
+    cap = 4.0 * sum(median) / len(median) if len(weights) % 2 == 0 else None
+    for k, (old, w) in enumerate(zip(weights, new, strict=True)):
+        assert w == (cap if k in capped else old)
+    assert cap_weights(weights, None) == ([float(w) for w in weights], [])
+
+
+# ---------------------------------------------------------------- fusion
+
+
+@pytest.mark.parametrize("options", ROBUST)
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
+def test_permuted_copies_fuse_to_the_same_function_with_robust_options(name, kwargs, options):
+    original, permuted, inputs = make_family(name, kwargs, copies=3)
+    config = FusionConfig.from_options(**options)
+    moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
+    result = fuse_result([permuted[0], original, *permuted[1:]], [1.0, 3.0, 1.0, 2.0], config,
+                         input_moments=moments)
+    assert result.excluded == {}
+    assert relative_difference(result.model, original, inputs) <= EXACT_TOL
+
+
+@pytest.mark.parametrize("options", ROBUST)
+@pytest.mark.parametrize(("name", "kwargs"), FAMILIES)
+def test_one_arbitrary_model_does_not_change_the_honest_function(name, kwargs, options):
+    """Four honest permuted copies and one hostile model (random weights x 5): the robust
+    fusion computes the honest model's function; the plain mean does not."""
+    original, permuted, inputs = make_family(name, kwargs, copies=3)
+    attacker = hostile(name, kwargs, seed=99)
+    models = [permuted[0], original, attacker, *permuted[1:]]
+    weights = [1.0, 1.0, 1.0, 1.0, 1.0]
+    moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
+    robust = fuse_result(models, weights, FusionConfig.from_options(**options),
+                         input_moments=moments)
+    assert relative_difference(robust.model, original, inputs) <= EXACT_TOL
+    plain = fuse(models, weights, FusionConfig.from_options(**PLAIN))
+    assert relative_difference(plain, original, inputs) > 0.05
+    if options.get("robust_screen"):
+        assert list(robust.excluded) == [2]
+
+
+def test_screening_without_moments_or_inputs_warns_and_screens_nothing():
+    original, permuted, _ = make_family(*MLP, copies=2)
+    config = FusionConfig.from_options(robust_screen=True, **PLAIN)
+    with pytest.warns(UserWarning, match="no client was screened"):
+        result = fuse_result([original, *permuted, hostile(*MLP, 5)], config=config)
+    assert result.excluded == {}
+
+
+def test_prediction_outliers_leave_agreeing_clients_alone():
+    original, permuted, inputs = make_family(*MLP, copies=4)
+    assert prediction_outliers([original, *permuted], inputs, threshold=3.0) == {}
+    flagged = prediction_outliers([original, *permuted, hostile(*MLP, 3)], inputs, 3.0)
+    assert list(flagged) == [5] and flagged[5] > 0.05
+
+
+def test_claimed_weight_is_capped_in_the_fusion():
+    """An attacker claiming 1000x the examples of the honest clients gets twice the median
+    weight (the default cap), not a majority: with the median aggregate the honest
+    function survives; uncapped, it wins."""
+    original, permuted, inputs = make_family(*MLP, copies=3)
+    models = [original, *permuted, hostile(*MLP, 7)]
+    weights = [10.0, 10.0, 10.0, 10.0, 10_000.0]
+    config = FusionConfig.from_options(robust_aggregate="median", **PLAIN)
+    result = fuse_result(models, weights, config)
+    assert result.capped == [4]
+    assert relative_difference(result.model, original, inputs) <= EXACT_TOL
+    uncapped = fuse_result(models, weights, config.replace(max_weight_ratio=None))
+    assert uncapped.capped == []
+    assert relative_difference(uncapped.model, original, inputs) > 0.05
+
+
+# ---------------------------------------------------------------- strategy
+
+
+def test_strategy_logs_and_counts_excluded_and_capped_replies(caplog):
+    from test_strategy import reply
+
+    from otfusion.strategies import OTFusion
+
+    original, permuted, inputs = make_family(*MLP, copies=3)
+    models = [original, *permuted, hostile(*MLP, 11)]
+    claims = [10, 10, 10, 10, 5000]
+    moments = {"input-mean": [0.0] * 64, "input-var": [1.0] * 64}
+    replies = [reply(20 + k, m.state_dict(), n, **moments)
+               for k, (m, n) in enumerate(zip(models, claims, strict=True))]
+    config = FusionConfig.from_options(robust_screen=True, **PLAIN)
+    caplog.set_level(logging.WARNING, logger="flwr")
+    logger = logging.getLogger("flwr")
+    logger.addHandler(caplog.handler)
+    try:
+        arrays, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
+                                   config).aggregate_train(1, replies)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert metrics["excluded-replies"] == 1 and metrics["capped-replies"] == 1
+    assert "node 24 excluded: its predictions disagree" in caplog.text
+    assert "the weight of node 24 (5000 examples claimed) is capped" in caplog.text
+    fused = build_model("mlp", seed=0, widths=(16, 12))
+    fused.load_state_dict(arrays.to_torch_state_dict())
+    assert relative_difference(fused, original, inputs) <= EXACT_TOL
