@@ -21,16 +21,13 @@ import json
 import statistics
 from pathlib import Path
 
-import matplotlib
 import torch
+from bar_chart import accuracy_bars
 
 from otfusion.fusion import FusionConfig
 from otfusion.task.data import label_counts, load_digits_dataset, partition
 from otfusion.task.training import recipe_for
 from otfusion.tools.comparison import Method, compare, pooled_input_moments, train_clients
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECURRENT = {"rnn", "lstm", "gru"}
@@ -119,19 +116,9 @@ def summary(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> None:
     names = [k for k in rows[0] if isinstance(rows[0][k], float) and not k.endswith("seconds")]
     names = [n for n in names if all(n in r for r in rows)]
-    labels = [f"{r['model']}\n{r['split']}\nK={r['K']}" for r in rows]
-    width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.9), 4.5))
-    for i, name in enumerate(names):
-        ax.bar([x + i * width for x in range(len(rows))], [r[name] for r in rows], width,
-               label=name)
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))], labels, fontsize=7)
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=3)
-    ax.set_title("One-shot fusion of clients trained from different initialisations (digits)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    accuracy_bars(path, [f"{r['model']}\n{r['split']}\nK={r['K']}" for r in rows],
+                  {name: [r[name] for r in rows] for name in names},
+                  "One-shot fusion of clients trained from different initialisations (digits)")
 
 
 def main() -> None:

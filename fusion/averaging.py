@@ -51,15 +51,15 @@ def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch
     plain = plain_unit_groups(graph) if rescale and graph is not None else set()
     fused: dict[str, torch.Tensor] = {}
     norms = _NormTargets(len(states))
-    for name, reference in template_state.items():
-        if not reference.is_floating_point():
-            fused[name] = reference.clone()
+    for name, like in template_state.items():
+        if not like.is_floating_point():
+            fused[name] = like.clone()
             continue
         spec = graph.tensors[name] if graph is not None else None
         axes = spec.axes if spec is not None else ()
         projected = [project(state[name], axes, maps)
                      for state, maps in zip(states, couplings, strict=True)]
-        factors = _tensor_weights(graph, spec, reference, weights)
+        factors = _tensor_weights(graph, spec, like, weights)
         fused[name] = combine(projected, factors)
         if spec is not None and spec.cost and spec.axes[spec.neuron_axis].group in plain:
             norms.add(spec, fused[name], projected)
@@ -71,7 +71,7 @@ def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch
 
 
 def _tensor_weights(graph: AlignmentGraph | None, spec: TensorSpec | None,
-                    reference: torch.Tensor, weights: AveragingWeights) -> list:
+                    like: torch.Tensor, weights: AveragingWeights) -> list:
     """Per client, the factor of its mapped tensor: a number, or weights laid out along
     the output (class) axis or along the tensor's own neuron axis."""
     if spec is None:
@@ -79,12 +79,12 @@ def _tensor_weights(graph: AlignmentGraph | None, spec: TensorSpec | None,
     if weights.per_class is not None:
         for axis, a in enumerate(spec.axes):
             if a is not None and a.group in graph.outputs:
-                return [_along(row, a, axis, reference) for row in weights.per_class]
+                return [_along(row, a, axis, like) for row in weights.per_class]
     axis = spec.neuron_axis
     if weights.per_neuron is not None and axis is not None:
         rows = weights.per_neuron.get(spec.axes[axis].group)
         if rows is not None:
-            return [_along(row, spec.axes[axis], axis, reference) for row in rows]
+            return [_along(row, spec.axes[axis], axis, like) for row in rows]
     return list(weights.clients)
 
 
@@ -134,10 +134,10 @@ def plain_unit_groups(graph: AlignmentGraph) -> set[int]:
     return groups
 
 
-def neuron_importance_weights(graph: AlignmentGraph, states, couplings, lam: list[float],
+def neuron_importance_weights(graph: AlignmentGraph, states, couplings, weights: list[float],
                               how: str) -> dict[int, list[torch.Tensor]]:
     """Per hidden group, per client: the share of the client's neuron coupled to each
-    fused neuron, ``lam_k * importance`` normalised over the clients. A neuron's
+    fused neuron, ``weights[k] * importance`` normalised over the clients. A neuron's
     importance is the norm (``outgoing``) or squared norm (``outgoing-sq``) of its
     outgoing weights, summed over its consumers."""
     out: dict[int, list[torch.Tensor]] = {}
@@ -155,22 +155,22 @@ def neuron_importance_weights(graph: AlignmentGraph, states, couplings, lam: lis
                           for spec, axis, a in consumers)
             importance = squared if how == "outgoing-sq" else squared.sqrt()
             matrix = couplings[k][group.id].matrix("neuron").to(importance.dtype)
-            mapped.append(lam[k] * (matrix @ importance))
+            mapped.append(weights[k] * (matrix @ importance))
         stacked = torch.stack(mapped)
         stacked = stacked / stacked.sum(dim=0, keepdim=True).clamp_min(1e-300)
         out[group.id] = list(stacked)
     return out
 
 
-def normalize_class_weights(class_weights, lam: list[float]) -> list[list[float]] | None:
+def normalize_class_weights(class_weights, weights: list[float]) -> list[list[float]] | None:
     """``class_weights`` (K x C) normalised per class to sum one; a class of zero total
-    weight gets the client weights ``lam``. None stays None."""
+    weight gets the client weights ``weights``. None stays None."""
     if class_weights is None:
         return None
     rows = [[float(v) for v in row] for row in (
         class_weights.tolist() if isinstance(class_weights, torch.Tensor) else class_weights)]
-    if len(rows) != len(lam):
-        raise ValueError(f"class_weights has {len(rows)} rows for {len(lam)} models")
+    if len(rows) != len(weights):
+        raise ValueError(f"class_weights has {len(rows)} rows for {len(weights)} models")
     sizes = {len(row) for row in rows}
     if len(sizes) != 1 or 0 in sizes:
         raise ValueError(f"class_weights rows must have one common, non-zero length: {sizes}")
@@ -179,7 +179,7 @@ def normalize_class_weights(class_weights, lam: list[float]) -> list[list[float]
     columns = []
     for column in zip(*rows, strict=True):
         total = sum(column)
-        columns.append([v / total for v in column] if total > 0 else list(lam))
+        columns.append([v / total for v in column] if total > 0 else list(weights))
     return [list(row) for row in zip(*columns, strict=True)]
 
 
@@ -193,11 +193,11 @@ def _check_class_count(graph: AlignmentGraph, state: dict[str, torch.Tensor],
 
 
 def _along(values: Sequence[float] | torch.Tensor, spec: AxisSpec, axis: int,
-           reference: torch.Tensor) -> torch.Tensor:
-    """One value per neuron of ``spec``, laid out along ``axis`` of a tensor like
-    ``reference`` (repeated over the axis's ``outer`` blocks and ``inner`` positions)."""
-    column = torch.as_tensor(values, dtype=torch.float64).to(reference.dtype)
+           like: torch.Tensor) -> torch.Tensor:
+    """One value per neuron of ``spec``, laid out along ``axis`` of a tensor ``like``
+    this one (repeated over the axis's ``outer`` blocks and ``inner`` positions)."""
+    column = torch.as_tensor(values, dtype=torch.float64).to(like.dtype)
     column = column.repeat_interleave(spec.inner).repeat(spec.outer)
-    shape = [1] * reference.dim()
+    shape = [1] * like.dim()
     shape[axis] = -1
-    return column.to(reference.device).reshape(shape)
+    return column.to(like.device).reshape(shape)

@@ -98,9 +98,9 @@ def free_support_barycenter(
     weighted mean; a robust estimator keeps hostile clients from dragging it).
     """
     n = next(iter(support.values())).shape[0]
-    reference = next(iter(support.values()))
-    uniform_n = torch.full((n,), 1.0 / n, dtype=reference.dtype, device=reference.device)
-    marginals = [torch.full((m,), 1.0 / m, dtype=reference.dtype, device=reference.device)
+    like = next(iter(support.values()))  # dtype and device of the marginals
+    uniform_n = torch.full((n,), 1.0 / n, dtype=like.dtype, device=like.device)
+    marginals = [torch.full((m,), 1.0 / m, dtype=like.dtype, device=like.device)
                  for m in widths]
     damped: list[torch.Tensor | None] = [None] * len(widths)
     warm: list[object] = [None] * len(widths)
@@ -144,7 +144,7 @@ def free_support_barycenter(
         if len(sample) < len(widths):
             solved = list(pool.map(couple, range(len(widths))))
     couplings = [coupling for coupling, _, _ in solved]
-    mean_cost = sum(lam * cost for lam, (_, cost, _) in zip(weights, solved, strict=True))
+    mean_cost = sum(w * cost for w, (_, cost, _) in zip(weights, solved, strict=True))
     return BarycenterResult(couplings, mean_cost, iterations)
 
 

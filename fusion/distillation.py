@@ -39,7 +39,7 @@ def input_moments(inputs: torch.Tensor) -> InputMoments:
 
 
 def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
-                 outlier_factor: float | None = 10.0) -> InputMoments:
+                 outlier_factor: float | None = 3.0) -> InputMoments:
     """The moments of the union of the clients' inputs, each client weighted by
     ``weights`` (e.g. its number of examples): the mixture's mean and variance.
 
@@ -47,8 +47,10 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
     mean more than ``outlier_factor`` times the median client's spread (root mean
     square over the features of ``var + (mean - median)**2``) is first shrunk towards
     the median to that spread, so that one client with extreme but well-formed moments
-    cannot widen everyone's synthetic inputs. Clients of one data distribution spread
-    alike and are left as they are; None pools exactly.
+    cannot widen everyone's synthetic inputs (see ``benchmarks/byzantine.py``). Clients
+    of one data distribution spread alike and are left as they are (label-skewed splits
+    lose nothing); a client whose every feature is shifted by three standard deviations
+    is shrunk too. None pools exactly.
     """
     if not moments or len(moments) != len(weights):
         raise ValueError("need one weight per set of moments, and at least one")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from .averaging import (
 )
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
-from .distillation import InputMoments, distill, synthetic_inputs
+from .distillation import InputMoments, distill, pool_moments, synthetic_inputs
 from .graph import (
     AlignmentGraph,
     Group,
@@ -45,13 +46,17 @@ from .validation import (
     normalize_weights,
 )
 
+ClientMoments = InputMoments | Sequence[InputMoments | None] | None
+"""The clients' input moments: pooled, one entry (or None) per client, or none."""
+
 
 @dataclass(frozen=True)
 class FusionResult:
     """The fused model; per solved group, the mean transport cost and iterations; the
     final KL divergence of the post-fusion distillation (None when not distilled); the
     clients whose weight was capped (``robust.max_weight_ratio``) and those excluded by
-    the screening, with their disagreement score (indices into the models given)."""
+    the screening, with their disagreement score (indices into the models given); and the
+    seconds spent distilling."""
 
     model: nn.Module
     group_costs: dict[str, float]
@@ -59,13 +64,14 @@ class FusionResult:
     distill_loss: float | None = None
     capped: list[int] = field(default_factory=list)
     excluded: dict[int, float] = field(default_factory=dict)
+    distill_seconds: float = 0.0
 
 
 def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
          config: FusionConfig | None = None, target: nn.Module | None = None,
          inputs: torch.Tensor | None = None,
          class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-         input_moments: InputMoments | None = None,
+         input_moments: ClientMoments = None,
          graph: AlignmentGraph | None = None) -> nn.Module:
     """Fuse ``models`` (one architecture family, widths may differ) into one model.
 
@@ -89,12 +95,13 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         weights and bias of class ``c``) is the average of the clients' rows weighted
         by column ``c``, so a class is fused from the clients that saw it. A class
         with zero total weight falls back to ``weights``. Hidden layers are unaffected.
-    input_moments : InputMoments, optional
-        Per-feature mean and variance of the clients' training inputs (pooled, see
-        :func:`~otfusion.fusion.distillation.pool_moments`), of the shape of
-        one model input. With them, when ``config.distils`` (an optimal-transport method
-        with ``distillation.steps > 0``), the fused model is then distilled from the
-        clients' ensemble on synthetic inputs drawn from them.
+    input_moments : InputMoments, or one InputMoments (or None) per model, optional
+        Per-feature mean and variance of the clients' training inputs, of the shape of
+        one model input: already pooled, or per client, pooled here
+        (:func:`~otfusion.fusion.distillation.pool_moments`) with the capped weights of
+        the clients that are not screened out. With them, when ``config.distils`` (an
+        optimal-transport method with ``distillation.steps > 0``), the fused model is
+        then distilled from the clients' ensemble on synthetic inputs drawn from them.
         A distillation that fails or diverges leaves the fusion undistilled, with a
         warning.
     graph : AlignmentGraph, optional
@@ -111,7 +118,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                 config: FusionConfig | None = None, target: nn.Module | None = None,
                 inputs: torch.Tensor | None = None,
                 class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-                input_moments: InputMoments | None = None,
+                input_moments: ClientMoments = None,
                 graph: AlignmentGraph | None = None) -> FusionResult:
     """Like :func:`fuse`, returning the :class:`FusionResult`: the model, the transport
     cost and iterations of every group, and the distillation's final divergence."""
@@ -119,13 +126,17 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     models = check_models(models)
     weights, capped = cap_weights(normalize_weights(weights, len(models)),
                                   config.robust.max_weight_ratio)
-    excluded = (_screened_out(models, input_moments, inputs, config)
-                if config.robust.screen else {})
+    per_client = _per_client_moments(input_moments, len(models))
+    excluded = (_screened_out(models, _pooled(per_client, weights, input_moments), inputs,
+                              config) if config.robust.screen else {})
     if excluded:
         kept = [k for k in range(len(models)) if k not in excluded]
         models, weights = [models[k] for k in kept], [weights[k] for k in kept]
         if class_weights is not None:
             class_weights = [list(class_weights[k]) for k in kept]
+        if per_client is not None:
+            per_client = [per_client[k] for k in kept]
+    moments = _pooled(per_client, weights, input_moments)
     weights = normalize_weights(weights, len(models))
     per_class = normalize_class_weights(class_weights, weights)
     anchor = max(range(len(models)), key=lambda k: (weights[k], -k))
@@ -157,10 +168,34 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     fused = stored_state(graph, fused)
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
-    distill_loss = (_distilled(model, models, weights, input_moments, config)
-                    if input_moments is not None and config.distils else None)
+    start = time.perf_counter()
+    distill_loss = (_distilled(model, models, weights, moments, config)
+                    if moments is not None and config.distils else None)
+    distill_seconds = time.perf_counter() - start
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
-                        capped, excluded)
+                        capped, excluded, distill_seconds)
+
+
+def _per_client_moments(input_moments: ClientMoments, count: int
+                        ) -> list[InputMoments | None] | None:
+    """``input_moments`` as one entry per model, or None when they come pooled (or not
+    at all)."""
+    if input_moments is None or isinstance(input_moments, InputMoments):
+        return None
+    per_client = list(input_moments)
+    if len(per_client) != count:
+        raise ValueError(f"input_moments has {len(per_client)} entries for {count} models")
+    return per_client
+
+
+def _pooled(per_client: list[InputMoments | None] | None, weights: Sequence[float],
+            given: ClientMoments) -> InputMoments | None:
+    """The pooled moments: ``given`` when it came pooled, else the clients' that sent
+    theirs, pooled with their weights (None when none did)."""
+    if per_client is None:
+        return given if isinstance(given, InputMoments) else None
+    sent = [(m, w) for m, w in zip(per_client, weights, strict=True) if m is not None]
+    return pool_moments([m for m, _ in sent], [w for _, w in sent]) if sent else None
 
 
 def _combiner(config: FusionConfig) -> Combine:
@@ -290,9 +325,9 @@ def _in_dtype_of(model: nn.Module, original: nn.Module) -> nn.Module:
 
 def _compute_state(model: nn.Module, template: nn.Module) -> dict[str, torch.Tensor]:
     """The state_dict in the template's floating dtype and device."""
-    reference = template.state_dict()
+    template_state = template.state_dict()
     return {
-        name: tensor.to(reference[name].device, reference[name].dtype)
+        name: tensor.to(template_state[name].device, template_state[name].dtype)
         if tensor.is_floating_point() else tensor
         for name, tensor in model.state_dict().items()
     }

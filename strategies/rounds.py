@@ -13,7 +13,7 @@ from logging import INFO, WARNING
 import torch
 from flwr.common.logger import log
 
-from otfusion.fusion import InputMoments, fuse_result, pool_moments
+from otfusion.fusion import fuse_result
 
 from .settings import FusionSettings
 from .updates import ClientUpdate
@@ -51,8 +51,9 @@ def fuse_round(updates: Sequence[ClientUpdate], settings: FusionSettings, server
     The state is None, with a logged reason, when there are fewer than ``min_updates``
     updates or the fusion fails: the caller keeps the previous global model. The metrics
     always hold ``accepted-replies`` and ``rejected-replies``; after a fusion also
-    ``fusion-seconds``, one ``transport-cost/<group>`` per aligned group and, when the
-    fused model was distilled, ``distill-kl``.
+    ``fusion-seconds`` (distillation included), one ``transport-cost/<group>`` per aligned
+    group, ``capped-replies`` and ``excluded-replies`` (see ``FusionConfig.robust``) and,
+    when the fused model was distilled, ``distill-kl`` and ``distill-seconds``.
     """
     counts = {"accepted-replies": len(updates), "rejected-replies": rejected}
     needed = max(1, min_updates)
@@ -83,7 +84,8 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
         result = fuse_result([u.model for u in updates], weights, config,
                              target=settings.model_fn(), inputs=settings.inputs,
                              class_weights=per_class,
-                             input_moments=pooled_moments(updates), graph=settings.graph)
+                             input_moments=[u.input_moments for u in updates],
+                             graph=settings.graph)
     seconds = time.perf_counter() - start
     for warning in caught:  # e.g. a failed distillation: logged every round
         log(WARNING, "fuse_round (round %d): %s", server_round, warning.message)
@@ -100,6 +102,7 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
                "excluded-replies": float(len(result.excluded))}
     if result.distill_loss is not None:
         metrics["distill-kl"] = result.distill_loss
+        metrics["distill-seconds"] = result.distill_seconds
     return global_state(result.model.state_dict(), settings), metrics
 
 
@@ -113,15 +116,6 @@ def class_weights(weights: Sequence[float], counts: Sequence[Sequence[float] | N
         return None
     return [[w / num_classes] * num_classes if c is None else [w * v / sum(c) for v in c]
             for w, c in zip(weights, counts, strict=True)]
-
-
-def pooled_moments(updates: Sequence[ClientUpdate]) -> InputMoments | None:
-    """The input moments of the updates that sent them, pooled with their weights; None
-    when none did (then nothing is distilled)."""
-    sent = [u for u in updates if u.input_moments is not None]
-    if not sent:
-        return None
-    return pool_moments([u.input_moments for u in sent], [u.weight for u in sent])
 
 
 def global_state(state: Mapping[str, torch.Tensor], settings: FusionSettings

@@ -5,7 +5,7 @@ model whose hidden units are randomly permuted so that it computes exactly the s
 function (up to the floating point summation order). The helpers are written from the
 models' definitions alone and import nothing from ``otfusion``: they are a second,
 independent description of each architecture's symmetries, against which the fusion
-engine's alignment graph is checked (``tests/test_fusion_architectures.py``).
+engine's alignment graph is checked (``tests/fusion/test_fusion_architectures.py``).
 
 Conventions:
 

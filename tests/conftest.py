@@ -23,3 +23,31 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Instruction Messages need the runtime's TaskIdentity; set one for the test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_task_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, f"{name}", 1)
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Process trees started in their own sessions (``Processes`` of
+    deployment_helpers.py), with a temporary ``FLWR_HOME``; all killed at the end."""
+    from deployment_helpers import Processes
+
+    from otfusion.deploy.processes import child_env
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(child_env(home), logs)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flower_replies import StubProxy
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -60,7 +61,6 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_legacy_strategy import StubProxy
 from torch import nn
 
 from otfusion.strategies import LegacyOTFusion, OTFusion

@@ -12,7 +12,6 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
-from test_strategy import task_identity  # noqa: F401
 
 from otfusion.task import data as data_module
 from otfusion.task.data import (

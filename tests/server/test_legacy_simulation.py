@@ -42,7 +42,8 @@ def test_numpy_client_parameter_order_round_trips():
     returned, num_examples, metrics = client.fit(given, {"server-round": 2})
     assert all(np.array_equal(a, b) for a, b in zip(returned, given, strict=True))
     assert num_examples > 0
-    assert set(metrics) == {"train-loss", "label-counts", "input-mean", "input-var"}
+    assert set(metrics) == {"train-loss", "train-seconds", "label-counts", "input-mean",
+                            "input-var"}
     # the statistics of this client's own training data, as the ClientApp sends them
     # lists travel as JSON strings: the legacy API's metrics are scalars
     counts, mean, var = (json.loads(metrics[k]) for k in ("label-counts", "input-mean",

@@ -13,7 +13,7 @@ from otfusion.deploy.processes import child_env, executable
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(600)

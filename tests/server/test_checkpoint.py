@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from flower_replies import FakeGrid, global_model, reply
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
-from test_strategy import FakeGrid, global_model, reply, task_identity  # noqa: F401
 
 from otfusion.server.checkpoint import CheckpointError, RunCheckpoint
 from otfusion.strategies import OTFusion

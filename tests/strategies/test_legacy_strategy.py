@@ -7,6 +7,13 @@ import logging
 import numpy as np
 import pytest
 import torch
+from flower_replies import (
+    StubProxy,
+    client_states,
+    direct_fusion,
+    fusion_order,
+    global_model,
+)
 from flwr.common import (
     Code,
     FitRes,
@@ -15,39 +22,12 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
-from test_strategy import fusion_order
 from torch import nn
 
 from otfusion.fusion import FusionConfig, fuse_result
 from otfusion.strategies import LegacyOTFusion
 from otfusion.zoo import build_model
-
-WIDTHS = (16, 8)
-
-
-def global_model() -> nn.Module:
-    return build_model("mlp", widths=WIDTHS, seed=0)
-
-
-class StubProxy(ClientProxy):
-    """aggregate_fit only reads ``cid``; the RPC methods are never called."""
-
-    def get_properties(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def get_parameters(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def fit(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def evaluate(self, *args, **kwargs):
-        raise NotImplementedError
-
-    def reconnect(self, *args, **kwargs):
-        raise NotImplementedError
 
 
 def ndarrays(model_or_state) -> list[np.ndarray]:
@@ -62,19 +42,6 @@ def result(cid: str, arrays, n: int = 10, metrics=None, code=Code.OK):
     return (StubProxy(cid=cid), FitRes(status=Status(code=code, message="boom"),
                                        parameters=parameters, num_examples=n,
                                        metrics=metrics or {}))
-
-
-def client_states(count: int = 3, widths=WIDTHS):
-    return [build_model("mlp", widths=widths, seed=10 + k).state_dict() for k in range(count)]
-
-
-def direct_fusion(states, weights, config=None):
-    models = []
-    for s in states:
-        m = global_model()
-        m.load_state_dict(s)
-        models.append(m)
-    return fuse_result(models, weights=weights, config=config, target=global_model())
 
 
 def assert_same_arrays(parameters: Parameters, expected_state) -> None:
@@ -298,8 +265,8 @@ def test_legacy_path_fuses_the_head_per_class_and_distils_like_the_message_api()
     are used (the result differs from a fusion without them)."""
     import json
 
+    from flower_replies import reply
     from flwr.app import ArrayRecord
-    from test_strategy import reply
 
     from otfusion.strategies import OTFusion
 

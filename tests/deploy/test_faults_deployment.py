@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 import torch
+from deployment_helpers import assert_no_leftovers, free_ports, write_client_data
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_deployment import assert_no_leftovers, free_ports, processes, write_client_data  # noqa: F401
 
 from otfusion.deploy.flwr_cli import final_status, stream_run
 from otfusion.deploy.processes import executable
@@ -45,7 +45,7 @@ from otfusion.zoo import build_model
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # faulty_clientapp.py is at its root
 # round 1, round 2 fault of each malformed node, and the reason the server must log
 MALFORMED = {
     "nan,inf": ("contains NaN or Inf", "contains NaN or Inf"),
@@ -60,7 +60,7 @@ HONEST = 2
 def app_dir(folder: Path) -> Path:
     """This app with ``faulty_clientapp`` as its ClientApp."""
     folder.mkdir()
-    shutil.copy(HERE / "faulty_clientapp.py", folder)
+    shutil.copy(TESTS / "faulty_clientapp.py", folder)
     pyproject = app_pyproject()
     pyproject["tool"]["flwr"]["app"]["components"]["clientapp"] = "faulty_clientapp:app"
     (folder / "pyproject.toml").write_text(tomli_w.dumps(pyproject))

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from test_deployment import (  # noqa: F401
+from deployment_helpers import (
     assert_no_leftovers,
     free_ports,
     make_tls_files,
-    processes,
     write_client_data,
 )
 

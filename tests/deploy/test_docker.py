@@ -40,7 +40,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = {"plain": DOCKER / "compose.yml", "tls": DOCKER / "compose-tls.yml"}
 DOCKERFILE = DOCKER / "app.Dockerfile"

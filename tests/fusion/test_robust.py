@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from test_fusion_invariance import make_family, relative_difference
+from permuted_families import make_family, relative_difference
 
 from otfusion.fusion import FusionConfig, InputMoments, fuse, fuse_result
 from otfusion.fusion.robust import (
@@ -157,7 +157,7 @@ def test_claimed_weight_is_capped_in_the_fusion():
 
 
 def test_strategy_logs_and_counts_excluded_and_capped_replies(caplog):
-    from test_strategy import reply
+    from flower_replies import reply
 
     from otfusion.strategies import OTFusion
 

@@ -113,7 +113,7 @@ def test_label_counts_enter_the_digest():
 
 
 def test_strategy_weights_the_head_by_reply_label_counts(caplog):
-    from test_strategy import client_states, direct_fusion, global_model, reply
+    from flower_replies import client_states, direct_fusion, global_model, reply
 
     from otfusion.fusion import fuse_result
     from otfusion.strategies import OTFusion
@@ -135,7 +135,7 @@ def test_strategy_weights_the_head_by_reply_label_counts(caplog):
     per_class = [[weights[k] / largest / 10] * 10 if counts[k] is None else
                  [weights[k] / largest * v / sum(counts[k]) for v in counts[k]]
                  for k in order]
-    from test_strategy import load
+    from flower_replies import load
     expected = fuse_result([load(states[k]) for k in order],
                            [weights[k] / largest for k in order], target=global_model(),
                            class_weights=per_class).model.state_dict()

@@ -3,74 +3,37 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
+from flower_replies import (
+    WIDTHS,
+    FakeGrid,
+    client_states,
+    direct_fusion,
+    error_reply,
+    fusion_order,
+    global_model,
+    metadata,
+    reply,
+)
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
-    Error,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from otfusion.fusion import FusionConfig, fuse_result
 from otfusion.strategies import OTFusion
 from otfusion.strategies.replies import reply_digest
 from otfusion.zoo import build_model
-
-WIDTHS = (16, 8)
-
-
-def global_model() -> nn.Module:
-    return build_model("mlp", widths=WIDTHS, seed=0)
-
-
-def client_states(count: int = 3, widths=WIDTHS) -> list[OrderedDict]:
-    return [build_model("mlp", widths=widths, seed=10 + k).state_dict() for k in range(count)]
-
-
-def metadata(node_id: int, message_type: str = MessageType.TRAIN) -> Metadata:
-    return Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=1,
-                    reply_to_message_id="ins", group_id="1", created_at=time.time(),
-                    ttl=3600.0, message_type=message_type)
-
-
-def reply(node_id: int, arrays, n=10, **metrics) -> Message:
-    record = arrays if isinstance(arrays, ArrayRecord) else ArrayRecord(arrays)
-    content = RecordDict({"arrays": record,
-                          "metrics": MetricRecord({"num-examples": n, **metrics})})
-    return Message(content=content, metadata=metadata(node_id))
-
-
-def error_reply(node_id: int, reason: str = "client crashed") -> Message:
-    return Message(error=Error(code=0, reason=reason), metadata=metadata(node_id))
-
-
-def load(state) -> nn.Module:
-    model = global_model()
-    model.load_state_dict(state)
-    return model
-
-
-def fusion_order(states, weights) -> list[int]:
-    """Indices of ``states`` in the order the strategies fuse them (by content digest)."""
-    return sorted(range(len(states)), key=lambda k: reply_digest(states[k], weights[k]))
-
-
-def direct_fusion(states, weights, config: FusionConfig | None = None):
-    return fuse_result([load(s) for s in states], weights=weights, config=config,
-                       target=global_model())
 
 
 def assert_same_state(arrays: ArrayRecord, expected: dict[str, torch.Tensor]) -> None:
@@ -524,33 +487,6 @@ def test_summary_logs_fusion_settings(flwr_logs):
     text = "\n".join(r.getMessage() for r in flwr_logs.records)
     assert "Method: wasserstein | solver: sinkhorn" in text
     assert "reg: 0.05" in text and "OT rounds: first" in text and "MLP" in text
-
-
-class FakeGrid:
-    """Answers every train message with ``reply_for(round, node_id)``."""
-
-    def __init__(self, reply_for):
-        self.reply_for = reply_for
-        self.sent: list[tuple[int, ArrayRecord]] = []
-
-    def get_node_ids(self):
-        return [1, 2, 3]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        out = []
-        for msg in messages:
-            rnd = int(msg.content["config"]["server-round"])
-            self.sent.append((rnd, msg.content["arrays"]))
-            out.append(self.reply_for(rnd, msg.metadata.dst_node_id))
-        return out
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Instruction Messages need the runtime's TaskIdentity; set one for the test."""
-    for name in ("_run_id", "_task_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, f"{name}", 1)
 
 
 def test_start_keeps_previous_arrays_when_a_round_fails(task_identity):

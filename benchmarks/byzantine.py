@@ -1,0 +1,301 @@
+"""Hostile but well-formed clients: how much each attack costs the one-shot fusion, with
+and without the robust options (``FusionConfig.robust``).
+
+For every dataset, split, (f, K) and seed: trains K - f honest clients and the
+attackers, then fuses as ``OTFusion`` does with the ClientApp's replies (label-weighted
+head, distilled from the pooled input moments, weights = claimed ``num-examples``).
+Prints one row per attack: clean default, attacked default, attacked robust, the best
+honest client and the honest-only ensemble (test accuracy), and the backdoor success
+rate (share of triggered non-target test inputs classified as the target) of the clean
+and robust fusions. Writes ``results/byzantine.json`` and ``results/byzantine.png``.
+
+    python benchmarks/byzantine.py                                   # the full grid
+    python benchmarks/byzantine.py --datasets digits --splits iid --settings 1/8 --seeds 0
+
+Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``; without it that
+dataset is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from bar_chart import accuracy_bars
+
+from otfusion.fusion import FusionConfig, InputMoments, align, fuse
+from otfusion.task.config import client_seed
+from otfusion.task.data import TensorData, label_counts, load_digits_dataset, partition
+from otfusion.task.training import ensemble_accuracy, evaluate, recipe_for, train
+from otfusion.tools.comparison import pooled_input_moments
+from otfusion.zoo import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TARGET = 0  # the backdoor's class
+ATTACKS = ["label-flip", "sign-flip", "noise", "inflated", "moments", "little", "backdoor"]
+CONFIGS = {
+    "default": FusionConfig(),
+    "screen": FusionConfig.from_options(robust_screen=True),
+    "screen+trim": FusionConfig.from_options(robust_screen=True,
+                                             robust_aggregate="trimmed-mean"),
+}
+"""The fusions compared: the defaults (the weight cap included), function-space
+screening, and screening with the trimmed mean in aligned coordinates."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one client sends: its model and its (claimed) statistics."""
+
+    model: torch.nn.Module
+    examples: float
+    counts: list[float]
+    moments: InputMoments
+
+
+def load(dataset: str) -> tuple[TensorData, TensorData, int] | None:
+    """(train, test, image side) of ``dataset``, or None when it is not installed."""
+    if dataset == "digits":
+        train_data, test_data = load_digits_dataset()
+        return train_data, test_data, 8
+    if not FASHION.is_dir():
+        return None
+
+    def read(kind: str) -> TensorData:
+        with gzip.open(FASHION / f"{kind}-images-idx3-ubyte.gz") as f:
+            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784) / 255.0
+        with gzip.open(FASHION / f"{kind}-labels-idx1-ubyte.gz") as f:
+            y = np.frombuffer(f.read(), np.uint8, offset=8)
+        return TensorData(torch.tensor(x, dtype=torch.float32), torch.tensor(y).long())
+
+    return read("train"), read("t10k"), 28
+
+
+def triggered(data: TensorData, side: int) -> TensorData:
+    """``data`` with the trigger (a bright 3x3 corner patch) stamped on every input."""
+    x = data.x.clone().view(len(data), side, side)
+    x[:, -3:, -3:] = float(data.x.max())
+    return TensorData(x.view(len(data), -1), data.y)
+
+
+def client_model(setting: dict, data: TensorData, seed: int) -> torch.nn.Module:
+    """An MLP trained on ``data`` with the zoo recipe; retrained with a tenth of the
+    learning rate if SGD diverged (a non-finite model is no well-formed reply)."""
+    recipe = recipe_for("mlp")
+    for lr in (recipe.lr, recipe.lr / 10):
+        model = build_model("mlp", seed=seed, **setting)
+        train(model, data, epochs=recipe.epochs, lr=lr, batch_size=recipe.batch_size,
+              optimizer=recipe.optimizer, seed=seed)
+        if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            break
+    return model.eval()
+
+
+def honest_reply(model, data: TensorData) -> Reply:
+    return Reply(model, float(len(data)), label_counts(data, 10).tolist(),
+                 pooled_input_moments(model, [data]))
+
+
+class Attacker:
+    """The attacker holding partition ``data``: its replies for every attack (well-formed:
+    finite, within the default bounds, the right shapes), its trained models cached."""
+
+    def __init__(self, data: TensorData, honest: list[Reply], setting: dict, seed: int,
+                 side: int) -> None:
+        self.data, self.honest, self.setting, self.seed, self.side = (data, honest, setting,
+                                                                      seed, side)
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model(self, kind: str) -> torch.nn.Module:
+        """A copy of the attacker's model trained honestly, on flipped labels, or with the
+        backdoor."""
+        if kind not in self._models:
+            data = self.data
+            if kind == "flipped":
+                data = TensorData(data.x, (data.y + 1) % 10)
+            elif kind == "backdoor":
+                half = len(data) // 2
+                poisoned = triggered(data.subset(range(half)), self.side)
+                data = TensorData(torch.cat([data.x, poisoned.x]),
+                                  torch.cat([data.y, torch.full((half,), TARGET)]))
+            self._models[kind] = client_model(self.setting, data, self.seed)
+        return copy.deepcopy(self._models[kind])
+
+    def reply(self, kind: str) -> Reply:
+        if kind == "label-flip":
+            return honest_reply(self.model("flipped"), self.data)
+        if kind == "inflated":
+            return replace(honest_reply(self.model("flipped"), self.data),
+                           examples=50 * max(r.examples for r in self.honest))
+        if kind == "sign-flip":
+            return honest_reply(_scaled(self.model("honest"), -3.0), self.data)
+        if kind == "noise":
+            return honest_reply(_scaled(build_model("mlp", seed=self.seed, **self.setting), 5.0),
+                                self.data)
+        if kind == "moments":
+            reply = honest_reply(self.model("honest"), self.data)
+            return replace(reply, moments=InputMoments(reply.moments.mean + 3,
+                                                       reply.moments.var * 9))
+        if kind == "little":  # "a little is enough": mean - z * std of the aligned honest
+            anchor = self.honest[0].model
+            aligned = [anchor] + [align(r.model, anchor) for r in self.honest[1:]]
+            model = copy.deepcopy(anchor)
+            with torch.no_grad():
+                for name, tensor in model.state_dict().items():
+                    stack = torch.stack([m.state_dict()[name].float() for m in aligned])
+                    tensor.copy_(stack.mean(0) - 1.0 * stack.std(0))
+            return honest_reply(model, self.data)
+        if kind == "backdoor":
+            return honest_reply(self.model("backdoor"), self.data)
+        raise ValueError(kind)
+
+
+def _scaled(model: torch.nn.Module, factor: float) -> torch.nn.Module:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(factor)
+    return model.eval()
+
+
+def fused_accuracy(replies: list[Reply], config: FusionConfig, test: TensorData,
+                   side: int) -> tuple[float, float]:
+    """Test accuracy of the fusion (as ``fuse_round`` does it: per-class head, the
+    clients' input moments), and its backdoor success rate."""
+    model = fuse([r.model for r in replies], [r.examples for r in replies], config,
+                 class_weights=[r.counts for r in replies],
+                 input_moments=[r.moments for r in replies])
+    others = test.subset(torch.nonzero(test.y != TARGET).flatten())
+    backdoored = triggered(others, side)
+    with torch.no_grad():
+        hits = (model(backdoored.x).argmax(1) == TARGET).float().mean()
+    return evaluate(model, test)[1], float(hits)
+
+
+def run(datasets, splits, settings, seeds, attacks, train_size: int | None) -> list[dict]:
+    rows = []
+    for dataset in datasets:
+        loaded = load(dataset)
+        if loaded is None:
+            print(f"{dataset}: not installed ({FASHION}), skipped")
+            continue
+        train_data, test, side = loaded
+        if train_size is not None and len(train_data) > train_size:
+            train_data = train_data.subset(range(train_size))
+        setting = {"in_features": side * side}
+        for split in splits:
+            for f, k in settings:
+                for seed in seeds:
+                    parts = partition(train_data, k, split, alpha=0.5, seed=seed)
+                    honest = [honest_reply(client_model(setting, p, client_seed(seed, i)), p)
+                              for i, p in enumerate(parts[:k - f])]
+                    attackers = [Attacker(parts[i], honest, setting, client_seed(seed, i), side)
+                                 for i in range(k - f, k)]
+                    row = {"dataset": dataset, "split": split, "f": f, "K": k, "seed": seed,
+                           "best honest client": max(evaluate(r.model, test)[1]
+                                                     for r in honest),
+                           "honest ensemble": ensemble_accuracy(
+                               [r.model for r in honest], test, [r.examples for r in honest])}
+                    for name, config in CONFIGS.items():
+                        row[f"clean {name}"], row[f"backdoor clean {name}"] = fused_accuracy(
+                            honest, config, test, side)
+                    for kind in attacks:
+                        replies = honest + [a.reply(kind) for a in attackers]
+                        attacked = {**row, "attack": kind}
+                        for name, config in CONFIGS.items():
+                            attacked[f"attacked {name}"], attacked[f"backdoor {name}"] = (
+                                fused_accuracy(replies, config, test, side))
+                        rows.append(attacked)
+                        print(format_row(attacked), flush=True)
+    return rows
+
+
+ACCURACIES = ["clean default", "attacked default", *(f"{w} {n}" for n in CONFIGS
+                                                     if n != "default"
+                                                     for w in ("clean", "attacked")),
+              "best honest client", "honest ensemble"]
+BACKDOOR = ["backdoor clean default", *(f"backdoor {n}" for n in CONFIGS)]
+
+
+def format_row(row: dict) -> str:
+    cells = " | ".join(f"{key} {row[key]:.1%}" for key in ACCURACIES + BACKDOOR)
+    return (f"{row['dataset']:<7} {row['split']:<9} f={row['f']}/{row['K']:<2} "
+            f"seed={row['seed']} {row['attack']:<10} {cells}")
+
+
+def summary(rows: list[dict]) -> str:
+    """Mean over seeds per (dataset, split, f/K, attack), in points; ``loss`` is clean
+    default minus attacked, per fusion (the goal: at most 2 for f <= 2 of 8)."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["dataset"], row["split"], f"{row['f']}/{row['K']}",
+                          row["attack"]), []).append(row)
+    losses = [f"loss {n}" for n in CONFIGS]
+    header = ("| dataset | split | f/K | attack | " + " | ".join(ACCURACIES + losses)
+              + " | backdoor " + " / ".join(BACKDOOR).replace("backdoor ", "") + " |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for (dataset, split, fk, kind), group in cells.items():
+        mean = {key: 100 * statistics.mean(r[key] for r in group)
+                for key in ACCURACIES + BACKDOOR}
+        loss = [mean["clean default"] - mean[f"attacked {n}"] for n in CONFIGS]
+        lines.append(f"| {dataset} | {split} | {fk} | {kind} | "
+                     + " | ".join(f"{v:.1f}" for v in [*(mean[k] for k in ACCURACIES), *loss])
+                     + " | " + " / ".join(f"{mean[k]:.1f}" for k in BACKDOOR) + " |")
+    clean = {n: statistics.mean(100 * (r[f"clean {n}"] - r["clean default"]) for r in rows)
+             for n in CONFIGS if n != "default"}
+    lines.append("\nclean cost against the default, mean over all cells (points): "
+                 + ", ".join(f"{n} {-v:+.2f}" for n, v in clean.items()))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["attack"], []).append(row)
+    names = ["clean default", *(f"attacked {n}" for n in CONFIGS), "honest ensemble"]
+    accuracy_bars(path, list(groups),
+                  {name: [statistics.mean(r[name] for r in g) for g in groups.values()]
+                   for name in names},
+                  "One-shot OT fusion with hostile clients: default vs robust (mean over "
+                  "the grid)", fontsize=9)
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    f, k = text.split("/")
+    return int(f), int(k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["digits", "fashion-mnist"])
+    parser.add_argument("--splits", nargs="+", default=["iid", "dirichlet"],
+                        choices=["iid", "dirichlet"])
+    parser.add_argument("--settings", nargs="+", type=parse_setting,
+                        default=[(1, 8), (2, 8), (3, 10)], help="f/K, e.g. 2/8")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
+    parser.add_argument("--train-size", type=int, default=20000,
+                        help="first training examples kept (Fashion-MNIST has 60000)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default="byzantine")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args.datasets, args.splits, args.settings, args.seeds, args.attacks,
+               args.train_size)
+    print(summary(rows))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
+    if rows:
+        plot(rows, RESULTS / f"{args.name}.png")
+
+
+if __name__ == "__main__":
+    main()
