@@ -22,6 +22,7 @@ the client's data, not any single example.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -99,10 +100,12 @@ def train_handler(config: RunConfig, msg: Message, context: Context) -> Message:
     ``label-counts`` and (if ``send-input-moments``) ``input-mean`` and ``input-var``."""
     data = client_data(config, context.node_config, "train")
     model, node = _local_model(config, msg, context)
+    start = time.perf_counter()
     loss = train(model, data, epochs=config.local_epochs, lr=config.lr,
                  batch_size=config.batch_size, optimizer=config.optimizer,
                  seed=config.client_seed(node))
     metrics = MetricRecord({"train-loss": float(loss), "num-examples": len(data),
+                            "train-seconds": time.perf_counter() - start,
                             **client_statistics(config, model, data)})
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content=content, reply_to=msg)

@@ -14,6 +14,7 @@ training and the ``client-init`` rule are those of :mod:`otfusion.client.app`.
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -87,13 +88,14 @@ class LegacyClient(NumPyClient):
         else:
             set_weights(self.model, parameters)
         data = client_data(settings, self.node_config, "train")
+        start = time.perf_counter()
         loss = train(self.model, data,
                      epochs=int(config.get("local-epochs", settings.local_epochs)),
                      lr=float(config.get("lr", settings.lr)),
                      batch_size=settings.batch_size, optimizer=settings.optimizer, seed=seed)
         statistics = client_statistics(settings, self.model, data)
         return get_weights(self.model), len(data), {
-            "train-loss": float(loss),
+            "train-loss": float(loss), "train-seconds": time.perf_counter() - start,
             **{key: json.dumps(value) for key, value in statistics.items()}}
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]

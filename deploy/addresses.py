@@ -51,6 +51,13 @@ def is_local(host: str) -> bool:
     return ip.is_loopback or ip.is_unspecified
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` now (the operating system's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def port_in_use(host: str, port: int) -> bool:
     try:
         socket.create_connection((local_host(host), port), timeout=2.0).close()

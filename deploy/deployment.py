@@ -13,7 +13,9 @@ Everything flower-server writes lives in its state directory:
 - ``app/pyproject.toml``: a minimal Flower App generated at run time, whose components
   import the installed ``otfusion`` package (nothing depends on a source checkout),
 - ``run-config.toml``: the run's settings from the command line flags,
-- ``superlink.db`` and ``superlink.log``: the SuperLink's state and log.
+- ``superlink.db`` and ``superlink.log``: the SuperLink's state (in memory for a
+  simulation) and log,
+- ``run.log``: the streamed log of a simulated run (see :mod:`otfusion.server.console`).
 
 ``flwr run --stream`` exits 0 even when the run failed, so the final status is read
 with ``flwr ls CONNECTION --run-id ID --format json`` and a failed run is an error.
@@ -23,7 +25,7 @@ The SuperLink started here is stopped on exit, also on errors and Ctrl-C.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,9 +57,25 @@ if TYPE_CHECKING:  # only for annotations
 DEFAULT_STATE_DIR = ".flower-server"
 
 
+@dataclass(frozen=True)
+class Simulation:
+    """A SuperLink in simulation mode: ``num_supernodes`` virtual clients, each with
+    ``client_cpus`` CPUs of the Ray backend."""
+
+    num_supernodes: int
+    client_cpus: float = 1.0
+
+    def federation_config(self) -> str:
+        """The ``flwr run --federation-config`` value."""
+        cpus = self.client_cpus
+        return (f"num-supernodes={self.num_supernodes} "  # Flower wants 1, not 1.0
+                f"client-resources-num-cpus={int(cpus) if cpus == int(cpus) else cpus}")
+
+
 @dataclass
 class DeploymentOptions:
-    """How to reach (or start) the SuperLink; see ``flower-server --help``."""
+    """How to reach (or start) the SuperLink; see ``flower-server --help``. With
+    ``simulation``, the SuperLink started here runs the clients itself."""
 
     security: Security
     address: str = DEFAULT_ADDRESS
@@ -65,6 +83,7 @@ class DeploymentOptions:
     state_dir: Path = field(default_factory=lambda: Path(DEFAULT_STATE_DIR))
     startup_timeout: float = 60.0
     supernode_public_keys: Sequence[Path] = ()
+    simulation: Simulation | None = None
 
 
 def prepare(config: RunConfig, options: DeploymentOptions) -> tuple[Path, dict[str, str],
@@ -83,11 +102,17 @@ def prepare(config: RunConfig, options: DeploymentOptions) -> tuple[Path, dict[s
     run_config = write_run_config(state / "run-config.toml", config)
     argv = [executable("flwr"), "run", str(app_dir), CONNECTION,
             "--run-config", str(run_config), "--stream"]
-    return state, child_env(flwr_home), argv, config
+    if options.simulation is not None:
+        argv += ["--federation-config", options.simulation.federation_config()]
+    env = child_env(flwr_home)
+    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's FutureWarning
+    return state, env, argv, config
 
 
-def deploy(config: RunConfig, options: DeploymentOptions) -> int:
-    """Run the app once on a SuperLink; returns the exit code (0: run completed)."""
+def deploy(config: RunConfig, options: DeploymentOptions,
+           echo: Callable[[str], None] | None = None) -> int:
+    """Run the app once on a SuperLink; returns the exit code (0: run completed).
+    ``echo`` receives every line of the run's output (default: printed)."""
     state, env, argv, config = prepare(config, options)
     superlink: ManagedProcess | None = None
     started: list[int] = []
@@ -98,11 +123,17 @@ def deploy(config: RunConfig, options: DeploymentOptions) -> int:
                 raise DeploymentError(
                     f"{join_address(host, port)} is in use: choose another --address, or "
                     "run on the SuperLink listening there with --superlink HOST:PORT")
-            say(f"starting flower-superlink on {join_address(host, port)} "
-                f"({'insecure' if options.security.insecure else 'TLS'}; "
-                f"log: {state / 'superlink.log'})")
+            if options.simulation is not None:
+                say(f"starting a local SuperLink in simulation mode on "
+                    f"{join_address(host, port)} (log: {state / 'superlink.log'})")
+            else:
+                say(f"starting flower-superlink on {join_address(host, port)} "
+                    f"({'insecure' if options.security.insecure else 'TLS'}; "
+                    f"log: {state / 'superlink.log'})")
             superlink = ManagedProcess(
-                superlink_command(host, port, options.security, state / "superlink.db"),
+                superlink_command(host, port, options.security,
+                                  None if options.simulation else state / "superlink.db",
+                                  simulation=options.simulation is not None),
                 log_path=state / "superlink.log", cwd=state, env=env)
             seconds = wait_until_healthy(host, port, options.security, superlink,
                                          options.startup_timeout)
@@ -115,11 +146,13 @@ def deploy(config: RunConfig, options: DeploymentOptions) -> int:
             check_reachable(host, port)
         if options.supernode_public_keys:
             register_supernodes(options.supernode_public_keys, env)
-        shown = "SERVER" if host in ("", "0.0.0.0", "::") else host
-        say(f"running the app; the strategy waits for {config.min_train_nodes} SuperNode(s): "
-            f"start flower-client --superlink {join_address(shown, port)} on each client "
-            f"(outputs: {config.output_dir})")
-        code, run_id = stream_run(argv, env, on_run_id=started.append)
+        if options.simulation is None:
+            shown = "SERVER" if host in ("", "0.0.0.0", "::") else host
+            say(f"running the app; the strategy waits for {config.min_train_nodes} "
+                f"SuperNode(s): start flower-client --superlink {join_address(shown, port)} "
+                f"on each client (outputs: {config.output_dir})")
+        code, run_id = stream_run(argv, env, on_run_id=started.append,
+                                  **({"echo": echo} if echo is not None else {}))
         if run_id is None:
             say(f"flwr run did not start a run (exit {code})")
             return code or 1

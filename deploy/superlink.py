@@ -17,11 +17,13 @@ from otfusion.deploy.security import Security
 
 
 def superlink_command(host: str, port: int, security: Security,
-                      database: Path | None) -> list[str]:
+                      database: Path | None, simulation: bool = False) -> list[str]:
     """``flower-superlink`` with its state in the SQLite file ``database`` (None: in
-    memory, lost when it stops)."""
+    memory, lost when it stops); with ``simulation``, one that runs the app's clients as
+    virtual SuperNodes itself (Flower's simulation runtime)."""
     command = [executable("flower-superlink"), *security.superlink_args(),
-               "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+               "--disable-runtime-dependency-installation", "--host", host, "--port", str(port),
+               *(["--simulation"] if simulation else [])]
     return command + (["--database", str(database)] if database is not None else [])
 
 

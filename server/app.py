@@ -12,6 +12,7 @@ the run from there.
 
 from __future__ import annotations
 
+import time
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -48,8 +49,10 @@ def central_evaluation(config: RunConfig):
         return None
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        start = time.perf_counter()
         loss, accuracy = evaluate_state(arrays.to_torch_state_dict())
-        return MetricRecord({"loss": loss, "accuracy": accuracy})
+        return MetricRecord({"loss": loss, "accuracy": accuracy,
+                             "evaluate-seconds": time.perf_counter() - start})
 
     return evaluate_fn
 
@@ -70,6 +73,7 @@ def run_checkpoint(config: RunConfig) -> RunCheckpoint:
 
 def run(grid: Grid, config: RunConfig) -> dict:
     """Run the federation on ``grid`` and write the outputs; returns the report."""
+    start = time.perf_counter()
     last_fusion = LastFusion()
     strategy = make_strategy(config, on_fused=last_fusion)
     initial = ArrayRecord(config.build_model().state_dict())
@@ -82,7 +86,7 @@ def run(grid: Grid, config: RunConfig) -> dict:
         evaluate_fn=central_evaluation(config),
         checkpoint=run_checkpoint(config),
     )
-    report = write_report(config, result, last_fusion.updates)
+    report = write_report(config, result, last_fusion.updates, time.perf_counter() - start)
     log_table = report.get("comparison")
     if log_table:
         lines = [f"{name:<22} {accuracy:7.2%}" for name, accuracy in log_table.items()]

@@ -11,24 +11,33 @@ The transport security is an explicit choice: ``--insecure``, or TLS with
 ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``. The exit code is 0 only if the run
 completed.
 
-Simulation: ``--simulation --num-clients N`` runs the app in this process with N virtual
-clients on Flower's simulation engine (Ray).
+Simulation: ``--simulation --num-clients N`` runs the app the way Flower supports, on
+a local SuperLink in simulation mode (``flower-superlink --simulation``, then
+``flwr run --federation-config num-supernodes=N``) with N virtual clients (Ray), offline
+and without run-time dependency installation, and stops that SuperLink afterwards. It
+shows a banner, a progress display and the final table; Flower's log goes to
+``<state-dir>/run.log`` (``--verbose`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from otfusion.deploy.addresses import DEFAULT_ADDRESS, split_address
-from otfusion.deploy.deployment import DEFAULT_STATE_DIR, DeploymentOptions, deploy
+from otfusion.deploy.addresses import DEFAULT_ADDRESS, free_port, join_address, split_address
+from otfusion.deploy.deployment import (
+    DEFAULT_STATE_DIR,
+    DeploymentOptions,
+    Simulation,
+    deploy,
+)
 from otfusion.deploy.errors import DeploymentError, say
 from otfusion.deploy.security import choose_security
+from otfusion.server.console import RunConsole
 from otfusion.task.config import RunConfig
 
 
@@ -106,12 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "averaging (default: otfusion)")
     simulation = parser.add_argument_group("simulation")
     simulation.add_argument("--simulation", action="store_true",
-                            help="run in this process with --num-clients virtual clients "
-                                 "instead of a deployment")
+                            help="run with --num-clients virtual clients on a local "
+                                 "SuperLink in simulation mode instead of a deployment")
     simulation.add_argument("--num-clients", type=int, default=10,
                             help="number of virtual clients with --simulation (default: 10)")
     simulation.add_argument("--client-cpus", type=float, default=1.0,
                             help="CPUs reserved per virtual client in the Ray backend")
+    simulation.add_argument("--verbose", action="store_true",
+                            help="show Flower's log of the simulated run as it comes")
     _add_deployment_flags(parser)
     _add_run_config_flags(parser)
     return parser
@@ -123,20 +134,19 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**given)
 
 
-def simulate(config: RunConfig, num_clients: int, client_cpus: float = 1.0) -> None:
-    """Run the app on Flower's simulation engine with ``num_clients`` virtual clients."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from flwr.simulation import run_simulation
-
-    from otfusion.client.app import create_client_app
-    from otfusion.server.app import create_server_app
-
-    run_simulation(
-        server_app=create_server_app(config),
-        client_app=create_client_app(config),
-        num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}},
-    )
+def simulate(config: RunConfig, num_clients: int, client_cpus: float = 1.0,
+             state_dir: Path = Path(DEFAULT_STATE_DIR), verbose: bool = False) -> int:
+    """Run the app on a local SuperLink in simulation mode with ``num_clients`` virtual
+    clients; returns the exit code (0: run completed)."""
+    options = DeploymentOptions(
+        security=choose_security(insecure=True, own_superlink=True),
+        address=join_address("127.0.0.1", free_port()), state_dir=state_dir,
+        simulation=Simulation(num_clients, client_cpus))
+    with RunConsole(config, num_clients, state_dir.expanduser() / "run.log",
+                    verbose=verbose) as console:
+        code = deploy(config, options, echo=console.echo)
+        console.finish(code)
+    return code
 
 
 _DEPLOYMENT_ONLY = ("address", "superlink", "insecure", "ssl_ca_certfile", "ssl_certfile",
@@ -186,15 +196,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if given:
             parser.error(f"--{given[0].replace('_', '-')} is a deployment flag; it does not "
                          "apply with --simulation")
-        simulate(config, args.num_clients, args.client_cpus)
-        return
-    try:
-        options = deployment_options(args)
-    except DeploymentError as err:
-        parser.error(str(err))
+    else:
+        try:
+            options = deployment_options(args)
+        except DeploymentError as err:
+            parser.error(str(err))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        code = deploy(config, options)
+        code = (simulate(config, args.num_clients, args.client_cpus, Path(args.state_dir),
+                         args.verbose)
+                if args.simulation else deploy(config, options))
     except DeploymentError as err:
         say(f"error: {err}")
         code = 1
