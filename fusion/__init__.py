@@ -5,6 +5,7 @@ from .config import (
     BarycenterConfig,
     DistillationConfig,
     FusionConfig,
+    RobustConfig,
     TransportConfig,
 )
 from .distillation import InputMoments, input_moments, pool_moments
@@ -36,5 +37,6 @@ __all__ = [
     "output_width",
     "pool_moments",
     "register_rule",
+    "RobustConfig",
     "TransportConfig",
 ]

@@ -130,7 +130,8 @@ class RobustConfig(_Part):
         the median weight; None: no cap.
     screen : bool
         Exclude the clients whose predictions on the synthetic (or given) inputs are
-        outliers among the clients', before fusing and before distilling.
+        outliers among the clients', before fusing and before distilling (with five
+        clients or more; without input moments or inputs there is nothing to screen on).
     screen_threshold : float
         How many robust standard deviations of the clients' disagreement scores above
         their median make a client an outlier.
@@ -145,7 +146,7 @@ class RobustConfig(_Part):
     """
 
     max_weight_ratio: float | None = Field(default=2.0, gt=1)
-    screen: bool = False
+    screen: bool = True
     screen_threshold: float = Field(default=3.0, gt=0)
     aggregate: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(default=0.25, ge=0, lt=0.5)
@@ -253,7 +254,7 @@ class FusionConfig(BaseModel):
     def replace(self, **options: Any) -> FusionConfig:
         """A validated copy with some fields changed; flat option names as in
         :meth:`from_options`."""
-        return self.from_options(**{**self.model_dump(), **options})
+        return self.from_options(**{**self.model_dump(exclude_unset=True), **options})
 
     @property
     def distils(self) -> bool:

@@ -207,18 +207,24 @@ def _combiner(config: FusionConfig) -> Combine:
 def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
                   inputs: torch.Tensor | None, config: FusionConfig) -> dict[int, float]:
     """The clients whose predictions are outliers (:func:`~.robust.prediction_outliers`)
-    on synthetic inputs drawn from ``moments`` (or on ``inputs``); none, with a warning,
-    when neither is given."""
+    on synthetic inputs drawn from ``moments`` (or on ``inputs``). Without either, none:
+    with a warning when the screening was asked for explicitly (it is on by default)."""
     if moments is not None:
         generator = torch.Generator().manual_seed(config.distillation.seed)
         probe = synthetic_inputs(moments, min(config.distillation.samples, 512), generator)
-    elif inputs is not None:
+    elif inputs is not None and inputs.is_floating_point():
         probe = inputs
     else:
-        warnings.warn("robust.screen needs the clients' input moments or a batch of inputs; "
-                      "no client was screened", stacklevel=3)
+        if "screen" in config.robust.model_fields_set:
+            warnings.warn("robust.screen needs the clients' input moments or a batch of "
+                          "inputs; no client was screened", stacklevel=3)
         return {}
-    return prediction_outliers(models, probe, config.robust.screen_threshold)
+    try:
+        return prediction_outliers(models, probe, config.robust.screen_threshold)
+    except Exception as exc:  # noqa: BLE001 - e.g. moments of the wrong shape: fuse all
+        warnings.warn(f"screening failed ({type(exc).__name__}: {exc}); no client was "
+                      "screened", stacklevel=3)
+        return {}
 
 
 def output_width(model: nn.Module, inputs: torch.Tensor | None = None,

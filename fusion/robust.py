@@ -101,10 +101,11 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
     distance between its class probabilities and theirs on ``inputs``. A client is an
     outlier when its score exceeds the median score by more than ``threshold`` robust
     standard deviations (1.4826 MAD) of the scores, and by at least ``min_distance`` (so
-    that clients which all agree are never split). Needs three clients or more; the
-    median is the honest majority's when fewer than half are hostile.
+    that clients which all agree are never split). Needs five clients or more: the
+    median is the honest majority's when fewer than half are hostile, and with fewer
+    clients the spread of the scores says too little.
     """
-    if len(models) < 3:
+    if len(models) < 5:
         return {}
     probabilities = []
     for model in models:

@@ -67,7 +67,7 @@ class RunConfig(BaseModel):
     fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
-    fusion_robust_screen: bool = Field(default=False, description=(
+    fusion_robust_screen: bool = Field(default=True, description=(
         "exclude the clients whose predictions on synthetic inputs are outliers among "
         "the clients'"))
     fusion_robust_aggregate: Literal["mean", "trimmed-mean", "median"] = Field(

@@ -51,3 +51,15 @@ def processes(tmp_path):
         yield procs
     finally:
         procs.stop_all()
+
+
+@pytest.fixture
+def flwr_logs(caplog):
+    """Records of Flower's 'flwr' logger (INFO and up), whatever its propagation."""
+    import logging
+
+    logger = logging.getLogger("flwr")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="flwr")
+    yield caplog
+    logger.removeHandler(caplog.handler)

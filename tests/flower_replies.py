@@ -5,6 +5,7 @@ to compare with, and a Grid that answers every train message."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 
@@ -105,3 +106,8 @@ class StubProxy(ClientProxy):
 
     def reconnect(self, *args, **kwargs):
         raise NotImplementedError
+
+
+def warnings_text(caplog) -> str:
+    """The WARNING+ messages captured by ``caplog``."""
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)

@@ -6,8 +6,6 @@ independent of the engine); hostile ones send arbitrary well-formed models.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from permuted_families import make_family, relative_difference
@@ -156,7 +154,7 @@ def test_claimed_weight_is_capped_in_the_fusion():
 # ---------------------------------------------------------------- strategy
 
 
-def test_strategy_logs_and_counts_excluded_and_capped_replies(caplog):
+def test_strategy_logs_and_counts_excluded_and_capped_replies(flwr_logs):
     from flower_replies import reply
 
     from otfusion.strategies import OTFusion
@@ -168,17 +166,24 @@ def test_strategy_logs_and_counts_excluded_and_capped_replies(caplog):
     replies = [reply(20 + k, m.state_dict(), n, **moments)
                for k, (m, n) in enumerate(zip(models, claims, strict=True))]
     config = FusionConfig.from_options(robust_screen=True, **PLAIN)
-    caplog.set_level(logging.WARNING, logger="flwr")
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    try:
-        arrays, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
-                                   config).aggregate_train(1, replies)
-    finally:
-        logger.removeHandler(caplog.handler)
+    arrays, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
+                               config).aggregate_train(1, replies)
     assert metrics["excluded-replies"] == 1 and metrics["capped-replies"] == 1
-    assert "node 24 excluded: its predictions disagree" in caplog.text
-    assert "the weight of node 24 (5000 examples claimed) is capped" in caplog.text
+    assert "node 24 excluded: its predictions disagree" in flwr_logs.text
+    assert "the weight of node 24 (5000 examples claimed) is capped" in flwr_logs.text
     fused = build_model("mlp", seed=0, widths=(16, 12))
     fused.load_state_dict(arrays.to_torch_state_dict())
     assert relative_difference(fused, original, inputs) <= EXACT_TOL
+
+
+def test_default_screening_without_moments_is_silent():
+    """Screening is on by default; a fusion without input moments or inputs (the CLI's
+    ``otfusion fuse``) has nothing to screen on and says nothing."""
+    import warnings
+
+    original, permuted, _ = make_family(*MLP, copies=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fuse_result([original, *permuted, hostile(*MLP, 5)],
+                             config=FusionConfig.from_options(**PLAIN))
+    assert result.excluded == {}

@@ -22,9 +22,11 @@ ROUNDS = 3
 
 
 def command(output: Path, *extra: str) -> list[str]:
+    """flower-server showing Flower's log (``--verbose``), with its state beside the
+    outputs."""
     return [executable("flower-server"), "--simulation", "--num-clients", "3",
-            "--num-server-rounds", str(ROUNDS), "--local-epochs", "20",
-            "--output-dir", str(output), *extra]
+            "--num-server-rounds", str(ROUNDS), "--local-epochs", "20", "--verbose",
+            "--output-dir", str(output), "--state-dir", str(output.parent / "state"), *extra]
 
 
 def run_to_end(argv: list[str], log: Path) -> str:

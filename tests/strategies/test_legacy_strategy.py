@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from flower_replies import (
     direct_fusion,
     fusion_order,
     global_model,
+    warnings_text,
 )
 from flwr.common import (
     Code,
@@ -51,19 +50,6 @@ def assert_same_arrays(parameters: Parameters, expected_state) -> None:
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.fixture
-def flwr_logs(caplog):
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
-def warnings_text(caplog) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
 def test_good_results_fuse_like_the_engine():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 
 import numpy as np
@@ -18,6 +17,7 @@ from flower_replies import (
     global_model,
     metadata,
     reply,
+    warnings_text,
 )
 from flwr.app import (
     Array,
@@ -43,20 +43,6 @@ def assert_same_state(arrays: ArrayRecord, expected: dict[str, torch.Tensor]) ->
         assert got[name].dtype == tensor.dtype, name
         assert got[name].shape == tensor.shape, name
         torch.testing.assert_close(got[name], tensor, msg=name)
-
-
-@pytest.fixture
-def flwr_logs(caplog):
-    """WARNING+ records of Flower's 'flwr' logger, whatever its propagation setting."""
-    logger = logging.getLogger("flwr")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="flwr")
-    yield caplog
-    logger.removeHandler(caplog.handler)
-
-
-def warnings_text(caplog) -> str:
-    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
 
 def test_good_replies_fuse_like_the_engine():

@@ -74,3 +74,43 @@ def test_otfusion_fuse_names_a_bad_path(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fuse", *paths, "--model", "own_models:missing", "-o", str(tmp_path / "o")])
     assert "cannot import model 'own_models:missing'" in capsys.readouterr().err
+
+
+def test_deployment_writes_the_import_path_into_the_run_config(tmp_path):
+    """flower-server's deployment helpers pass the path on to the ServerApp and the
+    ClientApps (the generated app names no model; the run config does)."""
+    import tomllib
+
+    from otfusion.deploy.deployment import DeploymentOptions, prepare
+    from otfusion.deploy.security import Security
+
+    config = RunConfig(model=PATH, model_kwargs='{"hidden": 8}', output_dir=str(tmp_path))
+    state, _, argv, _ = prepare(config, DeploymentOptions(Security(insecure=True),
+                                                          state_dir=tmp_path / "state"))
+    written = tomllib.loads((state / "run-config.toml").read_text())
+    assert written["model"] == PATH and written["model-kwargs"] == '{"hidden": 8}'
+    assert RunConfig.from_run_config(written).build_model().body[0].out_features == 8
+    assert "--run-config" in argv
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_simulation_fuses_a_users_model(tmp_path, monkeypatch):
+    """flower-server --simulation with model='own_models:make_net': the SuperLink's
+    ServerApp and ClientApp processes import it (from PYTHONPATH, as a user's package
+    installed in the environment would be)."""
+    import json
+    from pathlib import Path
+
+    from otfusion.server.flower_server import simulate
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    config = RunConfig(model=PATH, model_kwargs='{"hidden": 16}', local_epochs=5,
+                       min_train_nodes=3, output_dir=str(tmp_path / "out"))
+    assert simulate(config, num_clients=3, state_dir=tmp_path / "state") == 0
+    (run,) = (tmp_path / "out").glob("run-*")
+    report = json.loads((run / "report.json").read_text())
+    assert report["train_metrics"]["1"]["accepted-replies"] == 3
+    model = build_model(PATH, hidden=16)
+    model.load_state_dict(load_file(run / "global_model.safetensors"))
+    assert report["comparison"]["global model (otfusion)"] > 0.5
