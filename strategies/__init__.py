@@ -4,7 +4,11 @@
 - :class:`LegacyOTFusion`: legacy API (``flwr.server.strategy.FedAvg`` subclass) for
   NumPyClient deployments.
 
-The fusion engine itself is the Flower-free library :mod:`otfusion.fusion`.
+Both run one pipeline: a reply's arrays and weight are checked (:mod:`.replies`) and
+decoded into a :class:`~.updates.ClientUpdate` (:mod:`.updates`), and the accepted
+updates are fused by :func:`~.rounds.fuse_round` with the strategy's
+:class:`~.settings.FusionSettings`; :mod:`.resume` checkpoints and resumes runs. The
+fusion engine itself is the Flower-free library :mod:`otfusion.fusion`.
 """
 
 from .legacy import LegacyOTFusion
