@@ -134,7 +134,7 @@ def deploy(config: RunConfig, options: DeploymentOptions,
                 superlink_command(host, port, options.security,
                                   None if options.simulation else state / "superlink.db",
                                   simulation=options.simulation is not None),
-                log_path=state / "superlink.log", cwd=state, env=env)
+                log_path=state / "superlink.log", cwd=state, env=env, tied=True)
             seconds = wait_until_healthy(host, port, options.security, superlink,
                                          options.startup_timeout)
             if not superlink.alive():  # answered by another server that took the port

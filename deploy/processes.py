@@ -93,13 +93,25 @@ def _signal_all(processes: Sequence[tuple[int, str | None]], sig: int) -> None:
             pass
 
 
+def _killed_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL when the parent dies. Not SIGTERM: a
+    SuperLink whose parent is gone waits on its run forever; killed, its SuperExec and
+    simulation processes notice their parent is gone and exit by themselves."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class ManagedProcess:
     """A child process in its own session (process group) whose whole tree is stopped
     by :meth:`stop`: SIGTERM, then SIGKILL after ``grace`` seconds. Flower's SuperLink
-    starts its SuperExec in a separate session, so the tree is collected from /proc."""
+    starts its SuperExec in a separate session, so the tree is collected from /proc.
+    With ``tied``, the child is also killed if this process dies without stopping it
+    (by SIGKILL; Linux only), so that no SuperLink outlives a killed flower-server."""
 
     def __init__(self, argv: Sequence[str], *, log_path: Path | None = None,
-                 cwd: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+                 cwd: Path | None = None, env: Mapping[str, str] | None = None,
+                 tied: bool = False) -> None:
         self.argv = list(argv)
         self.log_path = log_path
         log = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
@@ -107,7 +119,9 @@ class ManagedProcess:
             self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=cwd,
                                             env=dict(env) if env is not None else None,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=_killed_with_parent
+                                            if tied and sys.platform == "linux" else None)
         finally:
             if log is not subprocess.DEVNULL:
                 log.close()

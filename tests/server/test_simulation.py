@@ -45,3 +45,35 @@ def test_one_shot_simulation_with_20_clients_beats_fedavg(tmp_path, capsys):
     phases = report["phase_seconds"]["1"]
     assert set(phases) == {"client training", "fusion", "distillation", "central evaluation"}
     assert all(seconds > 0 for seconds in phases.values()) and report["total_seconds"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_flower_server_takes_its_superlink_along(tmp_path):
+    """SIGKILL of flower-server alone (no cleanup can run): its SuperLink is killed with
+    it (PR_SET_PDEATHSIG), and the SuperLink's own children follow."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from deployment_helpers import leftovers
+
+    from otfusion.deploy.processes import executable
+
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [executable("flower-server"), "--simulation", "--num-clients", "3",
+             "--local-epochs", "50", "--output-dir", str(tmp_path / "out"),
+             "--state-dir", str(tmp_path / "state")],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "SuperLink healthy" not in log.read_text(errors="replace"):
+        assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.5)
+    port = int(re.search(r"simulation mode on 127\.0\.0\.1:(\d+)", log.read_text())[1])
+    time.sleep(5)  # the run is under way
+    assert leftovers([port]), "the SuperLink is not running"
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(timeout=10)
+    assert_no_leftovers([port], timeout=90)
