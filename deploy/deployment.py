@@ -1,10 +1,13 @@
-"""Deployment mode of ``flower-server``: a SuperLink, this app, and one run of it.
+"""How ``flower-server`` runs this app: a SuperLink, the app, and one run of it.
 
-``flower-server`` (without ``--simulation``) starts a ``flower-superlink`` (or uses an
-existing one named by ``--superlink``), waits until it answers, and runs this app on it
-with Flower's own CLI, ``flwr run APP CONNECTION --run-config FILE --stream``. Real
-clients join with ``flower-client`` (a ``flower-supernode`` for this app) from their
-own machines; the strategy waits until ``min-train-nodes`` of them are connected.
+``flower-server`` starts a ``flower-superlink`` (or, deployed, uses an existing one
+named by ``--superlink``), waits until it answers, and runs this app on it with Flower's
+own CLI, ``flwr run APP CONNECTION --run-config FILE --stream``. Deployed, real clients
+join with ``flower-client`` (a ``flower-supernode`` for this app) from their own
+machines, and the strategy waits until ``min-train-nodes`` of them are connected. With
+``--simulation`` (:class:`Simulation`), the SuperLink runs in simulation mode on
+loopback and runs the clients itself (``flwr run --federation-config
+"num-supernodes=N ..."``).
 
 Everything flower-server writes lives in its state directory:
 
