@@ -154,8 +154,7 @@ def deploy(config: RunConfig, options: DeploymentOptions,
             say(f"running the app; the strategy waits for {config.min_train_nodes} "
                 f"SuperNode(s): start flower-client --superlink {join_address(shown, port)} "
                 f"on each client (outputs: {config.output_dir})")
-        code, run_id = stream_run(argv, env, on_run_id=started.append,
-                                  **({"echo": echo} if echo is not None else {}))
+        code, run_id = stream_run(argv, env, echo=echo, on_run_id=started.append)
         if run_id is None:
             say(f"flwr run did not start a run (exit {code})")
             return code or 1

@@ -26,9 +26,10 @@ def _echo(line: str) -> None:
 
 
 def stream_run(argv: Sequence[str], env: Mapping[str, str],
-               echo: Callable[[str], None] = _echo,
+               echo: Callable[[str], None] | None = None,
                on_run_id: Callable[[int], None] | None = None) -> tuple[int, int | None]:
-    """Run ``flwr run ... --stream``, echoing its output; returns (exit code, run id).
+    """Run ``flwr run ... --stream``, passing each line of its output to ``echo``
+    (default: print it); returns (exit code, run id).
     ``on_run_id`` is called as soon as the run id is known (before the run ends)."""
     run_id = None
     process = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -37,7 +38,7 @@ def stream_run(argv: Sequence[str], env: Mapping[str, str],
     try:
         assert process.stdout is not None
         for line in process.stdout:
-            echo(line)
+            (echo or _echo)(line)
             if run_id is None and (match := _RUN_ID.search(line)):
                 run_id = int(match[1])
                 if on_run_id is not None:
