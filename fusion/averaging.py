@@ -24,7 +24,7 @@ import torch
 
 from .graph import AlignmentGraph, AxisSpec, TensorSpec, is_recurrent
 from .projection import Coupling, as_rows, project
-from .robust import Combine, robust_mean
+from .robust import Combine, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class AveragingWeights:
 def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch.Tensor],
                    states: list[dict[str, torch.Tensor]],
                    couplings: list[dict[int, Coupling]], weights: AveragingWeights,
-                   rescale: bool = False, combine: Combine = robust_mean
+                   rescale: bool = False, combine: Combine = weighted_mean
                    ) -> dict[str, torch.Tensor]:
     """The fused state: every floating tensor of every client mapped through its
     couplings and combined with ``weights`` (by ``combine``: the weighted mean, or a

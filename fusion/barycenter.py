@@ -5,6 +5,11 @@ weights in the fused model's coordinates, or its activations). The barycenter su
 ``B`` has the fused width as its number of rows. Iterate: solve OT from ``B`` to every
 client, then move ``B`` to the clients' barycentric projections, weighted by the client
 weights, until ``B`` stops moving.
+
+Two couplings are known without solving, with exact transport between equal widths of
+plain Euclidean points (see :func:`free_support_barycenter`): the anchor's first one
+(``B`` starts as the anchor's own neurons: the identity), and, with two clients, the
+second iteration's (the first one's again).
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .config import BarycenterConfig, TransportConfig
 from .graph import AxisSpec
 from .projection import Coupling, apply_axis
-from .robust import Combine, robust_mean
+from .robust import Combine, weighted_mean
 from .transport import block_plan, transport_plan
 
 
@@ -43,6 +49,12 @@ class Points:
     @classmethod
     def euclidean(cls, rows: torch.Tensor) -> Points:
         return cls(rows, rows.square().sum(dim=1), torch.ones_like(rows[0]))
+
+    @property
+    def is_euclidean(self) -> bool:
+        """Whether the cost is the plain squared distance to ``rows`` (every input
+        coordinate fully covered, as after permutations, and no scale)."""
+        return self.scale == 1.0 and bool((self.support_weights == 1).all())
 
 
 _NEURON_ROWS = AxisSpec(group=-1, kind="neuron")
@@ -82,7 +94,9 @@ def free_support_barycenter(
     transport: TransportConfig,
     blocks: int = 1,
     block_couplings: Sequence[torch.Tensor] | None = None,
-    combine: Combine = robust_mean,
+    combine: Combine = weighted_mean,
+    anchor: int | None = None,
+    static: bool = False,
 ) -> BarycenterResult:
     """Couple every client to the fused neurons; ``support`` is the initial ``B``.
 
@@ -96,6 +110,18 @@ def free_support_barycenter(
     ``k``'s blocks must be matched. Every plan is solved with ``transport``, and the
     support moves to ``combine(mapped rows, weights)`` of the clients (default: their
     weighted mean; a robust estimator keeps hostile clients from dragging it).
+
+    ``anchor`` is the client whose points are the initial support, if any; ``static``
+    says that ``points_fn`` ignores the plan (no recurrent members). With exact transport,
+    one block, and plain Euclidean points (:attr:`Points.is_euclidean`), two couplings are
+    known without solving:
+
+    - the anchor's first one is the identity (its cost to its own points is zero);
+    - with two clients ``a`` (the anchor) and ``b``, static points and the weighted mean,
+      the first iteration already converged. ``b``'s coupling ``s`` maximises
+      ``sum_i a_i . b_s(i)``, and the new support ``w a + (1 - w) b_s`` is coupled
+      optimally to ``a`` by the identity and to ``b`` by ``s`` again, since
+      ``sum_i a_t(i) . a_i <= sum_i |a_i|^2`` for every permutation ``t``.
     """
     n = next(iter(support.values())).shape[0]
     like = next(iter(support.values()))  # dtype and device of the marginals
@@ -104,10 +130,16 @@ def free_support_barycenter(
                  for m in widths]
     damped: list[torch.Tensor | None] = [None] * len(widths)
     warm: list[object] = [None] * len(widths)
+    exact = transport.solver == "exact" and blocks == 1
 
-    def couple(k: int):
-        """Client ``k``'s plan to the current support, its cost and its mapped neurons."""
+    def couple(k: int, known: bool = False):
+        """Client ``k``'s coupling to the current support, its cost and its mapped
+        neurons; ``known``: the support is client ``k``'s own points."""
         points = points_fn(k, damped[k])
+        euclidean = all(p.is_euclidean for p in points.values())
+        if known and exact and widths[k] == n and euclidean:
+            return _Solved(Coupling.identity(n, like), 0.0,
+                           {name: p.rows for name, p in points.items()}, euclidean)
         cost = ground_cost(support, points)
         if blocks > 1:
             plan = block_plan(cost, uniform_n, marginals[k], transport, blocks,
@@ -117,7 +149,7 @@ def free_support_barycenter(
         coupling = Coupling.from_plan(plan)
         mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
                   for name, p in points.items()}
-        return coupling, float((cost * plan).sum()), mapped
+        return _Solved(coupling, float((cost * plan).sum()), mapped, euclidean)
 
     sample = support_sample(weights, config.support_clients)
     sample_total = sum(weights[k] for k in sample)
@@ -128,24 +160,64 @@ def free_support_barycenter(
     with ThreadPoolExecutor(max_workers=workers) as pool, _torch_threads(single):
         while iterations < config.max_iter:
             iterations += 1
-            solved = list(pool.map(couple, sample))  # solvers release the GIL
-            updated = {name: combine([mapped[name] for _, _, mapped in solved],
-                                     sample_weights)
-                       for name in solved[0][2]}
+            first = iterations == 1
+            solved = _solve_all(pool, couple, sample, anchor if first else None)
+            updated = {name: combine([s.mapped[name] for s in solved], sample_weights)
+                       for name in solved[0].mapped}
             shift = _relative_shift(support, updated)
             support = updated
-            for k, (coupling, _, _) in zip(sample, solved, strict=True):
-                plan, previous = coupling.plan, damped[k]
+            if first and exact and static and combine is weighted_mean and anchor in sample \
+                    and len(sample) == 2 and all(s.matched for s in solved):
+                solved = _two_client_costs(solved, sample_weights)
+                break
+            for k, s in zip(sample, solved, strict=True):
+                plan, previous = s.coupling.plan, damped[k]
                 damped[k] = plan if previous is None else (
                     config.gw_damping * plan + (1 - config.gw_damping) * previous
                 )
             if shift <= config.tol:
                 break
         if len(sample) < len(widths):
-            solved = list(pool.map(couple, range(len(widths))))
-    couplings = [coupling for coupling, _, _ in solved]
-    mean_cost = sum(w * cost for w, (_, cost, _) in zip(weights, solved, strict=True))
-    return BarycenterResult(couplings, mean_cost, iterations)
+            solved = _solve_all(pool, couple, list(range(len(widths))), None)
+    mean_cost = sum(w * s.cost for w, s in zip(weights, solved, strict=True))
+    return BarycenterResult([s.coupling for s in solved], mean_cost, iterations)
+
+
+class _Solved(NamedTuple):
+    """One client's coupling to the support, its transport cost, its neurons mapped to
+    the support's rows, and whether its points are plain Euclidean ones."""
+
+    coupling: Coupling
+    cost: float
+    mapped: dict[str, torch.Tensor]
+    euclidean: bool
+
+    @property
+    def matched(self) -> bool:
+        """Whether the coupling is a permutation of plain Euclidean points."""
+        return self.euclidean and self.coupling.permutation is not None
+
+
+def _solve_all(pool: ThreadPoolExecutor, couple, clients: list[int], known: int | None
+               ) -> list[_Solved]:
+    """``couple`` for every client in order; the ``known`` client inline, the others on
+    the pool (the solvers release the GIL), or inline when only one is left."""
+    todo = [k for k in clients if k != known]
+    results = dict(zip(todo, pool.map(couple, todo) if len(todo) > 1 else map(couple, todo),
+                       strict=True))
+    if known in clients:
+        results[known] = couple(known, known=True)
+    return [results[k] for k in clients]
+
+
+def _two_client_costs(solved: list[_Solved], weights: list[float]) -> list[_Solved]:
+    """The costs of two clients' first couplings to the support they move it to: the
+    support is ``w_a a + w_b b_s``, so the anchor is ``w_b`` and the other ``w_a`` of the
+    way from it, and their squared distances are those fractions squared of the first
+    solve's cost (``b``'s to ``a``)."""
+    distance = max(s.cost for s in solved)  # the anchor's own cost is zero
+    return [s._replace(cost=(1 - w) ** 2 * distance)
+            for s, w in zip(solved, weights, strict=True)]
 
 
 def support_sample(weights: Sequence[float], size: int | None) -> list[int]:

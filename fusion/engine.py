@@ -37,7 +37,7 @@ from .graph import (
 )
 from .modes import temporary_mode
 from .projection import Coupling, as_rows, dense_state, project, stored_state
-from .robust import Combine, cap_weights, prediction_outliers, robust_mean
+from .robust import Combine, cap_weights, prediction_outliers, robust_mean, weighted_mean
 from .transport import block_marginal
 from .validation import (
     check_models,
@@ -199,7 +199,11 @@ def _pooled(per_client: list[InputMoments | None] | None, weights: Sequence[floa
 
 
 def _combiner(config: FusionConfig) -> Combine:
-    """How the clients' mapped tensors are combined (:func:`~.robust.robust_mean`)."""
+    """How the clients' mapped tensors are combined (:func:`~.robust.robust_mean`; the
+    plain :func:`~.robust.weighted_mean` itself for ``mean``, which the barycenter's
+    shortcuts recognise)."""
+    if config.robust.aggregate == "mean":
+        return weighted_mean
     return functools.partial(robust_mean, how=config.robust.aggregate,
                              trim=config.robust.trim)
 
@@ -423,10 +427,14 @@ class _GroupSolver:
                 return {**points[k], **self.recurrent_points(group, k, self_plan)}
 
             support = self.initial_support(group, points[self.anchor])
+            own = self.target_widths[group.id] == self.widths[self.anchor][group.id]
+            static = self.config.method != "gromov-wasserstein" or not any(
+                is_recurrent(spec) for spec in self.graph.cost_tensors(group.id))
             result = free_support_barycenter(
                 points_fn, self.weights, [w[group.id] for w in self.widths], support,
                 self.config.barycenter, self.config.transport, group.blocks,
-                self.block_couplings(group), combine=_combiner(self.config))
+                self.block_couplings(group), combine=_combiner(self.config),
+                anchor=self.anchor if own else None, static=static)
             for maps, coupling in zip(self.couplings, result.couplings, strict=True):
                 maps[group.id] = coupling
             costs[group.label] = result.cost

@@ -52,13 +52,19 @@ def weighted_trimmed_mean(values: torch.Tensor, weights: torch.Tensor,
     return (kept * ordered).sum(dim=0) / kept.sum(dim=0).clamp_min(1e-300)
 
 
+def weighted_mean(values: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float]
+                  ) -> torch.Tensor:
+    """The weighted sum of the clients' ``values`` (weights summing to one)."""
+    return sum(w * v for w, v in zip(weights, values, strict=True))
+
+
 def robust_mean(values: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float],
                 how: str = "mean", trim: float = 0.25) -> torch.Tensor:
     """The clients' ``values`` (one tensor each, same shape) combined with ``weights``
-    (numbers, or tensors broadcastable to the values) by ``how``: ``mean`` (the weighted
-    sum, weights summing to one), ``trimmed-mean`` or ``median``."""
+    (numbers, or tensors broadcastable to the values) by ``how``: ``mean``
+    (:func:`weighted_mean`), ``trimmed-mean`` or ``median``."""
     if how == "mean":
-        return sum(w * v for w, v in zip(weights, values, strict=True))
+        return weighted_mean(values, weights)
     stacked = torch.stack(list(values))
     factors = torch.stack([torch.as_tensor(w, dtype=stacked.dtype, device=stacked.device)
                            .expand_as(stacked[0]) for w in weights])

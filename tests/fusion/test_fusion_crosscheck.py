@@ -81,6 +81,8 @@ def test_first_layer_equals_pot_free_support_barycenter(widths, weights, target_
 
 ENGINE_CASES = [
     pytest.param([(5, 4)] * 3, None, None, "exact", id="equal-widths-uniform"),
+    pytest.param([(5, 4)] * 2, None, None, "exact", id="two-clients-uniform"),
+    pytest.param([(5, 4, 3)] * 2, [1.0, 3.0], None, "exact", id="two-clients-weighted"),
     pytest.param([(5, 4)] * 3, [1.0, 2.0, 1.5], None, "exact", id="equal-widths-weighted"),
     pytest.param([(5, 4, 3)] * 3, [2.0, 1.0, 1.0], None, "exact", id="three-hidden-layers"),
     pytest.param([(4, 4), (6, 6), (4, 6)], [1.0, 2.0, 1.0], (5, 5), "exact",
