@@ -23,8 +23,10 @@ from dataclasses import dataclass
 import torch
 
 from .graph import AlignmentGraph, AxisSpec, TensorSpec, is_recurrent
-from .projection import Coupling, as_rows, project
+from .projection import Coupling, apply_axis, project, row_sq_norms
 from .robust import Combine, weighted_mean
+
+_NEURONS = AxisSpec(group=-1, kind="neuron")
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class _NormTargets:
 
 
 def _sq_rows(tensor: torch.Tensor, axis: int, neuron: AxisSpec) -> torch.Tensor:
-    return as_rows(tensor, axis, neuron).double().square().sum(dim=1)
+    return row_sq_norms(tensor, axis, neuron).double()
 
 
 def plain_unit_groups(graph: AlignmentGraph) -> set[int]:
@@ -151,11 +153,10 @@ def neuron_importance_weights(graph: AlignmentGraph, states, couplings, weights:
             continue
         mapped = []
         for k, state in enumerate(states):
-            squared = sum(as_rows(state[spec.name].double(), axis, a).square().sum(dim=1)
+            squared = sum(row_sq_norms(state[spec.name], axis, a).double()
                           for spec, axis, a in consumers)
             importance = squared if how == "outgoing-sq" else squared.sqrt()
-            matrix = couplings[k][group.id].matrix("neuron").to(importance.dtype)
-            mapped.append(weights[k] * (matrix @ importance))
+            mapped.append(weights[k] * apply_axis(importance, 0, _NEURONS, couplings[k][group.id]))
         stacked = torch.stack(mapped)
         stacked = stacked / stacked.sum(dim=0, keepdim=True).clamp_min(1e-300)
         out[group.id] = list(stacked)

@@ -91,6 +91,14 @@ def as_rows(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
     return blocks.permute(1, 0, 2, 3).reshape(width, -1)
 
 
+def row_sq_norms(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
+    """The squared norm of each row of :func:`as_rows`, without copying the rows out."""
+    others = tuple(d for d in range(tensor.dim()) if d != axis)
+    squares = torch.linalg.vector_norm(tensor, dim=others).square() if others \
+        else tensor.square()
+    return squares.reshape(spec.outer, -1, spec.inner).sum(dim=(0, 2))
+
+
 def dense_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
     """``state`` in the form the graph describes: a grouped convolution's weight dense

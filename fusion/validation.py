@@ -18,9 +18,18 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model {k} is a {type(model).__name__}, not a torch.nn.Module")
         for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise ValueError(f"model {k}: '{name}' contains NaN or Inf values")
     return models
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or infinite, from the extremes alone (NaN propagates to
+    them), without a boolean copy of the tensor."""
+    if tensor.numel() == 0:
+        return True
+    low, high = tensor.aminmax()
+    return math.isfinite(low.item()) and math.isfinite(high.item())
 
 
 def normalize_weights(weights: Sequence[float] | torch.Tensor | None, count: int) -> list[float]:
