@@ -119,8 +119,8 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
         with temporary_mode(model):
             logits = model(inputs.to(parameter.device, parameter.dtype))
         probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
-    stacked = torch.stack(probabilities)  # clients x inputs x classes
-    distance = 0.5 * (stacked[:, None] - stacked[None]).abs().sum(dim=-1).mean(dim=-1)
+    flat = torch.stack(probabilities).flatten(1)  # clients x (inputs x classes)
+    distance = 0.5 * torch.cdist(flat[None], flat[None], p=1)[0] / len(inputs)
     k = len(models)
     others = distance[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)
     scores = others.median(dim=1).values
