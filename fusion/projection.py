@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,13 @@ class Coupling:
         return cls(plan, torch.cat([p.permutation + o for p, o in zip(parts, offsets,
                                                                        strict=True)]))
 
+    @functools.cached_property
+    def is_identity(self) -> bool:
+        """Whether every client neuron maps to the fused neuron of its own index."""
+        index = self.permutation
+        return index is not None and torch.equal(
+            index, torch.arange(len(index), device=index.device))
+
     def matrix(self, kind: str) -> torch.Tensor:
         """Map from client to fused coordinates: rows average ("neuron") or columns keep
         their mass ("input"), so that a neuron split in two feeds its consumers once."""
@@ -61,16 +69,19 @@ class Coupling:
 
 def apply_axis(tensor: torch.Tensor, axis: int, spec: AxisSpec,
                coupling: Coupling) -> torch.Tensor:
-    """Map one axis of ``tensor`` from client to fused coordinates."""
+    """Map one axis of ``tensor`` from client to fused coordinates (``tensor`` itself
+    when the coupling is the identity; one indexed copy when it is a permutation)."""
+    if coupling.is_identity:
+        return tensor
+    width = coupling.plan.shape[1]
+    if coupling.permutation is not None:
+        blocks = tensor.unflatten(axis, (spec.outer, width, spec.inner))
+        return blocks.index_select(axis + 1, coupling.permutation).flatten(axis, axis + 2)
     moved = tensor.movedim(axis, 0)
     rest = moved.shape[1:]
-    width = coupling.plan.shape[1]
     blocks = moved.reshape(spec.outer, width, spec.inner, -1)
-    if coupling.permutation is not None:
-        mapped = blocks.index_select(1, coupling.permutation)
-    else:
-        matrix = coupling.matrix(spec.kind).to(tensor.dtype)
-        mapped = torch.einsum("nm,omir->onir", matrix, blocks)
+    matrix = coupling.matrix(spec.kind).to(tensor.dtype)
+    mapped = torch.einsum("nm,omir->onir", matrix, blocks)
     return mapped.reshape(-1, *rest).movedim(0, axis)
 
 
