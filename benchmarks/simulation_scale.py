@@ -1,10 +1,12 @@
-"""One-shot simulation with many virtual clients: wall time, fusion time, peak memory.
+"""One-shot simulation with many virtual clients: wall time, fusion and distillation
+shares, peak memory, global accuracy.
 
-Runs ``flower-server --simulation --num-clients N`` for every N in a fresh process tree
-(the Ray workers included), samples the tree's total resident memory, and reads the
-fusion time from the run's report. Writes ``results/simulation_scale.json``.
+Runs ``flower-server --simulation --num-clients N --client-init MODE`` for every N and
+mode in a fresh process tree (the simulation's workers included), samples the tree's
+total resident memory, and reads the fusion and distillation times from the run's
+report. Writes ``results/simulation_scale.json``.
 
-    python benchmarks/simulation_scale.py --clients 100 1000
+    python benchmarks/simulation_scale.py --clients 100 1000 --client-init local-seed global
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ def tree_rss_mib(root: int) -> float:
     return total / 1024
 
 
-def run(num_clients: int, extra: list[str]) -> dict:
+def run(num_clients: int, client_init: str, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         command = [str(Path(sys.executable).with_name("flower-server")), "--simulation",
-                   "--num-clients", str(num_clients), "--output-dir", out, *extra]
+                   "--num-clients", str(num_clients), "--client-init", client_init,
+                   "--output-dir", out, *extra]
         start, peak = time.perf_counter(), 0.0
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
@@ -52,26 +55,33 @@ def run(num_clients: int, extra: list[str]) -> dict:
         (report,) = Path(out).glob("run-*/report.json")
         data = json.loads(report.read_text())
     metrics = data["train_metrics"]["1"]
-    return {"clients": num_clients, "wall_seconds": wall,
-            "fusion_seconds": metrics["fusion-seconds"], "peak_rss_mib": peak,
+    return {"clients": num_clients, "client_init": client_init, "wall_seconds": wall,
+            "fusion_seconds": metrics["fusion-seconds"],
+            "distill_seconds": metrics.get("distill-seconds", 0.0), "peak_rss_mib": peak,
             "accepted": metrics["accepted-replies"], "comparison": data["comparison"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", nargs="+", type=int, default=[100, 1000])
+    parser.add_argument("--client-init", nargs="+", default=["local-seed", "global"],
+                        choices=["local-seed", "global"])
     parser.add_argument("extra", nargs="*", help="more flower-server flags, after --")
     args = parser.parse_args()
     rows = []
-    print(f"{'clients':>8} {'wall (s)':>9} {'fusion (s)':>11} {'fusion share':>13} "
-          f"{'peak RSS (MiB)':>15} {'global model acc':>17}")
-    for n in args.clients:
-        row = run(n, args.extra)
-        rows.append(row)
-        accuracy = row["comparison"].get("global model (otfusion)", float("nan"))
-        print(f"{n:>8} {row['wall_seconds']:>9.1f} {row['fusion_seconds']:>11.1f} "
-              f"{row['fusion_seconds'] / row['wall_seconds']:>13.1%} "
-              f"{row['peak_rss_mib']:>15.0f} {accuracy:>17.1%}", flush=True)
+    print(f"{'clients':>8} {'client init':>11} {'wall (s)':>9} {'fusion (s)':>11} "
+          f"{'fusion share':>13} {'distil share':>13} {'peak RSS (MiB)':>15} "
+          f"{'global model acc':>17}")
+    for init in args.client_init:
+        for n in args.clients:
+            row = run(n, init, args.extra)
+            rows.append(row)
+            accuracy = row["comparison"].get("global model (otfusion)", float("nan"))
+            print(f"{n:>8} {init:>11} {row['wall_seconds']:>9.1f} "
+                  f"{row['fusion_seconds']:>11.1f} "
+                  f"{row['fusion_seconds'] / row['wall_seconds']:>13.1%} "
+                  f"{row['distill_seconds'] / row['wall_seconds']:>13.1%} "
+                  f"{row['peak_rss_mib']:>15.0f} {accuracy:>17.1%}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "simulation_scale.json").write_text(json.dumps(rows, indent=1))
 
