@@ -99,19 +99,23 @@ def cap_weights(weights: Sequence[float], ratio: float | None
 
 @torch.no_grad()
 def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
-                        threshold: float, min_distance: float = 0.05
-                        ) -> dict[int, float]:
+                        threshold: float, min_distance: float = 0.05,
+                        references: int = 128) -> dict[int, float]:
     """The clients whose predictions are outliers, with their disagreement score.
 
     A client's score is the median, over the other clients, of the mean total-variation
-    distance between its class probabilities and theirs on ``inputs``. A client is an
+    distance between its class probabilities and theirs on ``inputs``; with more than
+    ``references`` clients, over the others among ``references`` clients drawn uniformly
+    at random (a fixed draw: hostile clients cannot choose to be in it, whatever weight
+    they claim), which keeps the cost linear in the number of clients. A client is an
     outlier when its score exceeds the median score by more than ``threshold`` robust
     standard deviations (1.4826 MAD) of the scores, and by at least ``min_distance`` (so
     that clients which all agree are never split). Needs five clients or more: the
     median is the honest majority's when fewer than half are hostile, and with fewer
     clients the spread of the scores says too little.
     """
-    if len(models) < 5:
+    k = len(models)
+    if k < 5:
         return {}
     probabilities = []
     for model in models:
@@ -120,10 +124,12 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
             logits = model(inputs.to(parameter.device, parameter.dtype))
         probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
     flat = torch.stack(probabilities).flatten(1)  # clients x (inputs x classes)
-    distance = 0.5 * torch.cdist(flat[None], flat[None], p=1)[0] / len(inputs)
-    k = len(models)
-    others = distance[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)
-    scores = others.median(dim=1).values
+    chosen = (torch.arange(k) if k <= references + 1 else
+              torch.randperm(k, generator=torch.Generator().manual_seed(0))[:references])
+    distance = 0.5 * torch.cdist(flat[None], flat[chosen][None], p=1)[0] / len(inputs)
+    others = chosen[None, :] != torch.arange(k)[:, None]  # a client is not its own reference
+    scores = torch.stack([row[keep].median() for row, keep in zip(distance, others,
+                                                                   strict=True)])
     center = scores.median()
     spread = _MAD_TO_SIGMA * (scores - center).abs().median()
     limit = center + torch.maximum(threshold * spread, torch.tensor(min_distance,

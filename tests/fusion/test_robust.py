@@ -135,6 +135,16 @@ def test_prediction_outliers_leave_agreeing_clients_alone():
     assert list(flagged) == [5] and flagged[5] > 0.05
 
 
+def test_prediction_outliers_among_many_clients_compare_with_a_reference_sample():
+    """With more clients than ``references``, each is compared with a random sample of
+    them: still every hostile client and no honest one is flagged."""
+    original, permuted, inputs = make_family(*MLP, copies=39)
+    attackers = [hostile(*MLP, seed) for seed in (3, 4, 5)]
+    models = [original, *permuted[:20], *attackers, *permuted[20:]]
+    flagged = prediction_outliers(models, inputs, 3.0, references=8)
+    assert sorted(flagged) == [21, 22, 23]
+
+
 def test_claimed_weight_is_capped_in_the_fusion():
     """An attacker claiming 1000x the examples of the honest clients gets twice the median
     weight (the default cap), not a majority: with the median aggregate the honest
