@@ -110,6 +110,11 @@ class DistillationConfig(_Part):
         No training when the fused model's KL divergence from the ensemble on the
         synthetic inputs is already at most this (e.g. fused permuted copies of one
         model, which must stay exactly that model).
+    max_teachers : int or None
+        With more clients than this, the ensemble is that of this many of them, drawn
+        uniformly at random (a fixed draw from ``seed``; their weights renormalised):
+        every teacher predicts every synthetic input, the distillation's largest cost
+        with many clients. None: all the clients.
     """
 
     steps: int = Field(default=300, ge=0)
@@ -118,6 +123,7 @@ class DistillationConfig(_Part):
     lr: float = Field(default=1e-3, gt=0)
     seed: int = 0
     tol: float = Field(default=1e-6, ge=0)
+    max_teachers: int | None = Field(default=256, ge=1)
 
 
 class RobustConfig(_Part):
@@ -167,7 +173,7 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "neuron_weights": ("averaging", "neuron_weights"),
     "rescale": ("averaging", "rescale"),
     **{f"distill_{name}": ("distillation", name)
-       for name in ("steps", "samples", "batch_size", "lr", "seed", "tol")},
+       for name in ("steps", "samples", "batch_size", "lr", "seed", "tol", "max_teachers")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
     **{f"robust_{name}": ("robust", name)
        for name in ("screen", "screen_threshold", "aggregate", "trim")},

@@ -81,6 +81,15 @@ def synthetic_inputs(moments: InputMoments, num_samples: int,
     return moments.mean + moments.var.sqrt() * noise
 
 
+def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
+    """The teachers of the distillation: all ``count`` clients, or ``size`` of them drawn
+    uniformly at random from ``seed`` (in client order)."""
+    if size is None or count <= size:
+        return list(range(count))
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(count, generator=generator)[:size].tolist())
+
+
 @torch.no_grad()
 def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float],
                            inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
@@ -102,7 +111,9 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     probabilities (KL divergence) on synthetic inputs drawn from ``moments``.
 
     ``config.samples`` inputs are drawn once; ``config.steps`` Adam steps
-    (learning rate ``lr``) on random batches of ``batch_size`` follow.
+    (learning rate ``lr``) on random batches of ``batch_size`` follow. With more
+    teachers than ``config.max_teachers``, a random sample of them teaches
+    (:func:`teacher_sample`).
     The inputs, the batches and any dropout masks come from ``seed``, so the
     result is deterministic. Normalisation layers keep their running statistics (those
     are the fusion's, not the noise's). A student whose divergence on all the inputs is
@@ -118,7 +129,9 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     generator = torch.Generator().manual_seed(config.seed)
     inputs = synthetic_inputs(moments, config.samples, generator).to(
         parameter.device, parameter.dtype)
-    targets = ensemble_probabilities(teachers, weights, inputs)
+    chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
+    targets = ensemble_probabilities([teachers[k] for k in chosen],
+                                     [weights[k] for k in chosen], inputs)
     initial_loss = _full_divergence(student, inputs, targets)
     if initial_loss <= config.tol:
         return initial_loss  # already the ensemble: Adam would only add noise

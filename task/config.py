@@ -64,6 +64,9 @@ class RunConfig(BaseModel):
     fusion_distill_steps: int = Field(default=300, ge=0, description=(
         "Adam steps distilling the fused model from the clients' ensemble on synthetic "
         "inputs drawn from their input moments; 0 turns it off"))
+    fusion_distill_max_teachers: int = Field(default=256, ge=0, description=(
+        "with more clients, the distillation's teacher is the ensemble of this many of "
+        "them drawn at random; 0: all of them"))
     fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
@@ -120,6 +123,7 @@ class RunConfig(BaseModel):
             method=self.fusion_method, solver=self.fusion_solver, reg=self.fusion_reg,
             max_iter=self.fusion_max_iter, neuron_weights=self.fusion_neuron_weights,
             rescale=self.fusion_rescale, distill_steps=self.fusion_distill_steps,
+            distill_max_teachers=self.fusion_distill_max_teachers or None,
             max_weight_ratio=self.fusion_max_weight_ratio or None,
             robust_screen=self.fusion_robust_screen,
             robust_aggregate=self.fusion_robust_aggregate)

@@ -28,6 +28,7 @@ from otfusion.fusion.distillation import (
     distill,
     ensemble_probabilities,
     synthetic_inputs,
+    teacher_sample,
 )
 from otfusion.strategies.replies import check_input_moments, reply_digest
 from otfusion.zoo import build_model
@@ -146,6 +147,28 @@ def test_distillation_moves_the_student_to_the_ensemble_deterministically():
     distill(twin, teachers, weights, moments, DISTIL)
     for name, tensor in student.state_dict().items():
         assert torch.equal(tensor, twin.state_dict()[name]), name
+
+
+def test_teacher_sample_is_all_clients_or_a_fixed_random_subset():
+    assert teacher_sample(5, 8, seed=0) == list(range(5))
+    assert teacher_sample(5, None, seed=0) == list(range(5))
+    chosen = teacher_sample(300, 16, seed=0)
+    assert len(set(chosen)) == 16 and chosen == sorted(chosen) and chosen[-1] < 300
+    assert teacher_sample(300, 16, seed=0) == chosen != teacher_sample(300, 16, seed=1)
+
+
+def test_with_more_teachers_than_max_teachers_the_sampled_ones_teach():
+    teachers = [build_model("mlp", seed=k, **SMALL) for k in range(6)]
+    weights = [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+    moments = InputMoments(torch.full((64,), 0.5), torch.full((64,), 0.1))
+    config = DISTIL.model_copy(update={"max_teachers": 3})
+    chosen = teacher_sample(6, 3, config.seed)
+    sampled, explicit = (build_model("mlp", seed=7, **SMALL) for _ in range(2))
+    distill(sampled, teachers, weights, moments, config)
+    distill(explicit, [teachers[k] for k in chosen], [weights[k] for k in chosen], moments,
+            DISTIL.model_copy(update={"max_teachers": None}))
+    for name, tensor in sampled.state_dict().items():
+        assert torch.equal(tensor, explicit.state_dict()[name]), name
 
 
 def test_distillation_keeps_batchnorm_statistics_and_the_module_modes():
