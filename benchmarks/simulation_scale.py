@@ -58,7 +58,8 @@ def run(num_clients: int, client_init: str, extra: list[str]) -> dict:
     return {"clients": num_clients, "client_init": client_init, "wall_seconds": wall,
             "fusion_seconds": metrics["fusion-seconds"],
             "distill_seconds": metrics.get("distill-seconds", 0.0), "peak_rss_mib": peak,
-            "accepted": metrics["accepted-replies"], "comparison": data["comparison"]}
+            "accepted": metrics["accepted-replies"],
+            "excluded": metrics.get("excluded-replies", 0), "comparison": data["comparison"]}
 
 
 def main() -> None:
@@ -71,7 +72,7 @@ def main() -> None:
     rows = []
     print(f"{'clients':>8} {'client init':>11} {'wall (s)':>9} {'fusion (s)':>11} "
           f"{'fusion share':>13} {'distil share':>13} {'peak RSS (MiB)':>15} "
-          f"{'global model acc':>17}")
+          f"{'screened out':>13} {'global model acc':>17}")
     for init in args.client_init:
         for n in args.clients:
             row = run(n, init, args.extra)
@@ -81,7 +82,8 @@ def main() -> None:
                   f"{row['fusion_seconds']:>11.1f} "
                   f"{row['fusion_seconds'] / row['wall_seconds']:>13.1%} "
                   f"{row['distill_seconds'] / row['wall_seconds']:>13.1%} "
-                  f"{row['peak_rss_mib']:>15.0f} {accuracy:>17.1%}", flush=True)
+                  f"{row['peak_rss_mib']:>15.0f} {row['excluded']:>13.0f} "
+                  f"{accuracy:>17.1%}", flush=True)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "simulation_scale.json").write_text(json.dumps(rows, indent=1))
 

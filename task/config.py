@@ -64,9 +64,9 @@ class RunConfig(BaseModel):
     fusion_distill_steps: int = Field(default=300, ge=0, description=(
         "Adam steps distilling the fused model from the clients' ensemble on synthetic "
         "inputs drawn from their input moments; 0 turns it off"))
-    fusion_distill_max_teachers: int = Field(default=256, ge=0, description=(
+    fusion_distill_max_teachers: int = Field(default=0, ge=0, description=(
         "with more clients, the distillation's teacher is the ensemble of this many of "
-        "them drawn at random; 0: all of them"))
+        "them drawn at random (faster, less accurate); 0: all of them"))
     fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
