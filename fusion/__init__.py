@@ -9,7 +9,15 @@ from .config import (
     TransportConfig,
 )
 from .distillation import InputMoments, input_moments, pool_moments
-from .engine import FusionResult, align, fuse, fuse_models, fuse_result, output_width
+from .engine import (
+    FusionResult,
+    align,
+    fuse,
+    fuse_models,
+    fuse_result,
+    output_width,
+    traced_graph,
+)
 from .graph import (
     AlignmentGraph,
     UnsupportedModelError,
@@ -35,6 +43,7 @@ __all__ = [
     "fuse_result",
     "input_moments",
     "output_width",
+    "traced_graph",
     "pool_moments",
     "register_rule",
     "RobustConfig",

@@ -231,12 +231,25 @@ def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
         return {}
 
 
+def traced_graph(model: nn.Module, inputs: torch.Tensor | None = None
+                 ) -> AlignmentGraph | None:
+    """``model``'s alignment graph, traced on ``inputs`` (or on zeros of its
+    ``input_shape``), to pass to every fusion of that architecture; None when it cannot
+    be traced (:func:`fuse` then says why)."""
+    try:
+        return build_alignment_graph(model, _example_input(model, inputs))
+    except ValueError:
+        return None
+
+
 def output_width(model: nn.Module, inputs: torch.Tensor | None = None,
                  graph: AlignmentGraph | None = None) -> int | None:
     """The number of classes of ``model`` (the width of its output group, by ``graph``
     or by tracing), or None when it has no single output width or cannot be traced."""
+    graph = graph or traced_graph(model, inputs)
+    if graph is None:
+        return None
     try:
-        graph = graph or build_alignment_graph(model, _example_input(model, inputs))
         widths = graph.widths(dense_state(graph, model.state_dict()), "model")
     except ValueError:
         return None

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from otfusion.fusion import AlignmentGraph, FusionConfig, output_width
+from otfusion.fusion import AlignmentGraph, FusionConfig, output_width, traced_graph
 
 from .replies import ExpectedArrays
 
@@ -32,6 +32,8 @@ class FusionSettings:
     max_abs_weight: float
     inputs: torch.Tensor | None
     graph: AlignmentGraph | None
+    """The alignment spec given, else the global model's graph traced once for every
+    round (None when it cannot be traced: each fusion then says why)."""
     expected: ExpectedArrays = field(repr=False)
     num_classes: int | None
     """The global model's number of classes (output width), None if unknown."""
@@ -71,6 +73,7 @@ class FusionSettings:
             shape = None  # e.g. token ids: no Gaussian inputs to distil on
         elif shape is None and inputs is not None:
             shape = inputs.shape[1:]
+        graph = graph or traced_graph(template, inputs)  # once, for every round
         return cls(model_fn, fusion, ot_rounds, heterogeneous,  # type: ignore[arg-type]
                    client_model_fn, max_abs_weight, inputs, graph,
                    ExpectedArrays.from_state_dict(template.state_dict()),

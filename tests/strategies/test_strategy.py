@@ -45,6 +45,25 @@ def assert_same_state(arrays: ArrayRecord, expected: dict[str, torch.Tensor]) ->
         torch.testing.assert_close(got[name], tensor, msg=name)
 
 
+def test_the_global_model_is_traced_once_for_every_round(monkeypatch):
+    import otfusion.fusion.engine as engine
+
+    traced = []
+    original = engine.build_alignment_graph
+    monkeypatch.setattr(engine, "build_alignment_graph",
+                        lambda *args: traced.append(1) or original(*args))
+    strategy = OTFusion(global_model)
+    states = client_states()
+    for server_round in (1, 2, 3):
+        arrays, _ = strategy.aggregate_train(server_round, [
+            reply(i, s, 10 * i) for i, s in enumerate(states, start=1)])
+        assert arrays is not None
+    assert len(traced) == 1
+    order = fusion_order(states, [10, 20, 30])
+    expected = direct_fusion([states[k] for k in order], [10 * (k + 1) for k in order])
+    assert_same_state(arrays, expected.model.state_dict())
+
+
 def test_good_replies_fuse_like_the_engine():
     states = client_states()
     weights = [10, 20, 30]
