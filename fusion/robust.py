@@ -54,8 +54,13 @@ def weighted_trimmed_mean(values: torch.Tensor, weights: torch.Tensor,
 
 def weighted_mean(values: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float]
                   ) -> torch.Tensor:
-    """The weighted sum of the clients' ``values`` (weights summing to one)."""
-    return sum(w * v for w, v in zip(weights, values, strict=True))
+    """The weighted sum of the clients' ``values`` (weights summing to one), accumulated
+    in place."""
+    total = None
+    for w, v in zip(weights, values, strict=True):
+        term = v * w
+        total = term if total is None else total.add_(term)
+    return total
 
 
 def robust_mean(values: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | float],
