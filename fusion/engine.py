@@ -95,6 +95,8 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         weights and bias of class ``c``) is the average of the clients' rows weighted
         by column ``c``, so a class is fused from the clients that saw it. A class
         with zero total weight falls back to ``weights``. Hidden layers are unaffected.
+        The screening (``config.robust.screen``) compares two clients over the classes
+        both have a positive weight for.
     input_moments : InputMoments, or one InputMoments (or None) per model, optional
         Per-feature mean and variance of the clients' training inputs, of the shape of
         one model input: already pooled, or per client, pooled here
@@ -128,7 +130,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                                   config.robust.max_weight_ratio)
     per_client = _per_client_moments(input_moments, len(models))
     excluded = (_screened_out(models, _pooled(per_client, weights, input_moments), inputs,
-                              config) if config.robust.screen else {})
+                              config, class_weights) if config.robust.screen else {})
     if excluded:
         kept = [k for k in range(len(models)) if k not in excluded]
         models, weights = [models[k] for k in kept], [weights[k] for k in kept]
@@ -209,10 +211,14 @@ def _combiner(config: FusionConfig) -> Combine:
 
 
 def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
-                  inputs: torch.Tensor | None, config: FusionConfig) -> dict[int, float]:
+                  inputs: torch.Tensor | None, config: FusionConfig,
+                  class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None
+                  ) -> dict[int, float]:
     """The clients whose predictions are outliers (:func:`~.robust.prediction_outliers`)
-    on synthetic inputs drawn from ``moments`` (or on ``inputs``). Without either, none:
-    with a warning when the screening was asked for explicitly (it is on by default)."""
+    on synthetic inputs drawn from ``moments`` (or on ``inputs``), compared over the
+    classes both clients saw when ``class_weights`` (their label counts) are given.
+    Without moments or inputs, none: with a warning when the screening was asked for
+    explicitly (it is on by default)."""
     if moments is not None:
         generator = torch.Generator().manual_seed(config.distillation.seed)
         probe = synthetic_inputs(moments, min(config.distillation.samples, 512), generator)
@@ -224,7 +230,9 @@ def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
                           "inputs; no client was screened", stacklevel=3)
         return {}
     try:
-        return prediction_outliers(models, probe, config.robust.screen_threshold)
+        seen = (None if class_weights is None else
+                torch.as_tensor([list(map(float, row)) for row in class_weights]) > 0)
+        return prediction_outliers(models, probe, config.robust.screen_threshold, seen=seen)
     except Exception as exc:  # noqa: BLE001 - e.g. moments of the wrong shape: fuse all
         warnings.warn(f"screening failed ({type(exc).__name__}: {exc}); no client was "
                       "screened", stacklevel=3)

@@ -105,11 +105,16 @@ def cap_weights(weights: Sequence[float], ratio: float | None
 @torch.no_grad()
 def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
                         threshold: float, min_distance: float = 0.05,
-                        references: int = 128) -> dict[int, float]:
+                        references: int = 128, seen: torch.Tensor | None = None
+                        ) -> dict[int, float]:
     """The clients whose predictions are outliers, with their disagreement score.
 
     A client's score is the median, over the other clients, of the mean total-variation
-    distance between its class probabilities and theirs on ``inputs``; with more than
+    distance between its class probabilities and theirs on ``inputs``. With ``seen``
+    (clients x classes, the classes each client says it trained on, e.g. its label
+    counts > 0), the two clients' probabilities are first renormalised over the classes
+    both saw, so that honest non-IID clients are not told apart by the classes one of
+    them never saw (a pair with no class in common is left out). With more than
     ``references`` clients, over the others among ``references`` clients drawn uniformly
     at random (a fixed draw: hostile clients cannot choose to be in it, whatever weight
     they claim), which keeps the cost linear in the number of clients. A client is an
@@ -128,15 +133,38 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
         with temporary_mode(model):
             logits = model(inputs.to(parameter.device, parameter.dtype))
         probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
-    flat = torch.stack(probabilities).flatten(1)  # clients x (inputs x classes)
+    stacked = torch.stack(probabilities)  # clients x inputs x classes
     chosen = (torch.arange(k) if k <= references + 1 else
               torch.randperm(k, generator=torch.Generator().manual_seed(0))[:references])
-    distance = 0.5 * torch.cdist(flat[None], flat[chosen][None], p=1)[0] / len(inputs)
+    if seen is None or bool(seen.all()):  # every class shared: plain distances
+        flat = stacked.flatten(1)
+        distance = 0.5 * torch.cdist(flat[None], flat[chosen][None], p=1)[0] / len(inputs)
+    else:
+        distance = _shared_class_distances(stacked, seen.bool(), chosen)
     others = chosen[None, :] != torch.arange(k)[:, None]  # a client is not its own reference
-    scores = torch.stack([row[keep].median() for row, keep in zip(distance, others,
-                                                                   strict=True)])
+    others &= ~distance.isnan()
+    scores = torch.stack([row[keep].median() if keep.any() else row.new_tensor(0.0)
+                          for row, keep in zip(distance, others, strict=True)])
     center = scores.median()
     spread = _MAD_TO_SIGMA * (scores - center).abs().median()
     limit = center + torch.maximum(threshold * spread, torch.tensor(min_distance,
                                                                     dtype=scores.dtype))
     return {i: float(scores[i]) for i in range(k) if scores[i] > limit}
+
+
+def _shared_class_distances(probabilities: torch.Tensor, seen: torch.Tensor,
+                            chosen: torch.Tensor) -> torch.Tensor:
+    """(clients x references) mean total-variation distances between the clients' class
+    probabilities renormalised over the classes both have seen (NaN: none in common), in
+    float32 (K x references x inputs x classes operations)."""
+    probabilities = probabilities.float()
+    columns = []
+    for j in chosen.tolist():
+        shared = (seen & seen[j]).to(probabilities.dtype)[:, None, :]  # K x 1 x C
+        mine = probabilities * shared
+        theirs = probabilities[j][None] * shared
+        mine = mine / mine.sum(-1, keepdim=True).clamp_min(1e-30)
+        theirs = theirs / theirs.sum(-1, keepdim=True).clamp_min(1e-30)
+        distance = 0.5 * (mine - theirs).abs().sum(-1).mean(-1)
+        columns.append(torch.where(shared.sum((1, 2)) > 0, distance, torch.nan))
+    return torch.stack(columns, dim=1).double()

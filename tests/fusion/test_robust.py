@@ -145,6 +145,36 @@ def test_prediction_outliers_among_many_clients_compare_with_a_reference_sample(
     assert sorted(flagged) == [21, 22, 23]
 
 
+def _class_subset_model(weight: torch.Tensor, seen: list[int]) -> torch.nn.Module:
+    """A linear classifier with the shared ``weight`` whose logits are -30 (probability
+    ~0) on the classes outside ``seen``: an honest client that never saw them."""
+    model = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        model.weight.copy_(weight)
+        model.bias.fill_(-30.0)
+        model.bias[seen] = 0.0
+    return model.eval()
+
+
+def test_screening_over_shared_classes_spares_non_iid_clients_and_finds_a_flipper():
+    """Honest clients that each saw three of six classes agree exactly on the classes they
+    share; a client that claims classes 0-2 but predicts them shifted by one is flagged
+    only when the clients are compared over their shared classes."""
+    generator = torch.Generator().manual_seed(0)
+    weight = 3 * torch.randn(6, 4, generator=generator)
+    seen = [[k % 6, (k + 1) % 6, (k + 2) % 6] for k in range(6)] + [[0, 1, 2]]
+    honest = [_class_subset_model(weight, classes) for classes in seen[:6]]
+    flipper = _class_subset_model(weight.roll(-1, dims=0), [0, 1, 2])
+    mask = torch.zeros(7, 6, dtype=torch.bool)
+    for k, classes in enumerate(seen):
+        mask[k, classes] = True
+    inputs = torch.randn(256, 4, generator=generator)
+    models = [*honest, flipper]
+    assert list(prediction_outliers(models, inputs, 3.0, seen=mask)) == [6]
+    assert prediction_outliers(honest, inputs, 3.0, seen=mask[:6]) == {}
+    assert 6 not in prediction_outliers(models, inputs, 3.0)  # blind without the classes
+
+
 def test_claimed_weight_is_capped_in_the_fusion():
     """An attacker claiming 1000x the examples of the honest clients gets twice the median
     weight (the default cap), not a majority: with the median aggregate the honest
