@@ -156,12 +156,12 @@ def free_support_barycenter(
     sample_weights = [weights[k] / sample_total for k in sample]
     iterations = 0
     workers = config.workers or os.cpu_count() or 1
-    single = 1 if workers > 1 else None
-    with ThreadPoolExecutor(max_workers=workers) as pool, _torch_threads(single):
+    single = 1 if workers > 1 else None  # torch threads per concurrent solve
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         while iterations < config.max_iter:
             iterations += 1
             first = iterations == 1
-            solved = _solve_all(pool, couple, sample, anchor if first else None)
+            solved = _solve_all(pool, couple, sample, anchor if first else None, single)
             updated = {name: combine([s.mapped[name] for s in solved], sample_weights)
                        for name in solved[0].mapped}
             shift = _relative_shift(support, updated)
@@ -178,7 +178,7 @@ def free_support_barycenter(
             if shift <= config.tol:
                 break
         if len(sample) < len(widths):
-            solved = _solve_all(pool, couple, list(range(len(widths))), None)
+            solved = _solve_all(pool, couple, list(range(len(widths))), None, single)
     mean_cost = sum(w * s.cost for w, s in zip(weights, solved, strict=True))
     return BarycenterResult([s.coupling for s in solved], mean_cost, iterations)
 
@@ -198,13 +198,17 @@ class _Solved(NamedTuple):
         return self.euclidean and self.coupling.permutation is not None
 
 
-def _solve_all(pool: ThreadPoolExecutor, couple, clients: list[int], known: int | None
-               ) -> list[_Solved]:
+def _solve_all(pool: ThreadPoolExecutor, couple, clients: list[int], known: int | None,
+               threads: int | None) -> list[_Solved]:
     """``couple`` for every client in order; the ``known`` client inline, the others on
-    the pool (the solvers release the GIL), or inline when only one is left."""
+    the pool (the solvers release the GIL) with ``threads`` torch threads, or inline with
+    all of torch's threads when only one is left."""
     todo = [k for k in clients if k != known]
-    results = dict(zip(todo, pool.map(couple, todo) if len(todo) > 1 else map(couple, todo),
-                       strict=True))
+    if len(todo) > 1:
+        with _torch_threads(threads):
+            results = dict(zip(todo, pool.map(couple, todo), strict=True))
+    else:
+        results = {k: couple(k) for k in todo}
     if known in clients:
         results[known] = couple(known, known=True)
     return [results[k] for k in clients]
