@@ -114,7 +114,8 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
     (clients x classes, the classes each client says it trained on, e.g. its label
     counts > 0), the two clients' probabilities are first renormalised over the classes
     both saw, so that honest non-IID clients are not told apart by the classes one of
-    them never saw (a pair with no class in common is left out). With more than
+    them never saw; a pair that shares fewer than two classes is compared on all of
+    them, so that claiming few classes never buys less scrutiny. With more than
     ``references`` clients, over the others among ``references`` clients drawn uniformly
     at random (a fixed draw: hostile clients cannot choose to be in it, whatever weight
     they claim), which keeps the cost linear in the number of clients. A client is an
@@ -142,9 +143,8 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
     else:
         distance = _shared_class_distances(stacked, seen.bool(), chosen)
     others = chosen[None, :] != torch.arange(k)[:, None]  # a client is not its own reference
-    others &= ~distance.isnan()
-    scores = torch.stack([row[keep].median() if keep.any() else row.new_tensor(0.0)
-                          for row, keep in zip(distance, others, strict=True)])
+    scores = torch.stack([row[keep].median() for row, keep in zip(distance, others,
+                                                                   strict=True)])
     center = scores.median()
     spread = _MAD_TO_SIGMA * (scores - center).abs().median()
     limit = center + torch.maximum(threshold * spread, torch.tensor(min_distance,
@@ -155,16 +155,18 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
 def _shared_class_distances(probabilities: torch.Tensor, seen: torch.Tensor,
                             chosen: torch.Tensor) -> torch.Tensor:
     """(clients x references) mean total-variation distances between the clients' class
-    probabilities renormalised over the classes both have seen (NaN: none in common), in
-    float32 (K x references x inputs x classes operations)."""
+    probabilities renormalised over the classes both have seen, or over all classes for
+    pairs that share fewer than two; in float32 (K x references x inputs x classes
+    operations)."""
     probabilities = probabilities.float()
     columns = []
     for j in chosen.tolist():
-        shared = (seen & seen[j]).to(probabilities.dtype)[:, None, :]  # K x 1 x C
-        mine = probabilities * shared
-        theirs = probabilities[j][None] * shared
+        shared = seen & seen[j]  # K x C
+        mask = torch.where(shared.sum(1, keepdim=True) >= 2, shared, True)
+        mask = mask.to(probabilities.dtype)[:, None, :]  # K x 1 x C
+        mine = probabilities * mask
+        theirs = probabilities[j][None] * mask
         mine = mine / mine.sum(-1, keepdim=True).clamp_min(1e-30)
         theirs = theirs / theirs.sum(-1, keepdim=True).clamp_min(1e-30)
-        distance = 0.5 * (mine - theirs).abs().sum(-1).mean(-1)
-        columns.append(torch.where(shared.sum((1, 2)) > 0, distance, torch.nan))
+        columns.append(0.5 * (mine - theirs).abs().sum(-1).mean(-1))
     return torch.stack(columns, dim=1).double()

@@ -157,14 +157,14 @@ def _class_subset_model(weight: torch.Tensor, seen: list[int]) -> torch.nn.Modul
 
 
 def test_screening_over_shared_classes_spares_non_iid_clients_and_finds_a_flipper():
-    """Honest clients that each saw three of six classes agree exactly on the classes they
-    share; a client that claims classes 0-2 but predicts them shifted by one is flagged
-    only when the clients are compared over their shared classes."""
+    """Honest clients that each saw four of six classes (any two share two or more) agree
+    exactly on the classes they share; a client that claims classes 0-3 but predicts them
+    shifted by one is flagged, and still when it claims fewer classes."""
     generator = torch.Generator().manual_seed(0)
     weight = 3 * torch.randn(6, 4, generator=generator)
-    seen = [[k % 6, (k + 1) % 6, (k + 2) % 6] for k in range(6)] + [[0, 1, 2]]
+    seen = [[(k + i) % 6 for i in range(4)] for k in range(6)] + [[0, 1, 2, 3]]
     honest = [_class_subset_model(weight, classes) for classes in seen[:6]]
-    flipper = _class_subset_model(weight.roll(-1, dims=0), [0, 1, 2])
+    flipper = _class_subset_model(weight.roll(-1, dims=0), [0, 1, 2, 3])
     mask = torch.zeros(7, 6, dtype=torch.bool)
     for k, classes in enumerate(seen):
         mask[k, classes] = True
@@ -172,7 +172,10 @@ def test_screening_over_shared_classes_spares_non_iid_clients_and_finds_a_flippe
     models = [*honest, flipper]
     assert list(prediction_outliers(models, inputs, 3.0, seen=mask)) == [6]
     assert prediction_outliers(honest, inputs, 3.0, seen=mask[:6]) == {}
-    assert 6 not in prediction_outliers(models, inputs, 3.0)  # blind without the classes
+    for claim in ([0], []):  # claiming fewer classes buys no less scrutiny
+        mask[6] = False
+        mask[6, claim] = True
+        assert list(prediction_outliers(models, inputs, 3.0, seen=mask)) == [6], claim
 
 
 def test_claimed_weight_is_capped_in_the_fusion():
