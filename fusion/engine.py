@@ -231,7 +231,7 @@ def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
         return {}
     try:
         seen = (None if class_weights is None else
-                torch.as_tensor([list(map(float, row)) for row in class_weights]) > 0)
+                torch.as_tensor(class_weights, dtype=torch.float64) > 0)
         return prediction_outliers(models, probe, config.robust.screen_threshold, seen=seen)
     except Exception as exc:  # noqa: BLE001 - e.g. moments of the wrong shape: fuse all
         warnings.warn(f"screening failed ({type(exc).__name__}: {exc}); no client was "
