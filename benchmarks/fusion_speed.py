@@ -73,15 +73,11 @@ def vgg11_bn(width_multiplier: float = 1.0, hidden: int = 4096, num_classes: int
 
 
 def build(model: str, seed: int, **kwargs):
+    """A zoo model, or this script's ``vgg11_bn`` through the zoo's import-path form."""
     from otfusion.zoo import build_model
 
-    if model == "vgg11_bn":
-        import torch
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return vgg11_bn(**kwargs)
-    return build_model(model, seed=seed, **kwargs)
+    return build_model("fusion_speed:vgg11_bn" if model == "vgg11_bn" else model, seed=seed,
+                       **kwargs)
 
 
 def _status_kib(field: str) -> int:
@@ -105,12 +101,11 @@ def fusion_floor(models, result, config) -> float:
     import torch
     from scipy.optimize import linear_sum_assignment
 
-    from otfusion.fusion.graph import build_alignment_graph, is_recurrent
+    from otfusion.fusion import traced_graph
+    from otfusion.fusion.graph import is_recurrent
     from otfusion.fusion.projection import as_rows, dense_state
 
-    template = models[0]
-    example = torch.zeros(2, *template.input_shape)
-    graph = build_alignment_graph(template, example)
+    graph = traced_graph(models[0])
     states = [dense_state(graph, m.state_dict()) for m in models[:2]]
     total = 0.0
     for group in graph.groups:
