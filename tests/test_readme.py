@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from readme_blocks import ROOT, readme_blocks, readme_file
 from safetensors.torch import save_file
 
 from otfusion.zoo import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SETUP = re.compile(r"^python3 -m venv \.venv && \.venv/bin/pip install [^&]*&& ")
 """The setup command the README's first block starts with; done once, then stripped."""
 
@@ -39,23 +39,19 @@ BLOCKS: dict[str, str] = {
     ".venv/bin/python docker/make_demo_data.py": (
         "not run: no Docker engine here (tests/deploy/test_docker.py checks the files)"),
     "PYTHONPATH=. .venv/bin/otfusion demo --model mypkg.models:SmallNet": QUICK,
+    ".venv/bin/python hf_bert.py": QUICK,
     ".venv/bin/flower-server --simulation --num-clients 10 --dataset mnist": (
         "not run: downloads from the Hugging Face hub (tests/task/test_hub_data.py runs the "
         "hub path on local data)"),
 }
 
 
-def readme_blocks(language: str = "bash") -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    return [block.strip() for block in re.findall(rf"```{language}\n(.*?)```", text, re.S)]
-
-
-def write_users_package(folder: Path) -> None:
-    """The README's ``mypkg/models.py``, as a user would save it."""
-    (source,) = [b for b in readme_blocks("python") if b.startswith("# mypkg/models.py")]
+def write_users_files(folder: Path) -> None:
+    """The README's ``mypkg/models.py`` and ``hf_bert.py``, as a user would save them."""
     (folder / "mypkg").mkdir()
     (folder / "mypkg" / "__init__.py").write_text("")
-    (folder / "mypkg" / "models.py").write_text(source + "\n")
+    for name in ("mypkg/models.py", "hf_bert.py"):
+        (folder / name).write_text(readme_file(name))
 
 
 def kind_of(block: str) -> str | None:
@@ -100,12 +96,12 @@ def test_every_readme_command_is_classified():
 
 @pytest.mark.parametrize("block", blocks_of(QUICK))
 def test_quick_readme_commands_run_as_written(block, tmp_path):
-    """The offline tools, on checkpoints made here (the README's a, b, c) and with the
-    README's own model."""
+    """The offline tools, on checkpoints made here (the README's a, b, c), with the
+    README's own model and with its Hugging Face model."""
     workdir = tmp_path / "work"
     workdir.mkdir()
     (workdir / ".venv").symlink_to(ROOT / ".venv")
-    write_users_package(workdir)
+    write_users_files(workdir)
     for k, name in enumerate("abc"):
         state = build_model("mlp", seed=k, widths=(400, 200, 100)).state_dict()
         save_file({n: t.contiguous() for n, t in state.items()},
@@ -113,6 +109,9 @@ def test_quick_readme_commands_run_as_written(block, tmp_path):
     output = run_as_written(block, workdir, timeout=300)
     if "otfusion fuse" in block:
         assert (workdir / "fused.safetensors").stat().st_size > 0
+    elif "hf_bert" in block:
+        gap = re.search(r"computes the same function: relative gap (\S+)", output)
+        assert gap and float(gap.group(1)) < 1e-5, output
     else:
         assert "OT fusion" in output and "ensemble" in output
 

@@ -26,17 +26,22 @@ from .spec import AlignmentGraph, AxisSpec, Group, TensorSpec
 
 
 def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable[str] = (),
-                   follows: Iterable[str] = (), blocks: Mapping[str, int] | None = None
-                   ) -> AlignmentGraph:
+                   follows: Iterable[str] = (), blocks: Mapping[str, int] | None = None,
+                   block_sources: Mapping[str, str] | None = None) -> AlignmentGraph:
     """The graph of ``axes`` (state_dict name -> one label or None per axis).
 
     ``outputs``: groups that are the model's outputs (classes), never permuted.
     ``follows``: tensors that follow their units without defining them (normalisation
-    parameters and statistics); every other labelled tensor enters the transport cost.
+    parameters and statistics, and the second name of a tied weight, such as a language
+    model's head sharing the embedding); every other labelled tensor enters the
+    transport cost.
     ``blocks``: groups whose couplings may only move whole blocks of units (a GroupNorm's
     groups, attention heads): label -> number of blocks.
+    ``block_sources``: groups whose blocks must move as another group's blocks move
+    (the value/output heads of an attention layer follow its query/key heads): label ->
+    label of the group they follow, both in ``blocks`` with the same count.
     """
-    blocks = dict(blocks or {})
+    blocks, block_sources = dict(blocks or {}), dict(block_sources or {})
     follows, outputs = set(follows), set(outputs)
     order: list[str] = []
     for labels in axes.values():
@@ -45,9 +50,20 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
             order.append(own)
     for labels in axes.values():
         order.extend(label for label in labels if label is not None and label not in order)
-    unknown = (outputs | set(blocks)) - set(order)
+    unknown = (outputs | set(blocks) | set(block_sources) | set(block_sources.values())
+               ) - set(order)
     if unknown:
         raise ValueError(f"alignment spec: groups {sorted(unknown)} label no axis")
+    for label, source in block_sources.items():
+        if blocks.get(label, 1) == 1 or blocks.get(label) != blocks.get(source):
+            raise ValueError(
+                f"alignment spec: group '{label}' follows the blocks of '{source}', so both "
+                f"need the same number of blocks (> 1) in blocks= (got "
+                f"{blocks.get(label, 1)} and {blocks.get(source, 1)})")
+        if order.index(source) > order.index(label):
+            raise ValueError(f"alignment spec: group '{label}' follows the blocks of "
+                             f"'{source}', which must be solved first: list a tensor of "
+                             f"'{source}' before every tensor of '{label}'")
     ids = {label: i for i, label in enumerate(order)}
     tensors = {}
     for name, labels in axes.items():
@@ -55,6 +71,7 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
         specs = tuple(None if label is None else AxisSpec(
             ids[label], "neuron" if i == own else "input") for i, label in enumerate(labels))
         tensors[name] = TensorSpec(name, specs, own is not None and name not in follows)
-    groups = tuple(Group(ids[label], label, label in outputs, blocks.get(label, 1))
+    groups = tuple(Group(ids[label], label, label in outputs, blocks.get(label, 1),
+                         ids.get(block_sources.get(label)))
                    for label in order)
     return AlignmentGraph(groups, tensors, {}, frozenset(ids[label] for label in outputs))

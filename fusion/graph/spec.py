@@ -120,6 +120,12 @@ class AlignmentGraph:
 
     def widths(self, state_dict: dict[str, torch.Tensor], who: str = "model") -> dict[int, int]:
         """Width of every group in ``state_dict``, checked for consistency."""
+        undescribed = [name for name, tensor in state_dict.items()
+                       if name not in self.tensors and tensor.is_floating_point()]
+        if undescribed:
+            raise ValueError(f"{who}: the alignment graph does not describe "
+                             f"{undescribed[:5]}; give every state_dict entry its axes "
+                             "(None for an axis that is never permuted)")
         widths: dict[int, int] = {}
         for spec in self.tensors.values():
             if spec.name not in state_dict:

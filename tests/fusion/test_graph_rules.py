@@ -240,6 +240,73 @@ def test_an_explicit_spec_matches_the_traced_graph():
         assert torch.equal(tensor, explicit.state_dict()[name]), name
 
 
+def nanogpt_spec(block_sources: bool = True):
+    """The axes of ``tests/attention_models.py``'s NanoGPT (separate Q/K/V, tied head)
+    written as data, as the tracer describes them."""
+    from otfusion.fusion import alignment_spec
+
+    axes = {"tok.weight": (None, "res"), "pos.weight": (None, "res"),
+            "lm_head.weight": (None, "res")}
+    follows, blocks = {"lm_head.weight"}, {}
+    for i in range(2):
+        block = f"blocks.{i}"
+        for norm in ("ln1", "ln2"):
+            axes[f"{block}.{norm}.weight"] = axes[f"{block}.{norm}.bias"] = ("res",)
+            follows |= {f"{block}.{norm}.weight", f"{block}.{norm}.bias"}
+        for name, group in (("q", f"qk{i}"), ("k", f"qk{i}"), ("v", f"vo{i}")):
+            axes[f"{block}.attn.{name}.weight"] = (group, "res")
+        axes[f"{block}.attn.proj.weight"] = ("res", f"vo{i}")
+        axes[f"{block}.attn.proj.bias"] = ("res",)
+        axes[f"{block}.mlp.fc1.weight"], axes[f"{block}.mlp.fc1.bias"] = (f"ff{i}", "res"), (
+            f"ff{i}",)
+        axes[f"{block}.mlp.fc2.weight"], axes[f"{block}.mlp.fc2.bias"] = ("res", f"ff{i}"), (
+            "res",)
+        blocks[f"qk{i}"] = blocks[f"vo{i}"] = 2
+    axes["ln_f.weight"] = axes["ln_f.bias"] = ("res",)
+    follows |= {"ln_f.weight", "ln_f.bias"}
+    sources = {f"vo{i}": f"qk{i}" for i in range(2)} if block_sources else None
+    return alignment_spec(axes, follows=follows, blocks=blocks, block_sources=sources)
+
+
+def test_an_explicit_attention_spec_with_block_sources_matches_the_traced_graph():
+    """Value heads that follow the query/key heads (``block_sources``) give the traced
+    fusion exactly; without them the heads of V and Q/K are matched apart."""
+    from attention_models import build
+
+    models = [build("nanogpt", seed=s) for s in range(3)]
+    tokens = torch.randint(0, 12, (4, 5), generator=torch.Generator().manual_seed(0))
+    traced = fuse(models, config=CONFIG, inputs=tokens).state_dict()
+    explicit = fuse(models, config=CONFIG, graph=nanogpt_spec()).state_dict()
+    for name, tensor in traced.items():
+        assert torch.equal(tensor, explicit[name]), name
+    apart = fuse(models, config=CONFIG, graph=nanogpt_spec(block_sources=False)).state_dict()
+    assert any(not torch.equal(tensor, apart[name]) for name, tensor in traced.items())
+
+
+@pytest.mark.parametrize(("blocks", "sources", "message"), [
+    ({"a": 2}, {"b": "a"}, "same number of blocks"),
+    ({"a": 2, "b": 4}, {"b": "a"}, "same number of blocks"),
+    ({"a": 2, "b": 2}, {"a": "b"}, "must be solved first"),
+    ({"a": 2, "b": 2}, {"b": "c"}, r"groups \['c'\] label no axis"),
+])
+def test_block_sources_are_checked(blocks, sources, message):
+    from otfusion.fusion import alignment_spec
+
+    axes = {"fa.weight": ("a", None), "fb.weight": ("b", None),
+            "head.weight": ("classes", "a")}
+    with pytest.raises(ValueError, match=message):
+        alignment_spec(axes, outputs={"classes"}, blocks=blocks, block_sources=sources)
+
+
+def test_a_spec_that_leaves_out_a_tensor_names_it():
+    from otfusion.fusion import alignment_spec
+
+    a, b = _models(Untraceable)
+    spec = {name: labels for name, labels in UNTRACEABLE_SPEC.items() if "norm" not in name}
+    with pytest.raises(ValueError, match=r"does not describe \['norm.weight', 'norm.bias'\]"):
+        fuse([a, b], config=CONFIG, graph=alignment_spec(spec, outputs={"classes"}))
+
+
 def test_otfusion_takes_an_explicit_spec():
     from otfusion.fusion import alignment_spec
     from otfusion.strategies import OTFusion
