@@ -9,7 +9,6 @@ state from a previous solve of a similar problem (Sinkhorn's dual potentials), o
 
 from __future__ import annotations
 
-import ot
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -26,6 +25,8 @@ def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
         index = torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
         plan[index] = 1.0 / n
         return plan, None
+    import ot  # POT imports scikit-learn and SciPy's statistics: only where it solves
+
     return ot.emd(a, b, cost), None
 
 
@@ -34,6 +35,8 @@ def sinkhorn_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """Entropic OT (log-domain Sinkhorn in float64); ``config.reg`` is relative to the
     largest cost. The plan's marginals are only approximate; the engine normalises by
     the plan's own marginals, so a capped solve is still a valid coupling."""
+    import ot
+
     scale = cost.max().clamp_min(torch.finfo(cost.dtype).tiny)
     plan, log = ot.sinkhorn(
         a.double(), b.double(), (cost / scale).double(), config.reg, method="sinkhorn_log",
