@@ -133,23 +133,20 @@ def free_support_barycenter(
     exact = transport.solver == "exact" and blocks == 1
 
     def couple(k: int, known: bool = False):
-        """Client ``k``'s coupling to the current support, its cost and its mapped
-        neurons; ``known``: the support is client ``k``'s own points."""
+        """Client ``k``'s coupling to the current support, its cost and its neurons'
+        rows; ``known``: the support is client ``k``'s own points."""
         points = points_fn(k, damped[k])
         euclidean = all(p.is_euclidean for p in points.values())
+        rows = {name: p.rows for name, p in points.items()}
         if known and exact and widths[k] == n and euclidean:
-            return _Solved(Coupling.identity(n, like), 0.0,
-                           {name: p.rows for name, p in points.items()}, euclidean)
+            return _Solved(Coupling.identity(n, like), 0.0, rows, euclidean)
         cost = ground_cost(support, points)
         if blocks > 1:
             plan = block_plan(cost, uniform_n, marginals[k], transport, blocks,
                               None if block_couplings is None else block_couplings[k])
         else:
             plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], transport, warm[k])
-        coupling = Coupling.from_plan(plan)
-        mapped = {name: apply_axis(p.rows, 0, _NEURON_ROWS, coupling)
-                  for name, p in points.items()}
-        return _Solved(coupling, float((cost * plan).sum()), mapped, euclidean)
+        return _Solved(Coupling.from_plan(plan), float((cost * plan).sum()), rows, euclidean)
 
     sample = support_sample(weights, config.support_clients)
     sample_total = sum(weights[k] for k in sample)
@@ -162,12 +159,15 @@ def free_support_barycenter(
             iterations += 1
             first = iterations == 1
             solved = _solve_all(pool, couple, sample, anchor if first else None, single)
-            updated = {name: combine([s.mapped[name] for s in solved], sample_weights)
-                       for name in solved[0].mapped}
-            shift = _relative_shift(support, updated)
-            support = updated
-            if first and exact and static and combine is weighted_mean and anchor in sample \
-                    and len(sample) == 2 and all(s.matched for s in solved):
+            fixed_point = (first and exact and static and combine is weighted_mean
+                           and anchor in sample and len(sample) == 2
+                           and all(s.matched for s in solved))
+            if not fixed_point or len(sample) < len(widths):  # the support is used again
+                updated = {name: combine([s.mapped(name) for s in solved], sample_weights)
+                           for name in solved[0].rows}
+                shift = _relative_shift(support, updated)
+                support = updated
+            if fixed_point:
                 solved = _two_client_costs(solved, sample_weights)
                 break
             for k, s in zip(sample, solved, strict=True):
@@ -184,13 +184,17 @@ def free_support_barycenter(
 
 
 class _Solved(NamedTuple):
-    """One client's coupling to the support, its transport cost, its neurons mapped to
-    the support's rows, and whether its points are plain Euclidean ones."""
+    """One client's coupling to the support, its transport cost, its neurons' rows per
+    member, and whether its points are plain Euclidean ones."""
 
     coupling: Coupling
     cost: float
-    mapped: dict[str, torch.Tensor]
+    rows: dict[str, torch.Tensor]
     euclidean: bool
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """Member ``name``'s rows mapped onto the support's rows."""
+        return apply_axis(self.rows[name], 0, _NEURON_ROWS, self.coupling)
 
     @property
     def matched(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,10 +104,17 @@ def as_rows(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
 
 
 def row_sq_norms(tensor: torch.Tensor, axis: int, spec: AxisSpec) -> torch.Tensor:
-    """The squared norm of each row of :func:`as_rows`, without copying the rows out."""
-    others = tuple(d for d in range(tensor.dim()) if d != axis)
-    squares = torch.linalg.vector_norm(tensor, dim=others).square() if others \
-        else tensor.square()
+    """The squared norm of each row of :func:`as_rows`, without copying the rows out.
+
+    Reduced over contiguous memory: along the rows for ``axis`` 0, else down the columns
+    of the (dims before ``axis``) x (the rest) view, several times faster than a norm
+    over non-adjacent dimensions."""
+    width = tensor.shape[axis]
+    if axis == 0:
+        squares = torch.linalg.vector_norm(tensor.reshape(width, -1), dim=1).square()
+    else:
+        squares = tensor.reshape(math.prod(tensor.shape[:axis]), -1).square().sum(dim=0)
+        squares = squares.reshape(width, -1).sum(dim=1)
     return squares.reshape(spec.outer, -1, spec.inner).sum(dim=(0, 2))
 
 
