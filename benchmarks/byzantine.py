@@ -20,25 +20,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from bar_chart import accuracy_bars
+from benchmark_data import FASHION, load, model_kwargs
 
 from otfusion.fusion import FusionConfig, InputMoments, align, fuse
 from otfusion.task.config import client_seed
-from otfusion.task.data import TensorData, label_counts, load_digits_dataset, partition
+from otfusion.task.data import TensorData, label_counts, partition
 from otfusion.task.training import ensemble_accuracy, evaluate, recipe_for, train
 from otfusion.tools.comparison import pooled_input_moments
 from otfusion.zoo import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 TARGET = 0  # the backdoor's class
 ATTACKS = ["label-flip", "sign-flip", "noise", "inflated", "moments", "little", "backdoor"]
 CONFIGS = {
@@ -59,24 +57,6 @@ class Reply:
     examples: float
     counts: list[float]
     moments: InputMoments
-
-
-def load(dataset: str) -> tuple[TensorData, TensorData, int] | None:
-    """(train, test, image side) of ``dataset``, or None when it is not installed."""
-    if dataset == "digits":
-        train_data, test_data = load_digits_dataset()
-        return train_data, test_data, 8
-    if not FASHION.is_dir():
-        return None
-
-    def read(kind: str) -> TensorData:
-        with gzip.open(FASHION / f"{kind}-images-idx3-ubyte.gz") as f:
-            x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 784) / 255.0
-        with gzip.open(FASHION / f"{kind}-labels-idx1-ubyte.gz") as f:
-            y = np.frombuffer(f.read(), np.uint8, offset=8)
-        return TensorData(torch.tensor(x, dtype=torch.float32), torch.tensor(y).long())
-
-    return read("train"), read("t10k"), 28
 
 
 def triggered(data: TensorData, side: int) -> TensorData:
@@ -182,14 +162,12 @@ def fused_accuracy(replies: list[Reply], config: FusionConfig, test: TensorData,
 def run(datasets, splits, settings, seeds, attacks, train_size: int | None) -> list[dict]:
     rows = []
     for dataset in datasets:
-        loaded = load(dataset)
+        loaded = load(dataset, train_size)
         if loaded is None:
             print(f"{dataset}: not installed ({FASHION}), skipped")
             continue
         train_data, test, side = loaded
-        if train_size is not None and len(train_data) > train_size:
-            train_data = train_data.subset(range(train_size))
-        setting = {"in_features": side * side}
+        setting = model_kwargs("mlp", side)
         for split in splits:
             for f, k in settings:
                 for seed in seeds:

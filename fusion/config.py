@@ -117,6 +117,15 @@ class DistillationConfig(_Part):
         with many clients. None (the default): all the clients. Measured on the digits
         with 1000 clients of about two examples each, 256 teachers cost 26 points of
         global accuracy, which is why it is off by default.
+    teacher : "class-weighted" | "mean"
+        The ensemble the student learns. ``class-weighted`` (the default; it needs the
+        clients' label counts, ``class_weights``, and is ``mean`` without them): the
+        probability of class ``c`` averaged over the clients with their shares of class
+        ``c``'s examples (as the fused head is), then normalised, so that a client that
+        never saw a class does not vote for it. ``mean``: the weighted mean of the
+        clients' class probabilities. On the digits (3 seeds) the class-weighted teacher
+        gained 0.5-4.7 points (MLP) and 1.2-9.6 (CNN) on Dirichlet splits, and was
+        within 0.4 points on IID ones.
     """
 
     steps: int = Field(default=300, ge=0)
@@ -126,6 +135,7 @@ class DistillationConfig(_Part):
     seed: int = 0
     tol: float = Field(default=1e-6, ge=0)
     max_teachers: int | None = Field(default=None, ge=1)
+    teacher: Literal["class-weighted", "mean"] = "class-weighted"
 
 
 class RobustConfig(_Part):
@@ -175,7 +185,8 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "neuron_weights": ("averaging", "neuron_weights"),
     "rescale": ("averaging", "rescale"),
     **{f"distill_{name}": ("distillation", name)
-       for name in ("steps", "samples", "batch_size", "lr", "seed", "tol", "max_teachers")},
+       for name in ("steps", "samples", "batch_size", "lr", "seed", "tol", "max_teachers",
+                    "teacher")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
     **{f"robust_{name}": ("robust", name)
        for name in ("screen", "screen_threshold", "aggregate", "trim")},

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .averaging import normalize_class_weights
 from .config import DistillationConfig
 from .modes import temporary_mode
 from .robust import weighted_median
@@ -92,23 +93,38 @@ def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
 
 @torch.no_grad()
 def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float],
-                           inputs: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+                           inputs: torch.Tensor, batch_size: int = 512,
+                           class_weights: Sequence[Sequence[float]] | None = None
+                           ) -> torch.Tensor:
     """The ``weights``-weighted mean of the models' softmax outputs on ``inputs`` (each
-    model in eval mode, its mode restored afterwards)."""
-    w = torch.as_tensor(weights, dtype=torch.float64)
-    w = (w / w.sum()).tolist()
+    model in eval mode, its mode restored afterwards).
+
+    With ``class_weights`` (one row per model, one column per class, e.g. label counts),
+    class ``c``'s probability is averaged with the models' shares of column ``c``
+    instead (a column of zeros falls back to ``weights``), and each input's
+    probabilities are then normalised to sum one."""
+    mix = torch.as_tensor(weights, dtype=torch.float64)
+    mix = (mix / mix.sum())[:, None]
+    if class_weights is not None:
+        mix = torch.as_tensor(normalize_class_weights(class_weights, mix[:, 0].tolist()),
+                              dtype=torch.float64)
     total = torch.zeros(())
-    for wk, model in zip(w, models, strict=True):
+    for share, model in zip(mix.to(inputs.dtype), models, strict=True):
         with temporary_mode(model):
             probabilities = _predict(model, inputs, batch_size, log=False)
-        total = total + wk * probabilities.to(inputs.device, inputs.dtype)
-    return total
+        total = total + share.to(inputs.device) * probabilities.to(inputs.device,
+                                                                    inputs.dtype)
+    return total if class_weights is None else total / total.sum(dim=1, keepdim=True)
 
 
 def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
-            moments: InputMoments, config: DistillationConfig) -> float:
+            moments: InputMoments, config: DistillationConfig,
+            class_weights: Sequence[Sequence[float]] | None = None) -> float:
     """Train ``student`` in place to match the teachers' weighted mean class
-    probabilities (KL divergence) on synthetic inputs drawn from ``moments``.
+    probabilities (KL divergence) on synthetic inputs drawn from ``moments``; with
+    ``config.teacher="class-weighted"`` and ``class_weights`` (the teachers' label
+    counts), each class is averaged with the teachers' shares of it
+    (:func:`ensemble_probabilities`).
 
     ``config.samples`` inputs are drawn once; ``config.steps`` Adam steps
     (learning rate ``lr``) on random batches of ``batch_size`` follow. With more
@@ -130,8 +146,11 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     inputs = synthetic_inputs(moments, config.samples, generator).to(
         parameter.device, parameter.dtype)
     chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
+    per_class = (None if class_weights is None or config.teacher == "mean"
+                 else [class_weights[k] for k in chosen])
     targets = ensemble_probabilities([teachers[k] for k in chosen],
-                                     [weights[k] for k in chosen], inputs)
+                                     [weights[k] for k in chosen], inputs,
+                                     class_weights=per_class)
     initial_loss = _full_divergence(student, inputs, targets)
     if initial_loss <= config.tol:
         return initial_loss  # already the ensemble: Adam would only add noise

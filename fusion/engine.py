@@ -171,7 +171,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
     start = time.perf_counter()
-    distill_loss = (_distilled(model, models, weights, moments, config)
+    distill_loss = (_distilled(model, models, weights, moments, config, class_weights)
                     if moments is not None and config.distils else None)
     distill_seconds = time.perf_counter() - start
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
@@ -297,13 +297,14 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
 
 
 def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
-               moments: InputMoments, config: FusionConfig) -> float | None:
+               moments: InputMoments, config: FusionConfig, class_weights=None
+               ) -> float | None:
     """Distil ``model`` in place (:func:`~.distillation.distill`); its final divergence,
     or None, with a warning and ``model`` unchanged, when the distillation fails or
     diverges: it is an improvement and never costs the fusion its result."""
     before = copy.deepcopy(model.state_dict())
     try:
-        loss = distill(model, teachers, weights, moments, config.distillation)
+        loss = distill(model, teachers, weights, moments, config.distillation, class_weights)
         problem = None if math.isfinite(loss) else "diverged (the KL divergence is not finite)"
     except Exception as exc:  # noqa: BLE001 - keep the undistilled fusion
         problem = f"failed ({type(exc).__name__}: {exc})"

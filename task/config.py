@@ -67,6 +67,10 @@ class RunConfig(BaseModel):
     fusion_distill_max_teachers: int = Field(default=0, ge=0, description=(
         "with more clients, the distillation's teacher is the ensemble of this many of "
         "them drawn at random (faster, less accurate); 0: all of them"))
+    fusion_distill_teacher: Literal["class-weighted", "mean"] = Field(
+        default="class-weighted", description=(
+            "the distillation's teacher: each class averaged over the clients with their "
+            "shares of its examples (their label counts), or the plain weighted mean"))
     fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
@@ -124,6 +128,7 @@ class RunConfig(BaseModel):
             max_iter=self.fusion_max_iter, neuron_weights=self.fusion_neuron_weights,
             rescale=self.fusion_rescale, distill_steps=self.fusion_distill_steps,
             distill_max_teachers=self.fusion_distill_max_teachers or None,
+            distill_teacher=self.fusion_distill_teacher,
             max_weight_ratio=self.fusion_max_weight_ratio or None,
             robust_screen=self.fusion_robust_screen,
             robust_aggregate=self.fusion_robust_aggregate)

@@ -132,6 +132,54 @@ def test_ensemble_probabilities_are_the_weighted_mean_softmax():
     assert models[0].training and not models[1].training  # modes restored
 
 
+def test_the_class_weighted_teacher_ignores_a_client_on_the_classes_it_never_saw():
+    """Per class c, the clients' probabilities of c averaged with their shares of c's
+    examples, then normalised per input: written out by hand here for 3 classes."""
+    models = [build_model("mlp", seed=k, in_features=64, widths=(8,), num_classes=3)
+              for k in range(2)]
+    x = _inputs(7, 1)
+    counts = [[10, 0, 30], [30, 20, 0]]  # client 0 never saw class 1, client 1 class 2
+    got = ensemble_probabilities(models, [40.0, 50.0], x, class_weights=counts)
+    with torch.no_grad():
+        p0, p1 = (F.softmax(m.eval()(x), 1) for m in models)
+    expected = torch.stack([0.25 * p0[:, 0] + 0.75 * p1[:, 0], p1[:, 1], p0[:, 2]], dim=1)
+    torch.testing.assert_close(got, expected / expected.sum(1, keepdim=True))
+    # a class nobody saw (2) falls back to the client weights; 0 and 1 are client 1's
+    mute = ensemble_probabilities(models, [40.0, 50.0], x,
+                                  class_weights=[[0, 0, 0], [30, 20, 0]])
+    expected = torch.stack([p1[:, 0], p1[:, 1], (4 * p0[:, 2] + 5 * p1[:, 2]) / 9], dim=1)
+    torch.testing.assert_close(mute, expected / expected.sum(1, keepdim=True))
+
+
+def test_class_weights_proportional_to_the_client_weights_give_the_plain_mean():
+    models = [build_model("mlp", seed=k, **SMALL) for k in range(3)]
+    x = _inputs(5, 2)
+    weights = [1.0, 2.0, 5.0]
+    plain = ensemble_probabilities(models, weights, x)
+    same_shares = ensemble_probabilities(models, weights, x,
+                                         class_weights=[[w * 7] * 10 for w in weights])
+    torch.testing.assert_close(same_shares, plain)
+
+
+def test_the_class_weighted_teacher_is_the_default_and_the_mean_without_counts():
+    teachers = [build_model("mlp", seed=k, **SMALL) for k in range(2)]
+    moments = InputMoments(torch.full((64,), 0.5), torch.full((64,), 0.1))
+    counts = [[5] * 5 + [0] * 5, [0] * 5 + [5] * 5]
+    class_config = DISTIL
+    assert class_config.teacher == "class-weighted"
+    mean_config = DISTIL.model_copy(update={"teacher": "mean"})
+    finals = {}
+    for name, config, class_weights in (("mean", mean_config, counts),
+                                        ("class, no counts", class_config, None),
+                                        ("class", class_config, counts)):
+        student = build_model("mlp", seed=9, **SMALL)
+        distill(student, teachers, [1.0, 1.0], moments, config, class_weights)
+        finals[name] = student.state_dict()
+    for key, tensor in finals["mean"].items():
+        assert torch.equal(tensor, finals["class, no counts"][key]), key
+    assert any(not torch.equal(t, finals["class"][k]) for k, t in finals["mean"].items())
+
+
 def test_distillation_moves_the_student_to_the_ensemble_deterministically():
     teachers = [build_model("mlp", seed=k, **SMALL) for k in range(3)]
     weights = [1.0, 2.0, 3.0]
