@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 from bar_chart import accuracy_bars
-from benchmark_data import DATASETS, FASHION, load, model_kwargs
+from benchmark_data import DATASETS, FASHION, load, model_kwargs, recipe
 
 from otfusion.fusion import FusionConfig
 from otfusion.task.data import label_counts, partition
-from otfusion.task.training import recipe_for
 from otfusion.tools.comparison import Method, compare, pooled_input_moments, train_clients
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,15 +69,15 @@ def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
     return methods
 
 
-def run(models, clients, splits, seeds, sinkhorn: bool, train, test, side: int
-        ) -> list[dict]:
+def run(models, clients, splits, seeds, sinkhorn: bool, dataset: str, train, test,
+        side: int) -> list[dict]:
     rows = []
     for model in models:
         for split, alpha in splits:
             for k in clients:
                 for seed in seeds:
                     parts = partition(train, k, split, alpha=alpha, seed=seed)
-                    trained = train_clients(model, parts, recipe_for(model), seed=seed,
+                    trained = train_clients(model, parts, recipe(model, dataset), seed=seed,
                                             **model_kwargs(model, side))
                     counts = [label_counts(p, 10).tolist() for p in parts]
                     result = compare(trained, [len(p) for p in parts], test,
@@ -156,7 +155,8 @@ def main() -> None:
     if loaded is None:
         print(f"{args.dataset}: not installed ({FASHION}), skipped")
         return
-    rows = run(args.models, args.clients, splits, args.seeds, not args.no_sinkhorn, *loaded)
+    rows = run(args.models, args.clients, splits, args.seeds, not args.no_sinkhorn,
+               args.dataset, *loaded)
     print("\nmean ± std over seeds " + " ".join(map(str, args.seeds)))
     print(summary(rows))
     RESULTS.mkdir(exist_ok=True)
