@@ -103,11 +103,10 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     class ``c``'s probability is averaged with the models' shares of column ``c``
     instead (a column of zeros falls back to ``weights``), and each input's
     probabilities are then normalised to sum one."""
-    mix = torch.as_tensor(weights, dtype=torch.float64)
-    mix = (mix / mix.sum())[:, None]
-    if class_weights is not None:
-        mix = torch.as_tensor(normalize_class_weights(class_weights, mix[:, 0].tolist()),
-                              dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    mix = w[:, None] if class_weights is None else torch.as_tensor(
+        normalize_class_weights(class_weights, w.tolist()), dtype=torch.float64)
     total = torch.zeros(())
     for share, model in zip(mix.to(inputs.dtype), models, strict=True):
         with temporary_mode(model):

@@ -297,7 +297,8 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
 
 
 def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
-               moments: InputMoments, config: FusionConfig, class_weights=None
+               moments: InputMoments, config: FusionConfig,
+               class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None
                ) -> float | None:
     """Distil ``model`` in place (:func:`~.distillation.distill`); its final divergence,
     or None, with a warning and ``model`` unchanged, when the distillation fails or
