@@ -145,7 +145,8 @@ class RobustConfig(_Part):
     ----------
     max_weight_ratio : float or None
         Cap every client's weight (its claimed number of examples) at this multiple of
-        the median weight; None: no cap.
+        the median weight, and the total of its label counts (``class_weights``) at
+        this multiple of the median total, scaling its counts down; None: no cap.
     screen : bool
         Exclude the clients whose predictions on the synthetic (or given) inputs are
         outliers among the clients', before fusing and before distilling (with five

@@ -37,7 +37,14 @@ from .graph import (
 )
 from .modes import temporary_mode
 from .projection import Coupling, as_rows, dense_state, project, stored_state
-from .robust import Combine, cap_weights, prediction_outliers, robust_mean, weighted_mean
+from .robust import (
+    Combine,
+    cap_class_weights,
+    cap_weights,
+    prediction_outliers,
+    robust_mean,
+    weighted_mean,
+)
 from .transport import block_marginal
 from .validation import (
     check_models,
@@ -54,9 +61,9 @@ ClientMoments = InputMoments | Sequence[InputMoments | None] | None
 class FusionResult:
     """The fused model; per solved group, the mean transport cost and iterations; the
     final KL divergence of the post-fusion distillation (None when not distilled); the
-    clients whose weight was capped (``robust.max_weight_ratio``) and those excluded by
-    the screening, with their disagreement score (indices into the models given); and the
-    seconds spent distilling."""
+    clients whose weight or label counts were capped (``robust.max_weight_ratio``) and
+    those excluded by the screening, with their disagreement score (indices into the
+    models given); and the seconds spent distilling."""
 
     model: nn.Module
     group_costs: dict[str, float]
@@ -128,6 +135,10 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     models = check_models(models)
     weights, capped = cap_weights(normalize_weights(weights, len(models)),
                                   config.robust.max_weight_ratio)
+    if class_weights is not None:
+        class_weights, counts_capped = cap_class_weights(class_weights,
+                                                         config.robust.max_weight_ratio)
+        capped = sorted(set(capped) | set(counts_capped))
     per_client = _per_client_moments(input_moments, len(models))
     excluded = (_screened_out(models, _pooled(per_client, weights, input_moments), inputs,
                               config, class_weights) if config.robust.screen else {})

@@ -102,6 +102,21 @@ def cap_weights(weights: Sequence[float], ratio: float | None
     return [min(w, cap) for w in weights], capped
 
 
+def cap_class_weights(class_weights: Sequence[Sequence[float]] | torch.Tensor,
+                      ratio: float | None) -> tuple[list[list[float]], list[int]]:
+    """Per-client, per-class weights (label counts, unverifiable claims like the number
+    of examples) with every client's total capped as :func:`cap_weights` caps weights:
+    a client claiming more than ``ratio`` times the median total has its row scaled down
+    to that total, so it cannot outweigh the others on a class by inflating its counts.
+    Returns the rows and the indices of the capped clients."""
+    rows = [[float(v) for v in row] for row in (
+        class_weights.tolist() if isinstance(class_weights, torch.Tensor) else class_weights)]
+    totals = [sum(row) for row in rows]
+    bounded, capped = cap_weights(totals, ratio)
+    return [[v * b / t for v in row] if k in capped else row
+            for k, (row, b, t) in enumerate(zip(rows, bounded, totals, strict=True))], capped
+
+
 @torch.no_grad()
 def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
                         threshold: float, min_distance: float = 0.05,

@@ -90,9 +90,9 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
     for warning in caught:  # e.g. a failed distillation: logged every round
         log(WARNING, "fuse_round (round %d): %s", server_round, warning.message)
     for k in result.capped:
-        log(WARNING, "fuse_round (round %d): the weight of %s (%g examples claimed) is capped "
-            "at %g times the median claim", server_round, updates[k].source,
-            updates[k].weight, config.robust.max_weight_ratio)
+        log(WARNING, "fuse_round (round %d): the weight or label counts of %s (%g examples "
+            "claimed) are capped at %g times the median claim", server_round,
+            updates[k].source, updates[k].weight, config.robust.max_weight_ratio)
     for k, score in result.excluded.items():
         log(WARNING, "fuse_round (round %d): %s excluded: its predictions disagree with the "
             "other clients' (median total-variation distance %.3f, an outlier)",

@@ -12,6 +12,7 @@ from permuted_families import make_family, relative_difference
 
 from otfusion.fusion import FusionConfig, InputMoments, fuse, fuse_result
 from otfusion.fusion.robust import (
+    cap_class_weights,
     cap_weights,
     prediction_outliers,
     robust_mean,
@@ -84,6 +85,34 @@ def test_weight_cap_bites_exactly_above_ratio_times_the_median(weights, capped):
     for k, (old, w) in enumerate(zip(weights, new, strict=True)):
         assert w == (cap if k in capped else old)
     assert cap_weights(weights, None) == ([float(w) for w in weights], [])
+
+
+def test_label_count_totals_are_capped_like_weights_and_keep_their_proportions():
+    counts = [[5, 5, 0], [0, 6, 4], [3, 3, 4], [0, 0, 900]]  # the last claims 90x
+    rows, capped = cap_class_weights(counts, 2.0)
+    assert capped == [3]
+    assert rows[:3] == [[float(v) for v in row] for row in counts[:3]]
+    assert rows[3] == [0.0, 0.0, 20.0]  # twice the median total (10)
+    assert cap_class_weights(torch.tensor(counts), 2.0) == (rows, capped)
+    assert cap_class_weights(counts, None) == ([[float(v) for v in r] for r in counts], [])
+
+
+def test_inflated_label_counts_are_capped_in_the_fused_head():
+    """A client claiming 1000x the label counts of the others (its num-examples honest)
+    has its counts capped: its share of the head's rows is at most what twice the median
+    total gives, and it is reported as capped."""
+    models = [build_model("mlp", seed=k, widths=(16, 12)) for k in range(5)]
+    counts = [[10] * 10] * 4 + [[10_000] * 10]
+    config = FusionConfig.from_options(robust_screen=False, **PLAIN)
+    capped = fuse_result(models, [100.0] * 5, config, class_weights=counts)
+    assert capped.capped == [4]
+    same = fuse_result(models, [100.0] * 5, config, class_weights=[[10] * 10] * 4 + [[20] * 10])
+    for name, tensor in capped.model.state_dict().items():
+        torch.testing.assert_close(tensor, same.model.state_dict()[name])
+    uncapped = fuse_result(models, [100.0] * 5, config.replace(max_weight_ratio=None),
+                           class_weights=counts)
+    assert uncapped.capped == []
+    assert not torch.allclose(uncapped.model.head.weight, capped.model.head.weight)
 
 
 # ---------------------------------------------------------------- fusion
@@ -213,7 +242,8 @@ def test_strategy_logs_and_counts_excluded_and_capped_replies(flwr_logs):
                                config).aggregate_train(1, replies)
     assert metrics["excluded-replies"] == 1 and metrics["capped-replies"] == 1
     assert "node 24 excluded: its predictions disagree" in flwr_logs.text
-    assert "the weight of node 24 (5000 examples claimed) is capped" in flwr_logs.text
+    assert "the weight or label counts of node 24 (5000 examples claimed) are capped" in \
+        flwr_logs.text
     fused = build_model("mlp", seed=0, widths=(16, 12))
     fused.load_state_dict(arrays.to_torch_state_dict())
     assert relative_difference(fused, original, inputs) <= EXACT_TOL
