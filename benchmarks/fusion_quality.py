@@ -69,8 +69,8 @@ def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
     return methods
 
 
-def run(models, clients, splits, seeds, sinkhorn: bool, dataset: str, train, test,
-        side: int) -> list[dict]:
+def run(models, clients, splits, seeds, sinkhorn: bool, class_moments: bool, dataset: str,
+        train, test, side: int) -> list[dict]:
     rows = []
     for model in models:
         for split, alpha in splits:
@@ -82,7 +82,7 @@ def run(models, clients, splits, seeds, sinkhorn: bool, dataset: str, train, tes
                     counts = [label_counts(p, 10).tolist() for p in parts]
                     result = compare(trained, [len(p) for p in parts], test,
                                      methods_for(model, sinkhorn), counts,
-                                     pooled_input_moments(trained[0], parts))
+                                     pooled_input_moments(trained[0], parts, class_moments))
                     row = {"model": model, "split": f"{split}" + (f"({alpha})" if alpha else ""),
                            "K": k, "seed": seed, **dict(result.rows()),
                            **{f"{name} seconds": s for name, s in result.seconds.items()}}
@@ -141,6 +141,9 @@ def main() -> None:
                         help="iid, dirichlet:ALPHA or pathological")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--dataset", default="digits", choices=DATASETS)
+    parser.add_argument("--class-moments", action="store_true",
+                        help="the clients send their input moments per class too "
+                             "(send-class-moments): synthetic inputs drawn class by class")
     parser.add_argument("--train-size", type=int, default=20000,
                         help="first training examples kept (Fashion-MNIST has 60000)")
     parser.add_argument("--no-sinkhorn", action="store_true", help="skip the slow solver")
@@ -156,7 +159,7 @@ def main() -> None:
         print(f"{args.dataset}: not installed ({FASHION}), skipped")
         return
     rows = run(args.models, args.clients, splits, args.seeds, not args.no_sinkhorn,
-               args.dataset, *loaded)
+               args.class_moments, args.dataset, *loaded)
     print("\nmean ± std over seeds " + " ".join(map(str, args.seeds)))
     print(summary(rows))
     RESULTS.mkdir(exist_ok=True)

@@ -14,10 +14,13 @@ distribution, no features.
 
 Unless ``send-input-moments`` is false, it also sends the per-feature mean and
 variance of its training inputs (``input-mean``, ``input-var``: two numbers per input
-feature, e.g. the client's mean image and per-pixel variance). The server draws
-synthetic inputs from them to distil the fused model from the clients' ensemble
-(:mod:`otfusion.fusion.distillation`); they reveal the average input of
-the client's data, not any single example.
+feature, e.g. the client's mean image and per-pixel variance), and with
+``send-class-moments`` the same per class (``input-class-mean``,
+``input-class-var``, classes x features, and ``input-class-count``), for the classes
+with at least 10 examples (the others: zeros, count 0). The server draws synthetic
+inputs from them to distil the fused model from the clients' ensemble
+(:mod:`otfusion.fusion.distillation`); they reveal the average input of the client's
+data and of each of its classes (a class's mean image), not any single example.
 """
 
 from __future__ import annotations
@@ -77,9 +80,14 @@ def client_statistics(config: RunConfig, model, data: TensorData) -> dict[str, l
     statistics: dict[str, list] = {"label-counts": [int(c) for c in label_counts(data,
                                                                                    classes)]}
     if config.send_input_moments:
-        moments = input_moments(model_inputs(model, data))
+        labels = data.y if config.send_class_moments and classes else None
+        moments = input_moments(model_inputs(model, data), labels, classes)
         statistics["input-mean"] = moments.mean.flatten().tolist()
         statistics["input-var"] = moments.var.flatten().tolist()
+        if labels is not None:
+            statistics["input-class-mean"] = moments.class_mean.flatten().tolist()
+            statistics["input-class-var"] = moments.class_var.flatten().tolist()
+            statistics["input-class-count"] = moments.class_count.tolist()
     return statistics
 
 

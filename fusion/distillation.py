@@ -1,10 +1,10 @@
 """Post-fusion distillation: the fused model learns its clients' ensemble on synthetic
 inputs drawn from the clients' input moments, so the server needs no data.
 
-Clients send the per-feature mean and variance of their training inputs
-(:func:`input_moments`); the server pools them (:func:`pool_moments`), draws Gaussian
-inputs (:func:`synthetic_inputs`) and trains the fused model to predict the weighted
-mean of the clients' class probabilities on them (:func:`distill`).
+Clients send the per-feature mean and variance of their training inputs, overall and
+per class (:func:`input_moments`); the server pools them (:func:`pool_moments`), draws
+Gaussian inputs class by class (:func:`synthetic_inputs`) and trains the fused model to
+predict the clients' ensemble on them (:func:`distill`).
 """
 
 from __future__ import annotations
@@ -22,21 +22,48 @@ from .config import DistillationConfig
 from .modes import temporary_mode
 from .robust import weighted_median
 
+MIN_CLASS_EXAMPLES = 10
+"""Fewest examples of a class whose moments a client describes: the mean of fewer would
+come too close to revealing single examples."""
+
 
 class InputMoments(NamedTuple):
     """Per-feature mean and (population) variance of a set of model inputs; both have
-    the shape of one input."""
+    the shape of one input. Optionally the same per class: ``class_mean`` and
+    ``class_var`` of shape ``(classes, *input_shape)``, and ``class_count``, the weight
+    of each class (its number of examples; 0 for a class not described, whose rows are
+    zeros)."""
 
     mean: torch.Tensor
     var: torch.Tensor
+    class_mean: torch.Tensor | None = None
+    class_var: torch.Tensor | None = None
+    class_count: torch.Tensor | None = None
 
 
-def input_moments(inputs: torch.Tensor) -> InputMoments:
-    """The moments of a batch of inputs ``(N, *input_shape)``, over the batch."""
+def input_moments(inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                  num_classes: int | None = None,
+                  min_class_examples: int = MIN_CLASS_EXAMPLES) -> InputMoments:
+    """The moments of a batch of inputs ``(N, *input_shape)``, over the batch; with
+    ``labels`` (N class indices below ``num_classes``), also per class, for the classes
+    with at least ``min_class_examples`` examples."""
     if inputs.ndim < 2 or inputs.shape[0] == 0:
         raise ValueError(f"need a non-empty batch (N, *input_shape), got {tuple(inputs.shape)}")
     x = inputs.detach().double()
-    return InputMoments(x.mean(dim=0).float(), x.var(dim=0, unbiased=False).float())
+    overall = InputMoments(x.mean(dim=0).float(), x.var(dim=0, unbiased=False).float())
+    if labels is None:
+        return overall
+    if num_classes is None or labels.shape != (len(x),):
+        raise ValueError("per-class moments need one label per input and num_classes")
+    count = torch.bincount(labels.long(), minlength=num_classes)[:num_classes]
+    mean = torch.zeros((num_classes, *x.shape[1:]), dtype=torch.float64)
+    var = torch.zeros_like(mean)
+    described = count >= max(min_class_examples, 1)
+    for c in torch.nonzero(described).flatten().tolist():
+        rows = x[labels == c]
+        mean[c], var[c] = rows.mean(dim=0), rows.var(dim=0, unbiased=False)
+    return overall._replace(class_mean=mean.float(), class_var=var.float(),
+                            class_count=torch.where(described, count, 0).float())
 
 
 def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
@@ -60,8 +87,22 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
         raise ValueError(f"input moments of different shapes: {sorted(shapes)}")
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
-    means = torch.stack([m.mean.double() for m in moments])
-    variances = torch.stack([m.var.double() for m in moments])
+    pooled = InputMoments(*_mixture([m.mean for m in moments], [m.var for m in moments], w,
+                                    outlier_factor))
+    by_class = [m for m in moments if m.class_mean is not None]
+    if not by_class:
+        return pooled
+    return pooled._replace(**_pool_classes(by_class, w[[m.class_mean is not None
+                                                       for m in moments]], outlier_factor))
+
+
+def _mixture(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
+             w: torch.Tensor, outlier_factor: float | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of the ``w``-weighted mixture, outliers shrunk first (see
+    :func:`pool_moments`)."""
+    means = torch.stack([m.double() for m in means])
+    variances = torch.stack([v.double() for v in variances])
     shape = (-1,) + (1,) * (means.ndim - 1)
     if outlier_factor is not None:
         center = weighted_median(means, w)
@@ -72,14 +113,43 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
         variances = shrink.view(shape).square() * variances
     mean = (w.view(shape) * means).sum(dim=0)
     second = (w.view(shape) * (variances + means.square())).sum(dim=0)
-    return InputMoments(mean.float(), (second - mean.square()).clamp_min(0).float())
+    return mean.float(), (second - mean.square()).clamp_min(0).float()
+
+
+def _pool_classes(moments: Sequence[InputMoments], w: torch.Tensor,
+                  outlier_factor: float | None) -> dict[str, torch.Tensor]:
+    """The per-class moments pooled over the clients that describe each class, a
+    client weighing ``w`` times its share of the class among its own examples (so that
+    claimed class counts weigh no more than the client's capped weight)."""
+    shapes = {tuple(m.class_mean.shape) for m in moments}
+    if len(shapes) != 1:
+        raise ValueError(f"per-class input moments of different shapes: {sorted(shapes)}")
+    counts = torch.stack([m.class_count.double() for m in moments])
+    share = w[:, None] * counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    mean = torch.zeros_like(moments[0].class_mean)
+    var = torch.zeros_like(mean)
+    for c in torch.nonzero(share.sum(dim=0) > 0).flatten().tolist():
+        who = torch.nonzero(share[:, c] > 0).flatten().tolist()
+        mean[c], var[c] = _mixture([moments[k].class_mean[c] for k in who],
+                                   [moments[k].class_var[c] for k in who],
+                                   share[who, c] / share[who, c].sum(), outlier_factor)
+    return {"class_mean": mean, "class_var": var, "class_count": share.sum(dim=0).float()}
 
 
 def synthetic_inputs(moments: InputMoments, num_samples: int,
                      generator: torch.Generator) -> torch.Tensor:
-    """``num_samples`` inputs drawn feature by feature from N(mean, var)."""
+    """``num_samples`` inputs drawn feature by feature from N(mean, var); with per-class
+    moments, class by class instead: each input's class first (with probability
+    proportional to ``class_count``), then its features from that class's
+    N(class_mean, class_var)."""
+    if moments.class_mean is None or not bool((moments.class_count > 0).any()):
+        mean, std = moments.mean, moments.var.sqrt()
+    else:
+        classes = torch.multinomial(moments.class_count.double(), num_samples,
+                                    replacement=True, generator=generator)
+        mean, std = moments.class_mean[classes], moments.class_var[classes].sqrt()
     noise = torch.randn((num_samples, *moments.mean.shape), generator=generator)
-    return moments.mean + moments.var.sqrt() * noise
+    return mean + std * noise
 
 
 def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:

@@ -18,9 +18,7 @@ from torch import nn
 from otfusion.fusion import AlignmentGraph, FusionConfig
 
 from .replies import (
-    INPUT_MEAN_KEY,
-    INPUT_VAR_KEY,
-    LABEL_COUNTS_KEY,
+    STATISTIC_KEYS,
     check_array_list,
     check_weight,
     weighted_average_metrics,
@@ -29,15 +27,13 @@ from .rounds import FusedCallback, fuse_round, screen
 from .settings import ClientModelFn, FusionSettings
 from .updates import ClientUpdate, decode_update
 
-STATISTICS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY)
-
 
 def decode_statistics(metrics: dict[str, Scalar]) -> dict[str, object] | str:
-    """A FitRes's metrics with the client statistics (``label-counts``, ``input-mean``,
-    ``input-var``; lists sent as JSON strings, the legacy API's metrics being scalars)
-    decoded, or why they cannot be."""
+    """A FitRes's metrics with the client statistics (``label-counts``, the input
+    moments; lists sent as JSON strings, the legacy API's metrics being scalars) decoded,
+    or why they cannot be."""
     decoded: dict[str, object] = dict(metrics)
-    for key in STATISTICS:
+    for key in STATISTIC_KEYS:
         value = metrics.get(key)
         if isinstance(value, str):
             try:

@@ -15,13 +15,7 @@ from torch import nn
 
 from otfusion.fusion import AlignmentGraph, FusionConfig
 
-from .replies import (
-    INPUT_MEAN_KEY,
-    INPUT_VAR_KEY,
-    LABEL_COUNTS_KEY,
-    check_content,
-    weighted_average_metrics,
-)
+from .replies import STATISTIC_KEYS, check_content, weighted_average_metrics
 from .resume import ResumableStrategy
 from .rounds import FusedCallback, fuse_round, screen
 from .settings import ClientModelFn, FusionSettings
@@ -39,7 +33,7 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str) -> 
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         pairs.append((float(metrics[weighted_by_key]), dict(metrics)))
-    skip = (weighted_by_key, LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY)
+    skip = (weighted_by_key, *STATISTIC_KEYS)
     return MetricRecord(weighted_average_metrics(pairs, skip=skip))
 
 

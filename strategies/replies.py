@@ -105,6 +105,15 @@ INPUT_VAR_KEY = "input-var"
 inputs (flattened), from which the server draws the synthetic inputs of post-fusion
 distillation (:mod:`otfusion.fusion.distillation`)."""
 
+CLASS_MEAN_KEY = "input-class-mean"
+CLASS_VAR_KEY = "input-class-var"
+CLASS_COUNT_KEY = "input-class-count"
+"""Train-reply metrics: the same per class (classes x features, flattened), and the
+number of examples each class's moments describe (0: not described, rows of zeros)."""
+CLASS_MOMENT_KEYS = (CLASS_MEAN_KEY, CLASS_VAR_KEY, CLASS_COUNT_KEY)
+STATISTIC_KEYS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY, *CLASS_MOMENT_KEYS)
+"""The client statistics a train reply may carry besides its metrics proper."""
+
 
 MAX_INPUT_MOMENT = 1e6
 """Largest accepted ``|input-mean|`` and input standard deviation."""
@@ -123,20 +132,58 @@ def check_input_moments(mean: Any, var: Any, input_shape: Sequence[int] | None
         return f"'{INPUT_MEAN_KEY}' and '{INPUT_VAR_KEY}' must be sent together"
     if input_shape is None:
         return None
-    features = math.prod(input_shape)
-    values = {}
-    for key, value, non_negative in ((INPUT_MEAN_KEY, mean, False), (INPUT_VAR_KEY, var, True)):
-        if isinstance(value, (list, tuple)) and len(value) != features:
-            return (f"'{key}' has {len(value)} entries for the model's {features} input "
-                    "features")
-        numbers = _number_list(value, key, non_negative)
-        if isinstance(numbers, str):
-            return numbers
-        bound = MAX_INPUT_MOMENT ** (2 if non_negative else 1)
-        if max(map(abs, numbers), default=0.0) > bound:
-            return f"'{key}' holds |value| {max(map(abs, numbers)):.3g} > {bound:.3g}"
-        values[key] = torch.tensor(numbers, dtype=torch.float32).reshape(tuple(input_shape))
-    return InputMoments(values[INPUT_MEAN_KEY], values[INPUT_VAR_KEY])
+    shape = tuple(input_shape)
+    what = f"the model's {math.prod(shape)} input features"
+    values = [_moments(key, value, shape, what, non_negative)
+              for key, value, non_negative in ((INPUT_MEAN_KEY, mean, False),
+                                               (INPUT_VAR_KEY, var, True))]
+    found = next((v for v in values if isinstance(v, str)), None)
+    return found if found is not None else InputMoments(*values)
+
+
+def check_class_moments(moments: InputMoments | None, mean: Any, var: Any, count: Any,
+                        num_classes: int | None) -> InputMoments | None | str:
+    """``moments`` with a reply's per-class moments (:data:`CLASS_MOMENT_KEYS`) added:
+    ``moments`` itself when none are sent (or the number of classes is unknown); a
+    reason when only some are sent, they come without the overall moments, or they are
+    not ``num_classes`` x features finite numbers within the bounds with non-negative
+    variances and counts."""
+    if mean is None and var is None and count is None:
+        return moments
+    if mean is None or var is None or count is None:
+        return f"{', '.join(repr(k) for k in CLASS_MOMENT_KEYS)} must be sent together"
+    if moments is None:
+        return f"per-class moments need '{INPUT_MEAN_KEY}' and '{INPUT_VAR_KEY}' too"
+    if num_classes is None:
+        return moments
+    shape = (num_classes, *moments.mean.shape)
+    counts = _moments(CLASS_COUNT_KEY, count, (num_classes,),
+                      f"the model's {num_classes} classes", True)
+    what = f"{num_classes} classes x {moments.mean.numel()} input features"
+    values = [_moments(key, value, shape, what, non_negative)
+              for key, value, non_negative in ((CLASS_MEAN_KEY, mean, False),
+                                               (CLASS_VAR_KEY, var, True))]
+    found = next((v for v in [counts, *values] if isinstance(v, str)), None)
+    if found is not None:
+        return found
+    return moments._replace(class_mean=values[0], class_var=values[1], class_count=counts)
+
+
+def _moments(key: str, value: Any, shape: tuple[int, ...], what: str, non_negative: bool
+             ) -> torch.Tensor | str:
+    """``value`` (a flat list) as a float32 tensor of ``shape`` (``what`` it holds, for
+    the reason), or why not: a wrong length, a non-finite (or negative, with
+    ``non_negative``) number, or a magnitude beyond :data:`MAX_INPUT_MOMENT` (its
+    square for variances and counts)."""
+    if isinstance(value, (list, tuple)) and len(value) != math.prod(shape):
+        return f"'{key}' has {len(value)} entries for {what}"
+    numbers = _number_list(value, key, non_negative)
+    if isinstance(numbers, str):
+        return numbers
+    bound = MAX_INPUT_MOMENT ** (2 if non_negative else 1)
+    if max(map(abs, numbers), default=0.0) > bound:
+        return f"'{key}' holds |value| {max(map(abs, numbers)):.3g} > {bound:.3g}"
+    return torch.tensor(numbers, dtype=torch.float32).reshape(shape)
 
 
 def _kinds(dtype: torch.dtype) -> str:
@@ -272,7 +319,8 @@ def reply_digest(state: Mapping[str, torch.Tensor], weight: float,
         digest.update(repr([float(c) for c in label_counts]).encode())
     if input_moments is not None:
         for tensor in input_moments:
-            digest.update(b"moments|" + tensor.contiguous().numpy().tobytes())
+            if tensor is not None:
+                digest.update(b"moments|" + tensor.contiguous().numpy().tobytes())
     for name, tensor in state.items():
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -13,9 +13,11 @@ from torch import nn
 from otfusion.fusion import InputMoments
 
 from .replies import (
+    CLASS_MOMENT_KEYS,
     INPUT_MEAN_KEY,
     INPUT_VAR_KEY,
     LABEL_COUNTS_KEY,
+    check_class_moments,
     check_input_moments,
     check_label_counts,
     reply_digest,
@@ -70,6 +72,9 @@ def decode_update(state: dict[str, torch.Tensor], weight: float, metrics: Mappin
         return RejectedUpdate(counts)
     moments = check_input_moments(metrics.get(INPUT_MEAN_KEY), metrics.get(INPUT_VAR_KEY),
                                   settings.input_shape)
+    if not isinstance(moments, str):
+        moments = check_class_moments(moments, *(metrics.get(k) for k in CLASS_MOMENT_KEYS),
+                                      settings.num_classes)
     if isinstance(moments, str):
         return RejectedUpdate(moments)
     model = _loaded_model(state, settings)

@@ -83,6 +83,10 @@ class RunConfig(BaseModel):
     send_input_moments: bool = Field(default=True, description=(
         "clients send the per-feature mean and variance of their training inputs, "
         "which the server's distillation needs"))
+    send_class_moments: bool = Field(default=False, description=(
+        "with send-input-moments, clients also send them per class (each class's mean "
+        "image and variance, for the classes with at least 10 examples): the server "
+        "then draws its synthetic inputs class by class"))
     round_timeout: float = Field(default=3600.0, gt=0, description=(
         "seconds the server waits for the replies of a round; the round then goes on "
         "with the replies it has"))

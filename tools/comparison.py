@@ -57,10 +57,14 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
     return clients
 
 
-def pooled_input_moments(model: nn.Module, partitions: Sequence[TensorData]) -> InputMoments:
-    """The clients' input moments as the server pools them: each partition's moments of
-    ``model``'s inputs, weighted by its size."""
-    return pool_moments([input_moments(model_inputs(model, p)) for p in partitions],
+def pooled_input_moments(model: nn.Module, partitions: Sequence[TensorData],
+                         by_class: bool = False) -> InputMoments:
+    """The clients' input moments as the ClientApp sends them (``by_class``: per class
+    too, as with ``send-class-moments``) and the server pools them: each partition's
+    moments of ``model``'s inputs, weighted by its size."""
+    classes = getattr(model, "num_classes", None) if by_class else None
+    return pool_moments([input_moments(model_inputs(model, p), p.y if classes else None,
+                                       classes) for p in partitions],
                         [len(p) for p in partitions])
 
 

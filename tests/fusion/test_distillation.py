@@ -30,7 +30,8 @@ from otfusion.fusion.distillation import (
     synthetic_inputs,
     teacher_sample,
 )
-from otfusion.strategies.replies import check_input_moments, reply_digest
+from otfusion.strategies.replies import check_class_moments, check_input_moments, reply_digest
+from otfusion.task.data import label_counts
 from otfusion.zoo import build_model
 
 SMALL = {"widths": (16, 12)}
@@ -405,7 +406,7 @@ def test_client_app_sends_the_moments_of_its_training_inputs(send, monkeypatch):
     for name in ("_run_id", "_task_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
     config = RunConfig(model="cnn", model_kwargs='{"channels": [4, 8], "hidden": 12}',
-                       local_epochs=1, send_input_moments=send)
+                       local_epochs=1, send_input_moments=send, send_class_moments=True)
     node = {"partition-id": 1, "num-partitions": 4}
     instruction = Message(content=RecordDict({
         "arrays": ArrayRecord(config.build_model().state_dict()),
@@ -414,13 +415,20 @@ def test_client_app_sends_the_moments_of_its_training_inputs(send, monkeypatch):
                       run_config=config.as_run_config())
     metrics = train_handler(config, instruction, context).content["metrics"]
     if not send:
-        assert "input-mean" not in metrics and "input-var" not in metrics
+        assert not any(key.startswith("input-") for key in metrics)
         return
     data = client_data(config, node, "train")
-    parsed = check_input_moments(metrics["input-mean"], metrics["input-var"], (1, 8, 8))
-    expected = input_moments(data.x.reshape(-1, 1, 8, 8))
-    torch.testing.assert_close(parsed.mean, expected.mean)
-    torch.testing.assert_close(parsed.var, expected.var)
+    parsed = check_class_moments(
+        check_input_moments(metrics["input-mean"], metrics["input-var"], (1, 8, 8)),
+        metrics["input-class-mean"], metrics["input-class-var"], metrics["input-class-count"],
+        10)
+    expected = input_moments(data.x.reshape(-1, 1, 8, 8), data.y, 10)
+    for got, want in zip(parsed, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert parsed.class_count.tolist() == [float(c) for c in label_counts(data, 10)]
+    plain = train_handler(RunConfig(**{**dict(config), "send_class_moments": False}),
+                          instruction, context).content["metrics"]
+    assert "input-mean" in plain and "input-class-mean" not in plain
 
 
 def test_float64_target_is_distilled_from_float32_clients():
