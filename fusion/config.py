@@ -125,8 +125,8 @@ class DistillationConfig(_Part):
         never saw a class does not vote for it. ``mean``: the weighted mean of the
         clients' class probabilities. On the digits (3 seeds, K = 2, 4, 8) the
         class-weighted teacher gained up to 4.7 points (MLP), 9.6 (CNN) and 3.4 (LSTM)
-        on Dirichlet splits, lost 3.4 on the LSTM at Dir(0.1), K = 8, and stayed within
-        0.2 points on IID splits (README, "Fusion quality").
+        on Dirichlet splits, lost 3.4 on the LSTM at Dir(0.1), K = 8, and at most 0.2
+        points on IID splits (README, "Fusion quality").
     """
 
     steps: int = Field(default=300, ge=0)
