@@ -143,18 +143,17 @@ def check_input_moments(mean: Any, var: Any, input_shape: Sequence[int] | None
 
 def check_class_moments(moments: InputMoments | None, mean: Any, var: Any, count: Any,
                         num_classes: int | None) -> InputMoments | None | str:
-    """``moments`` with a reply's per-class moments (:data:`CLASS_MOMENT_KEYS`) added:
-    ``moments`` itself when none are sent (or the number of classes is unknown); a
-    reason when only some are sent, they come without the overall moments, or they are
-    not ``num_classes`` x features finite numbers within the bounds with non-negative
+    """``moments`` (the reply's checked overall moments) with its per-class moments
+    (:data:`CLASS_MOMENT_KEYS`) added: ``moments`` itself when none are sent, or when
+    there are no overall moments to add them to or the number of classes is unknown
+    (then they are not used); a reason when only some are sent, or they are not
+    ``num_classes`` x features finite numbers within the bounds with non-negative
     variances and counts."""
     if mean is None and var is None and count is None:
         return moments
     if mean is None or var is None or count is None:
         return f"{', '.join(repr(k) for k in CLASS_MOMENT_KEYS)} must be sent together"
-    if moments is None:
-        return f"per-class moments need '{INPUT_MEAN_KEY}' and '{INPUT_VAR_KEY}' too"
-    if num_classes is None:
+    if moments is None or num_classes is None:
         return moments
     shape = (num_classes, *moments.mean.shape)
     counts = _moments(CLASS_COUNT_KEY, count, (num_classes,),

@@ -91,11 +91,11 @@ def test_a_reply_s_class_moments_are_checked_and_digested():
     assert checked.class_mean.shape == (2, 2, 3) and checked.class_count.tolist() == [20, 0]
     assert check_class_moments(moments, None, None, None, 2) is moments
     assert check_class_moments(moments, mean, var, count, None) is moments  # classes unknown
+    assert check_class_moments(None, mean, var, count, 2) is None  # no overall moments
     state = {"w": torch.zeros(2)}
     assert reply_digest(state, 1.0, None, checked) != reply_digest(state, 1.0, None, moments)
     for args, reason in [
         ((moments, mean, None, count, 2), "must be sent together"),
-        ((None, mean, var, count, 2), "need 'input-mean' and 'input-var' too"),
         ((moments, mean[:-1], var, count, 2), "11 entries for 2 classes x 6 input features"),
         ((moments, mean, var, [20], 2), "1 entries for the model's 2 classes"),
         ((moments, mean, [-1.0] * 12, count, 2), "not a finite non-negative number"),
