@@ -1,10 +1,11 @@
 """Post-fusion distillation: the fused model learns its clients' ensemble on synthetic
 inputs drawn from the clients' input moments, so the server needs no data.
 
-Clients send the per-feature mean and variance of their training inputs, overall and
-per class (:func:`input_moments`); the server pools them (:func:`pool_moments`), draws
-Gaussian inputs class by class (:func:`synthetic_inputs`) and trains the fused model to
-predict the clients' ensemble on them (:func:`distill`).
+Clients send the per-feature mean and variance of their training inputs, and
+optionally the same per class (:func:`input_moments`); the server pools them
+(:func:`pool_moments`), draws Gaussian inputs from them, class by class when it has
+per-class moments (:func:`synthetic_inputs`), and trains the fused model to predict the
+clients' ensemble on them (:func:`distill`).
 """
 
 from __future__ import annotations
@@ -89,11 +90,11 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
     w = w / w.sum()
     pooled = InputMoments(*_mixture([m.mean for m in moments], [m.var for m in moments], w,
                                     outlier_factor))
-    by_class = [m for m in moments if m.class_mean is not None]
-    if not by_class:
+    described = [k for k, m in enumerate(moments) if m.class_mean is not None]
+    if not described:
         return pooled
-    return pooled._replace(**_pool_classes(by_class, w[[m.class_mean is not None
-                                                       for m in moments]], outlier_factor))
+    return pooled._replace(**_pool_classes([moments[k] for k in described], w[described],
+                                           outlier_factor))
 
 
 def _mixture(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
