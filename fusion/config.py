@@ -128,6 +128,19 @@ class DistillationConfig(_Part):
         on Dirichlet splits, lost 3.4 on the LSTM at Dir(0.1), K = 8, and at most 0.2
         points on IID splits; on one seed it lost 8-10 points on MobileNetV2 and a
         GroupNorm ResNet at Dir(0.5), K = 8 (README, "Fusion quality").
+    schedule : "constant" | "cosine"
+        The learning rate over the steps: constant, or cosine-annealed from ``lr`` to 0
+        over ``steps``.
+    temperature : float
+        Softmax temperature of the teachers' and the student's probabilities in the
+        training loss (scaled by its square, as in Hinton et al.); the divergences
+        reported and used for early stopping are at temperature 1.
+    patience, eval_every : int or None, int
+        Early stopping: every ``eval_every`` steps the student's divergence from the
+        teachers is measured on held-out synthetic inputs (a quarter as many as
+        ``samples``, drawn after them); training stops after ``patience`` measurements
+        without improvement, and the student of the best measurement is kept. None:
+        all ``steps`` are taken.
     """
 
     steps: int = Field(default=300, ge=0)
@@ -138,6 +151,10 @@ class DistillationConfig(_Part):
     tol: float = Field(default=1e-6, ge=0)
     max_teachers: int | None = Field(default=None, ge=1)
     teacher: Literal["class-weighted", "mean"] = "class-weighted"
+    schedule: Literal["constant", "cosine"] = "constant"
+    temperature: float = Field(default=1.0, gt=0)
+    patience: int | None = Field(default=None, ge=1)
+    eval_every: int = Field(default=50, ge=1)
 
 
 class RobustConfig(_Part):
@@ -189,7 +206,7 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "rescale": ("averaging", "rescale"),
     **{f"distill_{name}": ("distillation", name)
        for name in ("steps", "samples", "batch_size", "lr", "seed", "tol", "max_teachers",
-                    "teacher")},
+                    "teacher", "schedule", "temperature", "patience", "eval_every")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
     **{f"robust_{name}": ("robust", name)
        for name in ("screen", "screen_threshold", "aggregate", "trim")},

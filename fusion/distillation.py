@@ -10,8 +10,9 @@ clients' ensemble on them (:func:`distill`).
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -165,10 +166,11 @@ def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
 @torch.no_grad()
 def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float],
                            inputs: torch.Tensor, batch_size: int = 512,
-                           class_weights: Sequence[Sequence[float]] | None = None
-                           ) -> torch.Tensor:
-    """The ``weights``-weighted mean of the models' softmax outputs on ``inputs`` (each
-    model in eval mode, its mode restored afterwards).
+                           class_weights: Sequence[Sequence[float]] | None = None,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """The ``weights``-weighted mean of the models' softmax outputs (of their logits
+    divided by ``temperature``) on ``inputs``, each model in eval mode, its mode
+    restored afterwards.
 
     With ``class_weights`` (one row per model, one column per class, e.g. label counts),
     class ``c``'s probability is averaged with the models' shares of column ``c``
@@ -181,25 +183,34 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     total = torch.zeros(())
     for share, model in zip(mix.to(inputs.dtype), models, strict=True):
         with temporary_mode(model):
-            probabilities = _predict(model, inputs, batch_size, log=False)
+            probabilities = _predict(model, inputs, batch_size, log=False,
+                                     temperature=temperature)
         total = total + share.to(inputs.device) * probabilities.to(inputs.device,
                                                                     inputs.dtype)
     return total if class_weights is None else total / total.sum(dim=1, keepdim=True)
 
 
+Progress = Callable[[int, int, float], None]
+"""Called as ``progress(step, steps, divergence)`` every ``eval_every`` steps of a
+distillation: the student's divergence on the held-out inputs with early stopping,
+otherwise its mean training loss since the last call."""
+
+
 def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
             moments: InputMoments, config: DistillationConfig,
-            class_weights: Sequence[Sequence[float]] | None = None) -> float:
+            class_weights: Sequence[Sequence[float]] | None = None,
+            progress: Progress | None = None) -> float:
     """Train ``student`` in place to match the teachers' weighted mean class
     probabilities (KL divergence) on synthetic inputs drawn from ``moments``; with
     ``config.teacher="class-weighted"`` and ``class_weights`` (the teachers' label
     counts), each class is averaged with the teachers' shares of it
     (:func:`ensemble_probabilities`).
 
-    ``config.samples`` inputs are drawn once; ``config.steps`` Adam steps
-    (learning rate ``lr``) on random batches of ``batch_size`` follow. With more
-    teachers than ``config.max_teachers``, a random sample of them teaches
-    (:func:`teacher_sample`).
+    ``config.samples`` inputs are drawn once; up to ``config.steps`` Adam steps
+    (learning rate ``lr``, ``schedule``, ``temperature``) on random batches of
+    ``batch_size`` follow, stopped early on held-out inputs when ``config.patience`` is
+    set. With more teachers than ``config.max_teachers``, a random sample of them
+    teaches (:func:`teacher_sample`).
     The inputs, the batches and any dropout masks come from ``seed``, so the
     result is deterministic. Normalisation layers keep their running statistics (those
     are the fusion's, not the noise's). A student whose divergence on all the inputs is
@@ -218,27 +229,91 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
     per_class = (None if class_weights is None or config.teacher == "mean"
                  else [class_weights[k] for k in chosen])
-    targets = ensemble_probabilities([teachers[k] for k in chosen],
-                                     [weights[k] for k in chosen], inputs,
-                                     class_weights=per_class)
+
+    def teach(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return ensemble_probabilities([teachers[k] for k in chosen],
+                                      [weights[k] for k in chosen], x,
+                                      class_weights=per_class, temperature=temperature)
+
+    targets = teach(inputs)
     initial_loss = _full_divergence(student, inputs, targets)
     if initial_loss <= config.tol:
         return initial_loss  # already the ensemble: Adam would only add noise
+    soft_targets = targets if config.temperature == 1 else teach(inputs, config.temperature)
+    stopping = None
+    if config.patience is not None:
+        held_out = synthetic_inputs(moments, max(1, config.samples // 4), generator).to(
+            parameter.device, parameter.dtype)
+        stopping = _EarlyStopping(student, held_out, teach(held_out), config.patience)
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
+                if config.schedule == "cosine" else None)
     devices = [parameter.device] if parameter.device.type == "cuda" else []
+    running = 0.0
     with torch.random.fork_rng(devices=devices), temporary_mode(student, training=True):
         torch.manual_seed(config.seed)  # dropout masks
-        for _ in range(config.steps):
+        for step in range(1, config.steps + 1):
             index = torch.randint(0, len(inputs), (config.batch_size,),
                                   generator=generator).to(inputs.device)
-            loss = F.kl_div(F.log_softmax(_logits(student, inputs[index]), dim=1),
-                            targets[index], reduction="batchmean")
+            loss = _soft_loss(_logits(student, inputs[index]), soft_targets[index],
+                              config.temperature)
             if not bool(torch.isfinite(loss)):
                 break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            running += float(loss.detach()) if progress is not None else 0.0
+            if step % config.eval_every and step != config.steps:
+                continue
+            done = stopping is not None and stopping.measure(step)
+            if progress is not None:
+                since = (step - 1) % config.eval_every + 1
+                progress(step, config.steps, stopping.last if stopping else running / since)
+                running = 0.0
+            if done:
+                break
+    if stopping is not None:
+        stopping.restore_best()
     return _full_divergence(student, inputs, targets)
+
+
+def _soft_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float
+               ) -> torch.Tensor:
+    """Hinton's distillation loss: the KL divergence of the student's softened
+    probabilities from the teachers', times the temperature squared."""
+    if temperature == 1:
+        return F.kl_div(F.log_softmax(logits, dim=1), targets, reduction="batchmean")
+    return temperature ** 2 * F.kl_div(F.log_softmax(logits / temperature, dim=1), targets,
+                                       reduction="batchmean")
+
+
+class _EarlyStopping:
+    """The student's divergence on held-out inputs, measured now and then; the state of
+    its best measurement, and whether ``patience`` measurements went by without a
+    better one."""
+
+    def __init__(self, student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 patience: int) -> None:
+        self.student, self.inputs, self.targets = student, inputs, targets
+        self.patience, self.waited = patience, 0
+        self.best = self.last = _full_divergence(student, inputs, targets)
+        self.best_state = copy.deepcopy(student.state_dict())
+        self.best_step = 0
+
+    def measure(self, step: int) -> bool:
+        """Measure the student after ``step`` steps; True when training should stop."""
+        self.last = _full_divergence(self.student, self.inputs, self.targets)
+        if self.last < self.best:
+            self.best, self.best_step, self.waited = self.last, step, 0
+            self.best_state = copy.deepcopy(self.student.state_dict())
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore_best(self) -> None:
+        self.student.load_state_dict(self.best_state)
 
 
 def _full_divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -250,12 +325,16 @@ def _full_divergence(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return loss if math.isfinite(loss) else float("nan")
 
 
-def _predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, log: bool
-             ) -> torch.Tensor:
-    """The model's class (log-)probabilities on ``inputs``, batch by batch."""
+def _predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, log: bool,
+             temperature: float = 1.0) -> torch.Tensor:
+    """The model's class (log-)probabilities on ``inputs`` at ``temperature``, batch by
+    batch."""
     normalise = F.log_softmax if log else F.softmax
-    return torch.cat([normalise(_logits(model, inputs[s:s + batch_size]), dim=1)
-                      for s in range(0, len(inputs), batch_size)])
+    outputs = []
+    for start in range(0, len(inputs), batch_size):
+        logits = _logits(model, inputs[start:start + batch_size])
+        outputs.append(normalise(logits if temperature == 1 else logits / temperature, dim=1))
+    return torch.cat(outputs)
 
 
 def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .averaging import (
 )
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
-from .distillation import InputMoments, distill, pool_moments, synthetic_inputs
+from .distillation import InputMoments, Progress, distill, pool_moments, synthetic_inputs
 from .graph import (
     AlignmentGraph,
     Group,
@@ -128,9 +128,12 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                 inputs: torch.Tensor | None = None,
                 class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
                 input_moments: ClientMoments = None,
-                graph: AlignmentGraph | None = None) -> FusionResult:
+                graph: AlignmentGraph | None = None,
+                progress: Progress | None = None) -> FusionResult:
     """Like :func:`fuse`, returning the :class:`FusionResult`: the model, the transport
-    cost and iterations of every group, and the distillation's final divergence."""
+    cost and iterations of every group, and the distillation's final divergence.
+    ``progress`` is called during the distillation (see
+    :data:`~otfusion.fusion.distillation.Progress`), e.g. to move a progress bar."""
     config = config or FusionConfig()
     models = check_models(models)
     weights, capped = cap_weights(normalize_weights(weights, len(models)),
@@ -182,8 +185,8 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     model = copy.deepcopy(template)
     model.load_state_dict(fused)
     start = time.perf_counter()
-    distill_loss = (_distilled(model, models, weights, moments, config, class_weights)
-                    if moments is not None and config.distils else None)
+    distill_loss = (_distilled(model, models, weights, moments, config, class_weights,
+                               progress) if moments is not None and config.distils else None)
     distill_seconds = time.perf_counter() - start
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
                         capped, excluded, distill_seconds)
@@ -309,14 +312,15 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
 
 def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
                moments: InputMoments, config: FusionConfig,
-               class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None
-               ) -> float | None:
+               class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
+               progress: Progress | None = None) -> float | None:
     """Distil ``model`` in place (:func:`~.distillation.distill`); its final divergence,
     or None, with a warning and ``model`` unchanged, when the distillation fails or
     diverges: it is an improvement and never costs the fusion its result."""
     before = copy.deepcopy(model.state_dict())
     try:
-        loss = distill(model, teachers, weights, moments, config.distillation, class_weights)
+        loss = distill(model, teachers, weights, moments, config.distillation, class_weights,
+                       progress)
         problem = None if math.isfinite(loss) else "diverged (the KL divergence is not finite)"
     except Exception as exc:  # noqa: BLE001 - keep the undistilled fusion
         problem = f"failed ({type(exc).__name__}: {exc})"

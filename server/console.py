@@ -25,6 +25,8 @@ _EVENTS = [
     (re.compile(r"\[ROUND (\d+)/(\d+)\]"), "round {0}/{1}: clients training locally"),
     (re.compile(r"aggregate_train \(round (\d+)\): (\d+) replies accepted"),
      "round {0}: fusing {1} client models"),
+    (re.compile(r"\(round (\d+)\): distillation step (\d+)/(\d+), divergence (\S+)"),
+     "round {0}: distilling the fused model, step {1}/{2} (KL divergence {3})"),
     (re.compile(r"Test accuracy of the last round's models"), "writing the report"),
 ]
 

@@ -85,7 +85,10 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
                              target=settings.model_fn(), inputs=settings.inputs,
                              class_weights=per_class,
                              input_moments=[u.input_moments for u in updates],
-                             graph=settings.graph)
+                             graph=settings.graph,
+                             progress=lambda step, steps, divergence: log(
+                                 INFO, "fuse_round (round %d): distillation step %d/%d, "
+                                 "divergence %.4f", server_round, step, steps, divergence))
     seconds = time.perf_counter() - start
     for warning in caught:  # e.g. a failed distillation: logged every round
         log(WARNING, "fuse_round (round %d): %s", server_round, warning.message)
@@ -103,6 +106,8 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
     if result.distill_loss is not None:
         metrics["distill-kl"] = result.distill_loss
         metrics["distill-seconds"] = result.distill_seconds
+        log(INFO, "fuse_round (round %d): distilled in %.1f s, final divergence %.4f",
+            server_round, result.distill_seconds, result.distill_loss)
     return global_state(result.model.state_dict(), settings), metrics
 
 

@@ -5,19 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressBar
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from otfusion.fusion import FusionConfig, TransportConfig, fuse, input_moments
+from otfusion.fusion import FusionConfig, TransportConfig, fuse_result, input_moments
 from otfusion.fusion.config import option_name
+from otfusion.fusion.distillation import Progress
 from otfusion.task.config import RunConfig, json_object
 from otfusion.task.data import as_input, label_counts, load_digits_dataset, load_npz, partition
 from otfusion.task.training import model_inputs, recipe_for
@@ -114,6 +118,22 @@ def _activation_inputs(args: argparse.Namespace, config: FusionConfig,
     return as_input(data, model.input_shape)
 
 
+@contextmanager
+def distillation_bar(console: Console, steps: int) -> Iterator[Progress]:
+    """A progress bar of the distillation's steps and divergence, shown from its first
+    report (a fusion that is not distilled shows none) and gone when it is done."""
+    columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("KL {task.fields[divergence]}"), TimeElapsedColumn())
+    with ProgressBar(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("distilling", total=steps, divergence="-", visible=False)
+
+        def update(step: int, total: int, divergence: float) -> None:
+            bar.update(task, completed=step, total=total, divergence=f"{divergence:.4f}",
+                       visible=True)
+
+        yield update
+
+
 def _fuse(args: argparse.Namespace) -> None:
     if args.weights is not None and len(args.weights) != len(args.checkpoints):
         raise ValueError(
@@ -125,16 +145,22 @@ def _fuse(args: argparse.Namespace) -> None:
     inputs = _activation_inputs(args, config, models[0])
     moments = (input_moments(model_inputs(models[0], load_npz(args.distill_from)))
                if args.distill_from else None)
-    fused = fuse(models, args.weights, config, inputs=inputs, input_moments=moments)
-    state = {key: tensor.contiguous() for key, tensor in fused.state_dict().items()}
+    console = Console()
+    with distillation_bar(console, config.distillation.steps) as progress:
+        result = fuse_result(models, args.weights, config, inputs=inputs,
+                             input_moments=moments, progress=progress)
+    state = {key: tensor.contiguous() for key, tensor in result.model.state_dict().items()}
     try:
         save_file(state, str(args.output),
                   metadata={"model": args.model, "model_kwargs": json.dumps(kwargs)})
     except Exception as error:  # safetensors raises its own (Rust) error types
         raise ValueError(f"cannot write {args.output}: {error}") from None
-    Console().print(
+    distilled = ("" if result.distill_loss is None else
+                 f"; distilled in {result.distill_seconds:.1f} s to a KL divergence of "
+                 f"{result.distill_loss:.4f} from their ensemble")
+    console.print(
         f"fused {len(models)} '{args.model}' checkpoints ({config.method}, "
-        f"{config.transport.solver}) into [bold]{args.output}[/]"
+        f"{config.transport.solver}) into [bold]{args.output}[/]{distilled}"
     )
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from otfusion.fusion import FusionConfig, fuse
+from otfusion.fusion import FusionConfig, fuse, fuse_result
 from otfusion.tools.cli import main
 from otfusion.zoo import build_model
 
@@ -58,7 +58,7 @@ def test_fused_file_equals_fuse(tmp_path, name, options, config):
         assert file.metadata() == {"model": name, "model_kwargs": json.dumps(KWARGS[name])}
 
 
-def test_distill_from_uses_the_moments_of_the_file(tmp_path):
+def test_distill_from_uses_the_moments_of_the_file(tmp_path, capsys):
     import numpy as np
 
     from otfusion.fusion import input_moments
@@ -71,12 +71,14 @@ def test_distill_from_uses_the_moments_of_the_file(tmp_path):
     main(["fuse", *paths, *model_options("cnn"), "--distill-from", str(data),
           "-o", str(output)])
     moments = input_moments(torch.from_numpy(x).reshape(40, 1, 8, 8))
-    expected = fuse(models, None, FusionConfig(), input_moments=moments).state_dict()
+    expected = fuse_result(models, None, FusionConfig(), input_moments=moments)
     undistilled = fuse(models, None, FusionConfig()).state_dict()
     got = load_file(str(output))
-    for key, tensor in expected.items():
+    for key, tensor in expected.model.state_dict().items():
         assert torch.equal(got[key], tensor), key
     assert not torch.equal(got["head.weight"], undistilled["head.weight"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"a KL divergence of {expected.distill_loss:.4f} from their ensemble" in said
 
 
 def test_fused_file_loads_into_the_model(tmp_path, capsys):
