@@ -182,8 +182,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                            rescale=aligned and averaging.rescale == "norm",
                            combine=_combiner(config))
     fused = stored_state(graph, fused)
-    model = copy.deepcopy(template)
-    model.load_state_dict(fused)
+    model = model_with_state(template, fused)
     start = time.perf_counter()
     distill_loss = (_distilled(model, models, weights, moments, config, class_weights,
                                progress) if moments is not None and config.distils else None)
@@ -304,8 +303,7 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
     states = [dense_state(graph, _compute_state(m, template)) for m in models]
     couplings, _, _ = _solve(models, states, [1.0, 0.0], 0, states[0], names, config,
                              inputs, graph)
-    aligned = copy.deepcopy(template)
-    aligned.load_state_dict(stored_state(graph, average_states(
+    aligned = model_with_state(template, stored_state(graph, average_states(
         graph, states[1], states[1:], couplings[1:], AveragingWeights([1.0]))))
     return _in_dtype_of(aligned, reference)
 
@@ -366,9 +364,36 @@ def _in_dtype_of(model: nn.Module, original: nn.Module) -> nn.Module:
     if all(a.dtype == b.dtype for a, b in zip(model.state_dict().values(),
                                                original.state_dict().values(), strict=True)):
         return model
-    result = copy.deepcopy(original)
-    result.load_state_dict(model.state_dict())
-    return result
+    return model_with_state(original, model.state_dict())
+
+
+def model_with_state(template: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``template`` holding ``state`` (a full state_dict of fresh tensors, which
+    the copy takes over, cast to the template's dtypes and devices): the template's
+    own tensors are not copied first, as ``deepcopy`` then ``load_state_dict`` would.
+    Falls back to those two when ``state``'s names are not the template's parameters and
+    buffers (a module with its own state_dict hooks)."""
+    memo: dict[int, torch.Tensor] = {}
+    used = set()
+    for name, tensor in [*template.named_parameters(remove_duplicate=False),
+                         *template.named_buffers(remove_duplicate=False)]:
+        value = state.get(name)
+        if value is None:
+            continue
+        used.add(name)
+        if id(tensor) in memo:  # tied: the first name's tensor
+            continue
+        if value.shape != tensor.shape:
+            raise ValueError(f"'{name}' has shape {tuple(value.shape)}, but the model's is "
+                             f"{tuple(tensor.shape)}")
+        value = value.detach().to(tensor.device, tensor.dtype).contiguous()
+        memo[id(tensor)] = (nn.Parameter(value, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter) else value)
+    if used != state.keys() or len(state) != len(template.state_dict()):
+        model = copy.deepcopy(template)
+        model.load_state_dict(state)
+        return model
+    return copy.deepcopy(template, memo)
 
 
 def _compute_state(model: nn.Module, template: nn.Module) -> dict[str, torch.Tensor]:

@@ -208,6 +208,9 @@ class Tracer:
     # -- traversal
     def run(self, example_input: torch.Tensor) -> AlignmentGraph:
         gm = _trace(self.model)
+        key = _structure(self.model, gm, example_input)
+        if key in _GRAPHS:
+            return _GRAPHS[key]
         _propagate_shapes(gm, example_input)
         layouts: dict[fx.Node, object] = {}
         for node in gm.graph.nodes:
@@ -219,7 +222,11 @@ class Tracer:
                             self.outputs.add(spec.group)
                 continue
             layouts[node] = self.visit(node, layouts)
-        return _Finisher(self).graph()
+        graph = _Finisher(self).graph()
+        if len(_GRAPHS) >= _GRAPHS_KEPT:
+            del _GRAPHS[next(iter(_GRAPHS))]
+        _GRAPHS[key] = graph
+        return graph
 
     def visit(self, node: fx.Node, layouts: dict) -> object:
         if node.op == "placeholder":
@@ -415,6 +422,26 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx: {exc}") from exc
     return fx.GraphModule(model, graph)
+
+
+_GRAPHS: dict[tuple, AlignmentGraph] = {}
+"""The graphs traced last, by :func:`_structure`: a server fuses the same architecture
+every round, and running the model for its shapes is most of a trace."""
+_GRAPHS_KEPT = 8
+
+
+def _structure(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor) -> tuple:
+    """What a model's alignment graph depends on: its traced code, every module's type
+    and plain attributes (a convolution's groups, an attention's number of heads), the
+    names, shapes and dtypes of its state, and the example input's shape and dtype."""
+    plain_types = (bool, int, float, str, tuple, type(None))
+    modules = tuple((name, type(m).__qualname__, type(m).__module__,
+                     tuple(sorted((k, repr(v)) for k, v in vars(m).items()
+                                  if isinstance(v, plain_types) and k != "training")))
+                    for name, m in model.named_modules())
+    state = tuple((name, tuple(t.shape), t.dtype)
+                  for name, t in model.state_dict(keep_vars=True).items())
+    return (gm.code, modules, state, tuple(example_input.shape), example_input.dtype)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
