@@ -31,6 +31,8 @@ SETTINGS: dict[str, dict] = {
     "1000 cosine + early stop": {"distill_steps": 1000, "distill_schedule": "cosine", **EARLY},
     "300 cosine": {"distill_schedule": "cosine"},
     "T=3": {"distill_temperature": 3.0},
+    "T=6": {"distill_temperature": 6.0},
+    "T=3 cosine": {"distill_temperature": 3.0, "distill_schedule": "cosine"},
 }
 """Each method's options on top of the defaults (flat names of
 :meth:`FusionConfig.from_options`)."""

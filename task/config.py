@@ -71,6 +71,14 @@ class RunConfig(BaseModel):
         default="class-weighted", description=(
             "the distillation's teacher: each class averaged over the clients with their "
             "shares of its examples (their label counts), or the plain weighted mean"))
+    fusion_distill_temperature: float = Field(default=1.0, gt=0, description=(
+        "softmax temperature of the teachers and the student in the distillation's loss"))
+    fusion_distill_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description=(
+            "the distillation's learning rate: constant, or cosine-annealed to 0"))
+    fusion_distill_patience: int = Field(default=0, ge=0, description=(
+        "stop the distillation after this many measurements (every 50 steps) without "
+        "improvement on held-out synthetic inputs, keeping the best; 0: every step"))
     fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
@@ -133,6 +141,9 @@ class RunConfig(BaseModel):
             rescale=self.fusion_rescale, distill_steps=self.fusion_distill_steps,
             distill_max_teachers=self.fusion_distill_max_teachers or None,
             distill_teacher=self.fusion_distill_teacher,
+            distill_temperature=self.fusion_distill_temperature,
+            distill_schedule=self.fusion_distill_schedule,
+            distill_patience=self.fusion_distill_patience or None,
             max_weight_ratio=self.fusion_max_weight_ratio or None,
             robust_screen=self.fusion_robust_screen,
             robust_aggregate=self.fusion_robust_aggregate)
