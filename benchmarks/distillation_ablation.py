@@ -3,7 +3,8 @@
 For every model, number of clients K, split and seed, trains K clients (as
 ``fusion_quality.py`` does) and fuses them with the default pipeline, changing one
 distillation setting at a time: the number of steps, early stopping on held-out
-synthetic inputs, a cosine learning-rate schedule, a temperature, the teacher. Prints one
+synthetic inputs, a cosine learning-rate schedule, a temperature, the teacher; and a
+DENSE-style peer (``peer_dense.py``) from the same OT fusion. Prints one
 row of test accuracies per cell and the mean ± std over the seeds, with every method's
 seconds (OT fusion included), and writes ``results/distillation_ablation.json`` and
 ``.png``.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import statistics
 
 from fusion_quality import DEFAULT, grid_arguments, run_grid
+from peer_dense import dense_distill
 
 from otfusion.fusion import FusionConfig
 from otfusion.tools.comparison import Method
@@ -36,12 +38,21 @@ SETTINGS: dict[str, dict] = {
 }
 """Each method's options on top of the defaults (flat names of
 :meth:`FusionConfig.from_options`)."""
+PEER = "DENSE-style peer"
+"""The same OT fusion distilled with ``peer_dense.dense_distill`` (a generator trained
+against the teachers) for as many student steps as the default."""
 
 
 def methods(names: list[str]) -> dict[str, Method]:
     """The default pipeline (label-weighted head, distilled) with each named setting."""
-    return {name: Method(FusionConfig.from_options(**SETTINGS[name]), label_weighted=True,
-                         distilled=True) for name in names}
+    chosen = {name: Method(FusionConfig.from_options(**SETTINGS[name]), label_weighted=True,
+                           distilled=True) for name in names if name != PEER}
+    if PEER in names:
+        steps = FusionConfig().distillation.steps
+        chosen[PEER] = Method(FusionConfig(), label_weighted=True, distiller=lambda fused,
+                              clients, weights, moments: dense_distill(fused, clients, weights,
+                                                                       moments, steps=steps))
+    return chosen
 
 
 def seconds_summary(rows: list[dict], names: list[str]) -> str:
@@ -52,8 +63,9 @@ def seconds_summary(rows: list[dict], names: list[str]) -> str:
 
 def main() -> None:
     parser = grid_arguments(__doc__.splitlines()[0], "distillation_ablation")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS),
-                        metavar="NAME", help=f"of: {', '.join(SETTINGS)}")
+    names = [*SETTINGS, PEER]
+    parser.add_argument("--settings", nargs="+", default=names, choices=names, metavar="NAME",
+                        help=f"of: {', '.join(names)}")
     args = parser.parse_args()
     rows = run_grid(args, lambda model: methods(args.settings))
     if rows:

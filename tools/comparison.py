@@ -7,7 +7,7 @@ Used by the ``otfusion demo`` command and the fusion benchmarks; the Flower apps
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -68,17 +68,23 @@ def pooled_input_moments(model: nn.Module, partitions: Sequence[TensorData],
                         [len(p) for p in partitions])
 
 
+Distiller = Callable[[nn.Module, Sequence[nn.Module], Sequence[float], InputMoments], object]
+"""``distiller(fused, clients, weights, input_moments)``: trains ``fused`` in place."""
+
+
 @dataclass(frozen=True)
 class Method:
     """A fusion method of the comparison: engine settings, whether the output layer is
     weighted per class by the clients' label counts, and whether the fused model is
     distilled on synthetic inputs from the clients' input moments. FedAvg (``average``),
     which the engine never distils, is then distilled here with the same settings: an
-    ablation that shows what the optimal transport adds."""
+    ablation that shows what the optimal transport adds. ``distiller``, when given,
+    distils the fused model instead of the engine (e.g. a peer method from a paper)."""
 
     config: FusionConfig
     label_weighted: bool = False
     distilled: bool = False
+    distiller: Distiller | None = None
 
 
 def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: TensorData,
@@ -95,13 +101,17 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
         method = method if isinstance(method, Method) else Method(method)
         if method.label_weighted and label_counts is None:
             raise ValueError(f"method {name!r} weights classes by label counts: pass them")
-        if method.distilled and input_moments is None:
+        custom = method.distiller is not None
+        if (method.distilled or custom) and input_moments is None:
             raise ValueError(f"method {name!r} is distilled: pass the input moments")
         start = time.perf_counter()
+        engine_distils = method.distilled and not custom
         fused = fuse_result(clients, weights, method.config,
                             class_weights=label_counts if method.label_weighted else None,
-                            input_moments=input_moments if method.distilled else None).model
-        if method.distilled and method.config.method == "average":
+                            input_moments=input_moments if engine_distils else None).model
+        if custom:
+            method.distiller(fused, clients, weights, input_moments)
+        elif method.distilled and method.config.method == "average":
             distill(fused, clients, weights, input_moments, method.config.distillation)
         seconds[name] = time.perf_counter() - start
         accuracies[name] = evaluate(fused, test)[1]
