@@ -245,6 +245,19 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
         held_out = synthetic_inputs(moments, max(1, config.samples // 4), generator).to(
             parameter.device, parameter.dtype)
         stopping = _EarlyStopping(student, held_out, teach(held_out), config.patience)
+    _train(student, inputs, soft_targets, config, generator, stopping, progress)
+    if stopping is not None:
+        stopping.restore_best()
+    return _full_divergence(student, inputs, targets)
+
+
+def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+           config: DistillationConfig, generator: torch.Generator,
+           stopping: _EarlyStopping | None, progress: Progress | None) -> None:
+    """The Adam steps of :func:`distill` on batches of ``inputs`` drawn from
+    ``generator``; every ``config.eval_every`` steps, ``stopping`` measures the student
+    (and may end the training) and ``progress`` is told."""
+    parameter = next(student.parameters())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
                 if config.schedule == "cosine" else None)
@@ -255,10 +268,10 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
         for step in range(1, config.steps + 1):
             index = torch.randint(0, len(inputs), (config.batch_size,),
                                   generator=generator).to(inputs.device)
-            loss = _soft_loss(_logits(student, inputs[index]), soft_targets[index],
+            loss = _soft_loss(_logits(student, inputs[index]), targets[index],
                               config.temperature)
             if not bool(torch.isfinite(loss)):
-                break
+                return
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -273,10 +286,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
                 progress(step, config.steps, stopping.last if stopping else running / since)
                 running = 0.0
             if done:
-                break
-    if stopping is not None:
-        stopping.restore_best()
-    return _full_divergence(student, inputs, targets)
+                return
 
 
 def _soft_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float
