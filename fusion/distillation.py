@@ -167,7 +167,8 @@ def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
 def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float],
                            inputs: torch.Tensor, batch_size: int = 512,
                            class_weights: Sequence[Sequence[float]] | None = None,
-                           temperature: float = 1.0) -> torch.Tensor:
+                           temperature: float = 1.0, class_share: float = 1.0
+                           ) -> torch.Tensor:
     """The ``weights``-weighted mean of the models' softmax outputs (of their logits
     divided by ``temperature``) on ``inputs``, each model in eval mode, its mode
     restored afterwards.
@@ -175,19 +176,26 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     With ``class_weights`` (one row per model, one column per class, e.g. label counts),
     class ``c``'s probability is averaged with the models' shares of column ``c``
     instead (a column of zeros falls back to ``weights``), and each input's
-    probabilities are then normalised to sum one."""
+    probabilities are then normalised to sum one; with ``class_share`` below 1, the
+    result is that share of this class-weighted ensemble plus the rest of the plain
+    mean."""
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
     mix = w[:, None] if class_weights is None else torch.as_tensor(
         normalize_class_weights(class_weights, w.tolist()), dtype=torch.float64)
-    total = torch.zeros(())
-    for share, model in zip(mix.to(inputs.dtype), models, strict=True):
+    plain = class_weights is not None and class_share < 1
+    total = plain_total = torch.zeros(())
+    for k, (share, model) in enumerate(zip(mix.to(inputs.dtype), models, strict=True)):
         with temporary_mode(model):
             probabilities = _predict(model, inputs, batch_size, log=False,
-                                     temperature=temperature)
-        total = total + share.to(inputs.device) * probabilities.to(inputs.device,
-                                                                    inputs.dtype)
-    return total if class_weights is None else total / total.sum(dim=1, keepdim=True)
+                                     temperature=temperature).to(inputs.device, inputs.dtype)
+        total = total + share.to(inputs.device) * probabilities
+        if plain:
+            plain_total = plain_total + float(w[k]) * probabilities
+    if class_weights is None:
+        return total
+    total = total / total.sum(dim=1, keepdim=True)
+    return class_share * total + (1 - class_share) * plain_total if plain else total
 
 
 Progress = Callable[[int, int, float], None]
@@ -229,11 +237,13 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
     per_class = (None if class_weights is None or config.teacher == "mean"
                  else [class_weights[k] for k in chosen])
+    share = 0.5 if config.teacher == "mixed" else 1.0
 
     def teach(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         return ensemble_probabilities([teachers[k] for k in chosen],
                                       [weights[k] for k in chosen], x,
-                                      class_weights=per_class, temperature=temperature)
+                                      class_weights=per_class, temperature=temperature,
+                                      class_share=share)
 
     targets = teach(inputs)
     initial_loss = _full_divergence(student, inputs, targets)

@@ -152,6 +152,27 @@ def test_the_class_weighted_teacher_ignores_a_client_on_the_classes_it_never_saw
     torch.testing.assert_close(mute, expected / expected.sum(1, keepdim=True))
 
 
+def test_the_mixed_teacher_is_half_the_class_weighted_and_half_the_mean_ensemble():
+    models = [build_model("mlp", seed=k, in_features=64, widths=(8,), num_classes=3)
+              for k in range(2)]
+    x = _inputs(7, 1)
+    counts = [[10, 0, 30], [30, 20, 0]]
+    by_class = ensemble_probabilities(models, [40.0, 50.0], x, class_weights=counts)
+    plain = ensemble_probabilities(models, [40.0, 50.0], x)
+    mixed = ensemble_probabilities(models, [40.0, 50.0], x, class_weights=counts,
+                                   class_share=0.5)
+    torch.testing.assert_close(mixed, 0.5 * by_class + 0.5 * plain)
+    torch.testing.assert_close(mixed.sum(dim=1), torch.ones(7))
+    student, twin = (build_model("mlp", seed=9, **SMALL) for _ in range(2))
+    moments = InputMoments(torch.full((64,), 0.5), torch.full((64,), 0.1))
+    teachers = [build_model("mlp", seed=k, **SMALL) for k in range(2)]
+    ten = [[5] * 5 + [0] * 5, [0] * 5 + [5] * 5]
+    distill(student, teachers, [1.0, 1.0], moments, DISTIL.model_copy(
+        update={"teacher": "mixed"}), ten)
+    distill(twin, teachers, [1.0, 1.0], moments, DISTIL, ten)
+    assert any(not torch.equal(t, twin.state_dict()[k]) for k, t in student.state_dict().items())
+
+
 def test_class_weights_proportional_to_the_client_weights_give_the_plain_mean():
     models = [build_model("mlp", seed=k, **SMALL) for k in range(3)]
     x = _inputs(5, 2)
