@@ -41,7 +41,9 @@ RECURRENT = {"rnn", "lstm", "gru"}
 
 DEFAULT = "OT default"
 PAPER = FusionConfig.from_options(neuron_weights="uniform", rescale="none")
-MEAN_TEACHER = FusionConfig.from_options(distill_teacher="mean")
+TEACHERS = {name: FusionConfig.from_options(distill_teacher=teacher)
+            for name, teacher in (("OT mean teacher", "mean"),
+                                  ("OT class-weighted teacher", "class-weighted"))}
 
 
 def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
@@ -52,8 +54,8 @@ def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
     head; the default, the same distilled on synthetic inputs from the clients' input
     moments, which is what ``OTFusion`` does with the ClientApp's replies; and, to show
     what the optimal transport adds, the vanilla average distilled the same way; and the
-    default with the plain mean of the clients' probabilities as the teacher instead of
-    the class-weighted one (``distill_teacher="mean"``)."""
+    default with the other teachers instead of the mixed one: the plain mean of the
+    clients' probabilities and the class-weighted ensemble (``distill_teacher``)."""
     methods = {
         "vanilla average": Method(FusionConfig(method="average")),
         "OT paper": Method(PAPER),
@@ -61,7 +63,8 @@ def methods_for(model: str, sinkhorn: bool) -> dict[str, Method]:
         "OT data-free": Method(FusionConfig(), label_weighted=True),
         DEFAULT: Method(FusionConfig(), label_weighted=True, distilled=True),
         "average + distill": Method(FusionConfig(method="average"), distilled=True),
-        "OT mean teacher": Method(MEAN_TEACHER, label_weighted=True, distilled=True),
+        **{name: Method(config, label_weighted=True, distilled=True)
+           for name, config in TEACHERS.items()},
     }
     if sinkhorn:
         methods["OT sinkhorn + labels"] = Method(FusionConfig.from_options(solver="sinkhorn"), True)

@@ -208,11 +208,11 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
             moments: InputMoments, config: DistillationConfig,
             class_weights: Sequence[Sequence[float]] | None = None,
             progress: Progress | None = None) -> float:
-    """Train ``student`` in place to match the teachers' weighted mean class
-    probabilities (KL divergence) on synthetic inputs drawn from ``moments``; with
-    ``config.teacher="class-weighted"`` and ``class_weights`` (the teachers' label
-    counts), each class is averaged with the teachers' shares of it
-    (:func:`ensemble_probabilities`).
+    """Train ``student`` in place to match the teachers' ensemble (KL divergence) on
+    synthetic inputs drawn from ``moments``: their weighted mean class probabilities,
+    with ``class_weights`` (the teachers' label counts) and ``config.teacher`` each
+    class averaged with the teachers' shares of it (``class-weighted``) or half of each
+    (``mixed``; :func:`ensemble_probabilities`).
 
     ``config.samples`` inputs are drawn once; up to ``config.steps`` Adam steps
     (learning rate ``lr``, ``schedule``, ``temperature``) on random batches of

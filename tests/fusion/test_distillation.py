@@ -169,7 +169,8 @@ def test_the_mixed_teacher_is_half_the_class_weighted_and_half_the_mean_ensemble
     ten = [[5] * 5 + [0] * 5, [0] * 5 + [5] * 5]
     distill(student, teachers, [1.0, 1.0], moments, DISTIL.model_copy(
         update={"teacher": "mixed"}), ten)
-    distill(twin, teachers, [1.0, 1.0], moments, DISTIL, ten)
+    distill(twin, teachers, [1.0, 1.0], moments, DISTIL.model_copy(
+        update={"teacher": "class-weighted"}), ten)
     assert any(not torch.equal(t, twin.state_dict()[k]) for k, t in student.state_dict().items())
 
 
@@ -183,12 +184,13 @@ def test_class_weights_proportional_to_the_client_weights_give_the_plain_mean():
     torch.testing.assert_close(same_shares, plain)
 
 
-def test_the_class_weighted_teacher_is_the_default_and_the_mean_without_counts():
+@pytest.mark.parametrize("teacher", ["mixed", "class-weighted"])
+def test_a_teacher_by_class_is_the_mean_without_counts(teacher):
+    assert DISTIL.teacher == "mixed"  # the default
     teachers = [build_model("mlp", seed=k, **SMALL) for k in range(2)]
     moments = InputMoments(torch.full((64,), 0.5), torch.full((64,), 0.1))
     counts = [[5] * 5 + [0] * 5, [0] * 5 + [5] * 5]
-    class_config = DISTIL
-    assert class_config.teacher == "class-weighted"
+    class_config = DISTIL.model_copy(update={"teacher": teacher})
     mean_config = DISTIL.model_copy(update={"teacher": "mean"})
     finals = {}
     for name, config, class_weights in (("mean", mean_config, counts),
