@@ -290,7 +290,7 @@ def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
             running += float(loss.detach()) if progress is not None else 0.0
             if step % config.eval_every and step != config.steps:
                 continue
-            done = stopping is not None and stopping.measure(step)
+            done = stopping is not None and stopping.measure()
             if progress is not None:
                 since = (step - 1) % config.eval_every + 1
                 progress(step, config.steps, stopping.last if stopping else running / since)
@@ -320,13 +320,12 @@ class _EarlyStopping:
         self.patience, self.waited = patience, 0
         self.best = self.last = _full_divergence(student, inputs, targets)
         self.best_state = copy.deepcopy(student.state_dict())
-        self.best_step = 0
 
-    def measure(self, step: int) -> bool:
-        """Measure the student after ``step`` steps; True when training should stop."""
+    def measure(self) -> bool:
+        """Measure the student; True when training should stop."""
         self.last = _full_divergence(self.student, self.inputs, self.targets)
         if self.last < self.best:
-            self.best, self.best_step, self.waited = self.last, step, 0
+            self.best, self.waited = self.last, 0
             self.best_state = copy.deepcopy(self.student.state_dict())
             return False
         self.waited += 1
