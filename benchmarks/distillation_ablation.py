@@ -28,7 +28,7 @@ SETTINGS: dict[str, dict] = {
     "OT data-free": {"distill_steps": 0},
     DEFAULT: {},
     "mean teacher": {"distill_teacher": "mean"},
-    "mixed teacher": {"distill_teacher": "mixed"},
+    "class-weighted teacher": {"distill_teacher": "class-weighted"},
     "1000 steps": {"distill_steps": 1000},
     "1000 + early stop": {"distill_steps": 1000, **EARLY},
     "1000 cosine + early stop": {"distill_steps": 1000, "distill_schedule": "cosine", **EARLY},

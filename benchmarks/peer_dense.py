@@ -66,6 +66,8 @@ class _BatchNormPrior:
                         for m in t.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def _hook(self, module, args, _output) -> None:
+        if not torch.is_grad_enabled():  # the teachers' targets for the student: no prior
+            return
         x = args[0].transpose(0, 1).flatten(1)  # channels x (batch and positions)
         self.losses.append((x.mean(dim=1) - module.running_mean).norm()
                            + (x.var(dim=1, unbiased=False) - module.running_var).norm())

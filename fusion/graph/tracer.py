@@ -208,7 +208,7 @@ class Tracer:
     # -- traversal
     def run(self, example_input: torch.Tensor) -> AlignmentGraph:
         gm = _trace(self.model)
-        key = _structure(self.model, gm, example_input)
+        key = _structure(self.model, self.state, gm, example_input)
         if key in _GRAPHS:
             return _GRAPHS[key]
         _propagate_shapes(gm, example_input)
@@ -430,18 +430,18 @@ every round, and running the model for its shapes is most of a trace."""
 _GRAPHS_KEPT = 8
 
 
-def _structure(model: nn.Module, gm: fx.GraphModule, example_input: torch.Tensor) -> tuple:
+def _structure(model: nn.Module, state: dict[str, torch.Tensor], gm: fx.GraphModule,
+               example_input: torch.Tensor) -> tuple:
     """What a model's alignment graph depends on: its traced code, every module's type
     and plain attributes (a convolution's groups, an attention's number of heads), the
-    names, shapes and dtypes of its state, and the example input's shape and dtype."""
+    names, shapes and dtypes of its ``state``, and the example input's shape and dtype."""
     plain_types = (bool, int, float, str, tuple, type(None))
     modules = tuple((name, type(m).__qualname__, type(m).__module__,
                      tuple(sorted((k, repr(v)) for k, v in vars(m).items()
                                   if isinstance(v, plain_types) and k != "training")))
                     for name, m in model.named_modules())
-    state = tuple((name, tuple(t.shape), t.dtype)
-                  for name, t in model.state_dict(keep_vars=True).items())
-    return (gm.code, modules, state, tuple(example_input.shape), example_input.dtype)
+    shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in state.items())
+    return (gm.code, modules, shapes, tuple(example_input.shape), example_input.dtype)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
