@@ -176,6 +176,10 @@ class RobustConfig(_Part):
     screen_threshold : float
         How many robust standard deviations of the clients' disagreement scores above
         their median make a client an outlier.
+    min_spread : float or None
+        The screening also excludes a client whose predictions change from input to
+        input less than this share of the median client's (a constant or dead network;
+        with three clients or more). None: not checked.
     aggregate : "mean" | "trimmed-mean" | "median"
         How the clients' tensors, once mapped into the fused coordinates, are combined
         (in the barycenter's support updates and the final averaging): the weighted
@@ -189,6 +193,7 @@ class RobustConfig(_Part):
     max_weight_ratio: float | None = Field(default=2.0, gt=1)
     screen: bool = True
     screen_threshold: float = Field(default=3.0, gt=0)
+    min_spread: float | None = Field(default=0.1, gt=0, lt=1)
     aggregate: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(default=0.25, ge=0, lt=0.5)
 
@@ -212,7 +217,7 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
                     "teacher", "schedule", "temperature", "patience", "eval_every")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
     **{f"robust_{name}": ("robust", name)
-       for name in ("screen", "screen_threshold", "aggregate", "trim")},
+       for name in ("screen", "screen_threshold", "min_spread", "aggregate", "trim")},
 }
 
 

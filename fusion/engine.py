@@ -41,6 +41,8 @@ from .robust import (
     Combine,
     cap_class_weights,
     cap_weights,
+    client_probabilities,
+    flat_predictions,
     prediction_outliers,
     robust_mean,
     weighted_mean,
@@ -62,15 +64,15 @@ class FusionResult:
     """The fused model; per solved group, the mean transport cost and iterations; the
     final KL divergence of the post-fusion distillation (None when not distilled); the
     clients whose weight or label counts were capped (``robust.max_weight_ratio``) and
-    those excluded by the screening, with their disagreement score (indices into the
-    models given); and the seconds spent distilling."""
+    those excluded by the screening, with the reason (indices into the models given);
+    and the seconds spent distilling."""
 
     model: nn.Module
     group_costs: dict[str, float]
     group_iterations: dict[str, int]
     distill_loss: float | None = None
     capped: list[int] = field(default_factory=list)
-    excluded: dict[int, float] = field(default_factory=dict)
+    excluded: dict[int, str] = field(default_factory=dict)
     distill_seconds: float = 0.0
 
 
@@ -226,12 +228,13 @@ def _combiner(config: FusionConfig) -> Combine:
 def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
                   inputs: torch.Tensor | None, config: FusionConfig,
                   class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None
-                  ) -> dict[int, float]:
-    """The clients whose predictions are outliers (:func:`~.robust.prediction_outliers`)
-    on synthetic inputs drawn from ``moments`` (or on ``inputs``), compared over the
-    classes both clients saw when ``class_weights`` (their label counts) are given.
-    Without moments or inputs, none: with a warning when the screening was asked for
-    explicitly (it is on by default)."""
+                  ) -> dict[int, str]:
+    """The clients excluded by the screening, with the reason: those whose predictions
+    on synthetic inputs drawn from ``moments`` (or on ``inputs``) are outliers
+    (:func:`~.robust.prediction_outliers`, compared over the classes both clients saw
+    when ``class_weights``, their label counts, are given) or flat
+    (:func:`~.robust.flat_predictions`). Without moments or inputs, none: with a warning
+    when the screening was asked for explicitly (it is on by default)."""
     if moments is not None:
         generator = torch.Generator().manual_seed(config.distillation.seed)
         probe = synthetic_inputs(moments, min(config.distillation.samples, 512), generator)
@@ -245,11 +248,22 @@ def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
     try:
         seen = (None if class_weights is None else
                 torch.as_tensor(class_weights, dtype=torch.float64) > 0)
-        return prediction_outliers(models, probe, config.robust.screen_threshold, seen=seen)
+        probabilities = client_probabilities(models, probe)
+        outliers = prediction_outliers(probabilities, config.robust.screen_threshold,
+                                       seen=seen)
+        flat = ({} if config.robust.min_spread is None else
+                flat_predictions(probabilities, config.robust.min_spread))
     except Exception as exc:  # noqa: BLE001 - e.g. moments of the wrong shape: fuse all
         warnings.warn(f"screening failed ({type(exc).__name__}: {exc}); no client was "
                       "screened", stacklevel=3)
         return {}
+    reasons = {k: f"its predictions disagree with the other clients' (median "
+               f"total-variation distance {score:.3f}, an outlier)"
+               for k, score in outliers.items()}
+    for k, share in flat.items():
+        reasons[k] = (f"its predictions hardly depend on its input (they change "
+                      f"{share:.1%} as much as the median client's)")
+    return dict(sorted(reasons.items()))
 
 
 def traced_graph(model: nn.Module, inputs: torch.Tensor | None = None

@@ -2,10 +2,12 @@
 
 - :func:`cap_weights`: no client's claimed weight (``num-examples``) may exceed a
   multiple of the median claim.
-- :func:`prediction_outliers`: function-space screening. The clients' predictions on
-  the same inputs do not depend on how their hidden units are ordered, so clients can be
-  compared before any alignment; a client that disagrees with the others far more than
-  they disagree among themselves is excluded.
+- :func:`prediction_outliers` and :func:`flat_predictions`: function-space screening.
+  The clients' predictions on the same inputs (:func:`client_probabilities`) do not
+  depend on how their hidden units are ordered, so clients can be compared before any
+  alignment. A client that disagrees with the others far more than they disagree among
+  themselves is excluded, and so is one whose predictions hardly depend on its input
+  (a dead network, whose share of any average kills the fused one's units).
 - :func:`robust_mean`: the weighted mean, trimmed mean or median over clients, used in
   aligned coordinates (after the couplings) where coordinate-wise statistics mean
   something: by the barycenter's support update and by the final averaging.
@@ -118,45 +120,51 @@ def cap_class_weights(class_weights: Sequence[Sequence[float]] | torch.Tensor,
 
 
 @torch.no_grad()
-def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
-                        threshold: float, min_distance: float = 0.05,
-                        references: int = 128, seen: torch.Tensor | None = None
-                        ) -> dict[int, float]:
-    """The clients whose predictions are outliers, with their disagreement score.
-
-    A client's score is the median, over the other clients, of the mean total-variation
-    distance between its class probabilities and theirs on ``inputs``. With ``seen``
-    (clients x classes, the classes each client says it trained on, e.g. its label
-    counts > 0), the two clients' probabilities are first renormalised over the classes
-    both saw, so that honest non-IID clients are not told apart by the classes one of
-    them never saw; a pair that shares fewer than two classes is compared on all of
-    them, so that claiming few classes never buys less scrutiny. With more than
-    ``references`` clients, over the others among ``references`` clients drawn uniformly
-    at random (a fixed draw: hostile clients cannot choose to be in it, whatever weight
-    they claim), which keeps the cost linear in the number of clients. A client is an
-    outlier when its score exceeds the median score by more than ``threshold`` robust
-    standard deviations (1.4826 MAD) of the scores, and by at least ``min_distance`` (so
-    that clients which all agree are never split). Needs five clients or more: the
-    median is the honest majority's when fewer than half are hostile, and with fewer
-    clients the spread of the scores says too little.
-    """
-    k = len(models)
-    if k < 5:
-        return {}
+def client_probabilities(models: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:
+    """The clients' class probabilities on ``inputs`` (in eval mode): clients x inputs x
+    classes, in float64 on the CPU."""
     probabilities = []
     for model in models:
         parameter = next(model.parameters())
         with temporary_mode(model):
             logits = model(inputs.to(parameter.device, parameter.dtype))
         probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
-    stacked = torch.stack(probabilities)  # clients x inputs x classes
+    return torch.stack(probabilities)
+
+
+def prediction_outliers(probabilities: torch.Tensor, threshold: float,
+                        min_distance: float = 0.05, references: int = 128,
+                        seen: torch.Tensor | None = None) -> dict[int, float]:
+    """The clients whose predictions are outliers, with their disagreement score.
+
+    ``probabilities`` are the clients' class probabilities on the same inputs (clients x
+    inputs x classes, :func:`client_probabilities`). A client's score is the median,
+    over the other clients, of the mean total-variation distance between its class
+    probabilities and theirs. With ``seen`` (clients x classes, the classes each client
+    says it trained on, e.g. its label counts > 0), the two clients' probabilities are
+    first renormalised over the classes both saw, so that honest non-IID clients are not
+    told apart by the classes one of them never saw; a pair that shares fewer than two
+    classes is compared on all of them, so that claiming few classes never buys less
+    scrutiny. With more than ``references`` clients, over the others among
+    ``references`` clients drawn uniformly at random (a fixed draw: hostile clients
+    cannot choose to be in it, whatever weight they claim), which keeps the cost linear
+    in the number of clients. A client is an outlier when its score exceeds the median
+    score by more than ``threshold`` robust standard deviations (1.4826 MAD) of the
+    scores, and by at least ``min_distance`` (so that clients which all agree are never
+    split). Needs five clients or more: the median is the honest majority's when fewer
+    than half are hostile, and with fewer clients the spread of the scores says too
+    little.
+    """
+    k, count = probabilities.shape[:2]
+    if k < 5:
+        return {}
     chosen = (torch.arange(k) if k <= references + 1 else
               torch.randperm(k, generator=torch.Generator().manual_seed(0))[:references])
     if seen is None or bool(seen.all()):  # every class shared: plain distances
-        flat = stacked.flatten(1)
-        distance = 0.5 * torch.cdist(flat[None], flat[chosen][None], p=1)[0] / len(inputs)
+        flat = probabilities.flatten(1)
+        distance = 0.5 * torch.cdist(flat[None], flat[chosen][None], p=1)[0] / count
     else:
-        distance = _shared_class_distances(stacked, seen.bool(), chosen)
+        distance = _shared_class_distances(probabilities, seen.bool(), chosen)
     others = chosen[None, :] != torch.arange(k)[:, None]  # a client is not its own reference
     scores = torch.stack([row[keep].median() for row, keep in zip(distance, others,
                                                                    strict=True)])
@@ -165,6 +173,31 @@ def prediction_outliers(models: Sequence[nn.Module], inputs: torch.Tensor,
     limit = center + torch.maximum(threshold * spread, torch.tensor(min_distance,
                                                                     dtype=scores.dtype))
     return {i: float(scores[i]) for i in range(k) if scores[i] > limit}
+
+
+def flat_predictions(probabilities: torch.Tensor, min_spread: float) -> dict[int, float]:
+    """The clients whose predictions hardly depend on their input, with their spread
+    relative to the median client's.
+
+    A client's spread is the mean total-variation distance between its class
+    probabilities on two different inputs (the first half of ``probabilities``' inputs
+    paired with the second). A client is flat when its spread is below ``min_spread``
+    times the median spread: a constant or dead network, such as the "a little is
+    enough" model (the honest mean minus one standard deviation, per coordinate), whose
+    share of an average turns the fused model's units off. Needs three clients or more
+    (a median of the honest majority) and at least two inputs; when the median client is
+    itself constant, no client is flat.
+    """
+    k, count = probabilities.shape[:2]
+    if k < 3 or count < 2:
+        return {}
+    half = count // 2
+    pairs = probabilities[:, :half] - probabilities[:, half:2 * half]
+    spread = 0.5 * pairs.abs().sum(-1).mean(-1)
+    median = spread.median()
+    if median <= 0:
+        return {}
+    return {i: float(spread[i] / median) for i in range(k) if spread[i] < min_spread * median}
 
 
 def _shared_class_distances(probabilities: torch.Tensor, seen: torch.Tensor,

@@ -96,10 +96,9 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
         log(WARNING, "fuse_round (round %d): the weight or label counts of %s (%g examples "
             "claimed) are capped at %g times the median claim", server_round,
             updates[k].source, updates[k].weight, config.robust.max_weight_ratio)
-    for k, score in result.excluded.items():
-        log(WARNING, "fuse_round (round %d): %s excluded: its predictions disagree with the "
-            "other clients' (median total-variation distance %.3f, an outlier)",
-            server_round, updates[k].source, score)
+    for k, reason in result.excluded.items():
+        log(WARNING, "fuse_round (round %d): %s excluded: %s", server_round,
+            updates[k].source, reason)
     metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs),
                "capped-replies": float(len(result.capped)),
                "excluded-replies": float(len(result.excluded))}

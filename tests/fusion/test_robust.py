@@ -14,6 +14,8 @@ from otfusion.fusion import FusionConfig, InputMoments, fuse, fuse_result
 from otfusion.fusion.robust import (
     cap_class_weights,
     cap_weights,
+    client_probabilities,
+    flat_predictions,
     prediction_outliers,
     robust_mean,
     weighted_median,
@@ -159,8 +161,10 @@ def test_screening_without_moments_or_inputs_warns_and_screens_nothing():
 
 def test_prediction_outliers_leave_agreeing_clients_alone():
     original, permuted, inputs = make_family(*MLP, copies=4)
-    assert prediction_outliers([original, *permuted], inputs, threshold=3.0) == {}
-    flagged = prediction_outliers([original, *permuted, hostile(*MLP, 3)], inputs, 3.0)
+    assert prediction_outliers(client_probabilities([original, *permuted], inputs),
+                               threshold=3.0) == {}
+    flagged = prediction_outliers(
+        client_probabilities([original, *permuted, hostile(*MLP, 3)], inputs), 3.0)
     assert list(flagged) == [5] and flagged[5] > 0.05
 
 
@@ -170,8 +174,65 @@ def test_prediction_outliers_among_many_clients_compare_with_a_reference_sample(
     original, permuted, inputs = make_family(*MLP, copies=39)
     attackers = [hostile(*MLP, seed) for seed in (3, 4, 5)]
     models = [original, *permuted[:20], *attackers, *permuted[20:]]
-    flagged = prediction_outliers(models, inputs, 3.0, references=8)
+    flagged = prediction_outliers(client_probabilities(models, inputs), 3.0, references=8)
     assert sorted(flagged) == [21, 22, 23]
+
+
+def _direct_spread(probabilities: torch.Tensor) -> list[float]:
+    """Each client's mean total-variation distance between its predictions on input i
+    and input i + N/2, written out pair by pair."""
+    half = probabilities.shape[1] // 2
+    return [sum(0.5 * float((client[i] - client[i + half]).abs().sum()) for i in range(half))
+            / half for client in probabilities]
+
+
+def test_flat_predictions_against_a_direct_computation():
+    """Five clients with varied predictions, one constant and one that mixes 5% of a
+    varied prediction into a constant one: exactly the two below a tenth of the median
+    spread are flat, with their spread relative to the median's."""
+    generator = torch.Generator().manual_seed(0)
+    varied = torch.softmax(3 * torch.randn(5, 40, 6, generator=generator), dim=-1)
+    constant = torch.softmax(torch.randn(6, generator=generator), dim=-1).expand(40, 6)
+    nearly = 0.05 * varied[0] + 0.95 * constant
+    probabilities = torch.cat([varied, constant[None], nearly[None]]).double()
+    spread = _direct_spread(probabilities)
+    median = sorted(spread)[len(spread) // 2]
+    flat = flat_predictions(probabilities, 0.1)
+    assert sorted(flat) == [5, 6]
+    assert flat[5] == 0.0
+    assert flat[6] == pytest.approx(spread[6] / median, rel=1e-9)
+    assert flat_predictions(probabilities, 0.04) == {5: 0.0}
+    # a constant majority: nobody is told apart
+    assert flat_predictions(constant.expand(4, 40, 6).double(), 0.1) == {}
+
+
+def test_screening_excludes_a_dead_model_and_says_why():
+    """Four honest permuted copies and a dead copy (every first-layer unit off, a
+    constant output): the screening excludes it as flat, and the fusion computes the
+    honest function; without the flat rule it is still excluded, as a disagreeing
+    outlier, which the exact agreement of permuted copies makes easy."""
+    original, permuted, inputs = make_family(*MLP, copies=3)
+    models = [original, dead_copy(original), *permuted]
+    moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
+    result = fuse_result(models, config=FusionConfig.from_options(**PLAIN),
+                         input_moments=moments)
+    assert list(result.excluded) == [1]
+    assert "hardly depend on its input" in result.excluded[1]
+    assert relative_difference(result.model, original, inputs) <= EXACT_TOL
+    unchecked = fuse_result(models, config=FusionConfig.from_options(
+        robust_min_spread=None, **PLAIN), input_moments=moments)
+    assert "disagree" in unchecked.excluded[1]
+
+
+def dead_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose first hidden layer's biases are so negative that its
+    ReLUs never fire: the output is the same for every input."""
+    import copy
+
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.layers[0].bias.fill_(-1e3)
+    return dead.eval()
 
 
 def _class_subset_model(weight: torch.Tensor, seen: list[int]) -> torch.nn.Module:
@@ -198,13 +259,13 @@ def test_screening_over_shared_classes_spares_non_iid_clients_and_finds_a_flippe
     for k, classes in enumerate(seen):
         mask[k, classes] = True
     inputs = torch.randn(256, 4, generator=generator)
-    models = [*honest, flipper]
-    assert list(prediction_outliers(models, inputs, 3.0, seen=mask)) == [6]
-    assert prediction_outliers(honest, inputs, 3.0, seen=mask[:6]) == {}
+    probabilities = client_probabilities([*honest, flipper], inputs)
+    assert list(prediction_outliers(probabilities, 3.0, seen=mask)) == [6]
+    assert prediction_outliers(probabilities[:6], 3.0, seen=mask[:6]) == {}
     for claim in ([0], []):  # claiming fewer classes buys no less scrutiny
         mask[6] = False
         mask[6, claim] = True
-        assert list(prediction_outliers(models, inputs, 3.0, seen=mask)) == [6], claim
+        assert list(prediction_outliers(probabilities, 3.0, seen=mask)) == [6], claim
 
 
 def test_claimed_weight_is_capped_in_the_fusion():
