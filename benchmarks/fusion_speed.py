@@ -8,12 +8,14 @@ same process:
   (scipy) on the cost it gives, times the couplings the engine really needs: with two
   clients one; else one per sampled client and barycenter iteration, less the anchor's
   first (the identity), plus every client once more when only a sample moved the support;
+- the same fusion again (``again``): the traced graph is then kept and every import
+  done, as in every round after a server's first;
 - a plain weighted average of the same models.
 
-It prints fusion / floor, the goal being at most 1.5. ``--distill-cases`` also times the
-post-fusion distillation against its own floor: the same number of Adam steps on
-batches of the same size, plus one teacher forward pass over the synthetic set; and
-``--lap-widths`` one exact assignment per layer width. Writes
+It prints fusion / floor for both fusions, the goal being at most 1.5.
+``--distill-cases`` also times the post-fusion distillation against its own floor: the
+same number of Adam steps on batches of the same size, plus one teacher forward pass over
+the synthetic set; and ``--lap-widths`` one exact assignment per layer width. Writes
 ``results/fusion_speed.json`` and ``results/fusion_speed.png`` beside this script.
 
     python benchmarks/fusion_speed.py                  # the cases
@@ -182,10 +184,13 @@ def measure(model: str, clients: int, threads: int, distil: bool) -> dict:
     result = fuse_result(models, config=config)
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
+    start = time.perf_counter()
+    fuse_result(models, config=config)
+    again = time.perf_counter() - start
     floor = fusion_floor(models, result, config)
     start = time.perf_counter()
     fuse_result(models, config=FusionConfig(method="average"))
-    row = {"model": model, "K": clients, "seconds": seconds, "floor": floor,
+    row = {"model": model, "K": clients, "seconds": seconds, "again": again, "floor": floor,
            "average": time.perf_counter() - start,
            "peak_above_mib": (peak - before) / 1024, "models_mib": model_mib,
            "iterations": max(result.group_iterations.values(), default=0)}
@@ -244,13 +249,15 @@ def main() -> None:
         print(json.dumps(measure(model, int(clients), int(threads), distil == "1")))
         return
     rows = []
-    print(f"{'model':<9} {'K':>3} {'fuse (s)':>9} {'floor (s)':>10} {'ratio':>6} "
-          f"{'average (s)':>12} {'peak above (MiB)':>17} {'models (MiB)':>13} {'iters':>6}")
+    print(f"{'model':<9} {'K':>3} {'fuse (s)':>9} {'again (s)':>10} {'floor (s)':>10} "
+          f"{'ratio':>6} {'again ratio':>12} {'average (s)':>12} {'peak above (MiB)':>17} "
+          f"{'models (MiB)':>13} {'iters':>6}")
     for case in args.cases:
         row = run_case(case, args.threads, False)
         rows.append(row)
-        print(f"{row['model']:<9} {row['K']:>3} {row['seconds']:>9.3f} {row['floor']:>10.3f} "
-              f"{row['seconds'] / row['floor']:>6.2f} {row['average']:>12.3f} "
+        print(f"{row['model']:<9} {row['K']:>3} {row['seconds']:>9.3f} {row['again']:>10.3f} "
+              f"{row['floor']:>10.3f} {row['seconds'] / row['floor']:>6.2f} "
+              f"{row['again'] / row['floor']:>12.2f} {row['average']:>12.3f} "
               f"{row['peak_above_mib']:>17.1f} {row['models_mib']:>13.1f} "
               f"{row['iterations']:>6}", flush=True)
     distilled = []
