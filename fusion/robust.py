@@ -205,16 +205,16 @@ def _shared_class_distances(probabilities: torch.Tensor, seen: torch.Tensor,
     """(clients x references) mean total-variation distances between the clients' class
     probabilities renormalised over the classes both have seen, or over all classes for
     pairs that share fewer than two; in float32 (K x references x inputs x classes
-    operations)."""
+    operations, the renormalising sums as matrix products)."""
     probabilities = probabilities.float()
     columns = []
     for j in chosen.tolist():
         shared = seen & seen[j]  # K x C
         mask = torch.where(shared.sum(1, keepdim=True) >= 2, shared, True)
-        mask = mask.to(probabilities.dtype)[:, None, :]  # K x 1 x C
-        mine = probabilities * mask
-        theirs = probabilities[j][None] * mask
-        mine = mine / mine.sum(-1, keepdim=True).clamp_min(1e-30)
-        theirs = theirs / theirs.sum(-1, keepdim=True).clamp_min(1e-30)
-        columns.append(0.5 * (mine - theirs).abs().sum(-1).mean(-1))
+        mask = mask.to(probabilities.dtype)
+        mine = torch.bmm(probabilities, mask[:, :, None]).clamp_min_(1e-30)  # K x N x 1
+        theirs = (mask @ probabilities[j].T).clamp_min_(1e-30)[:, :, None]  # K x N x 1
+        gap = probabilities / mine
+        gap.sub_(probabilities[j][None] / theirs).mul_(mask[:, None, :]).abs_()
+        columns.append(0.5 * gap.sum(-1).mean(-1))
     return torch.stack(columns, dim=1).double()

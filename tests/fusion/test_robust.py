@@ -268,6 +268,30 @@ def test_screening_over_shared_classes_spares_non_iid_clients_and_finds_a_flippe
         assert list(prediction_outliers(probabilities, 3.0, seen=mask)) == [6], claim
 
 
+def test_shared_class_distances_against_a_direct_computation():
+    """Every pair's mean total-variation distance over the classes both saw (all classes
+    for a pair sharing fewer than two), written out pair by pair and input by input."""
+    from otfusion.fusion.robust import _shared_class_distances
+
+    generator = torch.Generator().manual_seed(3)
+    probabilities = torch.softmax(2 * torch.randn(5, 7, 4, generator=generator,
+                                                  dtype=torch.float64), dim=-1)
+    seen = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0],
+                         [0, 1, 1, 1]], dtype=torch.bool)
+    chosen = torch.tensor([4, 0, 2])
+    got = _shared_class_distances(probabilities, seen, chosen)
+    for k in range(5):
+        for column, j in enumerate(chosen.tolist()):
+            shared = [c for c in range(4) if seen[k, c] and seen[j, c]]
+            classes = shared if len(shared) >= 2 else list(range(4))
+            total = 0.0
+            for n in range(7):
+                p = probabilities[k, n, classes] / probabilities[k, n, classes].sum()
+                q = probabilities[j, n, classes] / probabilities[j, n, classes].sum()
+                total += 0.5 * float((p - q).abs().sum())
+            assert float(got[k, column]) == pytest.approx(total / 7, abs=1e-6), (k, j)
+
+
 def test_claimed_weight_is_capped_in_the_fusion():
     """An attacker claiming 1000x the examples of the honest clients gets twice the median
     weight (the default cap), not a majority: with the median aggregate the honest
