@@ -230,10 +230,11 @@ def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
                   class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None
                   ) -> dict[int, str]:
     """The clients excluded by the screening, with the reason: those whose predictions
-    on synthetic inputs drawn from ``moments`` (or on ``inputs``) are outliers
+    on synthetic inputs drawn from ``moments`` (or on ``inputs``) are flat
+    (:func:`~.robust.flat_predictions`) or, among the others, outliers
     (:func:`~.robust.prediction_outliers`, compared over the classes both clients saw
-    when ``class_weights``, their label counts, are given) or flat
-    (:func:`~.robust.flat_predictions`). Without moments or inputs, none: with a warning
+    when ``class_weights``, their label counts, are given): a dead client would
+    otherwise skew the others' disagreement scores. Without moments or inputs, none: with a warning
     when the screening was asked for explicitly (it is on by default)."""
     if moments is not None:
         generator = torch.Generator().manual_seed(config.distillation.seed)
@@ -249,20 +250,20 @@ def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
         seen = (None if class_weights is None else
                 torch.as_tensor(class_weights, dtype=torch.float64) > 0)
         probabilities = client_probabilities(models, probe)
-        outliers = prediction_outliers(probabilities, config.robust.screen_threshold,
-                                       seen=seen)
         flat = ({} if config.robust.min_spread is None else
                 flat_predictions(probabilities, config.robust.min_spread))
+        rest = torch.tensor([k for k in range(len(models)) if k not in flat])
+        outliers = prediction_outliers(probabilities[rest], config.robust.screen_threshold,
+                                       seen=None if seen is None else seen[rest])
     except Exception as exc:  # noqa: BLE001 - e.g. moments of the wrong shape: fuse all
         warnings.warn(f"screening failed ({type(exc).__name__}: {exc}); no client was "
                       "screened", stacklevel=3)
         return {}
-    reasons = {k: f"its predictions disagree with the other clients' (median "
-               f"total-variation distance {score:.3f}, an outlier)"
-               for k, score in outliers.items()}
-    for k, share in flat.items():
-        reasons[k] = (f"its predictions hardly depend on its input (they change "
-                      f"{share:.1%} as much as the median client's)")
+    reasons = {k: f"its predictions hardly depend on its input (they change {share:.1%} "
+               "as much as the median client's)" for k, share in flat.items()}
+    for i, score in outliers.items():
+        reasons[int(rest[i])] = (f"its predictions disagree with the other clients' "
+                                 f"(median total-variation distance {score:.3f}, an outlier)")
     return dict(sorted(reasons.items()))
 
 
