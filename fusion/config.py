@@ -180,6 +180,16 @@ class RobustConfig(_Part):
         The screening also excludes a client whose predictions change from input to
         input less than this share of the median client's (a constant or dead network;
         with three clients or more). None: not checked.
+    probe_steps : int
+        The screening also excludes a client that misclassifies the class probes of the
+        classes it claims: synthetic inputs moved by this many Adam steps until the
+        clients claiming their class agree on it (:mod:`~otfusion.fusion.screening`).
+        0: not checked.
+    probes_per_class : int
+        Class probes per claimed class.
+    probe_error : float
+        A client is excluded when its error on the class probes of the classes it
+        claims exceeds the median client's by more than this.
     aggregate : "mean" | "trimmed-mean" | "median"
         How the clients' tensors, once mapped into the fused coordinates, are combined
         (in the barycenter's support updates and the final averaging): the weighted
@@ -194,6 +204,9 @@ class RobustConfig(_Part):
     screen: bool = True
     screen_threshold: float = Field(default=3.0, gt=0)
     min_spread: float | None = Field(default=0.1, gt=0, lt=1)
+    probe_steps: int = Field(default=50, ge=0)
+    probes_per_class: int = Field(default=16, ge=1)
+    probe_error: float = Field(default=0.3, gt=0, le=1)
     aggregate: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(default=0.25, ge=0, lt=0.5)
 
@@ -217,7 +230,8 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
                     "teacher", "schedule", "temperature", "patience", "eval_every")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
     **{f"robust_{name}": ("robust", name)
-       for name in ("screen", "screen_threshold", "min_spread", "aggregate", "trim")},
+       for name in ("screen", "screen_threshold", "min_spread", "probe_steps",
+                    "probes_per_class", "probe_error", "aggregate", "trim")},
 }
 
 

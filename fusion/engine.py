@@ -27,7 +27,7 @@ from .averaging import (
 )
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
-from .distillation import InputMoments, Progress, distill, pool_moments, synthetic_inputs
+from .distillation import InputMoments, Progress, distill, pool_moments
 from .graph import (
     AlignmentGraph,
     Group,
@@ -41,12 +41,10 @@ from .robust import (
     Combine,
     cap_class_weights,
     cap_weights,
-    client_probabilities,
-    flat_predictions,
-    prediction_outliers,
     robust_mean,
     weighted_mean,
 )
+from .screening import screened_out
 from .transport import block_marginal
 from .validation import (
     check_models,
@@ -145,7 +143,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                                                          config.robust.max_weight_ratio)
         capped = sorted(set(capped) | set(counts_capped))
     per_client = _per_client_moments(input_moments, len(models))
-    excluded = (_screened_out(models, _pooled(per_client, weights, input_moments), inputs,
+    excluded = (screened_out(models, _pooled(per_client, weights, input_moments), inputs,
                               config, class_weights) if config.robust.screen else {})
     if excluded:
         kept = [k for k in range(len(models)) if k not in excluded]
@@ -223,48 +221,6 @@ def _combiner(config: FusionConfig) -> Combine:
         return weighted_mean
     return functools.partial(robust_mean, how=config.robust.aggregate,
                              trim=config.robust.trim)
-
-
-def _screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
-                  inputs: torch.Tensor | None, config: FusionConfig,
-                  class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None
-                  ) -> dict[int, str]:
-    """The clients excluded by the screening, with the reason: those whose predictions
-    on synthetic inputs drawn from ``moments`` (or on ``inputs``) are flat
-    (:func:`~.robust.flat_predictions`) or, among the others, outliers
-    (:func:`~.robust.prediction_outliers`, compared over the classes both clients saw
-    when ``class_weights``, their label counts, are given): a dead client would
-    otherwise skew the others' disagreement scores. Without moments or inputs, none: with a warning
-    when the screening was asked for explicitly (it is on by default)."""
-    if moments is not None:
-        generator = torch.Generator().manual_seed(config.distillation.seed)
-        probe = synthetic_inputs(moments, min(config.distillation.samples, 512), generator)
-    elif inputs is not None and inputs.is_floating_point():
-        probe = inputs
-    else:
-        if "screen" in config.robust.model_fields_set:
-            warnings.warn("robust.screen needs the clients' input moments or a batch of "
-                          "inputs; no client was screened", stacklevel=3)
-        return {}
-    try:
-        seen = (None if class_weights is None else
-                torch.as_tensor(class_weights, dtype=torch.float64) > 0)
-        probabilities = client_probabilities(models, probe)
-        flat = ({} if config.robust.min_spread is None else
-                flat_predictions(probabilities, config.robust.min_spread))
-        rest = torch.tensor([k for k in range(len(models)) if k not in flat])
-        outliers = prediction_outliers(probabilities[rest], config.robust.screen_threshold,
-                                       seen=None if seen is None else seen[rest])
-    except Exception as exc:  # noqa: BLE001 - e.g. moments of the wrong shape: fuse all
-        warnings.warn(f"screening failed ({type(exc).__name__}: {exc}); no client was "
-                      "screened", stacklevel=3)
-        return {}
-    reasons = {k: f"its predictions hardly depend on its input (they change {share:.1%} "
-               "as much as the median client's)" for k, share in flat.items()}
-    for i, score in outliers.items():
-        reasons[int(rest[i])] = (f"its predictions disagree with the other clients' "
-                                 f"(median total-variation distance {score:.3f}, an outlier)")
-    return dict(sorted(reasons.items()))
 
 
 def traced_graph(model: nn.Module, inputs: torch.Tensor | None = None

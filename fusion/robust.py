@@ -2,12 +2,15 @@
 
 - :func:`cap_weights`: no client's claimed weight (``num-examples``) may exceed a
   multiple of the median claim.
-- :func:`prediction_outliers` and :func:`flat_predictions`: function-space screening.
-  The clients' predictions on the same inputs (:func:`client_probabilities`) do not
-  depend on how their hidden units are ordered, so clients can be compared before any
-  alignment. A client that disagrees with the others far more than they disagree among
-  themselves is excluded, and so is one whose predictions hardly depend on its input
-  (a dead network, whose share of any average kills the fused one's units).
+- :func:`flat_predictions`, :func:`misclassifying_clients` and
+  :func:`prediction_outliers`: function-space screening. The clients' predictions on
+  the same inputs (:func:`client_probabilities`) do not depend on how their hidden
+  units are ordered, so clients can be compared before any alignment. Excluded are: a
+  client whose predictions hardly depend on its input (a dead network, whose share of
+  any average kills the fused one's units); one that misclassifies the class probes
+  (:func:`class_probes`: inputs that the clients claiming a class agree belong to it)
+  of the classes it claims; and one that disagrees with the others far more than they
+  disagree among themselves.
 - :func:`robust_mean`: the weighted mean, trimmed mean or median over clients, used in
   aligned coordinates (after the couplings) where coordinate-wise statistics mean
   something: by the barycenter's support update and by the final averaging.
@@ -15,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -130,6 +134,75 @@ def client_probabilities(models: Sequence[nn.Module], inputs: torch.Tensor) -> t
             logits = model(inputs.to(parameter.device, parameter.dtype))
         probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
     return torch.stack(probabilities)
+
+
+PROBE_LR = 0.3
+"""Adam's learning rate for the class probes, in standard deviations of the inputs."""
+
+
+def class_probes(models: Sequence[nn.Module], start: torch.Tensor, classes: torch.Tensor,
+                 claims: torch.Tensor, steps: int) -> torch.Tensor:
+    """Inputs that the clients claiming each class agree belong to it.
+
+    ``start`` are the initial inputs (e.g. synthetic ones from the pooled moments) and
+    ``classes`` the class each is to become; ``claims`` (clients x classes, bool) the
+    classes each client says it trained on. Every input moves by ``steps`` Adam steps
+    to raise the median, over the clients claiming its class, of that class's
+    log-probability, with a Gaussian prior (the inputs' own per-feature mean and
+    standard deviation) keeping it near the data. A median: a minority of clients cannot
+    steer the probes of a class. Every class in ``classes`` needs a claimant.
+    """
+    mean, std = start.mean(dim=0), start.std(dim=0).clamp_min(1e-6)
+    z = ((start - mean) / std).requires_grad_(True)
+    claimed = claims[:, classes]  # clients x inputs
+    if not bool(claimed.any(dim=0).all()):
+        raise ValueError("a probe's class is claimed by no client")
+    optimizer = torch.optim.Adam([z], lr=PROBE_LR)
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(temporary_mode(model))
+        for _ in range(steps):
+            x = mean + std * z
+            own = torch.stack([_log_probabilities(model, x).gather(1, classes[:, None])[:, 0]
+                               for model in models])
+            median = torch.where(claimed, own, torch.nan).nanmedian(dim=0).values
+            loss = -median.mean() + 0.01 * z.square().mean()
+            (z.grad,) = torch.autograd.grad(loss, [z])
+            optimizer.step()
+    return (mean + std * z).detach()
+
+
+def _log_probabilities(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    parameter = next(model.parameters())
+    return torch.log_softmax(model(inputs.to(parameter.device, parameter.dtype)).float(),
+                             dim=1).cpu()
+
+
+def misclassifying_clients(probabilities: torch.Tensor, classes: torch.Tensor,
+                           counts: torch.Tensor, max_error: float) -> dict[int, float]:
+    """The clients that misclassify the class probes of the classes they claim, with
+    their error.
+
+    ``probabilities`` are the clients' class probabilities on the probes (clients x
+    probes x classes), ``classes`` each probe's class, ``counts`` (clients x classes) the
+    clients' label counts. A client's error is its share of misclassified probes of each
+    class, averaged with its label distribution over the classes that have probes; a
+    client claiming fewer than two of them is averaged over all of them, so that
+    claiming few classes buys no less scrutiny. A client is flagged when its error
+    exceeds the median client's by more than ``max_error``. Needs three clients or more.
+    """
+    k = len(probabilities)
+    if k < 3:
+        return {}
+    probed = classes.unique()
+    wrong = probabilities.argmax(dim=-1) != classes  # clients x probes
+    error = torch.stack([wrong[:, classes == c].double().mean(dim=1) for c in probed], dim=1)
+    share = counts[:, probed].double().clamp_min(0)
+    few = (share > 0).sum(dim=1) < 2
+    share[few] = 1.0
+    score = (share * error).sum(dim=1) / share.sum(dim=1)
+    limit = score.median() + max_error
+    return {i: float(score[i]) for i in range(k) if score[i] > limit}
 
 
 def prediction_outliers(probabilities: torch.Tensor, threshold: float,

@@ -14,8 +14,10 @@ from otfusion.fusion import FusionConfig, InputMoments, fuse, fuse_result
 from otfusion.fusion.robust import (
     cap_class_weights,
     cap_weights,
+    class_probes,
     client_probabilities,
     flat_predictions,
+    misclassifying_clients,
     prediction_outliers,
     robust_mean,
     weighted_median,
@@ -209,8 +211,8 @@ def test_flat_predictions_against_a_direct_computation():
 def test_screening_excludes_a_dead_model_and_says_why():
     """Four honest permuted copies and a dead copy (every first-layer unit off, a
     constant output): the screening excludes it as flat, and the fusion computes the
-    honest function; without the flat rule it is still excluded, as a disagreeing
-    outlier, which the exact agreement of permuted copies makes easy."""
+    honest function; without the flat rule a later stage excludes it, which the exact
+    agreement of permuted copies makes easy."""
     original, permuted, inputs = make_family(*MLP, copies=3)
     models = [original, dead_copy(original), *permuted]
     moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
@@ -221,7 +223,8 @@ def test_screening_excludes_a_dead_model_and_says_why():
     assert relative_difference(result.model, original, inputs) <= EXACT_TOL
     unchecked = fuse_result(models, config=FusionConfig.from_options(
         robust_min_spread=None, **PLAIN), input_moments=moments)
-    assert "disagree" in unchecked.excluded[1]
+    assert list(unchecked.excluded) == [1]
+    assert "hardly depend" not in unchecked.excluded[1]
 
 
 def dead_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -292,6 +295,79 @@ def test_shared_class_distances_against_a_direct_computation():
             assert float(got[k, column]) == pytest.approx(total / 7, abs=1e-6), (k, j)
 
 
+def test_misclassifying_clients_against_a_direct_computation():
+    """Errors per class averaged with each client's label distribution, written out; a
+    client claiming one class is averaged over every probed class."""
+    classes = torch.tensor([0, 0, 1, 1, 2, 2])
+    right = [0, 0, 1, 1, 2, 2]
+    predicted = torch.tensor([right,
+                              [0, 1, 1, 1, 2, 2],   # half wrong on class 0
+                              [1, 1, 2, 2, 0, 0],   # a flipper
+                              right,
+                              [0, 0, 0, 0, 0, 0],   # claims class 0 only
+                              right, right])
+    probabilities = torch.nn.functional.one_hot(predicted, 3).double()
+    counts = torch.tensor([[5.0, 5, 0], [30, 10, 0], [1, 1, 1], [0, 2, 2], [9, 0, 0],
+                           [1, 1, 1], [1, 1, 1]])
+    expected = {1: (30 * 0.5 + 10 * 0) / 40, 2: 1.0, 4: 2 / 3}  # the others: 0
+    flagged = misclassifying_clients(probabilities, classes, counts, max_error=0.01)
+    assert flagged == {k: pytest.approx(v) for k, v in expected.items()}
+    assert misclassifying_clients(probabilities, classes, counts, max_error=0.5) == {
+        2: pytest.approx(1.0), 4: pytest.approx(2 / 3)}
+
+
+def _flipped_head(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its output classes shifted by one: a label-flipping client."""
+    import copy
+
+    flipper = copy.deepcopy(model)
+    with torch.no_grad():
+        flipper.head.weight.copy_(model.head.weight.roll(1, dims=0))
+        flipper.head.bias.copy_(model.head.bias.roll(1, dims=0))
+    return flipper.eval()
+
+
+def test_class_probes_follow_the_claiming_majority_and_leave_the_models_alone():
+    """Four honest permuted copies (untrained) and a flipper: after the steps, the
+    honest models classify most probes as their class (a random model cannot be pushed
+    to every class) and the flipper nearly none; the models' parameters get no gradient
+    and their modes are restored."""
+    original, permuted, _ = make_family(*MLP, copies=3)
+    flipper = _flipped_head(original)
+    models = [original, *permuted, flipper]
+    original.train()
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(80, 64, generator=generator)
+    classes = torch.arange(10).repeat_interleave(8)
+    probes = class_probes(models, start, classes, torch.ones(5, 10, dtype=torch.bool),
+                          steps=50)
+    predicted = client_probabilities(models, probes).argmax(-1)
+    accuracy = (predicted == classes).double().mean(dim=1)
+    assert bool((accuracy[:4] >= 0.7).all()) and float(accuracy[4]) <= 0.1
+    assert all(p.grad is None for m in models for p in m.parameters())
+    assert original.training and not permuted[0].training
+    with pytest.raises(ValueError, match="claimed by no client"):
+        class_probes(models, start, classes, torch.zeros(5, 10, dtype=torch.bool), steps=1)
+
+
+def test_screening_excludes_a_label_flipper_by_its_class_probes():
+    """The flipper is excluded by the class probes, before the disagreement rule, and
+    the fusion computes the honest function; with no probe steps another rule must
+    catch it."""
+    original, permuted, inputs = make_family(*MLP, copies=3)
+    models = [original, *permuted[:2], _flipped_head(original), permuted[2]]
+    moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
+    result = fuse_result(models, config=FusionConfig.from_options(**PLAIN),
+                         input_moments=moments, class_weights=[[1.0] * 10] * 5)
+    assert list(result.excluded) == [3]
+    assert result.excluded[3].startswith("it misclassifies")
+    assert relative_difference(result.model, original, inputs) <= EXACT_TOL
+    without = fuse_result(models, config=FusionConfig.from_options(robust_probe_steps=0,
+                                                                   **PLAIN),
+                          input_moments=moments)
+    assert "misclassifies" not in without.excluded.get(3, "")
+
+
 def test_claimed_weight_is_capped_in_the_fusion():
     """An attacker claiming 1000x the examples of the honest clients gets twice the median
     weight (the default cap), not a majority: with the median aggregate the honest
@@ -326,7 +402,7 @@ def test_strategy_logs_and_counts_excluded_and_capped_replies(flwr_logs):
     arrays, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
                                config).aggregate_train(1, replies)
     assert metrics["excluded-replies"] == 1 and metrics["capped-replies"] == 1
-    assert "node 24 excluded: its predictions disagree" in flwr_logs.text
+    assert "node 24 excluded: it misclassifies 89% of the class probes" in flwr_logs.text
     assert "the weight or label counts of node 24 (5000 examples claimed) are capped" in \
         flwr_logs.text
     fused = build_model("mlp", seed=0, widths=(16, 12))
