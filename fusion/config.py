@@ -204,8 +204,8 @@ class RobustConfig(_Part):
     screen: bool = True
     screen_threshold: float = Field(default=3.0, gt=0)
     min_spread: float | None = Field(default=0.1, gt=0, lt=1)
-    probe_steps: int = Field(default=50, ge=0)
-    probes_per_class: int = Field(default=16, ge=1)
+    probe_steps: int = Field(default=20, ge=0)
+    probes_per_class: int = Field(default=8, ge=1)
     probe_error: float = Field(default=0.3, gt=0, le=1)
     aggregate: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(default=0.25, ge=0, lt=0.5)

@@ -31,7 +31,7 @@ from .robust import (
     prediction_outliers,
 )
 
-PROBE_REFERENCES = 128
+PROBE_REFERENCES = 32
 """At most this many clients (a fixed random draw) shape the class probes."""
 
 

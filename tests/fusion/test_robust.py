@@ -402,7 +402,7 @@ def test_strategy_logs_and_counts_excluded_and_capped_replies(flwr_logs):
     arrays, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
                                config).aggregate_train(1, replies)
     assert metrics["excluded-replies"] == 1 and metrics["capped-replies"] == 1
-    assert "node 24 excluded: it misclassifies 89% of the class probes" in flwr_logs.text
+    assert "node 24 excluded: it misclassifies 90% of the class probes" in flwr_logs.text
     assert "the weight or label counts of node 24 (5000 examples claimed) are capped" in \
         flwr_logs.text
     fused = build_model("mlp", seed=0, widths=(16, 12))
