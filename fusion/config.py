@@ -183,8 +183,8 @@ class RobustConfig(_Part):
     probe_steps : int
         The screening also excludes a client that misclassifies the class probes of the
         classes it claims: synthetic inputs moved by this many Adam steps until the
-        clients claiming their class agree on it (:mod:`~otfusion.fusion.screening`).
-        0: not checked.
+        clients claiming their class agree on it (:mod:`~otfusion.fusion.screening`;
+        with five clients or more). 0: not checked.
     probes_per_class : int
         Class probes per claimed class.
     probe_error : float

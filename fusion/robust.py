@@ -189,10 +189,11 @@ def misclassifying_clients(probabilities: torch.Tensor, classes: torch.Tensor,
     class, averaged with its label distribution over the classes that have probes; a
     client claiming fewer than two of them is averaged over all of them, so that
     claiming few classes buys no less scrutiny. A client is flagged when its error
-    exceeds the median client's by more than ``max_error``. Needs three clients or more.
+    exceeds the median client's by more than ``max_error``. Needs five clients or more,
+    as :func:`prediction_outliers`: with fewer, a class has too few claimants.
     """
     k = len(probabilities)
-    if k < 3:
+    if k < 5:
         return {}
     probed = classes.unique()
     wrong = probabilities.argmax(dim=-1) != classes  # clients x probes

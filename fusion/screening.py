@@ -74,7 +74,7 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
             reasons[k] = (f"its predictions hardly depend on its input (they change "
                           f"{share:.1%} as much as the median client's)")
     kept = [k for k in range(len(models)) if k not in reasons]
-    if robust.probe_steps and len(kept) >= 3:
+    if robust.probe_steps and len(kept) >= 5:
         try:
             errors = _probe_errors([models[k] for k in kept], probe, counts[kept], robust,
                                    generator)
