@@ -202,7 +202,7 @@ class RobustConfig(_Part):
 
     max_weight_ratio: float | None = Field(default=2.0, gt=1)
     screen: bool = True
-    screen_threshold: float = Field(default=3.0, gt=0)
+    screen_threshold: float = Field(default=5.0, gt=0)
     min_spread: float | None = Field(default=0.1, gt=0, lt=1)
     probe_steps: int = Field(default=20, ge=0)
     probes_per_class: int = Field(default=8, ge=1)
