@@ -138,6 +138,8 @@ def client_probabilities(models: Sequence[nn.Module], inputs: torch.Tensor) -> t
 
 PROBE_LR = 0.3
 """Adam's learning rate for the class probes, in standard deviations of the inputs."""
+PROBE_PRIOR = 0.01
+"""Weight of the class probes' Gaussian prior (the mean squared standardised input)."""
 
 
 def class_probes(models: Sequence[nn.Module], start: torch.Tensor, classes: torch.Tensor,
@@ -148,17 +150,19 @@ def class_probes(models: Sequence[nn.Module], start: torch.Tensor, classes: torc
     ``classes`` the class each is to become; ``claims`` (clients x classes, bool) the
     classes each client says it trained on. Every input moves by ``steps`` Adam steps
     to raise the median, over the clients claiming its class, of that class's
-    log-probability, with a Gaussian prior (the inputs' own per-feature mean and
-    standard deviation) keeping it near the data. A median: a minority of clients cannot
-    steer the probes of a class. Every class in ``classes`` needs a claimant.
+    log-probability, with a Gaussian prior (weight :data:`PROBE_PRIOR`, in the inputs'
+    own per-feature mean and standard deviation) keeping it near the data. A median: a
+    minority of clients cannot steer the probes of a class. Every class in ``classes``
+    needs a claimant. Gradients are on even when the caller turned them off.
     """
     mean, std = start.mean(dim=0), start.std(dim=0).clamp_min(1e-6)
-    z = ((start - mean) / std).requires_grad_(True)
+    z = ((start - mean) / std).detach().requires_grad_(True)
     claimed = claims[:, classes]  # clients x inputs
     if not bool(claimed.any(dim=0).all()):
         raise ValueError("a probe's class is claimed by no client")
     optimizer = torch.optim.Adam([z], lr=PROBE_LR)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
         for model in models:
             stack.enter_context(temporary_mode(model))
         for _ in range(steps):
@@ -166,7 +170,7 @@ def class_probes(models: Sequence[nn.Module], start: torch.Tensor, classes: torc
             own = torch.stack([_log_probabilities(model, x).gather(1, classes[:, None])[:, 0]
                                for model in models])
             median = torch.where(claimed, own, torch.nan).nanmedian(dim=0).values
-            loss = -median.mean() + 0.01 * z.square().mean()
+            loss = -median.mean() + PROBE_PRIOR * z.square().mean()
             (z.grad,) = torch.autograd.grad(loss, [z])
             optimizer.step()
     return (mean + std * z).detach()

@@ -362,6 +362,10 @@ def test_screening_excludes_a_label_flipper_by_its_class_probes():
     assert list(result.excluded) == [3]
     assert result.excluded[3].startswith("it misclassifies")
     assert relative_difference(result.model, original, inputs) <= EXACT_TOL
+    with torch.no_grad():  # the probes need input gradients all the same
+        quiet = fuse_result(models, config=FusionConfig.from_options(**PLAIN),
+                            input_moments=moments, class_weights=[[1.0] * 10] * 5)
+    assert quiet.excluded == result.excluded
     without = fuse_result(models, config=FusionConfig.from_options(robust_probe_steps=0,
                                                                    **PLAIN),
                           input_moments=moments)
