@@ -64,6 +64,7 @@ def screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
 def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConfig,
             class_weights: Sequence[Sequence[float]] | torch.Tensor | None,
             generator: torch.Generator) -> dict[int, str]:
+    """The three checks of the module's docstring, in order, on ``probe``."""
     probabilities = client_probabilities(models, probe)
     counts = (torch.ones(probabilities.shape[::2], dtype=torch.float64)
               if class_weights is None else
@@ -97,15 +98,15 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
 
 def _probe_errors(models: Sequence[nn.Module], probe: torch.Tensor, counts: torch.Tensor,
                   robust: RobustConfig, generator: torch.Generator) -> dict[int, float]:
-    """:func:`~.robust.misclassifying_clients` on class probes of every claimed class,
-    shaped by at most :data:`PROBE_REFERENCES` of the clients, started from the first
+    """:func:`~.robust.misclassifying_clients` on class probes of every class claimed by
+    the clients shaping them (at most :data:`PROBE_REFERENCES`), started from the first
     rows of ``probe`` (cycled)."""
     claims = counts > 0
-    probed = torch.nonzero(claims.any(dim=0)).flatten()
-    classes = probed.repeat_interleave(robust.probes_per_class)
-    start = probe[torch.arange(len(classes)) % len(probe)]
     references = (torch.arange(len(models)) if len(models) <= PROBE_REFERENCES else
                   torch.randperm(len(models), generator=generator)[:PROBE_REFERENCES])
+    probed = torch.nonzero(claims[references].any(dim=0)).flatten()
+    classes = probed.repeat_interleave(robust.probes_per_class)
+    start = probe[torch.arange(len(classes)) % len(probe)]
     probes = class_probes([models[k] for k in references.tolist()], start, classes,
                           claims[references], robust.probe_steps)
     return misclassifying_clients(client_probabilities(models, probes), classes, counts,

@@ -372,6 +372,25 @@ def test_screening_excludes_a_label_flipper_by_its_class_probes():
     assert "misclassifies" not in without.excluded.get(3, "")
 
 
+def test_class_probes_cover_the_classes_their_shaping_clients_claim(monkeypatch):
+    """With more clients than shape the probes, a class claimed only by clients outside
+    that sample gets no probes (instead of failing the check)."""
+    import warnings
+
+    from otfusion.fusion import screening
+
+    monkeypatch.setattr(screening, "PROBE_REFERENCES", 3)
+    original, permuted, _ = make_family(*MLP, copies=5)
+    models = [original, *permuted]
+    counts = [[1.0 if c in (k, k + 1) else 0.0 for c in range(10)] for k in range(6)]
+    moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fuse_result(models, config=FusionConfig.from_options(**PLAIN),
+                             input_moments=moments, class_weights=counts)
+    assert result.excluded == {}
+
+
 def test_claimed_weight_is_capped_in_the_fusion():
     """An attacker claiming 1000x the examples of the honest clients gets twice the median
     weight (the default cap), not a majority: with the median aggregate the honest
