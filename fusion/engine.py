@@ -144,7 +144,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
         capped = sorted(set(capped) | set(counts_capped))
     per_client = _per_client_moments(input_moments, len(models))
     excluded = (screened_out(models, _pooled(per_client, weights, input_moments), inputs,
-                              config, class_weights) if config.robust.screen else {})
+                             config, class_weights) if config.robust.screen else {})
     if excluded:
         kept = [k for k in range(len(models)) if k not in excluded]
         models, weights = [models[k] for k in kept], [weights[k] for k in kept]
