@@ -21,7 +21,7 @@ from torch import nn
 
 from .averaging import normalize_class_weights
 from .config import DistillationConfig
-from .modes import temporary_mode
+from .modes import class_logits, temporary_mode
 from .robust import weighted_median
 
 MIN_CLASS_EXAMPLES = 10
@@ -278,7 +278,7 @@ def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
         for step in range(1, config.steps + 1):
             index = torch.randint(0, len(inputs), (config.batch_size,),
                                   generator=generator).to(inputs.device)
-            loss = _soft_loss(_logits(student, inputs[index]), targets[index],
+            loss = _soft_loss(class_logits(student, inputs[index]), targets[index],
                               config.temperature)
             if not bool(torch.isfinite(loss)):
                 return
@@ -351,16 +351,6 @@ def _predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, log: bool,
     normalise = F.log_softmax if log else F.softmax
     outputs = []
     for start in range(0, len(inputs), batch_size):
-        logits = _logits(model, inputs[start:start + batch_size])
+        logits = class_logits(model, inputs[start:start + batch_size])
         outputs.append(normalise(logits if temperature == 1 else logits / temperature, dim=1))
     return torch.cat(outputs)
-
-
-def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    parameter = next(model.parameters())
-    logits = model(inputs.to(parameter.device, parameter.dtype))
-    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
-        raise ValueError("distillation needs models that return class logits "
-                         f"(batch, classes); got {shape}")
-    return logits.to(inputs.device)

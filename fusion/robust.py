@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .modes import temporary_mode
+from .modes import class_logits, temporary_mode
 
 Combine = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor | float]], torch.Tensor]
 """``combine(values, weights)``: the clients' tensors combined into one, e.g.
@@ -129,9 +129,8 @@ def client_probabilities(models: Sequence[nn.Module], inputs: torch.Tensor) -> t
     classes, in float64 on the CPU."""
     probabilities = []
     for model in models:
-        parameter = next(model.parameters())
         with temporary_mode(model):
-            logits = model(inputs.to(parameter.device, parameter.dtype))
+            logits = class_logits(model, inputs)
         probabilities.append(torch.softmax(logits.double(), dim=1).cpu())
     return torch.stack(probabilities)
 
@@ -167,19 +166,13 @@ def class_probes(models: Sequence[nn.Module], start: torch.Tensor, classes: torc
             stack.enter_context(temporary_mode(model))
         for _ in range(steps):
             x = mean + std * z
-            own = torch.stack([_log_probabilities(model, x).gather(1, classes[:, None])[:, 0]
-                               for model in models])
+            own = torch.stack([torch.log_softmax(class_logits(model, x).float(), dim=1)
+                               .gather(1, classes[:, None])[:, 0] for model in models])
             median = torch.where(claimed, own, torch.nan).nanmedian(dim=0).values
             loss = -median.mean() + PROBE_PRIOR * z.square().mean()
             (z.grad,) = torch.autograd.grad(loss, [z])
             optimizer.step()
     return (mean + std * z).detach()
-
-
-def _log_probabilities(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    parameter = next(model.parameters())
-    return torch.log_softmax(model(inputs.to(parameter.device, parameter.dtype)).float(),
-                             dim=1).cpu()
 
 
 def misclassifying_clients(probabilities: torch.Tensor, classes: torch.Tensor,

@@ -66,7 +66,8 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
             generator: torch.Generator) -> dict[int, str]:
     """The three checks of the module's docstring, in order, on ``probe``."""
     probabilities = client_probabilities(models, probe)
-    counts = (torch.ones(probabilities.shape[::2], dtype=torch.float64)
+    clients, _, classes = probabilities.shape
+    counts = (torch.ones(clients, classes, dtype=torch.float64)  # every class claimed
               if class_weights is None else
               torch.as_tensor(class_weights, dtype=torch.float64))
     reasons: dict[int, str] = {}
@@ -74,7 +75,7 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
         for k, share in flat_predictions(probabilities, robust.min_spread).items():
             reasons[k] = (f"its predictions hardly depend on its input (they change "
                           f"{share:.1%} as much as the median client's)")
-    kept = [k for k in range(len(models)) if k not in reasons]
+    kept = [k for k in range(clients) if k not in reasons]
     if robust.probe_steps and len(kept) >= 5:
         try:
             errors = _probe_errors([models[k] for k in kept], probe, counts[kept], robust,
