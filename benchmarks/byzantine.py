@@ -45,9 +45,9 @@ CONFIGS = {
     "screen": FusionConfig(),
     "screen+trim": FusionConfig.from_options(robust_aggregate="trimmed-mean"),
 }
-"""The fusions compared: the weight cap and moment shrinking alone (``default``, the
-baseline of the ``loss`` columns), with the function-space screening (today's default),
-and with the screening and the trimmed mean in aligned coordinates."""
+"""The fusions compared: the weight and norm caps and moment shrinking alone
+(``default``, the baseline of the ``loss`` columns), with the function-space screening
+(today's default), and with the screening and the trimmed mean in aligned coordinates."""
 
 
 @dataclass(frozen=True)

@@ -169,6 +169,13 @@ class RobustConfig(_Part):
         Cap every client's weight (its claimed number of examples) at this multiple of
         the median weight, and the total of its label counts (``class_weights``) at
         this multiple of the median total, scaling its counts down; None: no cap.
+    max_norm_ratio : float or None
+        Clip every client's tensors, in the fusion's averages (and its barycenter), at
+        this multiple of the median client's norm of the same tensor: a scaled model
+        (say, sign-flipped and multiplied by three) pulls no harder than one of this
+        norm, and its neuron importance (``averaging.neuron_weights``, squared norms)
+        no higher. The screening and the distillation's teachers see the models as
+        sent. None: no clipping. Both caps need three clients or more.
     screen : bool
         Exclude the clients whose predictions on the synthetic (or given) inputs are
         outliers among the clients', before fusing and before distilling (with five
@@ -201,6 +208,7 @@ class RobustConfig(_Part):
     """
 
     max_weight_ratio: float | None = Field(default=2.0, gt=1)
+    max_norm_ratio: float | None = Field(default=2.0, gt=1)
     screen: bool = True
     screen_threshold: float = Field(default=5.0, gt=0)
     min_spread: float | None = Field(default=0.1, gt=0, lt=1)
@@ -229,6 +237,7 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
        for name in ("steps", "samples", "batch_size", "lr", "seed", "tol", "max_teachers",
                     "teacher", "schedule", "temperature", "patience", "eval_every")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
+    "max_norm_ratio": ("robust", "max_norm_ratio"),
     **{f"robust_{name}": ("robust", name)
        for name in ("screen", "screen_threshold", "min_spread", "probe_steps",
                     "probes_per_class", "probe_error", "aggregate", "trim")},

@@ -41,6 +41,7 @@ from .robust import (
     Combine,
     cap_class_weights,
     cap_weights,
+    clip_norms,
     robust_mean,
     weighted_mean,
 )
@@ -63,7 +64,8 @@ class FusionResult:
     final KL divergence of the post-fusion distillation (None when not distilled); the
     clients whose weight or label counts were capped (``robust.max_weight_ratio``) and
     those excluded by the screening, with the reason (indices into the models given);
-    and the seconds spent distilling."""
+    the seconds spent distilling; and the clients whose tensors were clipped
+    (``robust.max_norm_ratio``), with their largest norm over the median's."""
 
     model: nn.Module
     group_costs: dict[str, float]
@@ -72,6 +74,7 @@ class FusionResult:
     capped: list[int] = field(default_factory=list)
     excluded: dict[int, str] = field(default_factory=dict)
     distill_seconds: float = 0.0
+    clipped: dict[int, float] = field(default_factory=dict)
 
 
 def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
@@ -145,8 +148,8 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     per_client = _per_client_moments(input_moments, len(models))
     excluded = (screened_out(models, _pooled(per_client, weights, input_moments), inputs,
                              config, class_weights) if config.robust.screen else {})
+    kept = [k for k in range(len(models)) if k not in excluded]
     if excluded:
-        kept = [k for k in range(len(models)) if k not in excluded]
         models, weights = [models[k] for k in kept], [weights[k] for k in kept]
         if class_weights is not None:
             class_weights = [list(class_weights[k]) for k in kept]
@@ -163,8 +166,10 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     aligned = config.method != "average"  # the neuron options need couplings
     if graph is None and (aligned or per_class is not None):
         graph = _trace(template, config, inputs)
-    template_state = dense_state(graph, template.state_dict())
-    states = [dense_state(graph, _compute_state(m, template)) for m in models]
+    states, clipped = clip_norms([dense_state(graph, _compute_state(m, template))
+                                  for m in models], config.robust.max_norm_ratio)
+    template_state = (states[anchor] if target is None  # the anchor as clipped
+                      else dense_state(graph, template.state_dict()))
     if aligned:
         couplings, costs, iterations = _solve(models, states, weights, anchor, template_state,
                                               names, config, inputs, graph)
@@ -188,7 +193,8 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                                progress) if moments is not None and config.distils else None)
     distill_seconds = time.perf_counter() - start
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
-                        capped, excluded, distill_seconds)
+                        capped, excluded, distill_seconds,
+                        {kept[k]: ratio for k, ratio in sorted(clipped.items())})
 
 
 def _per_client_moments(input_moments: ClientMoments, count: int

@@ -1,7 +1,8 @@
 """Defences against hostile but well-formed clients (f of K, f < K/2, possibly colluding).
 
 - :func:`cap_weights`: no client's claimed weight (``num-examples``) may exceed a
-  multiple of the median claim.
+  multiple of the median claim; :func:`clip_norms`: nor may its tensors' norms exceed a
+  multiple of the median client's, in the averages.
 - :func:`flat_predictions`, :func:`misclassifying_clients` and
   :func:`prediction_outliers`: function-space screening. The clients' predictions on
   the same inputs (:func:`client_probabilities`) do not depend on how their hidden
@@ -122,6 +123,31 @@ def cap_class_weights(class_weights: Sequence[Sequence[float]] | torch.Tensor,
     return [[v * b / t for v in row] if k in capped else row
             for k, (row, b, t) in enumerate(zip(rows, bounded, totals, strict=True))], capped
 
+
+
+def clip_norms(states: Sequence[dict[str, torch.Tensor]], ratio: float | None
+               ) -> tuple[list[dict[str, torch.Tensor]], dict[int, float]]:
+    """The clients' states with every floating tensor whose norm exceeds ``ratio`` times
+    the median client's norm of that tensor scaled down to that norm (new tensors; the
+    given ones are untouched), and, per client clipped, its largest norm over the cap's
+    median. A tensor's norm does not depend on how hidden units are ordered, so no
+    alignment is needed. None, fewer than three clients or a zero median: no clipping.
+    Scaled-up (e.g. sign-flipped and scaled) models thus pull the averages no more than
+    a model of ``ratio`` times the median norm."""
+    clipped: dict[int, float] = {}
+    if ratio is None or len(states) < 3:
+        return list(states), clipped
+    out = [dict(state) for state in states]
+    for name, tensor in states[0].items():
+        if not tensor.is_floating_point():
+            continue
+        norms = [float(state[name].double().norm()) for state in states]
+        median = statistics.median(norms)
+        for k, norm in enumerate(norms):
+            if median > 0 and norm > ratio * median:
+                out[k][name] = states[k][name] * (ratio * median / norm)
+                clipped[k] = max(clipped.get(k, 0.0), norm / median)
+    return out, clipped
 
 @torch.no_grad()
 def client_probabilities(models: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,9 @@ def fuse_round(updates: Sequence[ClientUpdate], settings: FusionSettings, server
     updates or the fusion fails: the caller keeps the previous global model. The metrics
     always hold ``accepted-replies`` and ``rejected-replies``; after a fusion also
     ``fusion-seconds`` (distillation included), one ``transport-cost/<group>`` per aligned
-    group, ``capped-replies`` and ``excluded-replies`` (see ``FusionConfig.robust``) and,
-    when the fused model was distilled, ``distill-kl`` and ``distill-seconds``.
+    group, ``capped-replies``, ``clipped-replies`` and ``excluded-replies`` (see
+    ``FusionConfig.robust``) and, when the fused model was distilled, ``distill-kl`` and
+    ``distill-seconds``.
     """
     counts = {"accepted-replies": len(updates), "rejected-replies": rejected}
     needed = max(1, min_updates)
@@ -96,11 +97,16 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
         log(WARNING, "fuse_round (round %d): the weight or label counts of %s (%g examples "
             "claimed) are capped at %g times the median claim", server_round,
             updates[k].source, updates[k].weight, config.robust.max_weight_ratio)
+    for k, ratio in result.clipped.items():
+        log(WARNING, "fuse_round (round %d): the tensors of %s are clipped (norm up to %.3g "
+            "times the median client's, capped at %g)", server_round, updates[k].source,
+            ratio, config.robust.max_norm_ratio)
     for k, reason in result.excluded.items():
         log(WARNING, "fuse_round (round %d): %s excluded: %s", server_round,
             updates[k].source, reason)
     metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs),
                "capped-replies": float(len(result.capped)),
+               "clipped-replies": float(len(result.clipped)),
                "excluded-replies": float(len(result.excluded))}
     if result.distill_loss is not None:
         metrics["distill-kl"] = result.distill_loss

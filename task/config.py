@@ -83,12 +83,29 @@ class RunConfig(BaseModel):
     fusion_max_weight_ratio: float = Field(default=2.0, ge=0, description=(
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
+    fusion_max_norm_ratio: float = Field(default=2.0, ge=0, description=(
+        "clip every client's tensors, in the fusion's averages, at this multiple of the "
+        "median client's norm; 0 turns the clipping off"))
     fusion_robust_screen: bool = Field(default=True, description=(
-        "exclude the clients whose predictions on synthetic inputs are outliers among "
-        "the clients'"))
+        "exclude the clients whose predictions on synthetic inputs are flat, "
+        "misclassify the class probes of their classes, or are outliers among the "
+        "clients'"))
+    fusion_robust_screen_threshold: float = Field(default=5.0, gt=0, description=(
+        "robust standard deviations above the median disagreement that make a client "
+        "an outlier"))
+    fusion_robust_min_spread: float = Field(default=0.1, ge=0, lt=1, description=(
+        "exclude a client whose predictions change from input to input less than this "
+        "share of the median client's; 0: not checked"))
+    fusion_robust_probe_steps: int = Field(default=20, ge=0, description=(
+        "Adam steps shaping the class probes; 0: no class probes"))
+    fusion_robust_probe_error: float = Field(default=0.3, gt=0, le=1, description=(
+        "exclude a client whose error on the class probes of its claimed classes "
+        "exceeds the median client's by more than this"))
     fusion_robust_aggregate: Literal["mean", "trimmed-mean", "median"] = Field(
         default="mean", description=(
             "how the aligned client tensors are combined: mean, or robustly per coordinate"))
+    fusion_robust_trim: float = Field(default=0.25, ge=0, lt=0.5, description=(
+        "share of the weight removed from each end by the trimmed mean"))
     send_input_moments: bool = Field(default=True, description=(
         "clients send the per-feature mean and variance of their training inputs, "
         "which the server's distillation needs"))
@@ -146,5 +163,11 @@ class RunConfig(BaseModel):
             distill_schedule=self.fusion_distill_schedule,
             distill_patience=self.fusion_distill_patience or None,
             max_weight_ratio=self.fusion_max_weight_ratio or None,
+            max_norm_ratio=self.fusion_max_norm_ratio or None,
             robust_screen=self.fusion_robust_screen,
-            robust_aggregate=self.fusion_robust_aggregate)
+            robust_screen_threshold=self.fusion_robust_screen_threshold,
+            robust_min_spread=self.fusion_robust_min_spread or None,
+            robust_probe_steps=self.fusion_robust_probe_steps,
+            robust_probe_error=self.fusion_robust_probe_error,
+            robust_aggregate=self.fusion_robust_aggregate,
+            robust_trim=self.fusion_robust_trim)

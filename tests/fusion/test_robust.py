@@ -16,6 +16,7 @@ from otfusion.fusion.robust import (
     cap_weights,
     class_probes,
     client_probabilities,
+    clip_norms,
     flat_predictions,
     misclassifying_clients,
     prediction_outliers,
@@ -405,6 +406,57 @@ def test_claimed_weight_is_capped_in_the_fusion():
     uncapped = fuse_result(models, weights, config.replace(max_weight_ratio=None))
     assert uncapped.capped == []
     assert relative_difference(uncapped.model, original, inputs) > 0.05
+
+
+def test_clip_norms_against_a_direct_computation():
+    norms = [1.0, 2.0, 3.0, 10.0]  # median 2.5: the cap at 2x is 5
+    states = [{"w": torch.full((4,), n / 2), "b": torch.ones(2), "steps": torch.tensor(7)}
+              for n in norms]
+    before = [{k: t.clone() for k, t in state.items()} for state in states]
+    clipped, ratios = clip_norms(states, 2.0)
+    assert ratios == pytest.approx({3: 4.0})
+    torch.testing.assert_close(clipped[3]["w"].norm(), torch.tensor(5.0))
+    assert all(clipped[k]["w"] is states[k]["w"] for k in range(3))
+    assert all(clipped[k]["b"] is states[k]["b"] and clipped[k]["steps"] is states[k]["steps"]
+               for k in range(4))
+    for state, copy in zip(states, before, strict=True):  # the clients' own tensors
+        assert all(torch.equal(state[k], copy[k]) for k in state)
+    assert clip_norms(states, None)[1] == {} and clip_norms(states[2:], 2.0)[1] == {}
+    zeros = [{"w": torch.zeros(3)}, {"w": torch.zeros(3)}, {"w": torch.ones(3)}]
+    assert clip_norms(zeros, 2.0)[1] == {}  # a zero median clips nothing
+
+
+def test_a_scaled_copy_pulls_the_fusion_no_harder_than_the_norm_cap():
+    """Four honest permuted copies and one copy with every tensor x10: each of its tensors
+    is clipped to twice the honest norm, so the plain fused state is (4 + 2) / 5 = 1.2
+    times the honest one, where unclipped it is (4 + 10) / 5 = 2.8 times."""
+    original, permuted, _ = make_family(*MLP, copies=3)
+    scaled = build_model(MLP[0], seed=0, **MLP[1])
+    scaled.load_state_dict({k: 10 * t for k, t in original.state_dict().items()})
+    models = [original, *permuted, scaled]
+    config = FusionConfig.from_options(neuron_weights="uniform", rescale="none", **PLAIN)
+    for ratio, factor, clipped in [(2.0, 1.2, [4]), (None, 2.8, [])]:
+        result = fuse_result(models, config=config.replace(max_norm_ratio=ratio))
+        assert list(result.clipped) == clipped
+        for name, tensor in original.state_dict().items():
+            torch.testing.assert_close(result.model.state_dict()[name], factor * tensor)
+    assert fuse_result(models).clipped == pytest.approx({4: 10.0})  # the defaults clip
+
+
+def test_strategy_logs_and_counts_clipped_replies(flwr_logs):
+    from flower_replies import reply
+
+    from otfusion.strategies import OTFusion
+
+    original, permuted, _ = make_family(*MLP, copies=3)
+    scaled = {k: -3 * t for k, t in original.state_dict().items()}  # sign-flipped x3
+    states = [m.state_dict() for m in (original, *permuted)] + [scaled]
+    replies = [reply(20 + k, state, 10) for k, state in enumerate(states)]
+    _, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
+                          FusionConfig.from_options(**PLAIN)).aggregate_train(1, replies)
+    assert metrics["clipped-replies"] == 1
+    assert "the tensors of node 24 are clipped (norm up to 3 times the median" in \
+        flwr_logs.text
 
 
 # ---------------------------------------------------------------- strategy

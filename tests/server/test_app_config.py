@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from otfusion.fusion import FusionConfig
 from otfusion.server.flower_server import build_parser, run_config_from_args
 from otfusion.task.config import RunConfig
 
@@ -66,3 +67,16 @@ def test_the_distillation_keys_reach_the_fusion_config():
     assert (distillation.temperature, distillation.schedule, distillation.patience,
             distillation.teacher) == (3.0, "cosine", 4, "mean")
     assert RunConfig().fusion().distillation.patience is None  # 0: every step
+
+
+def test_the_robust_keys_reach_the_fusion_config():
+    args = build_parser().parse_args(
+        ["--fusion-max-norm-ratio", "0", "--fusion-robust-screen-threshold", "4",
+         "--fusion-robust-min-spread", "0", "--fusion-robust-probe-steps", "5",
+         "--fusion-robust-probe-error", "0.5", "--fusion-robust-aggregate", "trimmed-mean",
+         "--fusion-robust-trim", "0.1", "--no-fusion-robust-screen"])
+    robust = run_config_from_args(args).fusion().robust
+    assert (robust.max_norm_ratio, robust.screen_threshold, robust.min_spread,
+            robust.probe_steps, robust.probe_error, robust.aggregate, robust.trim,
+            robust.screen) == (None, 4.0, None, 5, 0.5, "trimmed-mean", 0.1, False)
+    assert RunConfig().fusion().robust == FusionConfig().robust  # the same defaults
