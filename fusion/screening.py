@@ -11,9 +11,6 @@ stages kept (an excluded client would otherwise skew the next stage's statistics
    (:func:`~.robust.class_probes`, :func:`~.robust.misclassifying_clients`);
 3. clients whose predictions disagree with the others' far more than those disagree
    among themselves (:func:`~.robust.prediction_outliers`).
-
-Fewer than half of the clients are excluded in all (the threat model's f < K/2): a stage
-that finds more than the rest of that budget excludes its worst ones.
 """
 
 from __future__ import annotations
@@ -73,11 +70,9 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
     counts = (torch.ones(clients, classes, dtype=torch.float64)  # every class claimed
               if class_weights is None else
               torch.as_tensor(class_weights, dtype=torch.float64))
-    budget = (clients - 1) // 2
     reasons: dict[int, str] = {}
     if robust.min_spread is not None:
-        flat = flat_predictions(probabilities, robust.min_spread)
-        for k, share in _worst(flat, budget, largest=False).items():
+        for k, share in flat_predictions(probabilities, robust.min_spread).items():
             reasons[k] = (f"its predictions hardly depend on its input (they change "
                           f"{share:.1%} as much as the median client's)")
     kept = [k for k in range(clients) if k not in reasons]
@@ -89,24 +84,17 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
             warnings.warn(f"class probes failed ({type(exc).__name__}: {exc}); that check "
                           "was skipped", stacklevel=4)
             errors = {}
-        for i, error in _worst(errors, budget - len(reasons)).items():
+        for i, error in errors.items():
             reasons[kept[i]] = (f"it misclassifies {error:.0%} of the class probes of the "
                                 "classes it claims (inputs that the other clients claiming "
                                 "them agree on)")
         kept = [k for k in kept if k not in reasons]
     seen = None if class_weights is None else counts[kept] > 0
-    outliers = prediction_outliers(probabilities[kept], robust.screen_threshold, seen=seen)
-    for i, score in _worst(outliers, budget - len(reasons)).items():
+    for i, score in prediction_outliers(probabilities[kept], robust.screen_threshold,
+                                        seen=seen).items():
         reasons[kept[i]] = (f"its predictions disagree with the other clients' (median "
                             f"total-variation distance {score:.3f}, an outlier)")
     return dict(sorted(reasons.items()))
-
-
-def _worst(found: dict[int, float], budget: int, largest: bool = True) -> dict[int, float]:
-    """The (at most) ``budget`` entries of ``found`` with the largest values (the
-    smallest with ``largest=False``)."""
-    chosen = sorted(found, key=found.__getitem__, reverse=largest)[:max(budget, 0)]
-    return {k: found[k] for k in chosen}
 
 
 def _probe_errors(models: Sequence[nn.Module], probe: torch.Tensor, counts: torch.Tensor,

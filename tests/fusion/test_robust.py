@@ -228,23 +228,6 @@ def test_screening_excludes_a_dead_model_and_says_why():
     assert "hardly depend" not in unchecked.excluded[1]
 
 
-def test_screening_excludes_fewer_than_half_of_the_clients_worst_first(monkeypatch):
-    """Whatever a stage finds, at most (K - 1) // 2 clients are excluded in all (f < K/2):
-    the worst ones, and the later stages get what is left of that budget."""
-    from otfusion.fusion import screening
-
-    original, permuted, _ = make_family(*MLP, copies=4)
-    models = [original, *permuted]
-    moments = InputMoments(torch.zeros(original.input_shape), torch.ones(original.input_shape))
-    flat = {0: 0.05, 1: 0.0, 3: 0.08, 4: 0.01}
-    monkeypatch.setattr(screening, "flat_predictions", lambda *_: flat)
-    result = fuse_result(models, config=FusionConfig.from_options(**PLAIN),
-                         input_moments=moments)
-    assert list(result.excluded) == [1, 4]  # the two flattest of five
-    assert screening._worst({0: 0.3, 1: 0.9, 2: 0.5}, 1) == {1: 0.9}
-    assert screening._worst({0: 0.3}, 0) == {} and screening._worst({0: 0.3}, -1) == {}
-
-
 def dead_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``model`` whose first hidden layer's biases are so negative that its
     ReLUs never fire: the output is the same for every input."""
