@@ -170,8 +170,9 @@ class RobustConfig(_Part):
         the median weight, and the total of its label counts (``class_weights``) at
         this multiple of the median total, scaling its counts down; None: no cap.
     max_norm_ratio : float or None
-        Clip every client's tensors, in the fusion's averages (and its barycenter), at
-        this multiple of the median client's norm of the same tensor: a scaled model
+        Clip every client's weight tensors (not biases), in the fusion's averages (and
+        its barycenter), at this multiple of the median client's norm of the same
+        tensor: a scaled model
         (say, sign-flipped and multiplied by three) pulls no harder than one of this
         norm, and its neuron importance (``averaging.neuron_weights``, squared norms)
         no higher. The screening and the distillation's teachers see the models as

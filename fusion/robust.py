@@ -127,19 +127,22 @@ def cap_class_weights(class_weights: Sequence[Sequence[float]] | torch.Tensor,
 
 def clip_norms(states: Sequence[dict[str, torch.Tensor]], ratio: float | None
                ) -> tuple[list[dict[str, torch.Tensor]], dict[int, float]]:
-    """The clients' states with every floating tensor whose norm exceeds ``ratio`` times
-    the median client's norm of that tensor scaled down to that norm (new tensors; the
-    given ones are untouched), and, per client clipped, its largest norm over the cap's
-    median. A tensor's norm does not depend on how hidden units are ordered, so no
-    alignment is needed. None, fewer than three clients or a zero median: no clipping.
-    Scaled-up (e.g. sign-flipped and scaled) models thus pull the averages no more than
-    a model of ``ratio`` times the median norm."""
+    """The clients' states with every floating weight tensor (two dimensions or more)
+    whose norm exceeds ``ratio`` times the median client's norm of that tensor scaled
+    down to that norm (new tensors; the given ones are untouched), and, per client
+    clipped, its largest norm over the median. A tensor's norm does not depend on how
+    hidden units are ordered, so no alignment is needed. Scaled-up (e.g. sign-flipped
+    and scaled) models thus pull the averages no more than a model of ``ratio`` times
+    the median norm. Biases and other vectors are left alone: a head's bias is a
+    learned class prior, in which honest non-IID clients differ by far more (clipping
+    them cost 7 points in a 1000-client simulation). None, fewer than three clients or a
+    zero median: no clipping."""
     clipped: dict[int, float] = {}
     if ratio is None or len(states) < 3:
         return list(states), clipped
     out = [dict(state) for state in states]
     for name, tensor in states[0].items():
-        if not tensor.is_floating_point():
+        if not tensor.is_floating_point() or tensor.dim() < 2:
             continue
         norms = [float(state[name].double().norm()) for state in states]
         median = statistics.median(norms)
@@ -148,6 +151,7 @@ def clip_norms(states: Sequence[dict[str, torch.Tensor]], ratio: float | None
                 out[k][name] = states[k][name] * (ratio * median / norm)
                 clipped[k] = max(clipped.get(k, 0.0), norm / median)
     return out, clipped
+
 
 @torch.no_grad()
 def client_probabilities(models: Sequence[nn.Module], inputs: torch.Tensor) -> torch.Tensor:

@@ -410,8 +410,8 @@ def test_claimed_weight_is_capped_in_the_fusion():
 
 def test_clip_norms_against_a_direct_computation():
     norms = [1.0, 2.0, 3.0, 10.0]  # median 2.5: the cap at 2x is 5
-    states = [{"w": torch.full((4,), n / 2), "b": torch.ones(2), "steps": torch.tensor(7)}
-              for n in norms]
+    states = [{"w": torch.full((2, 2), n / 2), "b": torch.full((2,), n),
+               "steps": torch.tensor(7)} for n in norms]  # biases are never clipped
     before = [{k: t.clone() for k, t in state.items()} for state in states]
     clipped, ratios = clip_norms(states, 2.0)
     assert ratios == pytest.approx({3: 4.0})
@@ -422,14 +422,15 @@ def test_clip_norms_against_a_direct_computation():
     for state, copy in zip(states, before, strict=True):  # the clients' own tensors
         assert all(torch.equal(state[k], copy[k]) for k in state)
     assert clip_norms(states, None)[1] == {} and clip_norms(states[2:], 2.0)[1] == {}
-    zeros = [{"w": torch.zeros(3)}, {"w": torch.zeros(3)}, {"w": torch.ones(3)}]
+    zeros = [{"w": torch.zeros(1, 3)}, {"w": torch.zeros(1, 3)}, {"w": torch.ones(1, 3)}]
     assert clip_norms(zeros, 2.0)[1] == {}  # a zero median clips nothing
 
 
 def test_a_scaled_copy_pulls_the_fusion_no_harder_than_the_norm_cap():
-    """Four honest permuted copies and one copy with every tensor x10: each of its tensors
-    is clipped to twice the honest norm, so the plain fused state is (4 + 2) / 5 = 1.2
-    times the honest one, where unclipped it is (4 + 10) / 5 = 2.8 times."""
+    """Four honest permuted copies and one copy with every tensor x10: each of its weight
+    matrices is clipped to twice the honest norm, so the plain fused matrices are
+    (4 + 2) / 5 = 1.2 times the honest ones, where unclipped they are (4 + 10) / 5 = 2.8
+    times; biases are never clipped (2.8 times either way)."""
     original, permuted, _ = make_family(*MLP, copies=3)
     scaled = build_model(MLP[0], seed=0, **MLP[1])
     scaled.load_state_dict({k: 10 * t for k, t in original.state_dict().items()})
@@ -439,7 +440,8 @@ def test_a_scaled_copy_pulls_the_fusion_no_harder_than_the_norm_cap():
         result = fuse_result(models, config=config.replace(max_norm_ratio=ratio))
         assert list(result.clipped) == clipped
         for name, tensor in original.state_dict().items():
-            torch.testing.assert_close(result.model.state_dict()[name], factor * tensor)
+            expected = (factor if tensor.dim() >= 2 else 2.8) * tensor
+            torch.testing.assert_close(result.model.state_dict()[name], expected)
     assert fuse_result(models).clipped == pytest.approx({4: 10.0})  # the defaults clip
 
 
