@@ -172,11 +172,11 @@ class RobustConfig(_Part):
     max_norm_ratio : float or None
         Clip every client's weight tensors (not biases), in the fusion's averages (and
         its barycenter), at this multiple of the median client's norm of the same
-        tensor: a scaled model
-        (say, sign-flipped and multiplied by three) pulls no harder than one of this
-        norm, and its neuron importance (``averaging.neuron_weights``, squared norms)
-        no higher. The screening and the distillation's teachers see the models as
-        sent. None: no clipping. Both caps need three clients or more.
+        tensor (:func:`~.robust.clip_norms`): a scaled model (say, sign-flipped and
+        multiplied by three) pulls no harder than one of this norm, and its neuron
+        importances (``averaging.neuron_weights``, squared norms) no higher. The
+        screening and the distillation's teachers see the models as sent. None: no
+        clipping. Both caps need three clients or more.
     screen : bool
         Exclude the clients whose predictions on the synthetic (or given) inputs are
         outliers among the clients', before fusing and before distilling (with five

@@ -124,7 +124,6 @@ def cap_class_weights(class_weights: Sequence[Sequence[float]] | torch.Tensor,
             for k, (row, b, t) in enumerate(zip(rows, bounded, totals, strict=True))], capped
 
 
-
 def clip_norms(states: Sequence[dict[str, torch.Tensor]], ratio: float | None
                ) -> tuple[list[dict[str, torch.Tensor]], dict[int, float]]:
     """The clients' states with every floating weight tensor (two dimensions or more)

@@ -98,7 +98,7 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
             "claimed) are capped at %g times the median claim", server_round,
             updates[k].source, updates[k].weight, config.robust.max_weight_ratio)
     for k, ratio in result.clipped.items():
-        log(WARNING, "fuse_round (round %d): the tensors of %s are clipped (norm up to %.3g "
+        log(WARNING, "fuse_round (round %d): the weights of %s are clipped (norm up to %.3g "
             "times the median client's, capped at %g)", server_round, updates[k].source,
             ratio, config.robust.max_norm_ratio)
     for k, reason in result.excluded.items():

@@ -84,8 +84,8 @@ class RunConfig(BaseModel):
         "cap every client's weight (its claimed num-examples) at this multiple of the "
         "median claim; 0 turns the cap off"))
     fusion_max_norm_ratio: float = Field(default=2.0, ge=0, description=(
-        "clip every client's tensors, in the fusion's averages, at this multiple of the "
-        "median client's norm; 0 turns the clipping off"))
+        "clip every client's weight tensors (not biases), in the fusion's averages, at "
+        "this multiple of the median client's norm; 0 turns the clipping off"))
     fusion_robust_screen: bool = Field(default=True, description=(
         "exclude the clients whose predictions on synthetic inputs are flat, "
         "misclassify the class probes of their classes, or are outliers among the "

@@ -457,7 +457,7 @@ def test_strategy_logs_and_counts_clipped_replies(flwr_logs):
     _, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
                           FusionConfig.from_options(**PLAIN)).aggregate_train(1, replies)
     assert metrics["clipped-replies"] == 1
-    assert "the tensors of node 24 are clipped (norm up to 3 times the median" in \
+    assert "the weights of node 24 are clipped (norm up to 3 times the median" in \
         flwr_logs.text
 
 
