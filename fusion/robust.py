@@ -143,10 +143,13 @@ def clip_norms(states: Sequence[dict[str, torch.Tensor]], ratio: float | None
     for name, tensor in states[0].items():
         if not tensor.is_floating_point() or tensor.dim() < 2:
             continue
-        norms = [float(state[name].double().norm()) for state in states]
+        norms = [float(torch.linalg.vector_norm(state[name], dtype=torch.float64))
+                 for state in states]  # no float64 copy of the tensor
         median = statistics.median(norms)
+        if median <= 0:
+            continue
         for k, norm in enumerate(norms):
-            if median > 0 and norm > ratio * median:
+            if norm > ratio * median:
                 out[k][name] = states[k][name] * (ratio * median / norm)
                 clipped[k] = max(clipped.get(k, 0.0), norm / median)
     return out, clipped
