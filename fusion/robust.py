@@ -236,8 +236,9 @@ def misclassifying_clients(probabilities: torch.Tensor, classes: torch.Tensor,
 
 
 def prediction_outliers(probabilities: torch.Tensor, threshold: float,
-                        min_distance: float = 0.05, references: int = 128,
-                        seen: torch.Tensor | None = None) -> dict[int, float]:
+                        min_distance: float = 0.05, min_ratio: float = 1.25,
+                        references: int = 128, seen: torch.Tensor | None = None
+                        ) -> dict[int, float]:
     """The clients whose predictions are outliers, with their disagreement score.
 
     ``probabilities`` are the clients' class probabilities on the same inputs (clients x
@@ -253,8 +254,13 @@ def prediction_outliers(probabilities: torch.Tensor, threshold: float,
     cannot choose to be in it, whatever weight they claim), which keeps the cost linear
     in the number of clients. A client is an outlier when its score exceeds the median
     score by more than ``threshold`` robust standard deviations (1.4826 MAD) of the
-    scores, and by at least ``min_distance`` (so that clients which all agree are never
-    split). Needs five clients or more: the median is the honest majority's when fewer
+    scores, by at least ``min_distance`` (so that clients which all agree are never
+    split), and is more than ``min_ratio`` times the median score. That last floor is
+    for a handful of clients, whose MAD can collapse (tied scores make it nearly zero):
+    with 6-7 honest clients, honest scores of 1.09-1.21 times the median were
+    outliers by the MAD alone, while the sign-flipped and backdoored models the rule
+    caught scored 1.3-2.05 times it (``benchmarks/byzantine.py``'s 2-of-8 clients).
+    Needs five clients or more: the median is the honest majority's when fewer
     than half are hostile, and with fewer clients the spread of the scores says too
     little.
     """
@@ -273,8 +279,9 @@ def prediction_outliers(probabilities: torch.Tensor, threshold: float,
                                                                    strict=True)])
     center = scores.median()
     spread = _MAD_TO_SIGMA * (scores - center).abs().median()
-    limit = center + torch.maximum(threshold * spread, torch.tensor(min_distance,
-                                                                    dtype=scores.dtype))
+    margin = torch.stack([threshold * spread, torch.tensor(min_distance, dtype=scores.dtype),
+                          (min_ratio - 1) * center]).max()
+    limit = center + margin
     return {i: float(scores[i]) for i in range(k) if scores[i] > limit}
 
 

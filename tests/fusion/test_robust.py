@@ -171,6 +171,29 @@ def test_prediction_outliers_leave_agreeing_clients_alone():
     assert list(flagged) == [5] and flagged[5] > 0.05
 
 
+def _on_a_line(positions: list[float]) -> torch.Tensor:
+    """Two-class probabilities (clients x 2 inputs x 2) whose class-0 probability is
+    ``0.1 + position`` on both inputs: two clients' total-variation distance is the
+    distance between their positions."""
+    first = 0.1 + torch.tensor(positions, dtype=torch.float64)
+    return torch.stack([first, 1 - first], dim=-1)[:, None].expand(-1, 2, -1)
+
+
+def test_prediction_outliers_need_more_than_a_quarter_above_the_median():
+    """Six clients at 0, .3, .3, .3, .6 and x on a line, so that a score is the median
+    distance to the other five: the first five score .3 exactly, a MAD of zero. At
+    x = .66 the sixth scores .36, 1.2 times the median (as far as honest non-IID
+    clients were measured to stray), and is no outlier; at x = .84 it scores .54, 1.8
+    times the median, and is one. Without the floor (``min_ratio=1``) the zero MAD
+    makes .36 an outlier too."""
+    honest = [0.0, 0.3, 0.3, 0.3, 0.6]
+    assert prediction_outliers(_on_a_line([*honest, 0.66]), 5.0) == {}
+    flagged = prediction_outliers(_on_a_line([*honest, 0.84]), 5.0)
+    assert list(flagged) == [5] and flagged[5] == pytest.approx(0.54)
+    unfloored = prediction_outliers(_on_a_line([*honest, 0.66]), 5.0, min_ratio=1.0)
+    assert list(unfloored) == [5] and unfloored[5] == pytest.approx(0.36)
+
+
 def test_prediction_outliers_among_many_clients_compare_with_a_reference_sample():
     """With more clients than ``references``, each is compared with a random sample of
     them: still every hostile client and no honest one is flagged."""
