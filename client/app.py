@@ -21,6 +21,14 @@ with at least 10 examples (the others: zeros, count 0). The server draws synthet
 inputs from them to distil the fused model from the clients' ensemble
 (:mod:`otfusion.fusion.distillation`); they reveal the average input of the client's
 data and of each of its classes (a class's mean image), not any single example.
+
+With ``send-input-components`` (16 by default; 0: none) it also sends that many leading
+principal components of its training inputs (``input-components``, components x
+features, each scaled by the inputs' standard deviation along it), at most one per 10
+examples: the directions in which its inputs vary most together (for images, blurred
+"eigen-images" such as a garment's silhouette), along which the server's synthetic
+inputs are then correlated as real ones are. Each is a weighted sum of at least ten
+centred examples, like the moments an aggregate of the data, not any single example.
 """
 
 from __future__ import annotations
@@ -75,15 +83,19 @@ def client_data(config: RunConfig, node_config: Mapping[str, object], split: str
 def client_statistics(config: RunConfig, model, data: TensorData) -> dict[str, list]:
     """What a client reports besides its model: ``label-counts`` (its training examples
     per class) and, with ``send-input-moments``, ``input-mean`` and ``input-var`` (the
-    per-feature moments of its training inputs, flattened)."""
+    per-feature moments of its training inputs, flattened) and, with
+    ``send-input-components``, ``input-components`` (flattened)."""
     classes = getattr(model, "num_classes", None)
     statistics: dict[str, list] = {"label-counts": [int(c) for c in label_counts(data,
                                                                                    classes)]}
     if config.send_input_moments:
         labels = data.y if config.send_class_moments and classes else None
-        moments = input_moments(model_inputs(model, data), labels, classes)
+        moments = input_moments(model_inputs(model, data), labels, classes,
+                                components=config.send_input_components)
         statistics["input-mean"] = moments.mean.flatten().tolist()
         statistics["input-var"] = moments.var.flatten().tolist()
+        if moments.components is not None:
+            statistics["input-components"] = moments.components.flatten().tolist()
         if labels is not None:
             statistics["input-class-mean"] = moments.class_mean.flatten().tolist()
             statistics["input-class-var"] = moments.class_var.flatten().tolist()

@@ -138,6 +138,10 @@ class DistillationConfig(_Part):
         Softmax temperature of the teachers' and the student's probabilities in the
         training loss (scaled by its square, as in Hinton et al.); the divergences
         reported and used for early stopping are at temperature 1.
+    correlated : bool
+        Draw the synthetic inputs correlated along the clients' principal components
+        (``InputMoments.components``, sent by the ClientApp with
+        ``send-input-components``) when there are any; False: feature by feature.
     patience, eval_every : int or None, int
         Early stopping: every ``eval_every`` steps the student's divergence from the
         teachers is measured on held-out synthetic inputs (a quarter as many as
@@ -158,6 +162,7 @@ class DistillationConfig(_Part):
     temperature: float = Field(default=1.0, gt=0)
     patience: int | None = Field(default=None, ge=1)
     eval_every: int = Field(default=50, ge=1)
+    correlated: bool = True
 
 
 class RobustConfig(_Part):
@@ -236,7 +241,8 @@ _FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     "rescale": ("averaging", "rescale"),
     **{f"distill_{name}": ("distillation", name)
        for name in ("steps", "samples", "batch_size", "lr", "seed", "tol", "max_teachers",
-                    "teacher", "schedule", "temperature", "patience", "eval_every")},
+                    "teacher", "schedule", "temperature", "patience", "eval_every",
+                    "correlated")},
     "max_weight_ratio": ("robust", "max_weight_ratio"),
     "max_norm_ratio": ("robust", "max_norm_ratio"),
     **{f"robust_{name}": ("robust", name)

@@ -1,9 +1,10 @@
 """Post-fusion distillation: the fused model learns its clients' ensemble on synthetic
 inputs drawn from the clients' input moments, so the server needs no data.
 
-Clients send the per-feature mean and variance of their training inputs, and
-optionally the same per class (:func:`input_moments`); the server pools them
-(:func:`pool_moments`), draws Gaussian inputs from them, class by class when it has
+Clients send the per-feature mean and variance of their training inputs, their
+leading principal components, and optionally the moments per class
+(:func:`input_moments`); the server pools them (:func:`pool_moments`), draws Gaussian
+inputs from them, correlated along the components, or class by class when it has
 per-class moments (:func:`synthetic_inputs`), and trains the fused model to predict the
 clients' ensemble on them (:func:`distill`).
 """
@@ -28,31 +29,49 @@ MIN_CLASS_EXAMPLES = 10
 """Fewest examples of a class whose moments a client describes: the mean of fewer would
 come too close to revealing single examples."""
 
+MIN_EXAMPLES_PER_COMPONENT = 10
+"""A client describes at most one principal component of its inputs per this many
+examples, for the same reason."""
+
+POOLED_COMPONENTS = 64
+"""Most principal components the pooled moments keep (the leading ones of the clients'
+mixture)."""
+
+_DIRECT_LIMIT = 4096
+"""Largest side of a Gram matrix decomposed exactly; past it, a seeded randomised SVD."""
+
 
 class InputMoments(NamedTuple):
     """Per-feature mean and (population) variance of a set of model inputs; both have
     the shape of one input. Optionally the same per class: ``class_mean`` and
     ``class_var`` of shape ``(classes, *input_shape)``, and ``class_count``, the weight
     of each class (its number of examples; 0 for a class not described, whose rows are
-    zeros)."""
+    zeros). Optionally ``components``, of shape ``(r, *input_shape)``: the inputs'
+    leading principal directions, each scaled by the standard deviation along it, so
+    that the inputs' covariance is about ``components.flatten(1).T @
+    components.flatten(1)`` plus a diagonal (the rest of ``var``)."""
 
     mean: torch.Tensor
     var: torch.Tensor
     class_mean: torch.Tensor | None = None
     class_var: torch.Tensor | None = None
     class_count: torch.Tensor | None = None
+    components: torch.Tensor | None = None
 
 
 def input_moments(inputs: torch.Tensor, labels: torch.Tensor | None = None,
                   num_classes: int | None = None,
-                  min_class_examples: int = MIN_CLASS_EXAMPLES) -> InputMoments:
+                  min_class_examples: int = MIN_CLASS_EXAMPLES,
+                  components: int = 0) -> InputMoments:
     """The moments of a batch of inputs ``(N, *input_shape)``, over the batch; with
     ``labels`` (N class indices below ``num_classes``), also per class, for the classes
-    with at least ``min_class_examples`` examples."""
+    with at least ``min_class_examples`` examples; and up to ``components`` principal
+    components (:func:`principal_components`)."""
     if inputs.ndim < 2 or inputs.shape[0] == 0:
         raise ValueError(f"need a non-empty batch (N, *input_shape), got {tuple(inputs.shape)}")
     x = inputs.detach().double()
-    overall = InputMoments(x.mean(dim=0).float(), x.var(dim=0, unbiased=False).float())
+    overall = InputMoments(x.mean(dim=0).float(), x.var(dim=0, unbiased=False).float(),
+                           components=principal_components(x, components))
     if labels is None:
         return overall
     if num_classes is None or labels.shape != (len(x),):
@@ -66,6 +85,40 @@ def input_moments(inputs: torch.Tensor, labels: torch.Tensor | None = None,
         mean[c], var[c] = rows.mean(dim=0), rows.var(dim=0, unbiased=False)
     return overall._replace(class_mean=mean.float(), class_var=var.float(),
                             class_count=torch.where(described, count, 0).float())
+
+
+def principal_components(inputs: torch.Tensor, count: int) -> torch.Tensor | None:
+    """The ``count`` leading principal components of a batch ``(N, *input_shape)``, each
+    scaled by the standard deviation along it, as ``(r, *input_shape)`` float32; fewer
+    (one per :data:`MIN_EXAMPLES_PER_COMPONENT` examples, none beyond the data's rank),
+    and None when that leaves none."""
+    count = min(count, len(inputs) // MIN_EXAMPLES_PER_COMPONENT)
+    if count <= 0:
+        return None
+    flat = inputs.reshape(len(inputs), -1).double()
+    found = leading_components((flat - flat.mean(dim=0)) / math.sqrt(len(flat)), count)
+    return None if found is None else found.float().reshape(-1, *inputs.shape[1:])
+
+
+def leading_components(rows: torch.Tensor, count: int) -> torch.Tensor | None:
+    """The ``count`` leading eigenvectors of ``rows.T @ rows`` (M x D rows), each scaled
+    by the square root of its eigenvalue, as ``(r, D)`` rows, r <= count (eigenvalues
+    that vanish are dropped); None when none is left. Exact through the smaller Gram
+    matrix up to :data:`_DIRECT_LIMIT`, else a randomised SVD with a fixed seed."""
+    if min(rows.shape) <= _DIRECT_LIMIT:
+        by_rows = rows.shape[0] <= rows.shape[1]
+        values, vectors = torch.linalg.eigh(rows @ rows.T if by_rows else rows.T @ rows)
+        values, vectors = values.flip(0)[:count], vectors.flip(1)[:, :count]
+        scaled = ((rows.T @ vectors).T if by_rows
+                  else values.clamp_min(0).sqrt()[:, None] * vectors.T)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _, singular, right = torch.svd_lowrank(rows, q=min(count + 8, *rows.shape))
+        values = singular[:count].square()
+        scaled = singular[:count, None] * right[:, :count].T
+    keep = values > max(float(values[0]), 0.0) * 1e-12
+    return scaled[keep] if bool(keep.any()) else None
 
 
 def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
@@ -91,6 +144,8 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
     w = w / w.sum()
     pooled = InputMoments(*_mixture([m.mean for m in moments], [m.var for m in moments], w,
                                     outlier_factor))
+    pooled = pooled._replace(components=_pooled_components(moments, w, pooled.mean,
+                                                           outlier_factor))
     described = [k for k, m in enumerate(moments) if m.class_mean is not None]
     if not described:
         return pooled
@@ -98,24 +153,58 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
                                            outlier_factor))
 
 
+def _shrunk(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
+            w: torch.Tensor, outlier_factor: float | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clients' means and variances (stacked, float64) with the outliers shrunk
+    towards the median (see :func:`pool_moments`), and each client's factor (1: as
+    sent)."""
+    means = torch.stack([m.double() for m in means])
+    variances = torch.stack([v.double() for v in variances])
+    shrink = torch.ones(len(means), dtype=torch.float64)
+    if outlier_factor is not None:
+        shape = (-1,) + (1,) * (means.ndim - 1)
+        center = weighted_median(means, w)
+        spread = (variances + (means - center).square()).flatten(1).mean(dim=1).sqrt()
+        limit = outlier_factor * weighted_median(spread, w)
+        shrink = torch.where(spread > limit, limit / spread, shrink)
+        means = center + shrink.view(shape) * (means - center)
+        variances = shrink.view(shape).square() * variances
+    return means, variances, shrink
+
+
 def _mixture(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
              w: torch.Tensor, outlier_factor: float | None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of the ``w``-weighted mixture, outliers shrunk first (see
     :func:`pool_moments`)."""
-    means = torch.stack([m.double() for m in means])
-    variances = torch.stack([v.double() for v in variances])
+    means, variances, _ = _shrunk(means, variances, w, outlier_factor)
     shape = (-1,) + (1,) * (means.ndim - 1)
-    if outlier_factor is not None:
-        center = weighted_median(means, w)
-        spread = (variances + (means - center).square()).flatten(1).mean(dim=1).sqrt()
-        limit = outlier_factor * weighted_median(spread, w)
-        shrink = torch.where(spread > limit, limit / spread, torch.ones_like(spread))
-        means = center + shrink.view(shape) * (means - center)
-        variances = shrink.view(shape).square() * variances
     mean = (w.view(shape) * means).sum(dim=0)
     second = (w.view(shape) * (variances + means.square())).sum(dim=0)
     return mean.float(), (second - mean.square()).clamp_min(0).float()
+
+
+def _pooled_components(moments: Sequence[InputMoments], w: torch.Tensor,
+                       mean: torch.Tensor, outlier_factor: float | None
+                       ) -> torch.Tensor | None:
+    """The leading :data:`POOLED_COMPONENTS` components of the ``w``-weighted mixture's
+    covariance, less the diagonals the clients' components leave out: every client's
+    components and its mean's offset from the pooled ``mean``, times the square root of
+    its weight (and its outlier shrink, as its variances are). None when no client sent
+    components (a diagonal is then all there is)."""
+    if all(m.components is None for m in moments):
+        return None
+    means, _, shrink = _shrunk([m.mean for m in moments], [m.var for m in moments], w,
+                               outlier_factor)
+    rows = []
+    for k, m in enumerate(moments):
+        root = math.sqrt(float(w[k]))
+        if m.components is not None:
+            rows.append(root * float(shrink[k]) * m.components.double().flatten(1))
+        rows.append(root * (means[k] - mean.double()).flatten()[None])
+    found = leading_components(torch.cat(rows), POOLED_COMPONENTS)
+    return None if found is None else found.float().reshape(-1, *mean.shape)
 
 
 def _pool_classes(moments: Sequence[InputMoments], w: torch.Tensor,
@@ -143,8 +232,12 @@ def synthetic_inputs(moments: InputMoments, num_samples: int,
     """``num_samples`` inputs drawn feature by feature from N(mean, var); with per-class
     moments, class by class instead: each input's class first (with probability
     proportional to ``class_count``), then its features from that class's
-    N(class_mean, class_var)."""
+    N(class_mean, class_var). Without per-class moments but with ``components``, the
+    inputs are correlated as the data are: ``mean + z @ components`` (z standard
+    normal) plus independent noise of the variance the components leave out."""
     if moments.class_mean is None or not bool((moments.class_count > 0).any()):
+        if moments.components is not None:
+            return _correlated_inputs(moments, num_samples, generator)
         mean, std = moments.mean, moments.var.sqrt()
     else:
         classes = torch.multinomial(moments.class_count.double(), num_samples,
@@ -152,6 +245,18 @@ def synthetic_inputs(moments: InputMoments, num_samples: int,
         mean, std = moments.class_mean[classes], moments.class_var[classes].sqrt()
     noise = torch.randn((num_samples, *moments.mean.shape), generator=generator)
     return mean + std * noise
+
+
+def _correlated_inputs(moments: InputMoments, num_samples: int,
+                       generator: torch.Generator) -> torch.Tensor:
+    """Gaussian inputs of covariance ``components`` (flattened) ``.T @ components`` plus
+    the diagonal ``var`` less its diagonal (where positive)."""
+    components = moments.components.flatten(1)
+    rest = (moments.var.flatten() - components.square().sum(dim=0)).clamp_min(0).sqrt()
+    z = torch.randn((num_samples, len(components)), generator=generator)
+    noise = torch.randn((num_samples, components.shape[1]), generator=generator)
+    return moments.mean + (z @ components + rest * noise).reshape(num_samples,
+                                                                  *moments.mean.shape)
 
 
 def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
@@ -230,6 +335,8 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     if shape is not None and tuple(moments.mean.shape) != tuple(shape):
         raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
                          f"model's input_shape is {tuple(shape)}")
+    if not config.correlated:
+        moments = moments._replace(components=None)
     parameter = next(student.parameters())
     generator = torch.Generator().manual_seed(config.seed)
     inputs = synthetic_inputs(moments, config.samples, generator).to(

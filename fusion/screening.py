@@ -45,7 +45,9 @@ def screened_out(models: Sequence[nn.Module], moments: InputMoments | None,
     the screening was asked for explicitly (it is on by default)."""
     generator = torch.Generator().manual_seed(config.distillation.seed)
     if moments is not None:
-        probe = synthetic_inputs(moments, min(config.distillation.samples, 512), generator)
+        # feature by feature, as the thresholds were measured (not along the components)
+        probe = synthetic_inputs(moments._replace(components=None),
+                                 min(config.distillation.samples, 512), generator)
     elif inputs is not None and inputs.is_floating_point():
         probe = inputs
     else:

@@ -111,7 +111,12 @@ CLASS_COUNT_KEY = "input-class-count"
 """Train-reply metrics: the same per class (classes x features, flattened), and the
 number of examples each class's moments describe (0: not described, rows of zeros)."""
 CLASS_MOMENT_KEYS = (CLASS_MEAN_KEY, CLASS_VAR_KEY, CLASS_COUNT_KEY)
-STATISTIC_KEYS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY, *CLASS_MOMENT_KEYS)
+COMPONENTS_KEY = "input-components"
+"""Train-reply metric: the leading principal components of the client's training inputs,
+each scaled by the standard deviation along it (components x features, flattened; see
+:func:`otfusion.fusion.distillation.input_moments`)."""
+STATISTIC_KEYS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY, *CLASS_MOMENT_KEYS,
+                  COMPONENTS_KEY)
 """The client statistics a train reply may carry besides its metrics proper."""
 
 
@@ -166,6 +171,40 @@ def check_class_moments(moments: InputMoments | None, mean: Any, var: Any, count
     if found is not None:
         return found
     return moments._replace(class_mean=values[0], class_var=values[1], class_count=counts)
+
+
+MAX_INPUT_COMPONENTS = 64
+"""Most principal components a reply may carry."""
+
+
+def check_input_components(moments: InputMoments | None, value: Any
+                           ) -> InputMoments | None | str:
+    """``moments`` (the reply's checked moments) with its ``input-components`` added:
+    ``moments`` itself when none are sent or there are no moments to add them to; a
+    reason when they are not 1 to :data:`MAX_INPUT_COMPONENTS` rows of one finite number
+    per input feature within the bounds, or when they describe more variance in a
+    feature than its ``input-var`` (an honest client's never do: they are part of its
+    inputs' covariance), which would let a client widen the synthetic inputs."""
+    if value is None or moments is None:
+        return moments
+    features = moments.mean.numel()
+    size = len(value) if isinstance(value, (list, tuple)) else 0
+    count, rest = divmod(size, features)
+    if rest or not 1 <= count <= MAX_INPUT_COMPONENTS:
+        return (f"'{COMPONENTS_KEY}' must hold 1 to {MAX_INPUT_COMPONENTS} rows of the "
+                f"model's {features} input features, got {size} numbers")
+    components = _moments(COMPONENTS_KEY, value, (count, *moments.mean.shape),
+                          f"{count} components x {features} input features", False)
+    if isinstance(components, str):
+        return components
+    described = components.double().flatten(1).square().sum(dim=0)
+    var = moments.var.double().flatten()
+    excess = described - var * (1 + 1e-4) - 1e-9 * (1 + float(var.max()))
+    if bool((excess > 0).any()):
+        j = int(excess.argmax())
+        return (f"'{COMPONENTS_KEY}' describe more variance than '{INPUT_VAR_KEY}' in input "
+                f"feature {j} ({float(described[j]):.3g} > {float(var[j]):.3g})")
+    return moments._replace(components=components)
 
 
 def _moments(key: str, value: Any, shape: tuple[int, ...], what: str, non_negative: bool

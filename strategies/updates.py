@@ -14,10 +14,12 @@ from otfusion.fusion import InputMoments
 
 from .replies import (
     CLASS_MOMENT_KEYS,
+    COMPONENTS_KEY,
     INPUT_MEAN_KEY,
     INPUT_VAR_KEY,
     LABEL_COUNTS_KEY,
     check_class_moments,
+    check_input_components,
     check_input_moments,
     check_label_counts,
     reply_digest,
@@ -75,6 +77,8 @@ def decode_update(state: dict[str, torch.Tensor], weight: float, metrics: Mappin
     if not isinstance(moments, str):
         moments = check_class_moments(moments, *(metrics.get(k) for k in CLASS_MOMENT_KEYS),
                                       settings.num_classes)
+    if not isinstance(moments, str):
+        moments = check_input_components(moments, metrics.get(COMPONENTS_KEY))
     if isinstance(moments, str):
         return RejectedUpdate(moments)
     model = _loaded_model(state, settings)

@@ -20,7 +20,7 @@ from otfusion.fusion import (
     pool_moments,
 )
 from otfusion.fusion.distillation import distill
-from otfusion.task.config import client_seed
+from otfusion.task.config import INPUT_COMPONENTS, client_seed
 from otfusion.task.data import TensorData
 from otfusion.task.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
 from otfusion.zoo import build_model
@@ -58,13 +58,16 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
 
 
 def pooled_input_moments(model: nn.Module, partitions: Sequence[TensorData],
-                         by_class: bool = False) -> InputMoments:
+                         by_class: bool = False, components: int = INPUT_COMPONENTS
+                         ) -> InputMoments:
     """The clients' input moments as the ClientApp sends them (``by_class``: per class
-    too, as with ``send-class-moments``) and the server pools them: each partition's
-    moments of ``model``'s inputs, weighted by its size."""
+    too, as with ``send-class-moments``; ``components``: as ``send-input-components``)
+    and the server pools them: each partition's moments of ``model``'s inputs, weighted
+    by its size."""
     classes = getattr(model, "num_classes", None) if by_class else None
     return pool_moments([input_moments(model_inputs(model, p), p.y if classes else None,
-                                       classes) for p in partitions],
+                                       classes, components=components)
+                         for p in partitions],
                         [len(p) for p in partitions])
 
 

@@ -30,7 +30,12 @@ from otfusion.fusion.distillation import (
     synthetic_inputs,
     teacher_sample,
 )
-from otfusion.strategies.replies import check_class_moments, check_input_moments, reply_digest
+from otfusion.strategies.replies import (
+    check_class_moments,
+    check_input_components,
+    check_input_moments,
+    reply_digest,
+)
 from otfusion.task.data import label_counts
 from otfusion.zoo import build_model
 
@@ -441,17 +446,22 @@ def test_client_app_sends_the_moments_of_its_training_inputs(send, monkeypatch):
         assert not any(key.startswith("input-") for key in metrics)
         return
     data = client_data(config, node, "train")
-    parsed = check_class_moments(
+    parsed = check_input_components(check_class_moments(
         check_input_moments(metrics["input-mean"], metrics["input-var"], (1, 8, 8)),
         metrics["input-class-mean"], metrics["input-class-var"], metrics["input-class-count"],
-        10)
-    expected = input_moments(data.x.reshape(-1, 1, 8, 8), data.y, 10)
+        10), metrics["input-components"])
+    expected = input_moments(data.x.reshape(-1, 1, 8, 8), data.y, 10,
+                             components=config.send_input_components)
+    assert parsed.components.shape == (16, 1, 8, 8)
     for got, want in zip(parsed, expected, strict=True):
         torch.testing.assert_close(got, want)
     assert parsed.class_count.tolist() == [float(c) for c in label_counts(data, 10)]
     plain = train_handler(RunConfig(**{**dict(config), "send_class_moments": False}),
                           instruction, context).content["metrics"]
     assert "input-mean" in plain and "input-class-mean" not in plain
+    alone = train_handler(RunConfig(**{**dict(config), "send_input_components": 0}),
+                          instruction, context).content["metrics"]
+    assert "input-mean" in alone and "input-components" not in alone
 
 
 def test_float64_target_is_distilled_from_float32_clients():
