@@ -130,10 +130,13 @@ class Attacker:
         if kind == "noise":
             untrained = build_model("mlp", seed=self.seed, **self.training.model_kwargs)
             return honest_reply(_scaled(untrained, 5.0), self.data)
-        if kind == "moments":
+        if kind == "moments":  # shifted, widened, and all of it along one sign pattern
             reply = honest_reply(self.model("honest"), self.data)
-            return replace(reply, moments=InputMoments(reply.moments.mean + 3,
-                                                       reply.moments.var * 9))
+            var = reply.moments.var * 9
+            signs = torch.randint(0, 2, var.shape, generator=torch.Generator().manual_seed(
+                self.seed)) * 2 - 1
+            return replace(reply, moments=InputMoments(reply.moments.mean + 3, var,
+                                                       components=(var.sqrt() * signs)[None]))
         if kind == "little":  # "a little is enough": mean - z * std of the aligned honest
             anchor = self.honest[0].model
             aligned = [anchor] + [align(r.model, anchor) for r in self.honest[1:]]

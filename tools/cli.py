@@ -22,7 +22,7 @@ from torch import nn
 from otfusion.fusion import FusionConfig, TransportConfig, fuse_result, input_moments
 from otfusion.fusion.config import option_name
 from otfusion.fusion.distillation import Progress
-from otfusion.task.config import RunConfig, json_object
+from otfusion.task.config import INPUT_COMPONENTS, RunConfig, json_object
 from otfusion.task.data import as_input, label_counts, load_digits_dataset, load_npz, partition
 from otfusion.task.training import model_inputs, recipe_for
 from otfusion.zoo import available_models, build_model
@@ -143,8 +143,8 @@ def _fuse(args: argparse.Namespace) -> None:
     config = _fusion_config(args)
     models = [_load_model(path, args.model, kwargs) for path in args.checkpoints]
     inputs = _activation_inputs(args, config, models[0])
-    moments = (input_moments(model_inputs(models[0], load_npz(args.distill_from)))
-               if args.distill_from else None)
+    moments = (input_moments(model_inputs(models[0], load_npz(args.distill_from)),
+                             components=INPUT_COMPONENTS) if args.distill_from else None)
     console = Console()
     with distillation_bar(console, config.distillation.steps) as progress:
         result = fuse_result(models, args.weights, config, inputs=inputs,

@@ -70,7 +70,8 @@ def test_distill_from_uses_the_moments_of_the_file(tmp_path, capsys):
     output = tmp_path / "fused.safetensors"
     main(["fuse", *paths, *model_options("cnn"), "--distill-from", str(data),
           "-o", str(output)])
-    moments = input_moments(torch.from_numpy(x).reshape(40, 1, 8, 8))
+    moments = input_moments(torch.from_numpy(x).reshape(40, 1, 8, 8), components=16)
+    assert moments.components.shape == (4, 1, 8, 8)  # one per 10 examples
     expected = fuse_result(models, None, FusionConfig(), input_moments=moments)
     undistilled = fuse(models, None, FusionConfig()).state_dict()
     got = load_file(str(output))
