@@ -138,10 +138,13 @@ class DistillationConfig(_Part):
         Softmax temperature of the teachers' and the student's probabilities in the
         training loss (scaled by its square, as in Hinton et al.); the divergences
         reported and used for early stopping are at temperature 1.
-    correlated : bool
-        Draw the synthetic inputs correlated along the clients' principal components
-        (``InputMoments.components``, sent by the ClientApp with
-        ``send-input-components``) when there are any; False: feature by feature.
+    correlated : float
+        The share of the synthetic inputs drawn correlated along the clients' principal
+        components (``InputMoments.components``, sent by the ClientApp with
+        ``send-input-components``) when there are any; the rest are drawn feature by
+        feature. Measured (``benchmarks/distillation_ablation.py``), all correlated gains
+        up to 17 points on Fashion-MNIST but loses 5 on the digits MLP at Dir(0.1);
+        half of each keeps most of the gain and about half the loss.
     patience, eval_every : int or None, int
         Early stopping: every ``eval_every`` steps the student's divergence from the
         teachers is measured on held-out synthetic inputs (a quarter as many as
@@ -162,7 +165,7 @@ class DistillationConfig(_Part):
     temperature: float = Field(default=1.0, gt=0)
     patience: int | None = Field(default=None, ge=1)
     eval_every: int = Field(default=50, ge=1)
-    correlated: bool = True
+    correlated: float = Field(default=0.5, ge=0, le=1)
 
 
 class RobustConfig(_Part):

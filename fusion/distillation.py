@@ -228,16 +228,24 @@ def _pool_classes(moments: Sequence[InputMoments], w: torch.Tensor,
 
 
 def synthetic_inputs(moments: InputMoments, num_samples: int,
-                     generator: torch.Generator) -> torch.Tensor:
+                     generator: torch.Generator, correlated: float = 1.0) -> torch.Tensor:
     """``num_samples`` inputs drawn feature by feature from N(mean, var); with per-class
     moments, class by class instead: each input's class first (with probability
     proportional to ``class_count``), then its features from that class's
     N(class_mean, class_var). Without per-class moments but with ``components``, the
-    inputs are correlated as the data are: ``mean + z @ components`` (z standard
-    normal) plus independent noise of the variance the components leave out."""
+    first ``correlated`` share of the inputs are correlated as the data are: ``mean + z
+    @ components`` (z standard normal) plus independent noise of the variance the
+    components leave out."""
     if moments.class_mean is None or not bool((moments.class_count > 0).any()):
-        if moments.components is not None:
-            return _correlated_inputs(moments, num_samples, generator)
+        along = (0 if moments.components is None
+                 else min(num_samples, max(0, round(correlated * num_samples))))
+        if along:
+            first = _correlated_inputs(moments, along, generator)
+            if along == num_samples:
+                return first
+            noise = torch.randn((num_samples - along, *moments.mean.shape),
+                                generator=generator)
+            return torch.cat([first, moments.mean + moments.var.sqrt() * noise])
         mean, std = moments.mean, moments.var.sqrt()
     else:
         classes = torch.multinomial(moments.class_count.double(), num_samples,
@@ -335,11 +343,9 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     if shape is not None and tuple(moments.mean.shape) != tuple(shape):
         raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
                          f"model's input_shape is {tuple(shape)}")
-    if not config.correlated:
-        moments = moments._replace(components=None)
     parameter = next(student.parameters())
     generator = torch.Generator().manual_seed(config.seed)
-    inputs = synthetic_inputs(moments, config.samples, generator).to(
+    inputs = synthetic_inputs(moments, config.samples, generator, config.correlated).to(
         parameter.device, parameter.dtype)
     chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
     per_class = (None if class_weights is None or config.teacher == "mean"
@@ -359,7 +365,8 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     soft_targets = targets if config.temperature == 1 else teach(inputs, config.temperature)
     stopping = None
     if config.patience is not None:
-        held_out = synthetic_inputs(moments, max(1, config.samples // 4), generator).to(
+        held_out = synthetic_inputs(moments, max(1, config.samples // 4), generator,
+                                    config.correlated).to(
             parameter.device, parameter.dtype)
         stopping = _EarlyStopping(student, held_out, teach(held_out), config.patience)
     _train(student, inputs, soft_targets, config, generator, stopping, progress)

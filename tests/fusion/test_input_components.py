@@ -138,15 +138,35 @@ def test_without_components_inputs_are_drawn_feature_by_feature_as_before():
     assert torch.equal(draws, mean + var.sqrt() * noise)
 
 
+def test_a_share_of_the_inputs_is_drawn_along_the_components():
+    """``correlated=0.3`` of 10 inputs: the first 3 along the components, written out
+    from the same generator, then 7 feature by feature; 0 ignores the components."""
+    components = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    moments = InputMoments(torch.tensor([1.0, 0.0, -1.0]), torch.tensor([5.0, 2.0, 2.5]),
+                           components=components)
+    draws = synthetic_inputs(moments, 10, torch.Generator().manual_seed(7), correlated=0.3)
+    generator = torch.Generator().manual_seed(7)
+    z = torch.randn((3, 2), generator=generator)
+    left_out = torch.tensor([5.0 - 4.0, 2.0 - 1.0, 2.5 - 2.0]).sqrt()
+    along = moments.mean + z @ components + left_out * torch.randn((3, 3), generator=generator)
+    rest = moments.mean + moments.var.sqrt() * torch.randn((7, 3), generator=generator)
+    torch.testing.assert_close(draws, torch.cat([along, rest]))
+    plain = synthetic_inputs(moments._replace(components=None), 10,
+                             torch.Generator().manual_seed(7))
+    assert torch.equal(synthetic_inputs(moments, 10, torch.Generator().manual_seed(7),
+                                        correlated=0.0), plain)
+
+
 def test_distillation_uses_the_components_unless_told_not_to():
-    """The same student, teacher and moments: with ``correlated`` off the components make
-    no difference; on, they change the synthetic inputs and so the distilled student."""
+    """The same student, teacher and moments: with ``correlated`` 0 the components make
+    no difference; otherwise they change the synthetic inputs and so the distilled
+    student."""
     x = _low_rank(200, 8, 3, seed=4).reshape(200, 8)
     moments = input_moments(x, components=3)
     teacher = build_model("mlp", seed=1, in_features=8, widths=(6,))
     students = {}
     for name, config, given in [
-            ("plain", DistillationConfig(steps=5, samples=64, correlated=False), moments),
+            ("plain", DistillationConfig(steps=5, samples=64, correlated=0), moments),
             ("stripped", DistillationConfig(steps=5, samples=64),
              moments._replace(components=None)),
             ("correlated", DistillationConfig(steps=5, samples=64), moments)]:
