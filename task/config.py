@@ -26,8 +26,10 @@ def json_object(text: str, what: str) -> dict:
 
 
 INPUT_COMPONENTS = 16
-"""Principal components of its inputs a client sends by default (``send-input-components``):
-on Fashion-MNIST, 16 lifted the distilled fusion as much as 64 or the full covariance."""
+"""Principal components of its inputs a client sends by default (``send-input-components``).
+Drawing from the leading 16 components of the whole Fashion-MNIST training set gave a
+distilled fusion within 2 points of 64, 256 or all 784 (a scratch measurement on six
+MLP clients, four splits and seeds)."""
 
 
 def client_seed(run_seed: int, node: int) -> int:
