@@ -63,7 +63,8 @@ class LegacyClient(NumPyClient):
     config's ``server-round``, 1 when absent). The fit config may override
     ``local-epochs`` and ``lr``. It returns the trained arrays, the number of training
     examples (the fusion weight) and the metrics ``train-loss``, ``label-counts`` and
-    (with ``send-input-moments``) ``input-mean`` and ``input-var``, as the ClientApp's
+    (with ``send-input-moments``) ``input-mean``, ``input-var`` and
+    ``input-components``, as the ClientApp's
     replies carry them (:func:`otfusion.client.app.client_statistics`), each list as a
     JSON string: the legacy API's metrics are scalars only. ``evaluate`` returns the
     loss, the number of test examples and ``{"eval-loss", "eval-accuracy"}``.

@@ -43,13 +43,15 @@ def test_numpy_client_parameter_order_round_trips():
     assert all(np.array_equal(a, b) for a, b in zip(returned, given, strict=True))
     assert num_examples > 0
     assert set(metrics) == {"train-loss", "train-seconds", "label-counts", "input-mean",
-                            "input-var"}
+                            "input-var", "input-components"}
     # the statistics of this client's own training data, as the ClientApp sends them
     # lists travel as JSON strings: the legacy API's metrics are scalars
     counts, mean, var = (json.loads(metrics[k]) for k in ("label-counts", "input-mean",
                                                           "input-var"))
     assert sum(counts) == num_examples and len(counts) == 10
     assert len(mean) == len(var) == 64
+    components = min(config.send_input_components, num_examples // 10)
+    assert len(json.loads(metrics["input-components"])) == components * 64 > 0
     loss, num_test, eval_metrics = client.evaluate(given, {})
     assert eval_metrics["eval-accuracy"] == pytest.approx(
         evaluate(build_model("mlp", seed=7), _test_partition(1))[1])
