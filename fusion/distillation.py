@@ -142,10 +142,11 @@ def pool_moments(moments: Sequence[InputMoments], weights: Sequence[float],
         raise ValueError(f"input moments of different shapes: {sorted(shapes)}")
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
-    pooled = InputMoments(*_mixture([m.mean for m in moments], [m.var for m in moments], w,
-                                    outlier_factor))
-    pooled = pooled._replace(components=_pooled_components(moments, w, pooled.mean,
-                                                           outlier_factor))
+    means, variances, shrink = _shrunk([m.mean for m in moments], [m.var for m in moments],
+                                       w, outlier_factor)
+    mean, var = _mixed(means, variances, w)
+    pooled = InputMoments(mean, var, components=_pooled_components(moments, w, means,
+                                                                   shrink, mean))
     described = [k for k, m in enumerate(moments) if m.class_mean is not None]
     if not described:
         return pooled
@@ -178,7 +179,13 @@ def _mixture(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and variance of the ``w``-weighted mixture, outliers shrunk first (see
     :func:`pool_moments`)."""
-    means, variances, _ = _shrunk(means, variances, w, outlier_factor)
+    return _mixed(*_shrunk(means, variances, w, outlier_factor)[:2], w)
+
+
+def _mixed(means: torch.Tensor, variances: torch.Tensor, w: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance (float32) of the ``w``-weighted mixture of the stacked
+    ``means`` and ``variances``."""
     shape = (-1,) + (1,) * (means.ndim - 1)
     mean = (w.view(shape) * means).sum(dim=0)
     second = (w.view(shape) * (variances + means.square())).sum(dim=0)
@@ -186,17 +193,15 @@ def _mixture(means: Sequence[torch.Tensor], variances: Sequence[torch.Tensor],
 
 
 def _pooled_components(moments: Sequence[InputMoments], w: torch.Tensor,
-                       mean: torch.Tensor, outlier_factor: float | None
+                       means: torch.Tensor, shrink: torch.Tensor, mean: torch.Tensor
                        ) -> torch.Tensor | None:
     """The leading :data:`POOLED_COMPONENTS` components of the ``w``-weighted mixture's
     covariance, less the diagonals the clients' components leave out: every client's
-    components and its mean's offset from the pooled ``mean``, times the square root of
-    its weight (and its outlier shrink, as its variances are). None when no client sent
-    components (a diagonal is then all there is)."""
+    components and its (shrunk, :func:`_shrunk`) mean's offset from the pooled ``mean``,
+    times the square root of its weight (and its outlier ``shrink``, as its variances
+    are). None when no client sent components (a diagonal is then all there is)."""
     if all(m.components is None for m in moments):
         return None
-    means, _, shrink = _shrunk([m.mean for m in moments], [m.var for m in moments], w,
-                               outlier_factor)
     rows = []
     for k, m in enumerate(moments):
         root = math.sqrt(float(w[k]))
