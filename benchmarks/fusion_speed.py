@@ -170,7 +170,8 @@ def measure(model: str, clients: int, threads: int, distil: bool) -> dict:
     import torch
 
     from otfusion.fusion import FusionConfig, fuse_result
-    from otfusion.fusion.distillation import InputMoments, distill
+    from otfusion.fusion.distillation import distill
+    from otfusion.fusion.moments import InputMoments
 
     torch.set_num_threads(threads)
     fuse_result([build(model, k, **{**MODELS[model], **TINY[model]}) for k in range(2)])

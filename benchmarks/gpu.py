@@ -24,7 +24,8 @@ import torch
 
 from otfusion.fusion import fuse_result
 from otfusion.fusion.config import DistillationConfig
-from otfusion.fusion.distillation import InputMoments, distill
+from otfusion.fusion.distillation import distill
+from otfusion.fusion.moments import InputMoments
 from otfusion.zoo import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

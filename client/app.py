@@ -18,9 +18,10 @@ feature, e.g. the client's mean image and per-pixel variance), and with
 ``send-class-moments`` the same per class (``input-class-mean``,
 ``input-class-var``, classes x features, and ``input-class-count``), for the classes
 with at least 10 examples (the others: zeros, count 0). The server draws synthetic
-inputs from them to distil the fused model from the clients' ensemble
-(:mod:`otfusion.fusion.distillation`); they reveal the average input of the client's
-data and of each of its classes (a class's mean image), not any single example.
+inputs from them (:mod:`otfusion.fusion.moments`) to distil the fused model from the
+clients' ensemble (:mod:`otfusion.fusion.distillation`); they reveal the average input
+of the client's data and of each of its classes (a class's mean image), not any single
+example.
 
 With ``send-input-components`` (16 by default; 0: none) it also sends that many leading
 principal components of its training inputs (``input-components``, components x
@@ -40,7 +41,7 @@ from functools import lru_cache
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from otfusion.fusion.distillation import input_moments
+from otfusion.fusion.moments import input_moments
 from otfusion.task.config import RunConfig
 from otfusion.task.data import (
     TensorData,

@@ -8,7 +8,6 @@ from .config import (
     RobustConfig,
     TransportConfig,
 )
-from .distillation import InputMoments, input_moments, pool_moments
 from .engine import (
     FusionResult,
     align,
@@ -25,6 +24,7 @@ from .graph import (
     build_alignment_graph,
     register_rule,
 )
+from .moments import InputMoments, input_moments, pool_moments
 
 __all__ = [
     "AlignmentGraph",

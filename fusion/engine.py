@@ -27,7 +27,7 @@ from .averaging import (
 )
 from .barycenter import Points, free_support_barycenter
 from .config import FusionConfig
-from .distillation import InputMoments, Progress, distill, pool_moments
+from .distillation import Progress, distill
 from .graph import (
     AlignmentGraph,
     Group,
@@ -36,6 +36,7 @@ from .graph import (
     is_recurrent,
 )
 from .modes import temporary_mode
+from .moments import InputMoments, pool_moments
 from .projection import Coupling, as_rows, dense_state, project, stored_state
 from .robust import (
     Combine,
@@ -110,7 +111,7 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
     input_moments : InputMoments, or one InputMoments (or None) per model, optional
         Per-feature mean and variance of the clients' training inputs, of the shape of
         one model input: already pooled, or per client, pooled here
-        (:func:`~otfusion.fusion.distillation.pool_moments`) with the capped weights of
+        (:func:`~otfusion.fusion.moments.pool_moments`) with the capped weights of
         the clients that are not screened out. With them, when ``config.distils`` (an
         optimal-transport method with ``distillation.steps > 0``), the fused model is
         then distilled from the clients' ensemble on synthetic inputs drawn from them.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import FusionConfig, RobustConfig
-from .distillation import InputMoments, synthetic_inputs
+from .moments import InputMoments, synthetic_inputs
 from .robust import (
     class_probes,
     client_probabilities,

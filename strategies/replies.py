@@ -114,7 +114,7 @@ CLASS_MOMENT_KEYS = (CLASS_MEAN_KEY, CLASS_VAR_KEY, CLASS_COUNT_KEY)
 COMPONENTS_KEY = "input-components"
 """Train-reply metric: the leading principal components of the client's training inputs,
 each scaled by the standard deviation along it (components x features, flattened; see
-:func:`otfusion.fusion.distillation.input_moments`)."""
+:func:`otfusion.fusion.moments.input_moments`)."""
 STATISTIC_KEYS = (LABEL_COUNTS_KEY, INPUT_MEAN_KEY, INPUT_VAR_KEY, *CLASS_MOMENT_KEYS,
                   COMPONENTS_KEY)
 """The client statistics a train reply may carry besides its metrics proper."""

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from otfusion.fusion import InputMoments
-from otfusion.fusion.distillation import ensemble_probabilities, synthetic_inputs
+from otfusion.fusion.distillation import ensemble_probabilities
+from otfusion.fusion.moments import synthetic_inputs
 from otfusion.zoo import build_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from otfusion.fusion import InputMoments, fuse_result, input_moments, pool_moments
-from otfusion.fusion.distillation import MIN_CLASS_EXAMPLES, synthetic_inputs
+from otfusion.fusion.moments import MIN_CLASS_EXAMPLES, synthetic_inputs
 from otfusion.strategies.replies import check_class_moments, check_input_moments, reply_digest
 from otfusion.zoo import build_model
 

@@ -24,12 +24,8 @@ from otfusion.fusion import (
     input_moments,
     pool_moments,
 )
-from otfusion.fusion.distillation import (
-    distill,
-    ensemble_probabilities,
-    synthetic_inputs,
-    teacher_sample,
-)
+from otfusion.fusion.distillation import distill, ensemble_probabilities, teacher_sample
+from otfusion.fusion.moments import synthetic_inputs
 from otfusion.strategies.replies import (
     check_class_moments,
     check_input_components,

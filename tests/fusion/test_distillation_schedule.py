@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from otfusion.fusion import FusionConfig, InputMoments
-from otfusion.fusion.distillation import distill, ensemble_probabilities, synthetic_inputs
+from otfusion.fusion.distillation import distill, ensemble_probabilities
+from otfusion.fusion.moments import synthetic_inputs
 from otfusion.zoo import build_model
 
 SMALL = {"widths": (16, 12)}

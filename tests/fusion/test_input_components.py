@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from otfusion.fusion import InputMoments, input_moments, pool_moments
-from otfusion.fusion import distillation as distillation_module
+from otfusion.fusion import moments as moments_module
 from otfusion.fusion.config import DistillationConfig
-from otfusion.fusion.distillation import (
+from otfusion.fusion.distillation import distill
+from otfusion.fusion.moments import (
     MIN_EXAMPLES_PER_COMPONENT,
-    distill,
     leading_components,
     principal_components,
     synthetic_inputs,
@@ -80,7 +80,7 @@ def test_the_randomised_path_finds_the_same_components(monkeypatch):
     rank 4 its four components give the same matrix, and again on a second call."""
     rows = _low_rank(30, 20, rank=4, seed=2).flatten(1)
     exact = leading_components(rows, 4)
-    monkeypatch.setattr(distillation_module, "_DIRECT_LIMIT", 5)
+    monkeypatch.setattr(moments_module, "_DIRECT_LIMIT", 5)
     randomised = leading_components(rows, 4)
     torch.testing.assert_close(_gram(randomised), _gram(exact), rtol=1e-8, atol=1e-8)
     assert torch.equal(leading_components(rows, 4), randomised)
