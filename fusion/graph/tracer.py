@@ -83,6 +83,7 @@ class Tracer:
         self.packed: dict[str, tuple[int, list[tuple], bool]] = {}
         self.split_groups: dict[int, list[int]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
+        self.constants: list[tuple[int, str]] = []
 
     # -- groups
     def new_group(self, label: str, passive: bool = False) -> int:
@@ -107,6 +108,12 @@ class Tracer:
     def fix(self, group: int) -> None:
         """``group`` keeps the identity coupling (it meets unaligned data)."""
         self.fixed.add(group)
+
+    def meets_constant(self, group: int, where: str) -> None:
+        """``group`` meets a tensor that fx computed once while tracing (from a buffer
+        read through a method, say): nothing can permute it, so the group must turn out
+        unaligned anyway (an input's or the output's), or the model is refused."""
+        self.constants.append((group, where))
 
     def constrain_blocks(self, group: int, blocks: int, where: str,
                          source: int | None = None) -> None:
@@ -161,6 +168,11 @@ class Tracer:
         """The axes of ``module.param`` at one of its uses (tied tensors have several);
         ``groups``: see :class:`~.spec.TensorSpec`."""
         name = f"{module}.{param}" if module else param
+        if name not in self.state:
+            raise UnsupportedModelError(
+                f"'{name}' is not in the model's state_dict (computed by a hook, as the "
+                "legacy torch.nn.utils.weight_norm and spectral_norm do), which is not "
+                "supported")
         tensor = self.state[name]
         axes = tuple(axes)
         if any(a is not None and a.part is not None for a in axes):
@@ -292,6 +304,32 @@ def _merge_blocks(old, new):
     return old if old[1] is not None else new
 
 
+def _blocks_to_parts(tracer: Tracer, blocks: dict, parts: dict) -> None:
+    """A concatenation split into blocks (a GroupNorm or a grouped convolution after
+    ``torch.cat``) is coupled part by part, so every part is split into the same blocks;
+    blocks that straddle two parts cannot be kept whole, and are refused. A part that is
+    itself a concatenation passes the blocks on to its own parts."""
+    pending = [root for root in parts if root in blocks]
+    while pending:
+        root = pending.pop()
+        members = parts[root]
+        count, source, where = blocks[root]
+        size = sum(width for _, width in members) // count
+        if size == 1:
+            continue
+        if source is not None or any(width % size for _, width in members):
+            raise UnsupportedModelError(
+                f"{where} splits a concatenation into {count} groups of channels that do "
+                "not follow the concatenated tensors' boundaries, which is not supported")
+        for group, width in members:
+            if group is None or width == size:
+                continue
+            part = tracer.find(group)
+            blocks[part] = _merge_blocks(blocks.get(part), (width // size, None, where))
+            if part in parts:
+                pending.append(part)
+
+
 def _own_state(module: nn.Module):
     return [*module.named_parameters(), *module.named_buffers()]
 
@@ -314,6 +352,13 @@ class _Finisher:
             self.fixed |= {p for root in parts if root in self.fixed for p in parts[root]}
             grown = len(self.fixed) > before
         self.canonical = {root: i for i, root in enumerate(self.roots)}
+        for group, where in tracer.constants:
+            if find(group) not in self.fixed:
+                raise UnsupportedModelError(
+                    f"{where} combines aligned units with a tensor that torch.fx computed "
+                    "once while tracing (a buffer read through a method or indexing, such "
+                    "as self.scale.view(1, -1, 1, 1)), which the alignment cannot permute; "
+                    "read the buffer directly, stored in the shape it is used in")
 
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:
@@ -335,6 +380,7 @@ class _Finisher:
             value = (count, None if source is None else t.find(source), where)
             blocks[t.find(g)] = _merge_blocks(blocks.get(t.find(g)), value)
         parts = {t.find(g): value for g, value in t.parts.items()}
+        _blocks_to_parts(t, blocks, parts)
         for root in parts:
             members = [g for g in range(len(t.parent)) if t.find(g) == root
                        and g not in t.passive and g not in t.parts]
@@ -434,13 +480,16 @@ def _structure(model: nn.Module, state: dict[str, torch.Tensor], gm: fx.GraphMod
                example_input: torch.Tensor) -> tuple:
     """What a model's alignment graph depends on: its traced code, every module's type
     and plain attributes (a convolution's groups, an attention's number of heads), the
-    names, shapes and dtypes of its ``state``, and the example input's shape and dtype."""
+    names, shapes and dtypes of its ``state``, which of those names are one tensor (tied
+    weights), and the example input's shape and dtype."""
     plain_types = (bool, int, float, str, tuple, type(None))
     modules = tuple((name, type(m).__qualname__, type(m).__module__,
                      tuple(sorted((k, repr(v)) for k, v in vars(m).items()
                                   if isinstance(v, plain_types) and k != "training")))
                     for name, m in model.named_modules())
-    shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in state.items())
+    first_name: dict[int, str] = {}
+    shapes = tuple((name, tuple(t.shape), t.dtype, first_name.setdefault(id(t), name))
+                   for name, t in state.items())
     return (gm.code, modules, shapes, tuple(example_input.shape), example_input.dtype)
 
 

@@ -6,7 +6,7 @@ import operator
 from dataclasses import replace
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .. import layouts as L
 from ..spec import AxisSpec, UnsupportedModelError
@@ -41,22 +41,32 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
     if "data" in specs:
         tracer.fix(first.group)
         return None
+    if "constant" in specs:
+        tracer.meets_constant(first.group, where)
+        return None
     return replace(first, kind="neuron")
 
 
-def _operand_specs(operands, shapes, offset: int):
+def _operand_specs(operands, shapes, offset: int, constants=()):
     """Per operand, its spec at ``-offset`` (right-aligned broadcasting), ``"data"`` for
-    an unaligned dimension of size > 1."""
+    an unaligned dimension of size > 1, ``"constant"`` for one of the operands numbered
+    in ``constants``."""
     specs = []
-    for layout, shape in zip(operands, shapes, strict=True):
+    for i, (layout, shape) in enumerate(zip(operands, shapes, strict=True)):
         if offset > len(layout):
             continue
         spec = layout[-offset]
         if spec is not None:
             specs.append(spec)
         elif shape is not None and shape[-offset] != 1:
-            specs.append("data")
+            specs.append("constant" if i in constants else "data")
     return specs
+
+
+def _traced_constant(tracer, node) -> bool:
+    """Whether ``node`` reads a tensor that fx computed while tracing, not model state."""
+    return (isinstance(node, fx.Node) and node.op == "get_attr"
+            and node.target not in tracer.state)
 
 
 @function_rule_for(operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
@@ -73,12 +83,13 @@ def broadcast(tracer, call):
             raise UnsupportedModelError(f"{_where(call)}: unknown output shape")
         return None  # arithmetic on sizes
     raw = call.node.args[:3] if call.node.target is torch.where else call.node.args[:2]
-    pairs = [(layout, L.shape_of(arg)) for layout, arg in zip(call.args, raw, strict=False)
-             if L.is_layout(layout)]
+    pairs = [(layout, L.shape_of(arg), _traced_constant(tracer, arg))
+             for layout, arg in zip(call.args, raw, strict=False) if L.is_layout(layout)]
+    constants = {i for i, p in enumerate(pairs) if p[2]}
     result = [None] * len(shape)
     for offset in range(1, len(shape) + 1):
         result[-offset] = unify(tracer, _operand_specs(
-            [p[0] for p in pairs], [p[1] for p in pairs], offset), _where(call))
+            [p[0] for p in pairs], [p[1] for p in pairs], offset, constants), _where(call))
     return tuple(result)
 
 
@@ -185,7 +196,30 @@ def matmul(tracer, call):
                                         "units is not supported")
         return L.plain(call.node)
     _contract(tracer, left[-1], right[-2], _where(call))
+    for index, neuron in ((0, 0), (1, 1)):
+        _weight_operand(tracer, call, index, neuron)
     return (*_batch_dims(tracer, call, left, right, None), left[-2], right[-1])
+
+
+def _weight_operand(tracer, call, index: int, neuron: int) -> None:
+    """A matrix parameter multiplied directly (``h @ self.W``, ``self.W @ h``) is a
+    layer's weight: its axis ``neuron`` defines new units (activations, aligned like any
+    layer's outputs), the other is its input axis."""
+    node = call.node.args[index]
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"
+            and node.target in tracer.state and tracer.state[node.target].dim() == 2):
+        return
+    axes = call.layout(index)
+    if not isinstance(axes[neuron], AxisSpec):
+        return
+    tracer.union(tracer.new_group(call.node.name), axes[neuron].group)
+    uses = tracer.uses[id(tracer.state[node.target])]
+    at = next((i for i, use in enumerate(uses) if use[1] is axes), None)
+    if at is None:  # read before through another node: no weight to describe
+        return
+    weight = [L.as_input(a) for a in axes]
+    weight[neuron] = axes[neuron]
+    uses[at] = (uses[at][0], tuple(weight), True)
 
 
 @function_rule_for(torch.nn.functional.scaled_dot_product_attention)

@@ -1,0 +1,287 @@
+"""Idioms of users' own models that once fused into a different function without a
+word: channels concatenated then normalised in groups, a matrix parameter multiplied
+directly, a buffer read through a method (which fx folds into a constant), and a traced
+graph reused for a model whose weights are tied differently. Each must now be aligned
+exactly or refused clearly.
+
+The permutations here are written by hand for each model, independently of the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from otfusion.fusion import FusionConfig, UnsupportedModelError, align, fuse
+from otfusion.fusion.graph import tracer
+
+EXACT = FusionConfig.from_options(distill_steps=0)
+
+
+def _perm(n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=generator)
+
+
+def _within_blocks(blocks: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """A permutation of ``blocks * size`` channels that moves whole blocks of ``size``
+    and channels within each block."""
+    order = _perm(blocks, generator)
+    return torch.cat([int(b) * size + _perm(size, generator) for b in order])
+
+
+def _rows(layer: nn.Module, index: torch.Tensor) -> None:
+    """Reorder a layer's output units (weight rows, bias, affine parameters)."""
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            tensor = getattr(layer, name, None)
+            if tensor is not None:
+                tensor.copy_(tensor[index])
+
+
+def _columns(layer: nn.Module, index: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight[:, index])
+
+
+def _same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = b(x)
+        torch.testing.assert_close(a(x), expected, rtol=1e-4,
+                                   atol=1e-5 * float(expected.abs().max()))
+
+
+def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape,
+                                                          generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.bias.shape, generator=generator))
+    return model.eval()
+
+
+class CatGroupNorm(nn.Module):
+    """Two branches concatenated, then GroupNorm in groups of two channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.GroupNorm(5, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        y = F.relu(self.norm(torch.cat([self.a(x), self.b(x)], dim=1)))
+        return self.head(y.mean((2, 3)))
+
+
+def _permute_cat_group_norm(model: CatGroupNorm, generator: torch.Generator) -> CatGroupNorm:
+    model = copy.deepcopy(model)
+    pa, pb = _within_blocks(2, 2, generator), _within_blocks(3, 2, generator)
+    _rows(model.a, pa)
+    _rows(model.b, pb)
+    joined = torch.cat([pa, 4 + pb])
+    _rows(model.norm, joined)
+    _columns(model.head, joined)
+    return model
+
+
+class DenseGroupNorm(nn.Module):
+    """DenseNet-style: each layer's output is concatenated to its input, and the
+    concatenation of concatenations is normalised in groups of two channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.grow1 = nn.Conv2d(4, 2, 3, padding=1)
+        self.norm1 = nn.GroupNorm(3, 6)
+        self.grow2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.norm2 = nn.GroupNorm(5, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.cat([y, self.grow1(F.relu(y))], dim=1)
+        y = F.relu(self.norm1(y))
+        y = torch.cat([y, self.grow2(y)], dim=1)
+        return self.head(F.relu(self.norm2(y)).mean((2, 3)))
+
+
+class Straddling(nn.Module):
+    """A grouped convolution whose groups straddle the concatenated branches (2 + 6
+    channels in groups of 4): no coupling of the branches can keep them whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.mix(F.relu(torch.cat([self.a(x), self.b(x)], dim=1))))
+        return self.head(y.mean((2, 3)))
+
+
+class RawWeight(nn.Module):
+    """Hidden units made by a matrix parameter multiplied directly: ``h @ W + b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.weight = nn.Parameter(0.3 * torch.randn(8, 7))
+        self.bias = nn.Parameter(0.1 * torch.randn(7))
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(F.relu(self.first(x)) @ self.weight + self.bias))
+
+
+def _permute_raw_weight(model: RawWeight, generator: torch.Generator) -> RawWeight:
+    model = copy.deepcopy(model)
+    p, q = _perm(8, generator), _perm(7, generator)
+    _rows(model.first, p)
+    with torch.no_grad():
+        model.weight.copy_(model.weight[p][:, q])
+        model.bias.copy_(model.bias[q])
+    _columns(model.head, q)
+    return model
+
+
+class BufferScale(nn.Module):
+    """A per-channel buffer read through ``view``, as real code scales channels: fx
+    computes the view once while tracing, so nothing can permute it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.register_buffer("scale", torch.rand(6) + 0.5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x)) * self.scale.view(1, -1, 1, 1)
+        return self.head(y.mean((2, 3)))
+
+
+class DirectBufferScale(BufferScale):
+    """The same, with the buffer stored in the shape it is used in and read directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = self.scale.view(6, 1, 1).clone()
+
+    def forward(self, x):
+        return self.head((F.relu(self.conv(x)) * self.scale).mean((2, 3)))
+
+
+def _permute_buffer_scale(model: BufferScale, generator: torch.Generator) -> BufferScale:
+    model = copy.deepcopy(model)
+    p = _perm(6, generator)
+    _rows(model.conv, p)
+    model.scale.copy_(model.scale[p])
+    _columns(model.head, p)
+    return model
+
+
+class LanguageModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.hidden = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.hidden(self.embed(tokens))))
+
+
+def _language_model(seed: int, tied: bool) -> LanguageModel:
+    torch.manual_seed(seed)
+    model = LanguageModel()
+    if tied:
+        model.head.weight = model.embed.weight  # tied by assignment, as users do
+    return model.eval()
+
+
+def _images(seed: int = 0) -> torch.Tensor:
+    return torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _built(factory, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomize_norms(factory(), seed)
+
+
+@pytest.mark.parametrize("factory, permute, inputs", [
+    (CatGroupNorm, _permute_cat_group_norm, _images()),
+    (RawWeight, _permute_raw_weight, torch.randn(16, 6)),
+    (DirectBufferScale, _permute_buffer_scale, _images()),
+], ids=["cat-groupnorm", "raw-weight", "buffer"])
+def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
+    model = _built(factory, 0)
+    generator = torch.Generator().manual_seed(1)
+    copies = [permute(model, generator).eval() for _ in range(2)]
+    for copied in copies:
+        _same_function(copied, model, inputs)  # the hand-written permutation is exact
+    fused = fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=inputs)
+    _same_function(fused, model, inputs)
+
+
+@pytest.mark.parametrize("factory, inputs", [
+    (CatGroupNorm, _images()), (DenseGroupNorm, _images()), (RawWeight, torch.randn(16, 6)),
+    (DirectBufferScale, _images()),
+], ids=["cat-groupnorm", "dense-groupnorm", "raw-weight", "buffer"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_align_keeps_the_function(factory, inputs, seed):
+    a, b = _built(factory, 0), _built(factory, seed)
+    _same_function(align(b, a, config=EXACT, inputs=inputs), b, inputs)
+
+
+def test_aligning_concatenated_channels_keeps_group_norm_groups_whole():
+    """GroupNorm's groups after the concatenation map onto groups: each branch's
+    coupling moves pairs of channels, never one channel across two groups."""
+    a, b = _built(CatGroupNorm, 0), _built(CatGroupNorm, 5)
+    aligned = align(b, a, config=EXACT, inputs=_images())
+    order = [int(torch.nonzero(aligned.norm.weight == w).flatten()[0])
+             for w in b.norm.weight.detach()]
+    pairs = {frozenset(order[i:i + 2]) for i in range(0, 10, 2)}
+    assert pairs == {frozenset((i, i + 1)) for i in range(0, 10, 2)}
+
+
+def test_a_buffer_folded_into_a_constant_is_refused():
+    """``self.scale.view(...)`` is computed once by fx: fusing it as data would average
+    the clients' channels unaligned (permuted copies fused into another function)."""
+    model = _built(BufferScale, 0)
+    copies = [_permute_buffer_scale(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
+    with pytest.raises(UnsupportedModelError, match="read the buffer directly"):
+        fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=_images())
+
+
+def test_groups_straddling_concatenated_branches_are_refused():
+    a, b = _built(Straddling, 0), _built(Straddling, 1)
+    with pytest.raises(UnsupportedModelError, match="concatenation"):
+        align(b, a, config=EXACT, inputs=_images())
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["tied-first", "untied-first"])
+def test_graph_cache_tells_tied_weights_from_untied_ones(first):
+    tokens = torch.randint(0, 20, (6, 5), generator=torch.Generator().manual_seed(0))
+    tracer._GRAPHS.clear()
+    for tied in (first, not first):
+        a, b = _language_model(0, tied), _language_model(1, tied)
+        _same_function(align(b, a, config=EXACT, inputs=tokens), b, tokens)
+
+
+def test_legacy_weight_norm_is_refused_by_name():
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+        model[0] = nn.utils.weight_norm(model[0])
+        return model.eval()
+
+    with pytest.raises(UnsupportedModelError, match="'0.weight' is not in the model's"):
+        fuse([build(0), build(1)], [1, 1], config=EXACT, inputs=torch.randn(4, 6))
