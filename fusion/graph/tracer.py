@@ -461,8 +461,17 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     """fx graph of ``model``; optional forward arguments keep their defaults."""
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())[1:]
-        concrete = {p.name: p.default for p in parameters
-                    if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):  # no signature to read: let fx try
+        parameters = []
+    required = [p.name for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}.forward needs more than one input (also "
+            f"{', '.join(required)}); the fusion runs models on one input tensor")
+    concrete = {p.name: p.default for p in parameters
+                if p.default is not inspect.Parameter.empty}
+    try:
         graph = _LeafTracer().trace(model, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many types for untraceable code
         raise UnsupportedModelError(

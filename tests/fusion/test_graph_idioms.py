@@ -188,6 +188,81 @@ def _permute_buffer_scale(model: BufferScale, generator: torch.Generator) -> Buf
     return model
 
 
+class AttentionPooling(nn.Module):
+    """A text classifier's attention pooling: one score per step (a Linear to one unit)
+    weighs every hidden unit, then the steps are summed; and a gate of one unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(6, 8)
+        self.score = nn.Linear(8, 1)
+        self.gate = nn.Linear(8, 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x))
+        pooled = (torch.softmax(self.score(h), dim=1) * h).sum(dim=1)
+        return self.head(pooled * torch.sigmoid(self.gate(pooled)))
+
+
+def _permute_attention_pooling(model: AttentionPooling, generator: torch.Generator
+                               ) -> AttentionPooling:
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    _rows(model.hidden, p)
+    for layer in (model.score, model.gate, model.head):
+        _columns(layer, p)
+    return model
+
+
+class RawFirstLayer(nn.Module):
+    """The first layer written by hand on the input: ``x @ W + b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(6, 8))
+        self.bias = nn.Parameter(0.1 * torch.randn(8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(x @ self.weight + self.bias))
+
+
+def _permute_raw_first_layer(model: RawFirstLayer, generator: torch.Generator
+                             ) -> RawFirstLayer:
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    with torch.no_grad():
+        model.weight.copy_(model.weight[:, p])
+        model.bias.copy_(model.bias[p])
+    _columns(model.head, p)
+    return model
+
+
+class StackedBranches(nn.Module):
+    """Two branches stacked on a new last axis, mixed by a Linear(2, 1), squeezed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(6, 5)
+        self.mix = nn.Linear(2, 1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        both = torch.stack([F.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1)
+        return self.head(self.mix(both).squeeze(-1))
+
+
+def _permute_stacked_branches(model: StackedBranches, generator: torch.Generator
+                              ) -> StackedBranches:
+    model = copy.deepcopy(model)
+    p = _perm(5, generator)
+    _rows(model.a, p)
+    _rows(model.b, p)
+    _columns(model.head, p)
+    return model
+
+
 class LanguageModel(nn.Module):
     def __init__(self):
         super().__init__()
@@ -220,7 +295,11 @@ def _built(factory, seed: int) -> nn.Module:
     (CatGroupNorm, _permute_cat_group_norm, _images()),
     (RawWeight, _permute_raw_weight, torch.randn(16, 6)),
     (DirectBufferScale, _permute_buffer_scale, _images()),
-], ids=["cat-groupnorm", "raw-weight", "buffer"])
+    (AttentionPooling, _permute_attention_pooling, torch.randn(16, 5, 6)),
+    (RawFirstLayer, _permute_raw_first_layer, torch.randn(16, 6)),
+    (StackedBranches, _permute_stacked_branches, torch.randn(16, 6)),
+], ids=["cat-groupnorm", "raw-weight", "buffer", "attention-pooling", "raw-first-layer",
+        "stacked-branches"])
 def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
     model = _built(factory, 0)
     generator = torch.Generator().manual_seed(1)
@@ -233,8 +312,10 @@ def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
 
 @pytest.mark.parametrize("factory, inputs", [
     (CatGroupNorm, _images()), (DenseGroupNorm, _images()), (RawWeight, torch.randn(16, 6)),
-    (DirectBufferScale, _images()),
-], ids=["cat-groupnorm", "dense-groupnorm", "raw-weight", "buffer"])
+    (DirectBufferScale, _images()), (AttentionPooling, torch.randn(16, 5, 6)),
+    (RawFirstLayer, torch.randn(16, 6)),
+], ids=["cat-groupnorm", "dense-groupnorm", "raw-weight", "buffer", "attention-pooling",
+        "raw-first-layer"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_align_keeps_the_function(factory, inputs, seed):
     a, b = _built(factory, 0), _built(factory, seed)
@@ -285,3 +366,16 @@ def test_legacy_weight_norm_is_refused_by_name():
 
     with pytest.raises(UnsupportedModelError, match="'0.weight' is not in the model's"):
         fuse([build(0), build(1)], [1, 1], config=EXACT, inputs=torch.randn(4, 6))
+
+
+def test_a_model_of_two_inputs_is_refused_by_name():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x, extra):
+            return self.head(F.relu(self.a(x) + self.b(extra)))
+
+    with pytest.raises(UnsupportedModelError, match=r"more than one input \(also extra\)"):
+        fuse([TwoInputs(), TwoInputs()], [1, 1], config=EXACT, inputs=torch.randn(4, 6))

@@ -50,12 +50,16 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
 def _operand_specs(operands, shapes, offset: int, constants=()):
     """Per operand, its spec at ``-offset`` (right-aligned broadcasting), ``"data"`` for
     an unaligned dimension of size > 1, ``"constant"`` for one of the operands numbered
-    in ``constants``."""
+    in ``constants``. A dimension of size 1 broadcast against a larger one (a gate of
+    one unit scaling every hidden unit) meets nothing."""
+    sizes = {shape[-offset] for shape in shapes if shape is not None and offset <= len(shape)}
     specs = []
     for i, (layout, shape) in enumerate(zip(operands, shapes, strict=True)):
         if offset > len(layout):
             continue
         spec = layout[-offset]
+        if shape is not None and shape[-offset] == 1 and max(sizes, default=1) > 1:
+            continue
         if spec is not None:
             specs.append(spec)
         elif shape is not None and shape[-offset] != 1:
@@ -195,25 +199,36 @@ def matmul(tracer, call):
             raise UnsupportedModelError(f"{_where(call)}: a product of vectors with aligned "
                                         "units is not supported")
         return L.plain(call.node)
-    _contract(tracer, left[-1], right[-2], _where(call))
+    inner = [left[-1], right[-2]]
+    for index in (0, 1):  # a weight applied to unaligned data (the input): x @ self.W
+        if inner[1 - index] is None and inner[index] is not None \
+                and _weight_node(tracer, call, index):
+            tracer.fix(inner[index].group)
+            inner[index] = None
+    _contract(tracer, *inner, _where(call))
     for index, neuron in ((0, 0), (1, 1)):
         _weight_operand(tracer, call, index, neuron)
     return (*_batch_dims(tracer, call, left, right, None), left[-2], right[-1])
+
+
+def _weight_node(tracer, call, index: int) -> bool:
+    """Whether the product's operand ``index`` is a matrix parameter read directly."""
+    node = call.node.args[index]
+    return (isinstance(node, fx.Node) and node.op == "get_attr"
+            and node.target in tracer.state and tracer.state[node.target].dim() == 2)
 
 
 def _weight_operand(tracer, call, index: int, neuron: int) -> None:
     """A matrix parameter multiplied directly (``h @ self.W``, ``self.W @ h``) is a
     layer's weight: its axis ``neuron`` defines new units (activations, aligned like any
     layer's outputs), the other is its input axis."""
-    node = call.node.args[index]
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"
-            and node.target in tracer.state and tracer.state[node.target].dim() == 2):
+    if not _weight_node(tracer, call, index):
         return
     axes = call.layout(index)
     if not isinstance(axes[neuron], AxisSpec):
         return
     tracer.union(tracer.new_group(call.node.name), axes[neuron].group)
-    uses = tracer.uses[id(tracer.state[node.target])]
+    uses = tracer.uses[id(tracer.state[call.node.args[index].target])]
     at = next((i for i, use in enumerate(uses) if use[1] is axes), None)
     if at is None:  # read before through another node: no weight to describe
         return
@@ -308,7 +323,9 @@ def squeeze(tracer, call):
         dims = [d for d, size in enumerate(source) if size == 1]
     dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list) else (dims,))
             if source[d] == 1}
-    L.require_unaligned(layout, dims, _where(call), "squeezes away aligned units")
+    # a group of one unit (a Linear to one output) has nothing to permute
+    L.require_unaligned(layout, [d for d in dims if layout[d] is not None and layout[d].part],
+                        _where(call), "squeezes away aligned units")
     return tuple(s for d, s in enumerate(layout) if d not in dims)
 
 
