@@ -355,10 +355,12 @@ class _Finisher:
         for group, where in tracer.constants:
             if find(group) not in self.fixed:
                 raise UnsupportedModelError(
-                    f"{where} combines aligned units with a tensor that torch.fx computed "
-                    "once while tracing (a buffer read through a method or indexing, such "
-                    "as self.scale.view(1, -1, 1, 1)), which the alignment cannot permute; "
-                    "read the buffer directly, stored in the shape it is used in")
+                    f"{where} combines aligned units with a tensor outside the model's "
+                    "state_dict (a buffer read through a method or indexing, such as "
+                    "self.scale.view(1, -1, 1, 1), which torch.fx computes once while "
+                    "tracing; a non-persistent buffer; a plain tensor attribute), which the "
+                    "alignment cannot permute; register it as a persistent buffer in the "
+                    "shape it is used in and read it directly")
 
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:
@@ -380,6 +382,9 @@ class _Finisher:
             value = (count, None if source is None else t.find(source), where)
             blocks[t.find(g)] = _merge_blocks(blocks.get(t.find(g)), value)
         parts = {t.find(g): value for g, value in t.parts.items()}
+        if len(parts) < len(t.parts):
+            raise UnsupportedModelError("two concatenations are added or otherwise combined "
+                                        "unit by unit, which is not supported")
         _blocks_to_parts(t, blocks, parts)
         for root in parts:
             members = [g for g in range(len(t.parent)) if t.find(g) == root
@@ -490,7 +495,8 @@ def _structure(model: nn.Module, state: dict[str, torch.Tensor], gm: fx.GraphMod
     """What a model's alignment graph depends on: its traced code, every module's type
     and plain attributes (a convolution's groups, an attention's number of heads), the
     names, shapes and dtypes of its ``state``, which of those names are one tensor (tied
-    weights), and the example input's shape and dtype."""
+    weights), the shapes of the tensors outside it (non-persistent buffers, plain tensor
+    attributes), and the example input's shape and dtype."""
     plain_types = (bool, int, float, str, tuple, type(None))
     modules = tuple((name, type(m).__qualname__, type(m).__module__,
                      tuple(sorted((k, repr(v)) for k, v in vars(m).items()
@@ -499,7 +505,11 @@ def _structure(model: nn.Module, state: dict[str, torch.Tensor], gm: fx.GraphMod
     first_name: dict[int, str] = {}
     shapes = tuple((name, tuple(t.shape), t.dtype, first_name.setdefault(id(t), name))
                    for name, t in state.items())
-    return (gm.code, modules, shapes, tuple(example_input.shape), example_input.dtype)
+    others = tuple((name, k, tuple(v.shape)) for name, m in model.named_modules()
+                   for k, v in [*m._buffers.items(), *vars(m).items()]
+                   if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+    return (gm.code, modules, shapes, others, tuple(example_input.shape),
+            example_input.dtype)
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:

@@ -263,6 +263,47 @@ def _permute_stacked_branches(model: StackedBranches, generator: torch.Generator
     return model
 
 
+class TransposedWeights(nn.Module):
+    """Weights used by hand, transposed: a raw parameter and a Linear's own weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 8)
+        self.weight = nn.Parameter(0.3 * torch.randn(7, 8))
+        self.second = nn.Linear(7, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.relu(F.relu(self.first(x)) @ self.weight.T)
+        return self.head(torch.tanh(h @ self.second.weight.t() + self.second.bias))
+
+
+def _permute_transposed_weights(model: TransposedWeights, generator: torch.Generator
+                                ) -> TransposedWeights:
+    model = copy.deepcopy(model)
+    p, q, r = _perm(8, generator), _perm(7, generator), _perm(5, generator)
+    _rows(model.first, p)
+    with torch.no_grad():
+        model.weight.copy_(model.weight[q][:, p])
+    _columns(model.second, q)
+    _rows(model.second, r)
+    _columns(model.head, r)
+    return model
+
+
+class ChannelProduct(nn.Module):
+    """Hidden channels multiplied with the input by a batched product over the channel
+    axis (channel i of one with channel i of the other): they cannot be permuted."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head((F.relu(self.conv(x)) @ x).mean((2, 3)))
+
+
 class LanguageModel(nn.Module):
     def __init__(self):
         super().__init__()
@@ -298,8 +339,9 @@ def _built(factory, seed: int) -> nn.Module:
     (AttentionPooling, _permute_attention_pooling, torch.randn(16, 5, 6)),
     (RawFirstLayer, _permute_raw_first_layer, torch.randn(16, 6)),
     (StackedBranches, _permute_stacked_branches, torch.randn(16, 6)),
+    (TransposedWeights, _permute_transposed_weights, torch.randn(16, 6)),
 ], ids=["cat-groupnorm", "raw-weight", "buffer", "attention-pooling", "raw-first-layer",
-        "stacked-branches"])
+        "stacked-branches", "transposed-weights"])
 def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
     model = _built(factory, 0)
     generator = torch.Generator().manual_seed(1)
@@ -313,9 +355,10 @@ def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
 @pytest.mark.parametrize("factory, inputs", [
     (CatGroupNorm, _images()), (DenseGroupNorm, _images()), (RawWeight, torch.randn(16, 6)),
     (DirectBufferScale, _images()), (AttentionPooling, torch.randn(16, 5, 6)),
-    (RawFirstLayer, torch.randn(16, 6)),
+    (RawFirstLayer, torch.randn(16, 6)), (TransposedWeights, torch.randn(16, 6)),
+    (ChannelProduct, torch.randn(16, 3, 8, 8)),
 ], ids=["cat-groupnorm", "dense-groupnorm", "raw-weight", "buffer", "attention-pooling",
-        "raw-first-layer"])
+        "raw-first-layer", "transposed-weights", "channel-product"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_align_keeps_the_function(factory, inputs, seed):
     a, b = _built(factory, 0), _built(factory, seed)
@@ -338,7 +381,7 @@ def test_a_buffer_folded_into_a_constant_is_refused():
     the clients' channels unaligned (permuted copies fused into another function)."""
     model = _built(BufferScale, 0)
     copies = [_permute_buffer_scale(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
-    with pytest.raises(UnsupportedModelError, match="read the buffer directly"):
+    with pytest.raises(UnsupportedModelError, match="read it directly"):
         fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=_images())
 
 
@@ -379,3 +422,55 @@ def test_a_model_of_two_inputs_is_refused_by_name():
 
     with pytest.raises(UnsupportedModelError, match=r"more than one input \(also extra\)"):
         fuse([TwoInputs(), TwoInputs()], [1, 1], config=EXACT, inputs=torch.randn(4, 6))
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(6, 4) for _ in range(4))
+        self.low = nn.Parameter(torch.zeros(8))
+        self.head = nn.Linear(8, 3)
+
+
+class CatPlusCat(_Pair):
+    def forward(self, x):
+        left = torch.cat([self.a(x), self.b(x)], dim=1)
+        return self.head(F.relu(left + torch.cat([self.c(x), self.d(x)], dim=1)))
+
+
+class ClampByParameter(_Pair):
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1).clamp(min=self.low))
+
+
+@pytest.mark.parametrize("factory, match", [
+    (CatPlusCat, "two concatenations are added"),
+    (ClampByParameter, "takes a second tensor"),
+], ids=["cat-plus-cat", "clamp-by-parameter"])
+def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
+    a, b = _built(factory, 0), _built(factory, 1)
+    with pytest.raises(UnsupportedModelError, match=match):
+        align(b, a, config=EXACT, inputs=torch.randn(8, 6))
+
+
+class ScaledByAttribute(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.hidden = nn.Linear(6, 8)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, width), persistent=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.hidden(x)) * self.scale)
+
+
+def test_graph_cache_tells_tensors_outside_the_state_apart():
+    """A per-unit non-persistent buffer cannot be permuted (refused); a graph traced
+    for one of width 1 (a scalar: fine) must not be reused for it."""
+    x = torch.randn(8, 6)
+    tracer._GRAPHS.clear()
+    a, b = _built(lambda: ScaledByAttribute(1), 0), _built(lambda: ScaledByAttribute(1), 1)
+    _same_function(align(b, a, config=EXACT, inputs=x), b, x)
+    a, b = _built(lambda: ScaledByAttribute(8), 0), _built(lambda: ScaledByAttribute(8), 1)
+    with pytest.raises(UnsupportedModelError, match="outside the model's state_dict"):
+        align(b, a, config=EXACT, inputs=x)

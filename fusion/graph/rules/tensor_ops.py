@@ -178,15 +178,31 @@ def _contract(tracer, a, b, where: str) -> None:
 
 
 def _batch_dims(tracer, call, left, right, keep):
-    """Right-aligned batch dimensions of a product's operands (all but the last two)."""
+    """Right-aligned batch dimensions of a product's operands (all but the last two); an
+    unaligned one of size > 1 facing aligned units is data that pairs with them."""
     shape = call.shape
+    sizes = [L.shape_of(node) for node in call.node.args[:2]]
     out = []
     for offset in range(3, len(shape) + 1):
-        a = left[-offset] if offset <= len(left) else None
-        b = right[-offset] if offset <= len(right) else None
-        out.insert(0, _batched(tracer, a, b, shape[-offset], _where(call))
-                   if keep is None else keep(a, b))
+        a, b = (_batch_spec(layout, size, offset)
+                for layout, size in zip((left, right), sizes, strict=True))
+        if keep is not None:
+            out.insert(0, keep(*(None if s == "data" else s for s in (a, b))))
+        elif "data" in (a, b):
+            out.insert(0, unify(tracer, [a, b], _where(call)))
+        else:
+            out.insert(0, _batched(tracer, a, b, shape[-offset], _where(call)))
     return out
+
+
+def _batch_spec(layout, shape, offset: int):
+    """An operand's spec at batch dimension ``-offset``: None where it has none or
+    broadcasts it, ``"data"`` for an unaligned dimension of size > 1."""
+    if offset > len(layout):
+        return None
+    if layout[-offset] is None and shape is not None and shape[-offset] > 1:
+        return "data"
+    return layout[-offset]
 
 
 @function_rule_for(operator.matmul, torch.matmul, torch.bmm)
@@ -211,29 +227,42 @@ def matmul(tracer, call):
     return (*_batch_dims(tracer, call, left, right, None), left[-2], right[-1])
 
 
-def _weight_node(tracer, call, index: int) -> bool:
-    """Whether the product's operand ``index`` is a matrix parameter read directly."""
-    node = call.node.args[index]
-    return (isinstance(node, fx.Node) and node.op == "get_attr"
-            and node.target in tracer.state and tracer.state[node.target].dim() == 2)
+def _weight_node(tracer, call, index: int) -> tuple[str, bool] | None:
+    """The product's operand ``index`` as ``(name, transposed)`` when it is a matrix
+    parameter read directly or transposed (``self.W``, ``self.W.T``, ``self.W.t()``,
+    ``self.fc.weight.transpose(0, 1)``), else None."""
+    node, transposed = call.node.args[index], False
+    if isinstance(node, fx.Node) and (
+            node.op == "call_function" and node.target is getattr
+            and node.args[1] in ("T", "mT")
+            or node.op == "call_method" and node.target in ("t", "transpose")):
+        node, transposed = node.args[0], True
+    if (isinstance(node, fx.Node) and node.op == "get_attr" and node.target in tracer.state
+            and tracer.state[node.target].dim() == 2):
+        return node.target, transposed
+    return None
 
 
 def _weight_operand(tracer, call, index: int, neuron: int) -> None:
-    """A matrix parameter multiplied directly (``h @ self.W``, ``self.W @ h``) is a
-    layer's weight: its axis ``neuron`` defines new units (activations, aligned like any
-    layer's outputs), the other is its input axis."""
-    if not _weight_node(tracer, call, index):
-        return
+    """A matrix parameter multiplied directly (``h @ self.W``, ``self.W @ h``, or
+    transposed: ``h @ self.fc.weight.T``) is a layer's weight: its axis ``neuron`` (of
+    the operand) defines new units (activations, aligned like any layer's outputs), the
+    other is its input axis."""
+    found = _weight_node(tracer, call, index)
     axes = call.layout(index)
-    if not isinstance(axes[neuron], AxisSpec):
+    if found is None or not isinstance(axes[neuron], AxisSpec):
         return
+    name, transposed = found
     tracer.union(tracer.new_group(call.node.name), axes[neuron].group)
-    uses = tracer.uses[id(tracer.state[call.node.args[index].target])]
-    at = next((i for i, use in enumerate(uses) if use[1] is axes), None)
+    stored = axes[::-1] if transposed else axes
+    uses = tracer.uses[id(tracer.state[name])]
+    at = next((i for i, use in enumerate(uses)
+               if all(a is b for a, b in zip(use[1], stored, strict=True))), None)
     if at is None:  # read before through another node: no weight to describe
         return
-    weight = [L.as_input(a) for a in axes]
-    weight[neuron] = axes[neuron]
+    weight = [L.as_input(a) for a in stored]
+    unit = 1 - neuron if transposed else neuron
+    weight[unit] = stored[unit]
     uses[at] = (uses[at][0], tuple(weight), True)
 
 
