@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import operator
 from dataclasses import dataclass, replace
 
 import torch
@@ -250,6 +251,10 @@ class Tracer:
             return self.visit_module(call)
         rule = (rules.method_rule(node.target) if node.op == "call_method"
                 else rules.function_rule(node.target))
+        stacked = next((v for v in (*call.args, *call.kwargs.values())
+                        if isinstance(v, Stacked)), None)
+        if stacked is not None and node.target not in _READS_STACKED:
+            raise UnsupportedModelError(f"node '{node.name}' uses {stacked.why}")
         if rule is not None:
             return rule(self, call)
         if has_groups([*call.args, *call.kwargs.values()]):
@@ -292,6 +297,10 @@ class Tracer:
             for d, size in enumerate(tensor.shape))
         self.record("", node.target, axes, cost=False)
         return axes
+
+
+_READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")
+"""What may be done to a stacked tensor (``h_n``): index one entry, or read its shape."""
 
 
 def _merge_blocks(old, new):

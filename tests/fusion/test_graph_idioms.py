@@ -474,3 +474,58 @@ def test_graph_cache_tells_tensors_outside_the_state_apart():
     a, b = _built(lambda: ScaledByAttribute(8), 0), _built(lambda: ScaledByAttribute(8), 1)
     with pytest.raises(UnsupportedModelError, match="outside the model's state_dict"):
         align(b, a, config=EXACT, inputs=x)
+
+
+class PerHeadMask(nn.Module):
+    """Attention with a mask per batch entry and head (ALiBi-style, ``(B * H, T, T)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("mask", torch.randn(2 * 2, 5, 5))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        out, _ = self.attention(h, h, h, attn_mask=self.mask)
+        return self.head(out.mean(1))
+
+
+class PerHeadWeights(nn.Module):
+    """Attention whose per-head weights are used downstream."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        _, weights = self.attention(h, h, h, average_attn_weights=False)
+        return self.head(weights[:, 0].mean(1))
+
+
+class ReshapedStates(nn.Module):
+    """A two-layer GRU whose stacked final states are reshaped, not indexed."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(4, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        _, states = self.rnn(x)
+        return self.head(states.permute(1, 0, 2).flatten(1))
+
+
+@pytest.mark.parametrize("factory, match", [
+    (PerHeadMask, "mask per head"), (PerHeadWeights, "per-head attention weights"),
+    (ReshapedStates, "stacked hidden states"),
+], ids=["per-head-mask", "per-head-weights", "reshaped-states"])
+def test_heads_and_stacked_states_that_would_not_move_are_refused(factory, match):
+    x = torch.randn(2, 5, 4)
+    a, b = _built(factory, 0), _built(factory, 1)
+    with pytest.raises(UnsupportedModelError, match=match):
+        align(b, a, config=EXACT, inputs=x)

@@ -9,9 +9,11 @@ projection's features join the residual stream they are added to.
 
 from __future__ import annotations
 
-from torch import nn
+import operator
 
-from ..layouts import as_input, as_neuron, require_unaligned
+from torch import fx, nn
+
+from ..layouts import as_input, as_neuron, require_unaligned, shape_of
 from ..spec import AxisSpec, UnsupportedModelError
 from . import register_rule
 from .layers import dense_layer
@@ -43,6 +45,16 @@ def attention(tracer, name: str, module: nn.MultiheadAttention, query, key, valu
                        ndim)
 
 
+def _masks_shared_by_heads(call, features: int, where: str) -> None:
+    """Refuse a 3-D attention mask (one per batch entry and head): the alignment moves
+    whole heads, and the mask's rows would not move with them."""
+    for arg in (*call.node.args[features:], *call.node.kwargs.values()):
+        shape = shape_of(arg) if isinstance(arg, fx.Node) else None
+        if shape is not None and len(shape) == 3:
+            raise UnsupportedModelError(f"{where}: an attention mask per head (3-D, "
+                                        f"{tuple(shape)}) is not supported; heads move")
+
+
 def _features(call, index: int, name: str, where: str):
     layout = call.layout(index, name)
     require_unaligned(layout, range(len(layout) - 1), where,
@@ -56,9 +68,16 @@ def multihead_attention(tracer, call, name, module):
     query = _features(call, 0, "query", where)
     key = _features(call, 1, "key", where)
     value = _features(call, 2, "value", where)
+    _masks_shared_by_heads(call, 3, where)
     out = attention(tracer, name, module, query[-1], key[-1], value[-1], len(query))
     weights = call.node.meta.get("tensor_meta")
     weights = weights[1] if isinstance(weights, tuple) and len(weights) > 1 else None
+    if weights is not None and len(weights.shape) == 4 and any(
+            user.target is operator.getitem and user.args[1] == 1
+            for user in call.node.users):
+        raise UnsupportedModelError(f"{where}: per-head attention weights "
+                                    "(average_attn_weights=False) are used, and their "
+                                    "heads move with the alignment; not supported")
     return ((*query[:-1], out), None if weights is None else (None,) * len(weights.shape))
 
 
@@ -113,6 +132,7 @@ def _stack(tracer, name, module, x, ndim, layer_fn):
 def transformer_encoder(tracer, call, name, module):
     where = f"module '{name}'"
     src = _features(call, 0, "src", where)
+    _masks_shared_by_heads(call, 1, where)
     ndim = len(src)
     if isinstance(module, nn.TransformerEncoderLayer):
         x = encoder_layer(tracer, name, module, src[-1], ndim)
@@ -127,6 +147,7 @@ def transformer_decoder(tracer, call, name, module):
     where = f"module '{name}'"
     tgt = _features(call, 0, "tgt", where)
     memory = _features(call, 1, "memory", where)[-1]
+    _masks_shared_by_heads(call, 2, where)
     ndim = len(tgt)
     if isinstance(module, nn.TransformerDecoderLayer):
         x = decoder_layer(tracer, name, module, tgt[-1], memory, ndim)
