@@ -235,7 +235,10 @@ def _weight_node(tracer, call, index: int) -> tuple[str, bool] | None:
     if isinstance(node, fx.Node) and (
             node.op == "call_function" and node.target is getattr
             and node.args[1] in ("T", "mT")
-            or node.op == "call_method" and node.target in ("t", "transpose")):
+            or node.op == "call_method" and node.target == "t"
+            or node.op == "call_method" and node.target == "transpose"
+            and len(node.args) == 3 and all(isinstance(d, int) for d in node.args[1:])
+            and node.args[1] % 2 != node.args[2] % 2):
         node, transposed = node.args[0], True
     if (isinstance(node, fx.Node) and node.op == "get_attr" and node.target in tracer.state
             and tracer.state[node.target].dim() == 2):
