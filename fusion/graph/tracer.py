@@ -56,6 +56,12 @@ class Call:
     def shape(self) -> tuple[int, ...] | None:
         return shape_of(self.node)
 
+    def argument_shapes(self, start: int) -> list[tuple[int, ...]]:
+        """The shapes of the tensors among the arguments from position ``start`` and the
+        keyword arguments."""
+        values = (*self.node.args[start:], *self.node.kwargs.values())
+        return [shape for shape in map(shape_of, values) if shape is not None]
+
 
 class _LeafTracer(fx.Tracer):
     """fx tracer that keeps every module with a rule (built-in or registered) whole."""
@@ -515,7 +521,7 @@ def _structure(model: nn.Module, state: dict[str, torch.Tensor], gm: fx.GraphMod
     shapes = tuple((name, tuple(t.shape), t.dtype, first_name.setdefault(id(t), name))
                    for name, t in state.items())
     others = tuple((name, k, tuple(v.shape)) for name, m in model.named_modules()
-                   for k, v in [*m._buffers.items(), *vars(m).items()]
+                   for k, v in [*m.named_buffers(recurse=False), *vars(m).items()]
                    if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
     return (gm.code, modules, shapes, others, tuple(example_input.shape),
             example_input.dtype)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import operator
 
-from torch import fx, nn
+from torch import nn
 
-from ..layouts import as_input, as_neuron, require_unaligned, shape_of
+from ..layouts import as_input, as_neuron, require_unaligned
 from ..spec import AxisSpec, UnsupportedModelError
 from . import register_rule
 from .layers import dense_layer
@@ -48,11 +48,10 @@ def attention(tracer, name: str, module: nn.MultiheadAttention, query, key, valu
 def _masks_shared_by_heads(call, features: int, where: str) -> None:
     """Refuse a 3-D attention mask (one per batch entry and head): the alignment moves
     whole heads, and the mask's rows would not move with them."""
-    for arg in (*call.node.args[features:], *call.node.kwargs.values()):
-        shape = shape_of(arg) if isinstance(arg, fx.Node) else None
-        if shape is not None and len(shape) == 3:
+    for shape in call.argument_shapes(features):
+        if len(shape) == 3:
             raise UnsupportedModelError(f"{where}: an attention mask per head (3-D, "
-                                        f"{tuple(shape)}) is not supported; heads move")
+                                        f"{shape}) is not supported; heads move")
 
 
 def _features(call, index: int, name: str, where: str):

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from ..layouts import require_unaligned, shape_of
+from ..layouts import require_unaligned
 from ..spec import UnsupportedModelError
 from . import function_rule_for, function_rule_named, method_rule_for, register_rule
 
@@ -54,14 +54,11 @@ _TENSOR_ARGUMENTS_ALLOWED = {"to", "type_as", "type"}
 def elementwise(tracer, call):
     """The input's layout; a second tensor (``h.clamp(min=self.low)``, ``h.pow(self.p)``)
     is refused, since it would be left unaligned while the units move."""
-    if call.node.target not in _TENSOR_ARGUMENTS_ALLOWED:
-        for arg in (*call.node.args[1:], *call.node.kwargs.values()):
-            shape = shape_of(arg) if isinstance(arg, fx.Node) else None
-            if shape is not None and any(size > 1 for size in shape):
-                raise UnsupportedModelError(
-                    f"node '{call.node.name}' ({call.node.target}) takes a second tensor, "
-                    "which is not supported; write it with torch.minimum, torch.maximum "
-                    "or arithmetic")
+    if call.node.target not in _TENSOR_ARGUMENTS_ALLOWED and any(
+            size > 1 for shape in call.argument_shapes(1) for size in shape):
+        raise UnsupportedModelError(
+            f"node '{call.node.name}' ({call.node.target}) takes a second tensor, which is "
+            "not supported; write it with torch.minimum, torch.maximum or arithmetic")
     return call.layout()
 
 
