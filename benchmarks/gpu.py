@@ -10,6 +10,7 @@ says so and runs the CPU column alone. Writes ``results/gpu.json`` beside this s
 
     python benchmarks/gpu.py                # mlp K=8, resnet18 K=10, cnn K=8
     python benchmarks/gpu.py --quick        # tiny models: a check that the script runs
+    python benchmarks/gpu.py --only resnet18  # the cases of these models alone
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ def run_case(model: str, clients: int, kwargs: dict, steps: int, device: str) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
+    parser.add_argument("--only", nargs="+", metavar="MODEL",
+                        help="run only the cases of these models (default: all)")
     args = parser.parse_args()
+    cases = {name: case for name, case in (QUICK if args.quick else CASES).items()
+             if args.only is None or case[0] in args.only}
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if len(devices) == 1:
         print("no CUDA device: CPU only")
@@ -78,7 +83,7 @@ def main() -> None:
     rows = []
     header = f"{'case':<14} {'device':<6} {'fuse (s)':>9} {'distil (s)':>11} {'steps':>6}"
     print(header + f" {'max |output diff| vs cpu':>25}")
-    for name, (model, clients, kwargs, steps) in (QUICK if args.quick else CASES).items():
+    for name, (model, clients, kwargs, steps) in cases.items():
         results = {d: run_case(model, clients, kwargs, steps, d) for d in devices}
         probe = torch.randn(64, *results["cpu"]["model"].input_shape)
         with torch.no_grad():
