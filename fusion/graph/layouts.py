@@ -11,6 +11,7 @@ stacked LSTM).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 
 from torch import fx
@@ -185,10 +186,12 @@ def transpose(layout: Layout, a: int, b: int) -> Layout:
 
 
 def index(value, item, where: str, shape: tuple[int, ...] | None,
-          pieces: dict[int, list[int]]):
+          pieces: dict[int, list[int]], cut: Callable[[AxisSpec, str], bool]):
     """``value[item]``: tuples of outputs are picked from; a stacked tensor gives the
     layout of the picked entry; a tensor keeps the dimensions sliced whole, and one
-    piece of a packed group may be picked by an integer."""
+    piece of a packed group may be picked by an integer. Any other index of an axis
+    needs ``cut(axis, where)`` to allow it (a state tensor's own axis, see
+    :meth:`~.tracer.Tracer.cut`)."""
     if isinstance(value, Stacked):
         if isinstance(item, int):
             return value.items[item]
@@ -215,15 +218,24 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
             out = list(pick((*out, spec), len(out), entry, pieces))
             continue
         whole = isinstance(entry, slice) and entry == slice(None)
-        if spec is not None and not whole:
+        if spec is not None and not whole and not cut(spec, where):
             raise UnsupportedModelError(f"{where} indexes into aligned units (dimension {dim})")
         if isinstance(entry, slice):
             out.append(spec)
-        elif isinstance(entry, fx.Node) or not isinstance(entry, int):
-            if spec is not None or isinstance(entry, fx.Node):
-                raise UnsupportedModelError(f"{where}: unsupported index {entry!r}")
+        elif isinstance(entry, list | tuple) and spec is None and _one_list(items):
+            out.append(None)  # positions picked by a list: the dimension stays
+        elif not isinstance(entry, int):
+            raise UnsupportedModelError(f"{where}: unsupported index {entry!r}")
         dim += 1
     return (*out, *value[dim:])
+
+
+def _one_list(items: tuple) -> bool:
+    """Whether the only advanced index among ``items`` is one list (several, or a list
+    with integers or tensors, may move dimensions to the front)."""
+    lists = sum(isinstance(i, list | tuple) for i in items)
+    others = sum(isinstance(i, int | fx.Node) for i in items)
+    return lists == 1 and others == 0
 
 
 def reduce(layout: Layout, dims, keepdim: bool, where: str) -> Layout:

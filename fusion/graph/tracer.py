@@ -26,6 +26,7 @@ from .layouts import Layout, Stacked, has_groups, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
 
 _MISSING = object()
+_NUMPY_ALIASES = {"dim": "axis", "keepdim": "keepdims"}
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,13 @@ class Call:
     kwargs: dict
 
     def value(self, index: int, name: str, default=_MISSING):
-        """The raw argument at position ``index`` or keyword ``name``."""
+        """The raw argument at position ``index`` or keyword ``name`` (or its NumPy
+        alias: ``axis`` for ``dim``, ``keepdims`` for ``keepdim``)."""
         if index < len(self.node.args):
             return self.node.args[index]
-        if name in self.node.kwargs:
-            return self.node.kwargs[name]
+        for key in (name, _NUMPY_ALIASES.get(name)):
+            if key in self.node.kwargs:
+                return self.node.kwargs[key]
         if default is _MISSING:
             raise UnsupportedModelError(f"node '{self.node.name}': missing argument '{name}'")
         return default
@@ -64,7 +67,11 @@ class Call:
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps every module with a rule (built-in or registered) whole."""
+    """fx tracer that keeps every module with a rule (built-in or registered) whole, and
+    reads buffers as graph nodes (fx's default bakes them in as constants, which cannot
+    be sliced by a traced size, as in ``self.mask[:T, :T]``)."""
+
+    proxy_buffer_attributes = True
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return rules.module_rule(module) is not None or super().is_leaf_module(
@@ -91,6 +98,7 @@ class Tracer:
         self.split_groups: dict[int, list[int]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
         self.constants: list[tuple[int, str]] = []
+        self.outside_state: set[fx.Node] = set()
 
     # -- groups
     def new_group(self, label: str, passive: bool = False) -> int:
@@ -117,10 +125,29 @@ class Tracer:
         self.fixed.add(group)
 
     def meets_constant(self, group: int, where: str) -> None:
-        """``group`` meets a tensor that fx computed once while tracing (from a buffer
-        read through a method, say): nothing can permute it, so the group must turn out
-        unaligned anyway (an input's or the output's), or the model is refused."""
-        self.constants.append((group, where))
+        """``group`` meets a tensor outside the state_dict (a non-persistent buffer, or
+        a tensor attribute fx baked into the graph): nothing can permute it, so the
+        group must turn out unaligned anyway (an input's or the output's), or the model
+        is refused."""
+        self.constants.append((group, (
+            f"{where} combines aligned units with a tensor outside the model's state_dict "
+            "(a non-persistent buffer, or a plain tensor attribute that torch.fx bakes "
+            "into the graph), which the alignment cannot permute; register it as a "
+            "persistent buffer")))
+
+    def cut(self, axis: AxisSpec, where: str) -> bool:
+        """Whether ``axis`` may be sliced or indexed: it may when it is still a parameter's
+        or buffer's own axis, met by no layer yet (a positional table or a causal mask
+        cut to the sequence length). Its entries are then picked by position, so the
+        axis must turn out unaligned (met by positions, or by nothing), or the model is
+        refused."""
+        root = self.find(axis.group)
+        if any(g not in self.passive for g in range(len(self.parent)) if self.find(g) == root):
+            return False
+        self.constants.append((root, (
+            f"{where} picks entries of a parameter or buffer by position along an axis "
+            "that meets aligned units, which cannot be permuted then")))
+        return True
 
     def constrain_blocks(self, group: int, blocks: int, where: str,
                          source: int | None = None) -> None:
@@ -177,9 +204,8 @@ class Tracer:
         name = f"{module}.{param}" if module else param
         if name not in self.state:
             raise UnsupportedModelError(
-                f"'{name}' is not in the model's state_dict (computed by a hook, as the "
-                "legacy torch.nn.utils.weight_norm and spectral_norm do), which is not "
-                "supported")
+                f"'{name}' is not in the model's state_dict (computed from other tensors, "
+                "as a parametrization does), which is not supported")
         tensor = self.state[name]
         axes = tuple(axes)
         if any(a is not None and a.part is not None for a in axes):
@@ -251,7 +277,12 @@ class Tracer:
         if node.op == "placeholder":
             return plain(node)
         if node.op == "get_attr":
+            if node.target not in self.state:
+                self.outside_state.add(node)
             return self.attribute(node)
+        tensors = [n for n in node.all_input_nodes if shape_of(n) is not None]
+        if tensors and all(n in self.outside_state for n in tensors):
+            self.outside_state.add(node)  # e.g. a non-persistent table cut to a length
         call = Call(node, *fx.node.map_arg((node.args, node.kwargs), lambda n: layouts[n]))
         if node.op == "call_module":
             return self.visit_module(call)
@@ -367,15 +398,9 @@ class _Finisher:
             self.fixed |= {p for root in parts if root in self.fixed for p in parts[root]}
             grown = len(self.fixed) > before
         self.canonical = {root: i for i, root in enumerate(self.roots)}
-        for group, where in tracer.constants:
+        for group, problem in tracer.constants:
             if find(group) not in self.fixed:
-                raise UnsupportedModelError(
-                    f"{where} combines aligned units with a tensor outside the model's "
-                    "state_dict (a buffer read through a method or indexing, such as "
-                    "self.scale.view(1, -1, 1, 1), which torch.fx computes once while "
-                    "tracing; a non-persistent buffer; a plain tensor attribute), which the "
-                    "alignment cannot permute; register it as a persistent buffer in the "
-                    "shape it is used in and read it directly")
+                raise UnsupportedModelError(problem)
 
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:
@@ -432,8 +457,22 @@ class _Finisher:
 
     def tensors(self) -> dict[str, TensorSpec]:
         """Every state_dict entry: tied names share their tensor's merged axes; entries
-        no rule saw (unused buffers) are not aligned."""
+        no rule saw (unused buffers) are not aligned. A parameter the traced forward
+        does not use is refused: it may read hidden units on another path (an auxiliary
+        head in training mode, a projection head behind a forward argument), which
+        nothing would align."""
         merged = {key: self.merge(uses) if uses else None for key, uses in self.t.uses.items()}
+        unused = [name for name, tensor in self.t.state.items()
+                  if isinstance(tensor, nn.Parameter) and id(tensor) not in merged
+                  and name not in self.t.packed]
+        if unused:
+            raise UnsupportedModelError(
+                f"the traced forward does not use {', '.join(unused[:3])}"
+                + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+                + f" (traced in {'training' if self.t.model.training else 'eval'} mode, "
+                "with the forward's default arguments): parameters on another path cannot "
+                "be aligned; fuse in the mode that uses them (model.train() for an "
+                "auxiliary head), or remove them")
         tensors: dict[str, TensorSpec] = {}
         seen: set[int] = set()
         for name, tensor in self.t.state.items():
@@ -491,12 +530,24 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             f"{', '.join(required)}); the fusion runs models on one input tensor")
     concrete = {p.name: p.default for p in parameters
                 if p.default is not inspect.Parameter.empty}
+    _refuse_forward_hooks(model)
     try:
         graph = _LeafTracer().trace(model, concrete_args=concrete or None)
     except Exception as exc:  # fx raises many types for untraceable code
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx: {exc}") from exc
     return fx.GraphModule(model, graph)
+
+
+def _refuse_forward_hooks(model: nn.Module) -> None:
+    """torch.fx leaves forward hooks out of the graph, so what they do to units (a
+    scale by a per-unit buffer, say) would be left unaligned."""
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise UnsupportedModelError(
+                f"module '{name or type(model).__name__}' has a forward hook or pre-hook "
+                "(the legacy torch.nn.utils.weight_norm and spectral_norm add one), which "
+                "torch.fx does not trace; write what it does into forward")
 
 
 _GRAPHS: dict[tuple, AlignmentGraph] = {}

@@ -154,8 +154,9 @@ def _permute_raw_weight(model: RawWeight, generator: torch.Generator) -> RawWeig
 
 
 class BufferScale(nn.Module):
-    """A per-channel buffer read through ``view``, as real code scales channels: fx
-    computes the view once while tracing, so nothing can permute it."""
+    """A per-channel buffer read through ``view``, as real code scales channels (fx
+    bakes buffers into the graph as constants by default; the engine's tracer reads
+    them as nodes, so that the channels of the view are aligned)."""
 
     def __init__(self):
         super().__init__()
@@ -179,6 +180,17 @@ class DirectBufferScale(BufferScale):
         return self.head((F.relu(self.conv(x)) * self.scale).mean((2, 3)))
 
 
+class AttributeScale(BufferScale):
+    """The same, with the scale a plain tensor attribute, outside the state_dict: fx
+    bakes it into the graph as a constant, which nothing can permute."""
+
+    def __init__(self):
+        super().__init__()
+        scale = self.scale
+        del self.scale
+        self.scale = scale
+
+
 def _permute_buffer_scale(model: BufferScale, generator: torch.Generator) -> BufferScale:
     model = copy.deepcopy(model)
     p = _perm(6, generator)
@@ -186,6 +198,77 @@ def _permute_buffer_scale(model: BufferScale, generator: torch.Generator) -> Buf
     model.scale.copy_(model.scale[p])
     _columns(model.head, p)
     return model
+
+
+class ComparisonGate(nn.Module):
+    """A ReLU written with a comparison and a logical not: ``h * ~(h <= 0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(h * (~(h <= 0)).float())
+
+
+def _permute_comparison_gate(model: ComparisonGate, generator: torch.Generator
+                             ) -> ComparisonGate:
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    _rows(model.a, p)
+    _columns(model.head, p)
+    return model
+
+
+class TokenScale(nn.Module):
+    """(B, T, 6) -> per-token hidden units scaled by a parameter -> pooled over tokens,
+    in one of the spellings torch accepts (``variant``)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.s = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        if self.variant == "other-keyword":
+            return self.head(torch.mul(h, other=self.s).mean(1))
+        if self.variant == "all-keywords":
+            return self.head(torch.add(input=h, other=self.s).mean(1))
+        if self.variant == "method-keyword":
+            return self.head(h.add(other=self.s).mean(1))
+        if self.variant == "axis":
+            return self.head((h * self.s).amax(axis=1, keepdim=True).squeeze(1))
+        return self.head((h * self.s)[:, [0, -1]].mean(1))  # "list-index"
+
+
+def _permute_token_scale(model: TokenScale, generator: torch.Generator) -> TokenScale:
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    _rows(model.fc, p)
+    with torch.no_grad():
+        model.s.copy_(model.s[p])
+    _columns(model.head, p)
+    return model
+
+
+_TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "list-index")
+
+
+@pytest.mark.parametrize("variant", _TOKEN_SCALES)
+def test_operands_by_keyword_numpy_axes_and_list_indices_are_aligned(variant):
+    """Each was once read wrongly: a keyword operand left unpermuted, ``axis=`` taken
+    for all dimensions, a list index dropping the dimension it keeps."""
+    x = torch.randn(16, 5, 6)
+    model = _built(lambda: TokenScale(variant), 0)
+    copies = [_permute_token_scale(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
+    for copied in copies:
+        _same_function(copied, model, x)
+    _same_function(fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=x), model, x)
+    b = _built(lambda: TokenScale(variant), 1)
+    _same_function(align(b, model, config=EXACT, inputs=x), b, x)
 
 
 class AttentionPooling(nn.Module):
@@ -336,12 +419,14 @@ def _built(factory, seed: int) -> nn.Module:
     (CatGroupNorm, _permute_cat_group_norm, _images()),
     (RawWeight, _permute_raw_weight, torch.randn(16, 6)),
     (DirectBufferScale, _permute_buffer_scale, _images()),
+    (BufferScale, _permute_buffer_scale, _images()),
+    (ComparisonGate, _permute_comparison_gate, torch.randn(16, 6)),
     (AttentionPooling, _permute_attention_pooling, torch.randn(16, 5, 6)),
     (RawFirstLayer, _permute_raw_first_layer, torch.randn(16, 6)),
     (StackedBranches, _permute_stacked_branches, torch.randn(16, 6)),
     (TransposedWeights, _permute_transposed_weights, torch.randn(16, 6)),
-], ids=["cat-groupnorm", "raw-weight", "buffer", "attention-pooling", "raw-first-layer",
-        "stacked-branches", "transposed-weights"])
+], ids=["cat-groupnorm", "raw-weight", "buffer", "buffer-view", "comparison-gate",
+        "attention-pooling", "raw-first-layer", "stacked-branches", "transposed-weights"])
 def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
     model = _built(factory, 0)
     generator = torch.Generator().manual_seed(1)
@@ -354,11 +439,13 @@ def test_fused_permuted_copies_keep_the_function(factory, permute, inputs):
 
 @pytest.mark.parametrize("factory, inputs", [
     (CatGroupNorm, _images()), (DenseGroupNorm, _images()), (RawWeight, torch.randn(16, 6)),
-    (DirectBufferScale, _images()), (AttentionPooling, torch.randn(16, 5, 6)),
-    (RawFirstLayer, torch.randn(16, 6)), (TransposedWeights, torch.randn(16, 6)),
-    (ChannelProduct, torch.randn(16, 3, 8, 8)),
-], ids=["cat-groupnorm", "dense-groupnorm", "raw-weight", "buffer", "attention-pooling",
-        "raw-first-layer", "transposed-weights", "channel-product"])
+    (DirectBufferScale, _images()), (BufferScale, _images()),
+    (ComparisonGate, torch.randn(16, 6)),
+    (AttentionPooling, torch.randn(16, 5, 6)), (RawFirstLayer, torch.randn(16, 6)),
+    (TransposedWeights, torch.randn(16, 6)), (ChannelProduct, torch.randn(16, 3, 8, 8)),
+], ids=["cat-groupnorm", "dense-groupnorm", "raw-weight", "buffer", "buffer-view",
+        "comparison-gate", "attention-pooling", "raw-first-layer", "transposed-weights",
+        "channel-product"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_align_keeps_the_function(factory, inputs, seed):
     a, b = _built(factory, 0), _built(factory, seed)
@@ -376,12 +463,13 @@ def test_aligning_concatenated_channels_keeps_group_norm_groups_whole():
     assert pairs == {frozenset((i, i + 1)) for i in range(0, 10, 2)}
 
 
-def test_a_buffer_folded_into_a_constant_is_refused():
-    """``self.scale.view(...)`` is computed once by fx: fusing it as data would average
-    the clients' channels unaligned (permuted copies fused into another function)."""
-    model = _built(BufferScale, 0)
+def test_a_tensor_baked_into_the_graph_is_refused():
+    """A plain tensor attribute is a constant of the fx graph: fusing it as data would
+    average the clients' channels unaligned (permuted copies fused into another
+    function)."""
+    model = _built(AttributeScale, 0)
     copies = [_permute_buffer_scale(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
-    with pytest.raises(UnsupportedModelError, match="read it directly"):
+    with pytest.raises(UnsupportedModelError, match="plain tensor attribute"):
         fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=_images())
 
 
@@ -400,6 +488,62 @@ def test_graph_cache_tells_tied_weights_from_untied_ones(first):
         _same_function(align(b, a, config=EXACT, inputs=tokens), b, tokens)
 
 
+class InPlaceTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        h.transpose_(1, 2)  # (B, 8, T): the variable now holds the transposed tensor
+        return self.head(h).mean((1, 2))
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("gain", torch.rand(8) + 0.5)
+        self.fc.register_forward_hook(lambda module, inputs, out: out * self.gain)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc(x)))
+
+
+class AuxiliaryHead(nn.Module):
+    """GoogLeNet-style: a second head read only in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+@pytest.mark.parametrize("factory, inputs, match", [
+    (InPlaceTranspose, torch.randn(8, 5, 6), "transpose_"),
+    (Hooked, torch.randn(8, 6), "module 'fc' has a forward hook"),
+    (AuxiliaryHead, torch.randn(8, 6), r"does not use aux\.weight, aux\.bias \(traced in eval"),
+], ids=["in-place-transpose", "forward-hook", "auxiliary-head-in-eval-mode"])
+def test_what_the_trace_cannot_see_is_refused(factory, inputs, match):
+    """An in-place reshape leaves the old variable's layout stale; fx leaves hooks out of
+    the graph; parameters on an untraced path would be averaged unaligned."""
+    a, b = _built(factory, 0), _built(factory, 1)
+    with pytest.raises(UnsupportedModelError, match=match):
+        align(b, a, config=EXACT, inputs=inputs)
+
+
+def test_an_auxiliary_head_is_aligned_when_fused_in_training_mode():
+    x = torch.randn(8, 6)
+    a, b = _built(AuxiliaryHead, 0).train(), _built(AuxiliaryHead, 1).train()
+    aligned = align(b, a, config=EXACT, inputs=x).train()
+    with torch.no_grad():
+        for got, expected in zip(aligned(x), b(x), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_legacy_weight_norm_is_refused_by_name():
     def build(seed):
         torch.manual_seed(seed)
@@ -407,7 +551,8 @@ def test_legacy_weight_norm_is_refused_by_name():
         model[0] = nn.utils.weight_norm(model[0])
         return model.eval()
 
-    with pytest.raises(UnsupportedModelError, match="'0.weight' is not in the model's"):
+    with pytest.raises(UnsupportedModelError, match="module '0' has a forward hook or pre-hook "
+                       r"\(the legacy torch.nn.utils.weight_norm"):
         fuse([build(0), build(1)], [1, 1], config=EXACT, inputs=torch.randn(4, 6))
 
 
@@ -443,10 +588,33 @@ class ClampByParameter(_Pair):
         return self.head(torch.cat([self.a(x), self.b(x)], dim=1).clamp(min=self.low))
 
 
+class SlicedScale(_Pair):
+    """A per-unit scale cut from a longer parameter: its entries are picked by position,
+    so they cannot follow the units."""
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], dim=1) * self.low[:x.size(1) + 2])
+
+
+class SlicedTable(nn.Module):
+    """A table outside the state_dict (a non-persistent buffer) cut to the input's
+    length and added to hidden units."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("table", torch.randn(12, 8), persistent=False)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(x) + self.table[:x.size(0)]))
+
+
 @pytest.mark.parametrize("factory, match", [
     (CatPlusCat, "two concatenations are added"),
     (ClampByParameter, "takes a second tensor"),
-], ids=["cat-plus-cat", "clamp-by-parameter"])
+    (SlicedScale, "picks entries of a parameter or buffer by position"),
+    (SlicedTable, "outside the model's state_dict"),
+], ids=["cat-plus-cat", "clamp-by-parameter", "sliced-scale", "sliced-table"])
 def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
     a, b = _built(factory, 0), _built(factory, 1)
     with pytest.raises(UnsupportedModelError, match=match):

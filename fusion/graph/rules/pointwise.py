@@ -4,6 +4,8 @@ so must not run over aligned units."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,13 +27,13 @@ ELEMENTWISE_FUNCTIONS = (
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.softmax, F.log_softmax, F.tanh,
     F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.softmax, torch.log_softmax,
     torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.neg,
-    torch.clamp, torch.erf, torch.sin, torch.cos,
+    torch.clamp, torch.erf, torch.sin, torch.cos, operator.invert, torch.logical_not,
 )
 ELEMENTWISE_METHODS = (
     "relu", "relu_", "tanh", "sigmoid", "softmax", "log_softmax", "exp", "log", "abs",
     "sqrt", "rsqrt", "square", "neg", "clamp", "clamp_min", "clamp_max", "pow", "erf",
     "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-    "type", "requires_grad_",
+    "type", "requires_grad_", "logical_not", "bool", "int", "long",
 )
 
 

@@ -68,27 +68,40 @@ def _operand_specs(operands, shapes, offset: int, constants=()):
 
 
 def _traced_constant(tracer, node) -> bool:
-    """Whether ``node`` reads a tensor that fx computed while tracing, not model state."""
-    return (isinstance(node, fx.Node) and node.op == "get_attr"
-            and node.target not in tracer.state)
+    """Whether ``node`` is a tensor from outside the model's state (a non-persistent
+    buffer, a tensor attribute fx baked into the graph, or computed from those alone)."""
+    return isinstance(node, fx.Node) and node in tracer.outside_state
+
+
+_OPERANDS = {torch.where: ("condition", "input", "other"),
+             torch.masked_fill: ("input", "mask", "value"),
+             "masked_fill": ("self", "mask", "value"), "masked_fill_": ("self", "mask", "value")}
+"""The tensor operands of the elementwise ops that do not take ``(input, other)``, by
+position and keyword."""
 
 
 @function_rule_for(operator.add, operator.iadd, operator.sub, operator.isub, operator.mul,
                    operator.imul, operator.truediv, operator.itruediv, torch.add, torch.sub,
                    torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
-                   torch.masked_fill)
+                   torch.masked_fill, operator.eq, operator.ne, operator.lt, operator.le,
+                   operator.gt, operator.ge, operator.and_, operator.or_, torch.eq, torch.ne,
+                   torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or)
 @method_rule_for("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill",
-                 "masked_fill_")
+                 "masked_fill_", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
+                 "logical_or")
 def broadcast(tracer, call):
-    """Elementwise op of tensors: dimensions that meet share one coupling."""
+    """Elementwise op of tensors (arithmetic, comparison, logic): dimensions that meet
+    share one coupling."""
     shape = call.shape
     if shape is None:
         if L.has_groups(call.args):
             raise UnsupportedModelError(f"{_where(call)}: unknown output shape")
         return None  # arithmetic on sizes
-    raw = call.node.args[:3] if call.node.target is torch.where else call.node.args[:2]
+    names = _OPERANDS.get(call.node.target, ("input", "other"))
+    operands = [(call.layout(i, name), call.value(i, name, None))
+                for i, name in enumerate(names)]
     pairs = [(layout, L.shape_of(arg), _traced_constant(tracer, arg))
-             for layout, arg in zip(call.args, raw, strict=False) if L.is_layout(layout)]
+             for layout, arg in operands if L.is_layout(layout)]
     constants = {i for i, p in enumerate(pairs) if p[2]}
     result = [None] * len(shape)
     for offset in range(1, len(shape) + 1):
@@ -291,7 +304,7 @@ def unflatten_module(tracer, call, name, module):
 
 
 @function_rule_for(torch.transpose, torch.swapaxes)
-@method_rule_for("transpose", "swapaxes", "transpose_")
+@method_rule_for("transpose", "swapaxes")
 def transpose(tracer, call):
     return L.transpose(call.layout(), call.value(1, "dim0"), call.value(2, "dim1"))
 
@@ -343,7 +356,7 @@ def attribute(tracer, call):
 @function_rule_for(operator.getitem)
 def getitem(tracer, call):
     return L.index(call.layout(), call.node.args[1], _where(call), call.shape,
-                   tracer.split_groups)
+                   tracer.split_groups, tracer.cut)
 
 
 @function_rule_for(torch.squeeze)
