@@ -25,6 +25,7 @@ import torch
 from .graph import AlignmentGraph, AxisSpec, TensorSpec, is_recurrent
 from .projection import Coupling, apply_axis, project, row_sq_norms
 from .robust import Combine, weighted_mean
+from .validation import all_finite, is_same_constant
 
 _NEURONS = AxisSpec(group=-1, kind="neuron")
 
@@ -59,6 +60,9 @@ def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch
             continue
         spec = graph.tensors[name] if graph is not None else None
         axes = spec.axes if spec is not None else ()
+        if not all_finite(like):
+            fused[name] = _infinite_constant(name, like, states)
+            continue
         projected = [project(state[name], axes, maps)
                      for state, maps in zip(states, couplings, strict=True)]
         factors = _tensor_weights(graph, spec, like, weights)
@@ -70,6 +74,17 @@ def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch
         fused[spec.name] = fused[spec.name] * _along(scale, spec.axes[axis], axis,
                                                      fused[spec.name])
     return fused
+
+
+def _infinite_constant(name: str, like: torch.Tensor, states: list[dict[str, torch.Tensor]]
+                       ) -> torch.Tensor:
+    """A tensor holding infinities (a causal attention mask's -inf) is a constant, kept
+    as it is (averaging it could give NaN): it must be the same in every client. The
+    engine has made sure that no alignment moves it (:func:`~.engine.fuse_result`)."""
+    if not all(is_same_constant(like, state[name]) for state in states):
+        raise ValueError(f"'{name}' contains Inf values and differs between the models: only "
+                         "a tensor that is the same in every model may hold infinities")
+    return like.clone()
 
 
 def _tensor_weights(graph: AlignmentGraph | None, spec: TensorSpec | None,

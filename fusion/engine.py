@@ -49,6 +49,7 @@ from .robust import (
 from .screening import screened_out
 from .transport import block_marginal
 from .validation import (
+    all_finite,
     check_models,
     check_same_architecture,
     check_same_shapes,
@@ -319,6 +320,7 @@ def _solve(models, states, weights, anchor, template_state, names, config: Fusio
     """Every client's couplings, costs and iterations (:meth:`_GroupSolver.solve_all`);
     the states are dense (:func:`~.projection.dense_state`)."""
     _check_unaligned_axes(graph, [template_state, *states], ["target", *names])
+    _check_constants_unaligned(graph, template_state)
     return _GroupSolver(graph, models, states, weights, anchor, template_state, config,
                         inputs).solve_all()
 
@@ -419,6 +421,18 @@ def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Te
                     f"'{spec.name}' axis {axis} is not aligned (input features, kernel or "
                     f"classes) but its size differs between models: {sizes}"
                 )
+
+
+def _check_constants_unaligned(graph: AlignmentGraph, state: dict[str, torch.Tensor]
+                               ) -> None:
+    """A tensor holding infinities (the same in every model, :func:`check_models`) is a
+    constant such as a causal mask: no coupling may move it."""
+    groups = graph.groups_by_id
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not all_finite(tensor) and any(
+                a is not None and not groups[a.group].fixed for a in graph.tensors[name].axes):
+            raise ValueError(f"'{name}' contains Inf values on hidden units, which the fusion "
+                             "permutes and averages: only constants may hold infinities")
 
 
 class _GroupSolver:

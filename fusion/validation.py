@@ -10,17 +10,34 @@ from torch import nn
 
 
 def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
-    """A non-empty list of torch modules whose floating tensors are all finite."""
+    """A non-empty list of torch modules whose floating tensors are all finite, except
+    constants: a tensor without NaN that is the same in every model may hold
+    infinities (a causal attention mask's -inf, kept as it is by the fusion)."""
     models = list(models)
     if not models:
         raise ValueError("fuse() needs at least one model, got an empty sequence")
     for k, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model {k} is a {type(model).__name__}, not a torch.nn.Module")
+    first = models[0].state_dict()
+    constants = {name for name, t in first.items() if t.is_floating_point() and not all_finite(t)}
+    for k, model in enumerate(models):
         for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point() and not all_finite(tensor):
-                raise ValueError(f"model {k}: '{name}' contains NaN or Inf values")
+            if not tensor.is_floating_point() or (name not in constants and all_finite(tensor)):
+                continue
+            if bool(tensor.isnan().any()):
+                raise ValueError(f"model {k}: '{name}' contains NaN values")
+            if name not in constants or not is_same_constant(tensor, first[name]):
+                raise ValueError(
+                    f"model {k}: '{name}' differs from model 0's, and one of them contains "
+                    "Inf values: only a tensor that is the same in every model (a constant "
+                    "such as a causal attention mask) may hold infinities")
     return models
+
+
+def is_same_constant(tensor: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether ``other`` has the shape and values (infinities included) of ``tensor``."""
+    return other.shape == tensor.shape and torch.equal(other.to(tensor.dtype), tensor)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

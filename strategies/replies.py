@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from otfusion.fusion import InputMoments
+from otfusion.fusion.validation import all_finite, is_same_constant
 
 # numpy dtype kinds accepted for a tensor of the global model, by the tensor's role.
 _FLOAT_KINDS = "f"
@@ -26,10 +27,13 @@ _INT_KINDS = "iu"
 
 @dataclass(frozen=True)
 class ExpectedArrays:
-    """Names, shapes and dtypes of the global model's tensors, in state_dict order."""
+    """Names, shapes and dtypes of the global model's tensors, in state_dict order, and
+    its ``constants``: the floating tensors holding infinities (a causal attention
+    mask's -inf), which every reply must carry unchanged."""
 
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> ExpectedArrays:
@@ -37,7 +41,17 @@ class ExpectedArrays:
         return cls(
             shapes={name: tuple(tensor.shape) for name, tensor in state.items()},
             dtypes={name: tensor.dtype for name, tensor in state.items()},
+            constants={name: tensor.detach().cpu().clone() for name, tensor in state.items()
+                       if tensor.is_floating_point() and not all_finite(tensor)},
         )
+
+    def check_constant(self, name: str, tensor: torch.Tensor) -> str | None:
+        """Why ``tensor`` may not stand for the global constant ``name``, if it may not."""
+        constant = self.constants.get(name)
+        if constant is None or is_same_constant(constant, tensor.cpu()):
+            return None
+        return (f"'{name}' differs from the global model's, whose infinities make it a "
+                "constant (such as a causal attention mask) that must stay as it is")
 
     @property
     def keys(self) -> list[str]:
@@ -261,8 +275,9 @@ def check_array(name: str, value: Any, expected: ExpectedArrays, *, max_abs_weig
     The dtype must be of the same kind (any float for a floating tensor, any integer
     for an integer buffer such as ``num_batches_tracked``); the result is cast to the
     global dtype. The shape must equal the global one (``exact_shape``) or have the
-    same rank. Floating values must be finite with ``|value| <= max_abs_weight``;
-    integer buffers are counters and are not bounded.
+    same rank. Floating values must be finite with ``|value| <= max_abs_weight``,
+    except in a global constant (:class:`ExpectedArrays`), which must come back
+    unchanged; integer buffers are counters and are not bounded.
     """
     array = _decode(value)
     if isinstance(array, str):
@@ -274,6 +289,9 @@ def check_array(name: str, value: Any, expected: ExpectedArrays, *, max_abs_weig
         return f"'{name}' has shape {array.shape}, expected {shape}"
     if array.ndim != len(shape):
         return f"'{name}' has rank {array.ndim} (shape {array.shape}), expected rank {len(shape)}"
+    if name in expected.constants:
+        tensor = _to_tensor(array, dtype)
+        return expected.check_constant(name, tensor) or tensor
     if array.dtype.kind == "f" and array.size:
         if not np.isfinite(array).all():
             return f"'{name}' contains NaN or Inf values"

@@ -131,7 +131,8 @@ def class_weights(weights: Sequence[float], counts: Sequence[Sequence[float] | N
 def global_state(state: Mapping[str, torch.Tensor], settings: FusionSettings
                  ) -> OrderedDict[str, torch.Tensor]:
     """``state`` in the global model's key order, dtypes and device (CPU); a ValueError
-    when a tensor has another shape or is not finite."""
+    when a tensor has another shape or is not finite (or, for a global constant holding
+    infinities, differs from it)."""
     expected = settings.expected
     fused: OrderedDict[str, torch.Tensor] = OrderedDict()
     for name in expected.keys:
@@ -139,7 +140,11 @@ def global_state(state: Mapping[str, torch.Tensor], settings: FusionSettings
         if tuple(tensor.shape) != expected.shapes[name]:
             raise ValueError(f"fused '{name}' has shape {tuple(tensor.shape)}, "
                              f"expected {expected.shapes[name]}")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if name in expected.constants:
+            problem = expected.check_constant(name, tensor)
+            if problem:
+                raise ValueError(f"fused {problem}")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"fused '{name}' contains NaN or Inf values")
         fused[name] = tensor.clone()
     return fused

@@ -24,6 +24,7 @@ original (``index_select``).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -48,42 +49,88 @@ PATCH = 4
 
 
 class MHABlock(nn.Module):
-    """Pre-norm block around ``nn.MultiheadAttention`` (packed Q/K/V)."""
+    """Pre-norm block around ``nn.MultiheadAttention`` (packed Q/K/V); ``causal``: a
+    causal float mask (-inf above the diagonal) for ``tokens`` positions, kept as a
+    buffer in the state_dict and passed as ``attn_mask``."""
 
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int, causal: bool = False,
+                 tokens: int = TOKENS) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(tokens) if causal else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.attn(h, h, h, attn_mask=self.mask, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 
 class MHAClassifier(nn.Module):
-    """(B, T, 6) floats -> embedding + positions -> class token -> 2 blocks -> (B, 5)."""
+    """(B, T, 6) floats -> embedding + positions -> class token -> 2 blocks -> (B, 5).
+    ``causal``: the blocks mask attention causally, and the class token comes last (so
+    that it sees every position)."""
 
     def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = HIDDEN,
                  tokens: int = TOKENS, features: int = FEATURES, classes: int = CLASSES,
-                 depth: int = DEPTH) -> None:
+                 depth: int = DEPTH, causal: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(features, dim)
         self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
         self.cls = nn.Parameter(0.5 * torch.randn(1, 1, dim))
-        self.blocks = nn.ModuleList(MHABlock(dim, heads, hidden) for _ in range(depth))
+        self.blocks = nn.ModuleList(MHABlock(dim, heads, hidden, causal, tokens + 1)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
+        self.causal = causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.embed(x) + self.pos_embed
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        cls = self.cls.expand(x.shape[0], -1, -1)
+        x = torch.cat([x, cls] if self.causal else [cls, x], dim=1)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return self.head(x[:, 0])
+        return self.head(x[:, -1 if self.causal else 0])
+
+
+def _own_weights(encoder: nn.TransformerEncoder) -> nn.TransformerEncoder:
+    """The encoder deep-copies its layer: give every layer its own weights."""
+    for clone in encoder.layers:
+        clone.self_attn._reset_parameters()
+        clone.linear1.reset_parameters()
+        clone.linear2.reset_parameters()
+    return encoder
+
+
+class TutorialLM(nn.Module):
+    """The PyTorch tutorial's language model: (T, B) token ids, sequence first -> scaled
+    embedding + a sinusoidal positional table (a persistent buffer, cut to the input's
+    length) -> ``nn.TransformerEncoder`` with a causal mask made in ``forward`` -> (T, B,
+    V) logits."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = DIM, heads: int = HEADS,
+                 hidden: int = HIDDEN, depth: int = DEPTH, max_len: int = 4 * TOKENS) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        position = torch.arange(max_len).unsqueeze(1)
+        frequencies = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+        table = torch.zeros(max_len, 1, dim)
+        table[:, 0, 0::2] = torch.sin(position * frequencies)
+        table[:, 0, 1::2] = torch.cos(position * frequencies)
+        self.register_buffer("pe", table)
+        layer = nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.0)
+        self.encoder = _own_weights(nn.TransformerEncoder(layer, depth,
+                                                          enable_nested_tensor=False))
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, src: torch.Tensor) -> torch.Tensor:
+        x = self.embed(src) * math.sqrt(self.embed.embedding_dim) + self.pe[:src.size(0)]
+        mask = nn.Transformer.generate_square_subsequent_mask(src.size(0))
+        return self.head(self.encoder(x, mask=mask, is_causal=True))
 
 
 class EncoderClassifier(nn.Module):
@@ -98,14 +145,9 @@ class EncoderClassifier(nn.Module):
         self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, hidden, dropout=0.0, batch_first=True,
                                            norm_first=norm_first)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=depth,
-                                             norm=nn.LayerNorm(dim) if norm_first else None,
-                                             enable_nested_tensor=nested)
-        # the encoder deep-copies ``layer``: give every layer its own weights
-        for clone in self.encoder.layers:
-            clone.self_attn._reset_parameters()
-            clone.linear1.reset_parameters()
-            clone.linear2.reset_parameters()
+        self.encoder = _own_weights(nn.TransformerEncoder(
+            layer, num_layers=depth, norm=nn.LayerNorm(dim) if norm_first else None,
+            enable_nested_tensor=nested))
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,9 +249,40 @@ class CausalSelfAttention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, hd).transpose(1, 2)
         k = self.k(x).view(B, T, self.n_head, hd).transpose(1, 2)
         v = self.v(x).view(B, T, self.n_head, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.attend(q, k, v, T)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.proj(y)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class MaskedCausalSelfAttention(CausalSelfAttention):
+    """The attention written out, with a causal float mask (-inf above the diagonal)
+    kept as a persistent buffer and added to the scores."""
+
+    def __init__(self, dim: int, heads: int, tokens: int = TOKENS) -> None:
+        super().__init__(dim, heads)
+        self.register_buffer("mask", torch.full((tokens, tokens), float("-inf")).triu(1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T) -> torch.Tensor:
+        scores = q @ k.transpose(-2, -1) / q.size(-1) ** 0.5 + self.mask[:T, :T]
+        return scores.softmax(dim=-1) @ v
+
+
+class TrilCausalSelfAttention(CausalSelfAttention):
+    """nanoGPT's slow path: a persistent buffer of ones below the diagonal, cut to the
+    input's length, and the scores above it filled with -inf."""
+
+    def __init__(self, dim: int, heads: int, tokens: int = 2 * TOKENS) -> None:
+        super().__init__(dim, heads)
+        self.register_buffer("bias", torch.tril(torch.ones(tokens, tokens))
+                             .view(1, 1, tokens, tokens))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T) -> torch.Tensor:
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        return F.softmax(att, dim=-1) @ v
 
 
 class PackedCausalSelfAttention(nn.Module):
@@ -233,11 +306,16 @@ class PackedCausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
+_ATTENTION = {"separate": CausalSelfAttention, "packed": PackedCausalSelfAttention,
+              "mask-buffer": MaskedCausalSelfAttention, "tril": TrilCausalSelfAttention}
+
+
 class GPTBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int, packed: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, hidden: int, attention: str = "separate"
+                 ) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = (PackedCausalSelfAttention if packed else CausalSelfAttention)(dim, heads)
+        self.attn = _ATTENTION[attention](dim, heads)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden)
 
@@ -247,22 +325,31 @@ class GPTBlock(nn.Module):
 
 
 class NanoGPT(nn.Module):
-    """(B, T) token ids -> (B, T, V) next-token logits; ``lm_head`` tied to ``tok``."""
+    """(B, T) token ids -> (B, T, V) next-token logits; ``lm_head`` tied to ``tok``;
+    ``attention``: the self-attention module of every block (:data:`_ATTENTION`);
+    ``sliced``: the positions are a table of ``2 * tokens`` rows, a Parameter cut to
+    the input's length (minGPT's ``pos_emb[:, :t]``), not an ``nn.Embedding``."""
 
     def __init__(self, vocab: int = VOCAB, tokens: int = TOKENS, dim: int = DIM,
                  heads: int = HEADS, hidden: int = HIDDEN, depth: int = DEPTH,
-                 packed: bool = False) -> None:
+                 attention: str = "separate", sliced: bool = False) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(tokens, dim)
-        self.blocks = nn.ModuleList(GPTBlock(dim, heads, hidden, packed) for _ in range(depth))
+        if sliced:
+            self.pos_table = nn.Parameter(0.5 * torch.randn(1, 2 * tokens, dim))
+        else:
+            self.pos = nn.Embedding(tokens, dim)
+        self.blocks = nn.ModuleList(GPTBlock(dim, heads, hidden, attention)
+                                    for _ in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
         self.lm_head.weight = self.tok.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok(idx) + self.pos(positions)
+        if hasattr(self, "pos_table"):
+            x = self.tok(idx) + self.pos_table[:, :idx.size(1)]
+        else:
+            x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
@@ -275,7 +362,11 @@ _BUILDERS = {
     "encoder-norm-first": lambda: EncoderClassifier(nested=False, norm_first=True),
     "timm-vit": TimmStyleViT,
     "nanogpt": NanoGPT,
-    "nanogpt-packed": lambda: NanoGPT(packed=True),
+    "nanogpt-packed": lambda: NanoGPT(attention="packed"),
+    "nanogpt-sliced": lambda: NanoGPT(attention="mask-buffer", sliced=True),
+    "nanogpt-tril": lambda: NanoGPT(attention="tril"),
+    "mha-causal-buffer": lambda: MHAClassifier(causal=True),
+    "tutorial-lm": TutorialLM,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -313,6 +404,8 @@ def make_inputs(name: str, generator: torch.Generator, batch: int = 16) -> torch
         return torch.randn(batch, 1, IMAGE, IMAGE, generator=generator)
     if name.startswith("nanogpt"):
         return torch.randint(0, VOCAB, (batch, TOKENS), generator=generator)
+    if name == "tutorial-lm":  # sequence first
+        return torch.randint(0, VOCAB, (TOKENS, batch), generator=generator)
     return torch.randn(batch, TOKENS, FEATURES, generator=generator)
 
 
@@ -435,6 +528,13 @@ def permute_encoder(encoder: nn.TransformerEncoder, plan: Plan) -> None:
         plan.norm(encoder.norm)
 
 
+def _tutorial_lm(model: TutorialLM, plan: Plan) -> None:
+    _take(model.embed.weight, 1, plan.stream)
+    _take(model.pe, 2, plan.stream)
+    permute_encoder(model.encoder, plan)
+    _columns(model.head, plan.stream)
+
+
 def _encoder_classifier(model: EncoderClassifier, plan: Plan) -> None:
     _rows(model.embed, plan.stream)
     _take(model.pos_embed, 2, plan.stream)
@@ -459,7 +559,10 @@ def _nanogpt(model: NanoGPT, plan: Plan) -> None:
     # lm_head.weight IS tok.weight (V, D): permuting its columns once covers both uses
     assert model.lm_head.weight is model.tok.weight
     _take(model.tok.weight, 1, plan.stream)
-    _take(model.pos.weight, 1, plan.stream)
+    if hasattr(model, "pos_table"):
+        _take(model.pos_table, 2, plan.stream)
+    else:
+        _take(model.pos.weight, 1, plan.stream)
     for block in model.blocks:
         plan.norm(block.ln1)
         attn = block.attn
@@ -475,6 +578,7 @@ def _nanogpt(model: NanoGPT, plan: Plan) -> None:
 _RULES = (
     (MHAClassifier, _mha_classifier),
     (EncoderClassifier, _encoder_classifier),
+    (TutorialLM, _tutorial_lm),
     (TimmStyleViT, _timm_vit),
     (NanoGPT, _nanogpt),
 )

@@ -62,11 +62,19 @@ def family(name: str, seed: int = 0, copies: int = 2):
 
 def changed_keys(model: torch.nn.Module, other: torch.nn.Module, tol: float = 0.0
                  ) -> list[str]:
-    """Floating-point state entries that differ by more than ``tol`` (absolute)."""
+    """Floating-point state entries that differ by more than ``tol`` (absolute), or in
+    where and what their infinities are (a causal mask's -inf)."""
     state, other_state = model.state_dict(), other.state_dict()
     return [key for key, tensor in state.items()
-            if tensor.is_floating_point()
-            and float((tensor - other_state[key]).abs().max()) > tol]
+            if tensor.is_floating_point() and _differs(tensor, other_state[key], tol)]
+
+
+def _differs(tensor: torch.Tensor, other: torch.Tensor, tol: float) -> bool:
+    finite = tensor.isfinite()
+    if not torch.equal(finite, other.isfinite()) or not torch.equal(tensor[~finite],
+                                                                   other[~finite]):
+        return True
+    return bool(finite.any()) and float((tensor - other)[finite].abs().max()) > tol
 
 
 def assert_same_layout(model: torch.nn.Module, expected: torch.nn.Module) -> None:
@@ -87,8 +95,12 @@ def test_sanity_permuted_copy_computes_the_same_function(name):
     assert_same_layout(permuted, original)
     changed = changed_keys(permuted, original)
     floating = [k for k, t in original.state_dict().items() if t.is_floating_point()]
+    masks = {name for name, _ in original.named_buffers()
+             if name.endswith(("mask", "attn.bias"))}
     # every tensor moves except the classifier's output bias (classes are not permuted)
-    assert set(floating) - set(changed) <= {"head.bias"}
+    # and the causal masks (buffers over positions, which are not permuted)
+    assert set(floating) - set(changed) <= {"head.bias"} | masks
+    assert not masks & set(changed)
     assert permuted.training is False
 
 

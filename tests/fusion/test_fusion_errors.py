@@ -63,8 +63,29 @@ def test_non_finite_parameter_is_named(bad):
     broken = mlp(seed=1)
     with torch.no_grad():
         broken.layers[2].weight[1, 2] = bad
-    with pytest.raises(ValueError, match=r"model 1.*'layers\.2\.weight'.*NaN or Inf"):
+    with pytest.raises(ValueError, match=r"model 1.*'layers\.2\.weight'.*(NaN|Inf) values"):
         fuse([mlp(), broken])
+
+
+def test_infinities_in_the_first_model_alone_are_named():
+    broken = mlp()
+    with torch.no_grad():
+        broken.layers[2].weight[1, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"model 1: 'layers\.2\.weight' differs from model "
+                                         r"0's, and one of them contains Inf values"):
+        fuse([broken, mlp(seed=1)])
+
+
+def test_the_same_infinities_on_hidden_units_are_refused():
+    """Infinities that every model shares pass the input check, but a tensor on hidden
+    units is permuted and averaged, which would turn them into NaN."""
+    models = [mlp(), mlp(seed=1)]
+    with torch.no_grad():
+        models[0].layers[2].weight[1, 2] = float("inf")
+        models[1].layers[2].weight.copy_(models[0].layers[2].weight)
+    with pytest.raises(ValueError, match=r"'layers\.2\.weight' contains Inf values on hidden "
+                                         "units"):
+        fuse(models)
 
 
 def test_non_finite_buffer_is_named():

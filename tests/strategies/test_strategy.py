@@ -7,6 +7,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from attention_models import FEATURES, TOKENS
+from attention_models import build as build_attention_model
 from flower_replies import (
     WIDTHS,
     FakeGrid,
@@ -549,3 +551,36 @@ def test_numpy_array_record_keys_are_rejected(flwr_logs):
     assert arrays is not None
     assert "node 2: missing keys" in warnings_text(flwr_logs)
     assert np.isfinite(arrays["head.weight"].numpy()).all()
+
+
+def _causal_model(seed: int) -> nn.Module:
+    """A small Transformer whose blocks keep a causal float mask (-inf above the
+    diagonal) as a buffer in the state_dict."""
+    model = build_attention_model("mha-causal-buffer", seed)
+    model.input_shape = (TOKENS, FEATURES)
+    return model
+
+
+def test_a_causal_mask_buffer_passes_the_round_and_a_changed_mask_is_rejected(flwr_logs):
+    states = [_causal_model(seed).state_dict() for seed in (1, 2, 3)]
+    assert states[0]["blocks.0.mask"].isinf().any()
+    unmasked = OrderedDict(states[2])
+    unmasked["blocks.0.mask"] = torch.zeros_like(unmasked["blocks.0.mask"])  # sees the future
+    strategy = OTFusion(lambda: _causal_model(0))
+
+    arrays, metrics = strategy.aggregate_train(
+        1, [reply(1, states[0], 10), reply(99, unmasked, 10), reply(2, states[1], 30)])
+
+    assert metrics["accepted-replies"] == 2 and metrics["rejected-replies"] == 1
+    assert "node 99" in warnings_text(flwr_logs)
+    assert "'blocks.0.mask' differs from the global model's" in warnings_text(flwr_logs)
+    order = fusion_order(states[:2], [10, 30])
+    clients = []
+    for k in order:
+        client = _causal_model(0)
+        client.load_state_dict(states[k])
+        clients.append(client)
+    expected = fuse_result(clients, weights=[[10, 30][k] for k in order],
+                           target=_causal_model(0)).model.state_dict()
+    assert_same_state(arrays, expected)
+    assert torch.equal(arrays.to_torch_state_dict()["blocks.1.mask"], states[0]["blocks.1.mask"])
