@@ -51,10 +51,11 @@ PATCH = 4
 class MHABlock(nn.Module):
     """Pre-norm block around ``nn.MultiheadAttention`` (packed Q/K/V); ``causal``: a
     causal float mask (-inf above the diagonal) for ``tokens`` positions, kept as a
-    buffer in the state_dict and passed as ``attn_mask``."""
+    buffer in the state_dict and passed as ``attn_mask``; ``keywords``: query, key and
+    value passed by keyword."""
 
     def __init__(self, dim: int, heads: int, hidden: int, causal: bool = False,
-                 tokens: int = TOKENS) -> None:
+                 tokens: int = TOKENS, keywords: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
@@ -62,10 +63,15 @@ class MHABlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.register_buffer(
             "mask", nn.Transformer.generate_square_subsequent_mask(tokens) if causal else None)
+        self.keywords = keywords
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        x = x + self.attn(h, h, h, attn_mask=self.mask, need_weights=False)[0]
+        if self.keywords:
+            x = x + self.attn(query=h, key=h, value=h, attn_mask=self.mask,
+                              need_weights=False)[0]
+        else:
+            x = x + self.attn(h, h, h, attn_mask=self.mask, need_weights=False)[0]
         return x + self.mlp(self.norm2(x))
 
 
@@ -76,12 +82,12 @@ class MHAClassifier(nn.Module):
 
     def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = HIDDEN,
                  tokens: int = TOKENS, features: int = FEATURES, classes: int = CLASSES,
-                 depth: int = DEPTH, causal: bool = False) -> None:
+                 depth: int = DEPTH, causal: bool = False, keywords: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(features, dim)
         self.pos_embed = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
         self.cls = nn.Parameter(0.5 * torch.randn(1, 1, dim))
-        self.blocks = nn.ModuleList(MHABlock(dim, heads, hidden, causal, tokens + 1)
+        self.blocks = nn.ModuleList(MHABlock(dim, heads, hidden, causal, tokens + 1, keywords)
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
@@ -366,6 +372,7 @@ _BUILDERS = {
     "nanogpt-sliced": lambda: NanoGPT(attention="mask-buffer", sliced=True),
     "nanogpt-tril": lambda: NanoGPT(attention="tril"),
     "mha-causal-buffer": lambda: MHAClassifier(causal=True),
+    "mha-keywords": lambda: MHAClassifier(keywords=True),
     "tutorial-lm": TutorialLM,
 }
 MODEL_NAMES = tuple(_BUILDERS)

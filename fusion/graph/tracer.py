@@ -59,10 +59,17 @@ class Call:
     def shape(self) -> tuple[int, ...] | None:
         return shape_of(self.node)
 
-    def argument_shapes(self, start: int) -> list[tuple[int, ...]]:
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of the first argument (``input``)."""
+        return shape_of(self.value(0, "input", None))
+
+    def argument_shapes(self, start: int, skip: tuple[str, ...] = ()
+                        ) -> list[tuple[int, ...]]:
         """The shapes of the tensors among the arguments from position ``start`` and the
-        keyword arguments."""
-        values = (*self.node.args[start:], *self.node.kwargs.values())
+        keyword arguments other than ``skip``."""
+        values = (*self.node.args[start:],
+                  *(v for k, v in self.node.kwargs.items() if k not in skip))
         return [shape for shape in map(shape_of, values) if shape is not None]
 
 

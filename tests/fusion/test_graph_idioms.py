@@ -254,21 +254,51 @@ def _permute_token_scale(model: TokenScale, generator: torch.Generator) -> Token
     return model
 
 
+class ChannelsMoved(nn.Module):
+    """Channels moved last by ``movedim`` with tuples, or flattened by keyword."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.conv, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        if self.variant == "movedim":
+            return self.head(torch.movedim(h, (1, 2), (3, 1)).mean((1, 2)))
+        return self.head(torch.flatten(input=h.mean((2, 3), keepdim=True), start_dim=1))
+
+
+def _permute_channels_moved(model: ChannelsMoved, generator: torch.Generator
+                            ) -> ChannelsMoved:
+    model = copy.deepcopy(model)
+    p = _perm(6, generator)
+    _rows(model.conv, p)
+    _columns(model.head, p)
+    return model
+
+
 _TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "list-index")
 
 
-@pytest.mark.parametrize("variant", _TOKEN_SCALES)
-def test_operands_by_keyword_numpy_axes_and_list_indices_are_aligned(variant):
-    """Each was once read wrongly: a keyword operand left unpermuted, ``axis=`` taken
-    for all dimensions, a list index dropping the dimension it keeps."""
-    x = torch.randn(16, 5, 6)
-    model = _built(lambda: TokenScale(variant), 0)
-    copies = [_permute_token_scale(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
+@pytest.mark.parametrize("factory, permute, variant, inputs", [
+    *((TokenScale, _permute_token_scale, v, torch.randn(16, 5, 6)) for v in _TOKEN_SCALES),
+    *((ChannelsMoved, _permute_channels_moved, v, torch.randn(16, 3, 8, 8))
+      for v in ("movedim", "flatten")),
+], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword"])
+def test_operands_by_keyword_numpy_axes_and_list_indices_are_aligned(factory, permute,
+                                                                     variant, inputs):
+    """Each was once read wrongly or crashed: a keyword operand left unpermuted,
+    ``axis=`` taken for all dimensions, a list index dropping the dimension it keeps,
+    ``movedim`` by tuples and ``flatten(input=...)`` failing with internal errors."""
+    model = _built(lambda: factory(variant), 0)
+    copies = [permute(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
     for copied in copies:
-        _same_function(copied, model, x)
-    _same_function(fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=x), model, x)
-    b = _built(lambda: TokenScale(variant), 1)
-    _same_function(align(b, model, config=EXACT, inputs=x), b, x)
+        _same_function(copied, model, inputs)
+    _same_function(fuse([model, *copies], [1, 1, 1], config=EXACT, inputs=inputs), model,
+                   inputs)
+    b = _built(lambda: factory(variant), 1)
+    _same_function(align(b, model, config=EXACT, inputs=inputs), b, inputs)
 
 
 class AttentionPooling(nn.Module):

@@ -45,10 +45,11 @@ def attention(tracer, name: str, module: nn.MultiheadAttention, query, key, valu
                        ndim)
 
 
-def _masks_shared_by_heads(call, features: int, where: str) -> None:
-    """Refuse a 3-D attention mask (one per batch entry and head): the alignment moves
-    whole heads, and the mask's rows would not move with them."""
-    for shape in call.argument_shapes(features):
+def _masks_shared_by_heads(call, features: tuple[str, ...], where: str) -> None:
+    """Refuse a 3-D attention mask (one per batch entry and head) among the arguments
+    after the ``features`` (query, key, value...): the alignment moves whole heads, and
+    the mask's rows would not move with them."""
+    for shape in call.argument_shapes(len(features), skip=features):
         if len(shape) == 3:
             raise UnsupportedModelError(f"{where}: an attention mask per head (3-D, "
                                         f"{shape}) is not supported; heads move")
@@ -67,7 +68,7 @@ def multihead_attention(tracer, call, name, module):
     query = _features(call, 0, "query", where)
     key = _features(call, 1, "key", where)
     value = _features(call, 2, "value", where)
-    _masks_shared_by_heads(call, 3, where)
+    _masks_shared_by_heads(call, ("query", "key", "value"), where)
     out = attention(tracer, name, module, query[-1], key[-1], value[-1], len(query))
     weights = call.node.meta.get("tensor_meta")
     weights = weights[1] if isinstance(weights, tuple) and len(weights) > 1 else None
@@ -131,7 +132,7 @@ def _stack(tracer, name, module, x, ndim, layer_fn):
 def transformer_encoder(tracer, call, name, module):
     where = f"module '{name}'"
     src = _features(call, 0, "src", where)
-    _masks_shared_by_heads(call, 1, where)
+    _masks_shared_by_heads(call, ("src",), where)
     ndim = len(src)
     if isinstance(module, nn.TransformerEncoderLayer):
         x = encoder_layer(tracer, name, module, src[-1], ndim)
@@ -146,7 +147,7 @@ def transformer_decoder(tracer, call, name, module):
     where = f"module '{name}'"
     tgt = _features(call, 0, "tgt", where)
     memory = _features(call, 1, "memory", where)[-1]
-    _masks_shared_by_heads(call, 2, where)
+    _masks_shared_by_heads(call, ("tgt", "memory"), where)
     ndim = len(tgt)
     if isinstance(module, nn.TransformerDecoderLayer):
         x = decoder_layer(tracer, name, module, tgt[-1], memory, ndim)

@@ -150,20 +150,20 @@ def stack(tracer, call):
 @function_rule_for(torch.flatten)
 @method_rule_for("flatten")
 def flatten(tracer, call):
-    return L.flatten(call.layout(), L.shape_of(call.node.args[0]),
+    return L.flatten(call.layout(), call.input_shape,
                      call.value(1, "start_dim", 0), call.value(2, "end_dim", -1), _where(call))
 
 
 @register_rule(nn.Flatten)
 def flatten_module(tracer, call, name, module):
-    return L.flatten(call.layout(), L.shape_of(call.node.args[0]), module.start_dim,
+    return L.flatten(call.layout(), call.input_shape, module.start_dim,
                      module.end_dim, f"module '{name}'")
 
 
 @function_rule_for(torch.reshape, torch.unflatten)
 @method_rule_for("view", "reshape", "unflatten", "view_as", "reshape_as")
 def reshape(tracer, call):
-    source, result = L.shape_of(call.node.args[0]), call.shape
+    source, result = call.input_shape, call.shape
     if source is None or result is None:
         raise UnsupportedModelError(f"{_where(call)}: unknown shape")
     return L.reshape(call.layout(), source, result, _where(call), tracer)
@@ -299,7 +299,7 @@ def scaled_dot_product_attention(tracer, call):
 
 @register_rule(nn.Unflatten)
 def unflatten_module(tracer, call, name, module):
-    return L.reshape(call.layout(), L.shape_of(call.node.args[0]), call.shape,
+    return L.reshape(call.layout(), call.input_shape, call.shape,
                      f"module '{name}'")
 
 
@@ -319,11 +319,13 @@ def permute(tracer, call):
 @method_rule_for("movedim")
 def movedim(tracer, call):
     layout = call.layout()
-    order = list(range(len(layout)))
-    source, target = call.value(1, "source"), call.value(2, "destination")
-    moved = order.pop(source % len(layout))
-    order.insert(target % len(layout), moved)
-    return L.permute(layout, order)
+    ndim = len(layout)
+    sources, targets = (
+        [d % ndim for d in (v if isinstance(v, tuple | list) else (v,))]
+        for v in (call.value(1, "source"), call.value(2, "destination")))
+    rest = iter(d for d in range(ndim) if d not in sources)
+    moved = dict(zip(targets, sources, strict=True))
+    return L.permute(layout, [moved[d] if d in moved else next(rest) for d in range(ndim)])
 
 
 @function_rule_for(torch.t)
@@ -362,7 +364,7 @@ def getitem(tracer, call):
 @function_rule_for(torch.squeeze)
 @method_rule_for("squeeze")
 def squeeze(tracer, call):
-    layout, source = call.layout(), L.shape_of(call.node.args[0])
+    layout, source = call.layout(), call.input_shape
     dims = call.value(1, "dim", None)
     if dims is None:
         dims = [d for d, size in enumerate(source) if size == 1]
@@ -395,7 +397,7 @@ def reduction(tracer, call):
 def expand(tracer, call):
     """Repeats along dimensions of size one (``expand``) keep the layout; ``repeat``
     must not tile aligned units."""
-    layout, source, result = call.layout(), L.shape_of(call.node.args[0]), call.shape
+    layout, source, result = call.layout(), call.input_shape, call.shape
     extra = len(result) - len(layout)
     for d, spec in enumerate(layout):
         if spec is not None and result[d + extra] != source[d]:
