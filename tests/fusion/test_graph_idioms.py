@@ -212,13 +212,16 @@ class ComparisonGate(nn.Module):
         return self.head(h * (~(h <= 0)).float())
 
 
-def _permute_comparison_gate(model: ComparisonGate, generator: torch.Generator
-                             ) -> ComparisonGate:
-    model = copy.deepcopy(model)
-    p = _perm(8, generator)
-    _rows(model.a, p)
-    _columns(model.head, p)
-    return model
+def _between(first: str, width: int):
+    """A permutation helper for models with one hidden layer: ``first``'s output units
+    and the head's input columns, ``width`` of them."""
+    def permute(model: nn.Module, generator: torch.Generator) -> nn.Module:
+        model = copy.deepcopy(model)
+        p = _perm(width, generator)
+        _rows(getattr(model, first), p)
+        _columns(model.head, p)
+        return model
+    return permute
 
 
 class TokenScale(nn.Module):
@@ -269,21 +272,12 @@ class ChannelsMoved(nn.Module):
         return self.head(torch.flatten(input=h.mean((2, 3), keepdim=True), start_dim=1))
 
 
-def _permute_channels_moved(model: ChannelsMoved, generator: torch.Generator
-                            ) -> ChannelsMoved:
-    model = copy.deepcopy(model)
-    p = _perm(6, generator)
-    _rows(model.conv, p)
-    _columns(model.head, p)
-    return model
-
-
 _TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "list-index")
 
 
 @pytest.mark.parametrize("factory, permute, variant, inputs", [
     *((TokenScale, _permute_token_scale, v, torch.randn(16, 5, 6)) for v in _TOKEN_SCALES),
-    *((ChannelsMoved, _permute_channels_moved, v, torch.randn(16, 3, 8, 8))
+    *((ChannelsMoved, _between("conv", 6), v, torch.randn(16, 3, 8, 8))
       for v in ("movedim", "flatten")),
 ], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword"])
 def test_operands_by_keyword_numpy_axes_and_list_indices_are_aligned(factory, permute,
@@ -450,7 +444,7 @@ def _built(factory, seed: int) -> nn.Module:
     (RawWeight, _permute_raw_weight, torch.randn(16, 6)),
     (DirectBufferScale, _permute_buffer_scale, _images()),
     (BufferScale, _permute_buffer_scale, _images()),
-    (ComparisonGate, _permute_comparison_gate, torch.randn(16, 6)),
+    (ComparisonGate, _between("a", 8), torch.randn(16, 6)),
     (AttentionPooling, _permute_attention_pooling, torch.randn(16, 5, 6)),
     (RawFirstLayer, _permute_raw_first_layer, torch.randn(16, 6)),
     (StackedBranches, _permute_stacked_branches, torch.randn(16, 6)),
