@@ -62,12 +62,18 @@ def as_neuron(spec: AxisSpec | None) -> AxisSpec | None:
     return None if spec is None else replace(spec, kind="neuron")
 
 
-def require_unaligned(layout: Layout, dims, where: str, why: str) -> None:
-    """Refuse by name when an op mixes the units of an aligned dimension."""
+def require_unaligned(tracer, layout: Layout, dims, where: str, why: str) -> None:
+    """Refuse by name when an op mixes the units of an aligned dimension. A parameter's
+    or buffer's own axis, met by no layer yet, may be mixed, if it stays unaligned
+    (:meth:`~.tracer.Tracer.must_stay_unaligned`)."""
     for d in dims:
-        if layout[d] is not None:
-            raise UnsupportedModelError(f"{where} {why} (dimension {d % len(layout)} holds "
-                                        "aligned units)")
+        spec = layout[d]
+        if spec is None:
+            continue
+        problem = f"{where} {why} (dimension {d % len(layout)} holds aligned units)"
+        if not tracer.passive_only(tracer.find(spec.group)):
+            raise UnsupportedModelError(problem)
+        tracer.must_stay_unaligned(spec.group, problem)
 
 
 def merge(layout: Layout, sizes: tuple[int, ...], where: str) -> AxisSpec | None:

@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..modes import temporary_mode
 from . import rules
-from .layouts import Layout, Stacked, has_groups, plain, shape_of
+from .layouts import Layout, Stacked, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
 
 _MISSING = object()
@@ -105,7 +105,7 @@ class Tracer:
         self.split_groups: dict[int, list[int]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
         self.constants: list[tuple[int, str]] = []
-        self.outside_state: set[fx.Node] = set()
+        self.opaque_groups: set[int] = set()
 
     # -- groups
     def new_group(self, label: str, passive: bool = False) -> int:
@@ -131,30 +131,24 @@ class Tracer:
         """``group`` keeps the identity coupling (it meets unaligned data)."""
         self.fixed.add(group)
 
-    def meets_constant(self, group: int, where: str) -> None:
-        """``group`` meets a tensor outside the state_dict (a non-persistent buffer, or
-        a tensor attribute fx baked into the graph): nothing can permute it, so the
-        group must turn out unaligned anyway (an input's or the output's), or the model
-        is refused."""
-        self.constants.append((group, (
-            f"{where} combines aligned units with a tensor outside the model's state_dict "
-            "(a non-persistent buffer, or a plain tensor attribute that torch.fx bakes "
-            "into the graph), which the alignment cannot permute; register it as a "
-            "persistent buffer")))
-
     def cut(self, axis: AxisSpec, where: str) -> bool:
         """Whether ``axis`` may be sliced or indexed: it may when it is still a parameter's
         or buffer's own axis, met by no layer yet (a positional table or a causal mask
         cut to the sequence length). Its entries are then picked by position, so the
         axis must turn out unaligned (met by positions, or by nothing), or the model is
         refused."""
-        root = self.find(axis.group)
-        if any(g not in self.passive for g in range(len(self.parent)) if self.find(g) == root):
+        if not self.passive_only(self.find(axis.group)):
             return False
-        self.constants.append((root, (
+        self.must_stay_unaligned(axis.group, (
             f"{where} picks entries of a parameter or buffer by position along an axis "
-            "that meets aligned units, which cannot be permuted then")))
+            "that meets aligned units, which cannot be permuted then"))
         return True
+
+    def must_stay_unaligned(self, group: int, problem: str) -> None:
+        """``group`` is used in a way no coupling can follow (its entries picked or mixed
+        by position): it must turn out unaligned (met by data, or by nothing), or
+        ``problem`` is raised when the graph is finished."""
+        self.constants.append((self.find(group), problem))
 
     def constrain_blocks(self, group: int, blocks: int, where: str,
                          source: int | None = None) -> None:
@@ -284,12 +278,7 @@ class Tracer:
         if node.op == "placeholder":
             return plain(node)
         if node.op == "get_attr":
-            if node.target not in self.state:
-                self.outside_state.add(node)
             return self.attribute(node)
-        tensors = [n for n in node.all_input_nodes if shape_of(n) is not None]
-        if tensors and all(n in self.outside_state for n in tensors):
-            self.outside_state.add(node)  # e.g. a non-persistent table cut to a length
         call = Call(node, *fx.node.map_arg((node.args, node.kwargs), lambda n: layouts[n]))
         if node.op == "call_module":
             return self.visit_module(call)
@@ -301,13 +290,40 @@ class Tracer:
             raise UnsupportedModelError(f"node '{node.name}' uses {stacked.why}")
         if rule is not None:
             return rule(self, call)
-        if has_groups([*call.args, *call.kwargs.values()]):
-            name = node.target if isinstance(node.target, str) else getattr(
-                node.target, "__name__", str(node.target))
-            raise UnsupportedModelError(
-                f"node '{node.name}' ({node.op} {name}) acts on aligned neurons in a way the "
-                "alignment graph does not support")
-        return plain(node)
+        groups = {self.find(spec.group) for spec in _specs([*call.args, *call.kwargs.values()])}
+        if not groups:
+            return plain(node)
+        name = node.target if isinstance(node.target, str) else getattr(
+            node.target, "__name__", str(node.target))
+        problem = (f"node '{node.name}' ({node.op} {name}) acts on aligned neurons in a way "
+                   "the alignment graph does not support")
+        if not all(self.passive_only(g) for g in groups):
+            raise UnsupportedModelError(problem)
+        # computed from parameters' or buffers' own axes alone (a table built from a
+        # buffer): allowed as long as none of those axes, nor the result's, is aligned
+        for group in groups:
+            self.must_stay_unaligned(group, problem)
+        return self.opaque(node, problem)
+
+    def passive_only(self, root: int) -> bool:
+        """Whether the group of ``root`` is made of parameters' and buffers' own axes
+        alone, met by no layer yet."""
+        return all(g in self.passive for g in range(len(self.parent)) if self.find(g) == root)
+
+    def opaque(self, node: fx.Node, problem: str) -> Layout | None:
+        """The layout of a tensor nothing can permute: every axis a group of its own,
+        which must turn out unaligned, or ``problem`` is raised."""
+        shape = shape_of(node)
+        if shape is None:
+            return None
+        axes = tuple(None if size == 1 else AxisSpec(
+            self.new_group(f"{node.name}[{d}]", passive=True), "neuron")
+            for d, size in enumerate(shape))
+        for a in axes:
+            if a is not None:
+                self.must_stay_unaligned(a.group, problem)
+                self.opaque_groups.add(a.group)
+        return axes
 
     def visit_module(self, call: Call) -> object:
         name = call.node.target
@@ -332,15 +348,32 @@ class Tracer:
         return layout
 
     def attribute(self, node: fx.Node) -> Layout | None:
-        """A parameter or buffer read directly: its axes join whatever they meet."""
+        """A parameter or buffer read directly: its axes join whatever they meet. A
+        tensor outside the state_dict may meet no aligned unit."""
         if node.target not in self.state:
-            return plain(node)
+            return self.opaque(node, (
+                f"'{node.target}', a tensor outside the model's state_dict (a non-persistent "
+                "buffer, or a plain tensor attribute that torch.fx bakes into the graph), "
+                "meets aligned units, which the alignment cannot permute; register it as a "
+                "persistent buffer"))
         tensor = self.state[node.target]
         axes = tuple(None if size == 1 else AxisSpec(
             self.new_group(f"{node.target}[{d}]", passive=True), "neuron")
             for d, size in enumerate(tensor.shape))
         self.record("", node.target, axes, cost=False)
         return axes
+
+
+def _specs(value):
+    """Every axis spec in a (nested) layout value."""
+    if isinstance(value, AxisSpec):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _specs(v)
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _specs(v)
 
 
 _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")
@@ -394,9 +427,10 @@ class _Finisher:
         self.t = tracer
         find = tracer.find
         active = {find(g) for g in range(len(tracer.parent)) if g not in tracer.passive}
-        self.roots = sorted({find(g) for g in range(len(tracer.parent))} - set(
-            tracer.split_groups))
-        self.fixed = {find(g) for g in tracer.fixed} | (set(self.roots) - active)
+        roots = {find(g) for g in range(len(tracer.parent))} - set(tracer.split_groups)
+        stateful = {find(g) for g in range(len(tracer.parent)) if g not in tracer.opaque_groups}
+        self.roots = sorted(roots & stateful)  # an opaque tensor's own axes: no width
+        self.fixed = {find(g) for g in tracer.fixed} | (roots - active)
         parts = {find(g): [find(p) for p, _ in value if p is not None]
                  for g, value in tracer.parts.items()}
         grown = True
@@ -408,6 +442,22 @@ class _Finisher:
         for group, problem in tracer.constants:
             if find(group) not in self.fixed:
                 raise UnsupportedModelError(problem)
+        self._refuse_units_of_parameters_alone(roots - active - {find(g) for g in tracer.fixed})
+
+    def _refuse_units_of_parameters_alone(self, unmet: set[int]) -> None:
+        """A layer reading units that only parameters define (learned latents or queries
+        fed straight into a Linear: ``self.q(self.latents)``) would leave them unaligned
+        while they are a permutable hidden dimension: refused. ``unmet``: the groups of
+        parameters' and buffers' own axes that met neither layers nor data."""
+        for uses in self.t.uses.values():
+            for name, axes, _ in uses:
+                for spec in axes:
+                    if spec is not None and spec.kind == "input" \
+                            and self.t.find(spec.group) in unmet:
+                        raise UnsupportedModelError(
+                            f"'{name}' reads units that only parameters or buffers define "
+                            f"('{self.t.labels[self.t.find(spec.group)]}': learned latents "
+                            "or queries fed straight into a layer), which cannot be aligned")
 
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:
@@ -449,14 +499,15 @@ class _Finisher:
             groups.append(Group(
                 self.canonical[root], "+".join(labels.get(root, [t.labels[root]])),
                 root in self.fixed, count, None if source is None else self.canonical[source],
-                tuple((None if g is None else self.canonical[t.find(g)], size)
+                tuple((self.canonical.get(t.find(g)) if g is not None else None, size)
                       for g, size in parts[root]) if root in parts else None))
         tensors = self.tensors()
         sites: dict[int, list[ActivationSite]] = {}
         for g, site in t.sites:
             sites.setdefault(self.canonical[t.find(g)], []).append(
                 replace(site, spec=self.canon(site.spec)))
-        outputs = frozenset(self.canonical[t.find(g)] for g in t.outputs)
+        outputs = frozenset(self.canonical[t.find(g)] for g in t.outputs
+                            if t.find(g) in self.canonical)
         return AlignmentGraph(tuple(groups), tensors,
                               {g: tuple(s) for g, s in sites.items()}, outputs,
                               {name: (axis, len(pieces))

@@ -244,6 +244,10 @@ class TokenScale(nn.Module):
             return self.head(h.add(other=self.s).mean(1))
         if self.variant == "axis":
             return self.head((h * self.s).amax(axis=1, keepdim=True).squeeze(1))
+        if self.variant in ("chunk-function", "split-function"):
+            first, second = (torch.chunk(h * self.s, 2, dim=1) if self.variant == "chunk-function"
+                             else torch.split(h * self.s, [2, 3], dim=1))
+            return self.head(first.mean(1) - second.mean(1))
         return self.head((h * self.s)[:, [0, -1]].mean(1))  # "list-index"
 
 
@@ -272,19 +276,106 @@ class ChannelsMoved(nn.Module):
         return self.head(torch.flatten(input=h.mean((2, 3), keepdim=True), start_dim=1))
 
 
-_TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "list-index")
+class BufferMixer(nn.Module):
+    """Positions mixed by a matrix built in ``forward`` from a buffer
+    (``torch.triu(self.mix) @ h``)."""
+
+    def __init__(self, variant: str = ""):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("mix", torch.randn(5, 5))
+
+    def forward(self, x):
+        return self.head(F.relu(torch.triu(self.mix) @ self.a(x)).mean(1))
+
+
+class GatedLinearUnits(nn.Module):
+    """A GLU over a layer's outputs (a gated convolution or MLP), as a function or a
+    module."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 2 * 5), nn.Linear(5, 3)
+        self.glu = nn.GLU(dim=-1) if variant == "module" else None
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(self.glu(h) if self.glu is not None else F.glu(h, dim=1))
+
+
+def _permute_glu(model: GatedLinearUnits, generator: torch.Generator) -> GatedLinearUnits:
+    model = copy.deepcopy(model)
+    p = _perm(5, generator)
+    _rows(model.fc, torch.cat([p, 5 + p]))  # the value and its gate move together
+    _columns(model.head, p)
+    return model
+
+
+class TinyUNet(nn.Module):
+    """Encoder, decoder and skip connection, upsampled by a transposed convolution or by
+    resampling then a 1x1 convolution (``variant``); the decoder's channels are
+    L2-normalised."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.enc1, self.enc2 = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+        self.up = (nn.ConvTranspose2d(8, 5, 2, stride=2) if variant == "transposed"
+                   else nn.Conv2d(8, 5, 1))
+        self.resample = nn.Upsample(scale_factor=2)
+        self.dec, self.out = nn.Conv2d(11, 7, 3, padding=1), nn.Conv2d(7, 2, 1)
+
+    def forward(self, x):
+        e1 = F.relu(self.enc1(x))
+        e2 = F.relu(self.enc2(F.max_pool2d(e1, 2)))
+        if self.variant == "transposed":
+            u = self.up(e2)
+        elif self.variant == "upsample":
+            u = self.up(self.resample(e2))
+        else:
+            u = self.up(F.interpolate(e2, scale_factor=2.0, mode="bilinear"))
+        d = F.relu(self.dec(torch.cat([u, e1], dim=1)))
+        return self.out(F.normalize(d, dim=1))
+
+
+def _permute_unet(model: TinyUNet, generator: torch.Generator) -> TinyUNet:
+    model = copy.deepcopy(model)
+    p1, p2, p3, p4 = (_perm(n, generator) for n in (6, 8, 5, 7))
+    _rows(model.enc1, p1)
+    _columns(model.enc2, p1)
+    _rows(model.enc2, p2)
+    with torch.no_grad():
+        if model.variant == "transposed":  # weight (in, out, kh, kw)
+            model.up.weight.copy_(model.up.weight[p2][:, p3])
+            model.up.bias.copy_(model.up.bias[p3])
+        else:
+            _columns(model.up, p2)
+            _rows(model.up, p3)
+    _columns(model.dec, torch.cat([p3, 5 + p1]))
+    _rows(model.dec, p4)
+    _columns(model.out, p4)
+    return model
+
+
+_TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "list-index",
+                 "chunk-function", "split-function")
 
 
 @pytest.mark.parametrize("factory, permute, variant, inputs", [
     *((TokenScale, _permute_token_scale, v, torch.randn(16, 5, 6)) for v in _TOKEN_SCALES),
     *((ChannelsMoved, _between("conv", 6), v, torch.randn(16, 3, 8, 8))
       for v in ("movedim", "flatten")),
-], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword"])
-def test_operands_by_keyword_numpy_axes_and_list_indices_are_aligned(factory, permute,
-                                                                     variant, inputs):
-    """Each was once read wrongly or crashed: a keyword operand left unpermuted,
-    ``axis=`` taken for all dimensions, a list index dropping the dimension it keeps,
-    ``movedim`` by tuples and ``flatten(input=...)`` failing with internal errors."""
+    *((TinyUNet, _permute_unet, v, torch.randn(8, 3, 8, 8))
+      for v in ("transposed", "upsample", "interpolate")),
+    *((GatedLinearUnits, _permute_glu, v, torch.randn(16, 6)) for v in ("function", "module")),
+    (BufferMixer, _between("a", 8), "", torch.randn(16, 5, 6)),
+], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword", "unet-transposed-conv",
+        "unet-upsample", "unet-interpolate", "glu-function", "glu-module", "buffer-mixer"])
+def test_idioms_once_misread_or_refused_are_aligned(factory, permute, variant, inputs):
+    """Each was once read wrongly, crashed or was refused: a keyword operand left
+    unpermuted, ``axis=`` taken for all dimensions, a list index dropping the dimension
+    it keeps, ``movedim`` by tuples and ``flatten(input=...)`` failing with internal
+    errors, transposed convolutions, resampling, ``F.normalize`` and GLUs refused."""
     model = _built(lambda: factory(variant), 0)
     copies = [permute(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
     for copied in copies:
@@ -633,12 +724,48 @@ class SlicedTable(nn.Module):
         return self.head(F.relu(self.a(x) + self.table[:x.size(0)]))
 
 
+class NonStateScale(nn.Module):
+    """A per-unit scale outside the state_dict, reached in ways that once slipped past
+    the check: through ``type_as``, ``expand_as`` or a product with a parameter."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.w = nn.Parameter(torch.rand(8))
+        self.register_buffer("s", torch.rand(8) + 0.5, persistent=False)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if self.variant == "type_as":
+            return self.head(h * self.s.type_as(h))
+        if self.variant == "expand_as":
+            return self.head(h * self.s.expand_as(h))
+        return self.head(h * (self.s * self.w))
+
+
+class Latents(nn.Module):
+    """Perceiver-style learned latents fed straight into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(4, 6))
+        self.a, self.q, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(x)) * F.relu(self.q(self.latents)).mean(0))
+
+
 @pytest.mark.parametrize("factory, match", [
+    *((lambda v=v: NonStateScale(v), "outside the model's state_dict")
+      for v in ("type_as", "expand_as", "times-parameter")),
+    (Latents, "'q.weight' reads units that only parameters or buffers define"),
     (CatPlusCat, "two concatenations are added"),
     (ClampByParameter, "takes a second tensor"),
     (SlicedScale, "picks entries of a parameter or buffer by position"),
     (SlicedTable, "outside the model's state_dict"),
-], ids=["cat-plus-cat", "clamp-by-parameter", "sliced-scale", "sliced-table"])
+], ids=["non-state-type-as", "non-state-expand-as", "non-state-times-parameter", "latents",
+        "cat-plus-cat", "clamp-by-parameter", "sliced-scale", "sliced-table"])
 def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
     a, b = _built(factory, 0), _built(factory, 1)
     with pytest.raises(UnsupportedModelError, match=match):

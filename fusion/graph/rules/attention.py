@@ -55,9 +55,9 @@ def _masks_shared_by_heads(call, features: tuple[str, ...], where: str) -> None:
                                         f"{shape}) is not supported; heads move")
 
 
-def _features(call, index: int, name: str, where: str):
+def _features(tracer, call, index: int, name: str, where: str):
     layout = call.layout(index, name)
-    require_unaligned(layout, range(len(layout) - 1), where,
+    require_unaligned(tracer, layout, range(len(layout) - 1), where,
                       "attends over a dimension that holds aligned units")
     return layout
 
@@ -65,9 +65,9 @@ def _features(call, index: int, name: str, where: str):
 @register_rule(nn.MultiheadAttention)
 def multihead_attention(tracer, call, name, module):
     where = f"module '{name}'"
-    query = _features(call, 0, "query", where)
-    key = _features(call, 1, "key", where)
-    value = _features(call, 2, "value", where)
+    query = _features(tracer, call, 0, "query", where)
+    key = _features(tracer, call, 1, "key", where)
+    value = _features(tracer, call, 2, "value", where)
     _masks_shared_by_heads(call, ("query", "key", "value"), where)
     out = attention(tracer, name, module, query[-1], key[-1], value[-1], len(query))
     weights = call.node.meta.get("tensor_meta")
@@ -131,7 +131,7 @@ def _stack(tracer, name, module, x, ndim, layer_fn):
 @register_rule(nn.TransformerEncoderLayer, nn.TransformerEncoder)
 def transformer_encoder(tracer, call, name, module):
     where = f"module '{name}'"
-    src = _features(call, 0, "src", where)
+    src = _features(tracer, call, 0, "src", where)
     _masks_shared_by_heads(call, ("src",), where)
     ndim = len(src)
     if isinstance(module, nn.TransformerEncoderLayer):
@@ -145,8 +145,8 @@ def transformer_encoder(tracer, call, name, module):
 @register_rule(nn.TransformerDecoderLayer, nn.TransformerDecoder)
 def transformer_decoder(tracer, call, name, module):
     where = f"module '{name}'"
-    tgt = _features(call, 0, "tgt", where)
-    memory = _features(call, 1, "memory", where)[-1]
+    tgt = _features(tracer, call, 0, "tgt", where)
+    memory = _features(tracer, call, 1, "memory", where)[-1]
     _masks_shared_by_heads(call, ("tgt", "memory"), where)
     ndim = len(tgt)
     if isinstance(module, nn.TransformerDecoderLayer):

@@ -36,7 +36,7 @@ def convolution(tracer, call, name, module):
     source = call.layout()
     k = module.weight.dim() - 2
     where = f"module '{name}'"
-    require_unaligned(source, range(-k, 0), where, "convolves over aligned units")
+    require_unaligned(tracer, source, range(-k, 0), where, "convolves over aligned units")
     channel = source[-k - 1]
     kernel = (None,) * k
     if module.groups == 1:
@@ -72,6 +72,26 @@ def convolution(tracer, call, name, module):
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=True)
         tracer.add_site(group, name, None, len(source) - k - 1, out)
+    return (*source[:-k - 1], out, *source[-k:])
+
+
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def transposed_convolution(tracer, call, name, module):
+    """New channels from the input channels, the weight laid out ``(in, out, kernel)``;
+    grouped ones are refused."""
+    source = call.layout()
+    k = module.weight.dim() - 2
+    where = f"module '{name}'"
+    require_unaligned(tracer, source, range(-k, 0), where, "convolves over aligned units")
+    if module.groups != 1:
+        raise UnsupportedModelError(f"{where}: a grouped transposed convolution is not "
+                                    "supported")
+    group = tracer.new_group(name)
+    out = AxisSpec(group, "neuron")
+    tracer.record(name, "weight", (as_input(source[-k - 1]), out, *(None,) * k), cost=True)
+    if module.bias is not None:
+        tracer.record(name, "bias", (out,), cost=True)
+    tracer.add_site(group, name, None, len(source) - k - 1, out)
     return (*source[:-k - 1], out, *source[-k:])
 
 

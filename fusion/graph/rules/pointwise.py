@@ -1,6 +1,6 @@
-"""Ops that act on every unit alone (activations, dropout, softmax over any dimension,
-which is permutation-equivariant), and pooling, which mixes neighbouring positions and
-so must not run over aligned units."""
+"""Ops that act on every unit alone (activations, dropout, softmax or a norm over any
+dimension, which are permutation-equivariant), and pooling and resampling, which mix
+neighbouring positions and so must not run over aligned units."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ ELEMENTWISE_FUNCTIONS = (
     F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.softmax, torch.log_softmax,
     torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.neg,
     torch.clamp, torch.erf, torch.sin, torch.cos, operator.invert, torch.logical_not,
+    F.normalize,
 )
 ELEMENTWISE_METHODS = (
     "relu", "relu_", "tanh", "sigmoid", "softmax", "log_softmax", "exp", "log", "abs",
@@ -86,15 +87,33 @@ _POOL_FUNCTIONS = {
 
 @register_rule(*_POOLS)
 def pool_module(tracer, call, name, module):
-    return _pooled(call.layout(), _POOLS[type(module)], f"module '{name}'")
+    return _pooled(tracer, call.layout(), _POOLS[type(module)], f"module '{name}'")
 
 
 @function_rule_for(*_POOL_FUNCTIONS)
 def pool_function(tracer, call):
-    return _pooled(call.layout(), _POOL_FUNCTIONS[call.node.target], f"node '{call.node.name}'")
+    return _pooled(tracer, call.layout(), _POOL_FUNCTIONS[call.node.target],
+                   f"node '{call.node.name}'")
 
 
-def _pooled(layout, dims: int, where: str):
-    require_unaligned(layout, range(-dims, 0), where,
+_RESAMPLERS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
+
+
+@register_rule(*_RESAMPLERS)
+def resample_module(tracer, call, name, module):
+    layout = call.layout()
+    return _pooled(tracer, layout, len(layout) - 2, f"module '{name}'")
+
+
+@function_rule_for(F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear)
+def resample_function(tracer, call):
+    """Resampling (a U-Net's upsampling) mixes neighbouring positions of every dimension
+    after the batch and the channels, like pooling."""
+    layout = call.layout()
+    return _pooled(tracer, layout, len(layout) - 2, f"node '{call.node.name}'")
+
+
+def _pooled(tracer, layout, dims: int, where: str):
+    require_unaligned(tracer, layout, range(-dims, 0), where,
                       "pools neighbouring units of an aligned dimension together")
     return layout

@@ -17,7 +17,7 @@ GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 def recurrent(tracer, call, name, module):
     source = call.layout()
     where = f"module '{name}'"
-    require_unaligned(source, range(len(source) - 1), where,
+    require_unaligned(tracer, source, range(len(source) - 1), where,
                       "runs over a time or batch dimension that holds aligned units")
     if len(call.args) > 1 and has_groups(call.args[1:]):
         raise UnsupportedModelError(f"{where}: an initial state with aligned units is not "

@@ -6,6 +6,7 @@ import operator
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import layouts as L
@@ -41,20 +42,16 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
     if "data" in specs:
         tracer.fix(first.group)
         return None
-    if "constant" in specs:
-        tracer.meets_constant(first.group, where)
-        return None
     return replace(first, kind="neuron")
 
 
-def _operand_specs(operands, shapes, offset: int, constants=()):
+def _operand_specs(operands, shapes, offset: int):
     """Per operand, its spec at ``-offset`` (right-aligned broadcasting), ``"data"`` for
-    an unaligned dimension of size > 1, ``"constant"`` for one of the operands numbered
-    in ``constants``. A dimension of size 1 broadcast against a larger one (a gate of
-    one unit scaling every hidden unit) meets nothing."""
+    an unaligned dimension of size > 1. A dimension of size 1 broadcast against a larger
+    one (a gate of one unit scaling every hidden unit) meets nothing."""
     sizes = {shape[-offset] for shape in shapes if shape is not None and offset <= len(shape)}
     specs = []
-    for i, (layout, shape) in enumerate(zip(operands, shapes, strict=True)):
+    for layout, shape in zip(operands, shapes, strict=True):
         if offset > len(layout):
             continue
         spec = layout[-offset]
@@ -63,14 +60,8 @@ def _operand_specs(operands, shapes, offset: int, constants=()):
         if spec is not None:
             specs.append(spec)
         elif shape is not None and shape[-offset] != 1:
-            specs.append("constant" if i in constants else "data")
+            specs.append("data")
     return specs
-
-
-def _traced_constant(tracer, node) -> bool:
-    """Whether ``node`` is a tensor from outside the model's state (a non-persistent
-    buffer, a tensor attribute fx baked into the graph, or computed from those alone)."""
-    return isinstance(node, fx.Node) and node in tracer.outside_state
 
 
 _OPERANDS = {torch.where: ("condition", "input", "other"),
@@ -100,13 +91,11 @@ def broadcast(tracer, call):
     names = _OPERANDS.get(call.node.target, ("input", "other"))
     operands = [(call.layout(i, name), call.value(i, name, None))
                 for i, name in enumerate(names)]
-    pairs = [(layout, L.shape_of(arg), _traced_constant(tracer, arg))
-             for layout, arg in operands if L.is_layout(layout)]
-    constants = {i for i, p in enumerate(pairs) if p[2]}
+    pairs = [(layout, L.shape_of(arg)) for layout, arg in operands if L.is_layout(layout)]
     result = [None] * len(shape)
     for offset in range(1, len(shape) + 1):
         result[-offset] = unify(tracer, _operand_specs(
-            [p[0] for p in pairs], [p[1] for p in pairs], offset, constants), _where(call))
+            [p[0] for p in pairs], [p[1] for p in pairs], offset), _where(call))
     return tuple(result)
 
 
@@ -229,9 +218,9 @@ def matmul(tracer, call):
                                         "units is not supported")
         return L.plain(call.node)
     inner = [left[-1], right[-2]]
-    for index in (0, 1):  # a weight applied to unaligned data (the input): x @ self.W
+    for index in (0, 1):  # a parameter or buffer applied to unaligned data: x @ self.W
         if inner[1 - index] is None and inner[index] is not None \
-                and _weight_node(tracer, call, index):
+                and tracer.passive_only(tracer.find(inner[index].group)):
             tracer.fix(inner[index].group)
             inner[index] = None
     _contract(tracer, *inner, _where(call))
@@ -289,7 +278,7 @@ def scaled_dot_product_attention(tracer, call):
     query, key, value = call.layout(0, "query"), call.layout(1, "key"), call.layout(2, "value")
     where = _where(call)
     for layout in (query, key, value):
-        L.require_unaligned(layout, (-2,), where, "attends over a dimension that holds "
+        L.require_unaligned(tracer, layout, (-2,), where, "attends over a dimension that holds "
                             "aligned units")
     _contract(tracer, query[-1], key[-1], where)
     _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where))
@@ -371,7 +360,8 @@ def squeeze(tracer, call):
     dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list) else (dims,))
             if source[d] == 1}
     # a group of one unit (a Linear to one output) has nothing to permute
-    L.require_unaligned(layout, [d for d in dims if layout[d] is not None and layout[d].part],
+    L.require_unaligned(tracer, layout,
+                        [d for d in dims if layout[d] is not None and layout[d].part],
                         _where(call), "squeezes away aligned units")
     return tuple(s for d, s in enumerate(layout) if d not in dims)
 
@@ -408,6 +398,30 @@ def expand(tracer, call):
 @method_rule_for("size", "dim", "numel")
 def size(tracer, call):
     return None
+
+
+@function_rule_for(F.glu)
+def glu(tracer, call):
+    layout = call.layout()
+    return _gated_halves(tracer, layout, call.value(1, "dim", -1) % len(layout), _where(call))
+
+
+@register_rule(nn.GLU)
+def glu_module(tracer, call, name, module):
+    layout = call.layout()
+    return _gated_halves(tracer, layout, module.dim % len(layout), f"module '{name}'")
+
+
+def _gated_halves(tracer, layout, dim: int, where: str):
+    """``a * sigmoid(b)`` of the two halves along ``dim`` (a GLU): as ``chunk(2)`` then a
+    product, so the halves of a layer's outputs share one coupling."""
+    spec = layout[dim]
+    if spec is None:
+        return layout
+    if spec.part is not None or (spec.outer, spec.inner) != (1, 1):
+        raise UnsupportedModelError(f"{where} splits aligned units apart unevenly")
+    halves = [replace(spec, group=g) for g in tracer.pieces(spec.group, 2, where)]
+    return (*layout[:dim], unify(tracer, halves, where), *layout[dim + 1:])
 
 
 @function_rule_for(torch.chunk, torch.split, torch.unbind)
