@@ -449,15 +449,18 @@ class _Finisher:
         fed straight into a Linear: ``self.q(self.latents)``) would leave them unaligned
         while they are a permutable hidden dimension: refused. ``unmet``: the groups of
         parameters' and buffers' own axes that met neither layers nor data."""
+        problems: dict[int, str] = {}
+        for group, problem in self.t.constants:  # an op's own refusal names it better
+            problems.setdefault(self.t.find(group), problem)
         for uses in self.t.uses.values():
             for name, axes, _ in uses:
                 for spec in axes:
-                    if spec is not None and spec.kind == "input" \
-                            and self.t.find(spec.group) in unmet:
-                        raise UnsupportedModelError(
+                    root = None if spec is None else self.t.find(spec.group)
+                    if spec is not None and spec.kind == "input" and root in unmet:
+                        raise UnsupportedModelError(problems.get(root) or (
                             f"'{name}' reads units that only parameters or buffers define "
-                            f"('{self.t.labels[self.t.find(spec.group)]}': learned latents "
-                            "or queries fed straight into a layer), which cannot be aligned")
+                            f"('{self.t.labels[root]}': learned latents or queries fed "
+                            "straight into a layer), which cannot be aligned"))
 
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:

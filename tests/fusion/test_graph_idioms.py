@@ -276,6 +276,100 @@ class ChannelsMoved(nn.Module):
         return self.head(torch.flatten(input=h.mean((2, 3), keepdim=True), start_dim=1))
 
 
+class FunctionalLayers(nn.Module):
+    """Layers written with ``F.embedding`` and ``F.linear`` on parameters of the model's
+    own: a table whose transpose is also the output layer (tied), and a hidden layer."""
+
+    def __init__(self, variant: str = ""):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(11, 8))
+        self.weight, self.bias = nn.Parameter(torch.randn(6, 8) / 3), nn.Parameter(torch.randn(6))
+        self.back = nn.Linear(6, 8)
+
+    def forward(self, ids):
+        h = F.relu(F.linear(F.embedding(ids, self.table), self.weight, self.bias))
+        return F.linear(self.back(h), self.table)
+
+
+def _permute_functional_layers(model: FunctionalLayers, generator: torch.Generator
+                               ) -> FunctionalLayers:
+    model = copy.deepcopy(model)
+    stream, hidden = _perm(8, generator), _perm(6, generator)
+    with torch.no_grad():
+        model.table.copy_(model.table[:, stream])
+        model.weight.copy_(model.weight[hidden][:, stream])
+        model.bias.copy_(model.bias[hidden])
+    _columns(model.back, hidden)
+    _rows(model.back, stream)
+    return model
+
+
+class BagOfWords(nn.Module):
+    """A text classifier: an ``nn.EmbeddingBag`` over (batch, tokens) ids, then a head."""
+
+    def __init__(self, variant: str = "mean"):
+        super().__init__()
+        self.a = nn.EmbeddingBag(20, 8, mode=variant)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(F.relu(self.a(ids)))
+
+
+def _permute_bag_of_words(model: BagOfWords, generator: torch.Generator) -> BagOfWords:
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    with torch.no_grad():
+        model.a.weight.copy_(model.a.weight[:, p])
+    _columns(model.head, p)
+    return model
+
+
+class EinsumAttention(nn.Module):
+    """Two-head self-attention written with ``torch.einsum`` (letters, or ``...`` over
+    batch and heads), and a parameter matrix applied by ``einsum`` and by ``@``."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.inp, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.q, self.k, self.v, self.proj = (nn.Linear(8, 8) for _ in range(4))
+        self.w = nn.Parameter(torch.randn(7, 8) / 3)
+
+    def forward(self, x):
+        b, t = x.shape[0], x.shape[1]
+        h = F.relu(self.inp(x))
+        q, k, v = (layer(h).view(b, t, 2, 4) for layer in (self.q, self.k, self.v))
+        if self.variant == "letters":
+            scores = torch.einsum("b t h d, b s h d -> b h t s", q, k).softmax(-1)
+            y = torch.einsum("bhts,bshd->bthd", scores, v)
+        else:
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+            scores = torch.einsum("...td,...sd->...ts", q, k).softmax(-1)
+            y = torch.einsum("...ts,...sd->...td", scores, v).transpose(1, 2)
+        z = h + self.proj(y.reshape(b, t, 8))
+        return self.head(F.relu(torch.einsum("btd,od->bto", z, self.w) @ self.w)).mean(1)
+
+
+def _permute_einsum_attention(model: EinsumAttention, generator: torch.Generator
+                              ) -> EinsumAttention:
+    model = copy.deepcopy(model)
+    stream, heads, outer = _perm(8, generator), _perm(2, generator), _perm(7, generator)
+    qk, vo = _perm(4, generator), _perm(4, generator)
+    qk = torch.cat([int(h) * 4 + qk for h in heads])  # heads move whole, Q and K alike
+    vo = torch.cat([int(h) * 4 + vo for h in heads])
+    _rows(model.inp, stream)
+    for layer, units in ((model.q, qk), (model.k, qk), (model.v, vo)):
+        _columns(layer, stream)
+        _rows(layer, units)
+    _columns(model.proj, vo)
+    _rows(model.proj, stream)
+    with torch.no_grad():
+        model.w.copy_(model.w[outer][:, stream])
+    _columns(model.head, stream)
+    return model
+
+
 class BufferMixer(nn.Module):
     """Positions mixed by a matrix built in ``forward`` from a buffer
     (``torch.triu(self.mix) @ h``)."""
@@ -369,13 +463,21 @@ _TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "lis
       for v in ("transposed", "upsample", "interpolate")),
     *((GatedLinearUnits, _permute_glu, v, torch.randn(16, 6)) for v in ("function", "module")),
     (BufferMixer, _between("a", 8), "", torch.randn(16, 5, 6)),
+    (FunctionalLayers, _permute_functional_layers, "", torch.randint(0, 11, (16, 5))),
+    *((BagOfWords, _permute_bag_of_words, v, torch.randint(0, 20, (16, 7)))
+      for v in ("mean", "max")),
+    *((EinsumAttention, _permute_einsum_attention, v, torch.randn(16, 5, 6))
+      for v in ("letters", "ellipsis")),
 ], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword", "unet-transposed-conv",
-        "unet-upsample", "unet-interpolate", "glu-function", "glu-module", "buffer-mixer"])
+        "unet-upsample", "unet-interpolate", "glu-function", "glu-module", "buffer-mixer",
+        "functional-layers", "embedding-bag-mean", "embedding-bag-max", "einsum-letters",
+        "einsum-ellipsis"])
 def test_idioms_once_misread_or_refused_are_aligned(factory, permute, variant, inputs):
     """Each was once read wrongly, crashed or was refused: a keyword operand left
     unpermuted, ``axis=`` taken for all dimensions, a list index dropping the dimension
     it keeps, ``movedim`` by tuples and ``flatten(input=...)`` failing with internal
-    errors, transposed convolutions, resampling, ``F.normalize`` and GLUs refused."""
+    errors, transposed convolutions, resampling, ``F.normalize``, GLUs, ``F.linear``,
+    ``F.embedding``, ``nn.EmbeddingBag`` and ``torch.einsum`` refused."""
     model = _built(lambda: factory(variant), 0)
     copies = [permute(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
     for copied in copies:

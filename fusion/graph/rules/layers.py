@@ -1,4 +1,4 @@
-"""Linear, convolution (dense and depthwise) and embedding layers."""
+"""Linear, convolution (dense, depthwise and transposed) and embedding layers."""
 
 from __future__ import annotations
 
@@ -93,6 +93,18 @@ def transposed_convolution(tracer, call, name, module):
         tracer.record(name, "bias", (out,), cost=True)
     tracer.add_site(group, name, None, len(source) - k - 1, out)
     return (*source[:-k - 1], out, *source[-k:])
+
+
+@register_rule(nn.EmbeddingBag)
+def embedding_bag(tracer, call, name, module):
+    """One vector per bag of token ids (their sum, mean or max, which treat every unit
+    alone): new neurons on the last dimension of the output."""
+    shape = call.shape
+    group = tracer.new_group(name)
+    out = AxisSpec(group, "neuron")
+    tracer.record(name, "weight", (None, out), cost=True)
+    tracer.add_site(group, name, None, len(shape) - 1, out)
+    return (*(None,) * (len(shape) - 1), out)
 
 
 @register_rule(nn.Embedding)

@@ -169,7 +169,13 @@ def _batched(tracer, a, b, size: int, where: str):
 
 
 def _contract(tracer, a, b, where: str) -> None:
-    """The summed-over dimension of a product: its two sides share one coupling."""
+    """The summed-over dimension of a product: its two sides share one coupling. A
+    parameter's or buffer's own axis summed against unaligned data (``x @ self.W`` on
+    the input) stays unaligned."""
+    for own, other in ((a, b), (b, a)):
+        if other is None and own is not None and tracer.passive_only(tracer.find(own.group)):
+            tracer.fix(own.group)
+            return
     if (a is None) != (b is None):
         raise UnsupportedModelError(f"{where} multiplies aligned units with unaligned ones")
     if a is not None:
@@ -217,13 +223,7 @@ def matmul(tracer, call):
             raise UnsupportedModelError(f"{_where(call)}: a product of vectors with aligned "
                                         "units is not supported")
         return L.plain(call.node)
-    inner = [left[-1], right[-2]]
-    for index in (0, 1):  # a parameter or buffer applied to unaligned data: x @ self.W
-        if inner[1 - index] is None and inner[index] is not None \
-                and tracer.passive_only(tracer.find(inner[index].group)):
-            tracer.fix(inner[index].group)
-            inner[index] = None
-    _contract(tracer, *inner, _where(call))
+    _contract(tracer, left[-1], right[-2], _where(call))
     for index, neuron in ((0, 0), (1, 1)):
         _weight_operand(tracer, call, index, neuron)
     return (*_batch_dims(tracer, call, left, right, None), left[-2], right[-1])
@@ -258,17 +258,127 @@ def _weight_operand(tracer, call, index: int, neuron: int) -> None:
     if found is None or not isinstance(axes[neuron], AxisSpec):
         return
     name, transposed = found
-    tracer.union(tracer.new_group(call.node.name), axes[neuron].group)
-    stored = axes[::-1] if transposed else axes
+    _as_layer_weight(tracer, call.node.name, name, axes[::-1] if transposed else axes,
+                     1 - neuron if transposed else neuron)
+
+
+def _as_layer_weight(tracer, label: str, name: str, stored, unit: int) -> None:
+    """The state matrix ``name``, read with the axes ``stored``, is a layer's weight:
+    its axis ``unit`` defines new units (aligned like any layer's outputs), the other is
+    its input axis."""
+    tracer.union(tracer.new_group(label), stored[unit].group)
     uses = tracer.uses[id(tracer.state[name])]
     at = next((i for i, use in enumerate(uses)
                if all(a is b for a, b in zip(use[1], stored, strict=True))), None)
     if at is None:  # read before through another node: no weight to describe
         return
     weight = [L.as_input(a) for a in stored]
-    unit = 1 - neuron if transposed else neuron
     weight[unit] = stored[unit]
     uses[at] = (uses[at][0], tuple(weight), True)
+
+
+def _state_matrix(tracer, node) -> str | None:
+    """The name of the state matrix that ``node`` reads directly, if it does."""
+    if (isinstance(node, fx.Node) and node.op == "get_attr" and node.target in tracer.state
+            and tracer.state[node.target].dim() == 2):
+        return node.target
+    return None
+
+
+@function_rule_for(F.linear)
+def functional_linear(tracer, call):
+    """``F.linear(h, self.weight, self.bias)``, i.e. ``h @ weight.T + bias``: a weight
+    read directly is a layer's weight, whose rows are new units."""
+    source, weight, where = call.layout(0, "input"), call.layout(1, "weight"), _where(call)
+    name = _state_matrix(tracer, call.value(1, "weight"))
+    if name is not None and isinstance(weight[0], AxisSpec):
+        _as_layer_weight(tracer, call.node.name, name, weight, 0)
+    _contract(tracer, source[-1], weight[1], where)
+    out = weight[0]
+    bias = call.layout(2, "bias")
+    if L.is_layout(bias) and bias:
+        out = unify(tracer, [out, bias[-1]], where)
+    return (*source[:-1], out)
+
+
+@function_rule_for(F.embedding)
+def functional_embedding(tracer, call):
+    """``F.embedding(ids, self.weight)``: one row of the table per token id, its columns
+    new units; the rows are picked by id, so they stay unaligned."""
+    ids, table = call.layout(0, "input"), call.layout(1, "weight")
+    name = _state_matrix(tracer, call.value(1, "weight"))
+    if name is None or not isinstance(table[1], AxisSpec) or L.has_groups(ids):
+        raise UnsupportedModelError(f"{_where(call)}: only a table read directly from the "
+                                    "state, indexed by token ids, is supported")
+    if table[0] is not None:
+        tracer.fix(table[0].group)
+    _as_layer_weight(tracer, call.node.name, name, table, 1)
+    return (*ids, table[1])
+
+
+@function_rule_for(torch.einsum)
+def einsum(tracer, call):
+    """``torch.einsum``: the dimensions of one letter meet, as a product's do. A letter
+    kept in the output pairs its entries (batch or heads); a letter summed over in two
+    operands contracts them (one coupling); a letter of one operand alone that is summed
+    over is a reduction."""
+    where = _where(call)
+    operands = list(call.node.args[1:])
+    layouts = list(call.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands, layouts = list(operands[0]), list(layouts[0])
+    inputs, output = _einsum_letters(call.node.args[0], [L.shape_of(o) for o in operands],
+                                     where)
+    for letters, layout, node in zip(inputs, layouts, operands, strict=True):
+        own = [d for d, c in enumerate(letters) if c in output
+               and sum(c in term for term in inputs) == 1]
+        if _state_matrix(tracer, node) is not None and len(own) == 1 \
+                and isinstance(layout[own[0]], AxisSpec):  # torch.einsum("bi,oi->bo", h, W)
+            _as_layer_weight(tracer, call.node.name, node.target, layout, own[0])
+    seen: dict[str, list] = {}
+    for letters, layout, node in zip(inputs, layouts, operands, strict=True):
+        shape = L.shape_of(node)
+        for d, letter in enumerate(letters):
+            seen.setdefault(letter, []).append((layout[d], shape[d]))
+    result = {}
+    # contractions first (queries and keys share one coupling), then the kept letters
+    for letter, found in sorted(seen.items(), key=lambda item: item[0] in output):
+        size = max(n for _, n in found)
+        specs = [spec for spec, n in found if n == size or spec is not None]
+        if letter in output:
+            out = specs[0]
+            for other in specs[1:]:
+                out = _batched(tracer, out if out is not None else "data",
+                               other if other is not None else "data", size, where)
+            result[letter] = out
+        elif len(specs) > 1:
+            for other in specs[1:]:
+                _contract(tracer, specs[0], other, where)
+        elif specs and specs[0] is not None and specs[0].part == "block":
+            raise UnsupportedModelError(f"{where} reduces over heads, whose units are "
+                                        "aligned differently")
+    return tuple(result[letter] for letter in output)
+
+
+def _einsum_letters(equation: str, shapes, where: str) -> tuple[list[str], str]:
+    """Each operand's letters, one per dimension (``...`` spelled out as fresh
+    letters), and the output's."""
+    if not isinstance(equation, str) or any(shape is None for shape in shapes):
+        raise UnsupportedModelError(f"{where}: unknown einsum equation or shapes")
+    equation = equation.replace(" ", "")
+    left, arrow, right = equation.partition("->")
+    terms = left.split(",")
+    spare = "".join(sorted(set("ABCDEFGHIJKLMNOPQRSTUVWXYZ") - set(equation)))
+    ellipsis = max((len(shape) - len(term.replace("...", ""))
+                    for term, shape in zip(terms, shapes, strict=True) if "..." in term),
+                   default=0)
+    inputs = [term.replace("...", spare[ellipsis - (len(shape) - len(term) + 3):ellipsis])
+              if "..." in term else term for term, shape in zip(terms, shapes, strict=True)]
+    if not arrow:
+        counts = {c: "".join(inputs).count(c) for c in "".join(inputs)}
+        right = spare[:ellipsis] * ("..." in equation) + "".join(
+            sorted(c for c, n in counts.items() if n == 1 and c not in spare))
+    return inputs, right.replace("...", spare[:ellipsis])
 
 
 @function_rule_for(torch.nn.functional.scaled_dot_product_attention)
