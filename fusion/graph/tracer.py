@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..modes import temporary_mode
 from . import rules
-from .layouts import Layout, Stacked, plain, shape_of
+from .layouts import Layout, Stacked, is_layout, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
 
 _MISSING = object()
@@ -106,6 +106,8 @@ class Tracer:
         self.sites: list[tuple[int, ActivationSite]] = []
         self.constants: list[tuple[int, str]] = []
         self.opaque_groups: set[int] = set()
+        self.parameter_axes: set[int] = set()
+        self.carried: set[int] = set()
 
     # -- groups
     def new_group(self, label: str, passive: bool = False) -> int:
@@ -204,9 +206,40 @@ class Tracer:
         ``groups``: see :class:`~.spec.TensorSpec`."""
         name = f"{module}.{param}" if module else param
         if name not in self.state:
+            for original, its_axes in self._originals(module, param, name, tuple(axes)):
+                self.record_tensor(original, its_axes, cost and its_axes == tuple(axes), groups)
+            return
+        self.record_tensor(name, axes, cost, groups)
+
+    def _originals(self, module: str, param: str, name: str, axes: tuple):
+        """The state entries a parametrized ``module.param`` is computed from
+        (``torch.nn.utils.parametrizations``: weight_norm's magnitude and direction,
+        spectral_norm's weight and power-iteration vectors), each with its axes."""
+        prefix = f"{module}.parametrizations.{param}." if module else f"parametrizations.{param}."
+        keys = [key for key in self.state if key.startswith(prefix)]
+        if not keys:
             raise UnsupportedModelError(
-                f"'{name}' is not in the model's state_dict (computed from other tensors, "
-                "as a parametrization does), which is not supported")
+                f"'{name}' is not in the model's state_dict (computed from other tensors "
+                "by a hook), which is not supported")
+        shape = tuple(getattr(self.modules[module], param).shape)
+        found = []
+        for key in keys:
+            size, leaf = tuple(self.state[key].shape), key.rsplit(".", 1)[-1]
+            if size == shape:
+                found.append((key, axes))
+            elif len(size) == len(shape) and size[0] == shape[0] and set(size[1:]) <= {1}:
+                found.append((key, (axes[0], *(None,) * (len(size) - 1))))  # a norm per unit
+            elif leaf == "_u" and size == shape[:1]:
+                found.append((key, axes[:1]))
+            elif leaf == "_v" and len(shape) == 2 and size == shape[1:]:
+                found.append((key, axes[1:]))
+            else:
+                raise UnsupportedModelError(f"'{key}' (a parametrization of '{name}') has a "
+                                            "shape the alignment cannot relate to the weight's")
+        return found
+
+    def record_tensor(self, name: str, axes, cost: bool, groups: int = 1) -> None:
+        """The axes of the state entry ``name`` at one of its uses."""
         tensor = self.state[name]
         axes = tuple(axes)
         if any(a is not None and a.part is not None for a in axes):
@@ -268,6 +301,8 @@ class Tracer:
                             self.outputs.add(spec.group)
                 continue
             layouts[node] = self.visit(node, layouts)
+            if node.op != "get_attr":
+                self.carried.update(spec.group for spec in _specs(layouts[node]))
         graph = _Finisher(self).graph()
         if len(_GRAPHS) >= _GRAPHS_KEPT:
             del _GRAPHS[next(iter(_GRAPHS))]
@@ -297,8 +332,9 @@ class Tracer:
             node.target, "__name__", str(node.target))
         problem = (f"node '{node.name}' ({node.op} {name}) acts on aligned neurons in a way "
                    "the alignment graph does not support")
-        if not all(self.passive_only(g) for g in groups):
-            raise UnsupportedModelError(problem)
+        if not all(self.passive_only(g) for g in groups) or any(
+                _carries_data(layouts[n], shape_of(n)) for n in node.all_input_nodes):
+            raise UnsupportedModelError(problem)  # aligned units, or data among the inputs
         # computed from parameters' or buffers' own axes alone (a table built from a
         # buffer): allowed as long as none of those axes, nor the result's, is aligned
         for group in groups:
@@ -360,8 +396,16 @@ class Tracer:
         axes = tuple(None if size == 1 else AxisSpec(
             self.new_group(f"{node.target}[{d}]", passive=True), "neuron")
             for d, size in enumerate(tensor.shape))
+        if isinstance(tensor, nn.Parameter):
+            self.parameter_axes.update(a.group for a in axes if a is not None)
         self.record("", node.target, axes, cost=False)
         return axes
+
+
+def _carries_data(layout, shape) -> bool:
+    """Whether a tensor has an unaligned dimension of size > 1 (data: the input's)."""
+    return is_layout(layout) and shape is not None and any(
+        spec is None and size > 1 for spec, size in zip(layout, shape, strict=False))
 
 
 def _specs(value):
@@ -442,25 +486,39 @@ class _Finisher:
         for group, problem in tracer.constants:
             if find(group) not in self.fixed:
                 raise UnsupportedModelError(problem)
-        self._refuse_units_of_parameters_alone(roots - active - {find(g) for g in tracer.fixed})
+        for group in tracer.split_groups:
+            if any(find(g) == find(group) for g in range(len(tracer.parent)) if g != group) \
+                    or any(find(f) == find(group) for f in tracer.fixed):
+                raise UnsupportedModelError(
+                    f"'{tracer.labels[group]}' is split into pieces (chunk, GLU) and also used "
+                    "whole, which is not supported")
+        self._refuse_units_of_parameters_alone(roots - active - {find(g) for g in tracer.fixed},
+                                               parts)
 
-    def _refuse_units_of_parameters_alone(self, unmet: set[int]) -> None:
-        """A layer reading units that only parameters define (learned latents or queries
-        fed straight into a Linear: ``self.q(self.latents)``) would leave them unaligned
-        while they are a permutable hidden dimension: refused. ``unmet``: the groups of
-        parameters' and buffers' own axes that met neither layers nor data."""
-        problems: dict[int, str] = {}
-        for group, problem in self.t.constants:  # an op's own refusal names it better
-            problems.setdefault(self.t.find(group), problem)
-        for uses in self.t.uses.values():
-            for name, axes, _ in uses:
-                for spec in axes:
-                    root = None if spec is None else self.t.find(spec.group)
-                    if spec is not None and spec.kind == "input" and root in unmet:
-                        raise UnsupportedModelError(problems.get(root) or (
-                            f"'{name}' reads units that only parameters or buffers define "
-                            f"('{self.t.labels[root]}': learned latents or queries fed "
-                            "straight into a layer), which cannot be aligned"))
+    def _refuse_units_of_parameters_alone(self, unmet: set[int], parts: dict) -> None:
+        """Units that only parameters define, and that activations carry or layers read
+        (learned latents or queries fed straight into a layer, ``self.q(self.latents)``;
+        a weight computed in ``forward``, ``F.linear(x, self.w * self.scale)``), are a
+        permutable hidden dimension that no layer of the graph makes: left unaligned,
+        they would be averaged as they lie; refused. ``unmet``: the groups of parameters'
+        and buffers' own axes that met neither layers nor data. Buffers' own axes (a
+        table of frequencies) and what ops without a rule compute stay as they are."""
+        t, find = self.t, self.t.find
+        members: dict[int, set[int]] = {}
+        for g in range(len(t.parent)):
+            members.setdefault(find(g), set()).add(g)
+        used = {find(g) for g in t.carried} | {p for ps in parts.values() for p in ps}
+        for uses in (*t.uses.values(), *([(name, axes, cost) for axes in pieces]
+                                         for name, (_, pieces, cost) in t.packed.items())):
+            used |= {find(a.group) for _, axes, _ in uses for a in axes
+                     if a is not None and a.kind == "input"}
+        for root in sorted(unmet & used):
+            if members[root] & t.parameter_axes and not members[root] & t.opaque_groups:
+                raise UnsupportedModelError(
+                    f"'{t.labels[root]}': units that only parameters define, which no layer "
+                    "makes (learned latents or queries fed straight into a layer, or a "
+                    "weight computed in forward as in F.linear(x, self.w * self.scale)), "
+                    "cannot be aligned")
 
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:

@@ -370,6 +370,51 @@ def _permute_einsum_attention(model: EinsumAttention, generator: torch.Generator
     return model
 
 
+class Parametrized(nn.Module):
+    """Layers under ``torch.nn.utils.parametrizations``: weight_norm on a Linear and a
+    Conv1d (magnitude and direction in the state), or spectral_norm on the Linear
+    (its weight and power-iteration vectors)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        wrap = getattr(nn.utils.parametrizations, variant)
+        self.a, self.head = wrap(nn.Linear(6, 8)), nn.Linear(5, 3)
+        self.c = nn.Conv1d(8, 5, 3, padding=1)
+        if variant == "weight_norm":
+            self.c = wrap(self.c)
+
+    def forward(self, x):
+        h = F.relu(self.a(x)).transpose(1, 2)
+        return self.head(F.relu(self.c(h)).mean(2))
+
+
+def _permute_parametrized(model: Parametrized, generator: torch.Generator) -> Parametrized:
+    model = copy.deepcopy(model)
+    hidden, channels = _perm(8, generator), _perm(5, generator)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.startswith("a.") and not name.endswith("_v"):  # _v: the input's
+                tensor.copy_(tensor[hidden])
+            elif name.startswith("c."):
+                tensor.copy_(tensor[channels][:, hidden] if tensor.shape[1:2] == (8,) else
+                             tensor[channels])
+    _columns(model.head, channels)
+    return model
+
+
+class FrequencyFeatures(nn.Module):
+    """NeRF's positional encoding: inputs times a buffer of frequencies, through sin,
+    then a Linear."""
+
+    def __init__(self, variant: str = ""):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(4))
+        self.a, self.head = nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(torch.sin((x[..., None] * self.freqs).flatten(-2)))))
+
+
 class BufferMixer(nn.Module):
     """Positions mixed by a matrix built in ``forward`` from a buffer
     (``torch.triu(self.mix) @ h``)."""
@@ -468,16 +513,20 @@ _TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "lis
       for v in ("mean", "max")),
     *((EinsumAttention, _permute_einsum_attention, v, torch.randn(16, 5, 6))
       for v in ("letters", "ellipsis")),
+    *((Parametrized, _permute_parametrized, v, torch.randn(16, 7, 6))
+      for v in ("weight_norm", "spectral_norm")),
+    (FrequencyFeatures, _between("a", 8), "", torch.randn(16, 3)),
 ], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword", "unet-transposed-conv",
         "unet-upsample", "unet-interpolate", "glu-function", "glu-module", "buffer-mixer",
         "functional-layers", "embedding-bag-mean", "embedding-bag-max", "einsum-letters",
-        "einsum-ellipsis"])
+        "einsum-ellipsis", "weight-norm", "spectral-norm", "frequency-features"])
 def test_idioms_once_misread_or_refused_are_aligned(factory, permute, variant, inputs):
     """Each was once read wrongly, crashed or was refused: a keyword operand left
     unpermuted, ``axis=`` taken for all dimensions, a list index dropping the dimension
     it keeps, ``movedim`` by tuples and ``flatten(input=...)`` failing with internal
     errors, transposed convolutions, resampling, ``F.normalize``, GLUs, ``F.linear``,
-    ``F.embedding``, ``nn.EmbeddingBag`` and ``torch.einsum`` refused."""
+    ``F.embedding``, ``nn.EmbeddingBag``, ``torch.einsum`` and parametrizations
+    refused."""
     model = _built(lambda: factory(variant), 0)
     copies = [permute(model, torch.Generator().manual_seed(k)) for k in (1, 2)]
     for copied in copies:
@@ -858,16 +907,59 @@ class Latents(nn.Module):
         return self.head(F.relu(self.a(x)) * F.relu(self.q(self.latents)).mean(0))
 
 
+class ComputedWeight(nn.Module):
+    """StyleGAN's equalised learning rate: ``F.linear(x, self.w * self.scale)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.scale = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.ones(8, 1))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(F.linear(x, self.w * self.scale)))
+
+
+class LearnedMemory(nn.Module):
+    """Learned memory tokens as the keys and values of an attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.memory = nn.Parameter(torch.randn(1, 4, 8))
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        h = self.a(x).unsqueeze(1)  # one query per example
+        memory = self.memory.expand(x.shape[0], -1, -1)
+        return self.head(self.attention(h, memory, memory, need_weights=False)[0].mean(1))
+
+
+class GateAndWhole(nn.Module):
+    """A GLU's input also used whole afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.head(torch.cat([F.glu(h), F.glu(h)], dim=1) + h)
+
+
 @pytest.mark.parametrize("factory, match", [
     *((lambda v=v: NonStateScale(v), "outside the model's state_dict")
       for v in ("type_as", "expand_as", "times-parameter")),
-    (Latents, "'q.weight' reads units that only parameters or buffers define"),
+    (Latents, "units that only parameters define"),
+    (ComputedWeight, "units that only parameters define"),
+    (LearnedMemory, "units that only parameters define"),
+    (GateAndWhole, "split into pieces .* and also used whole"),
     (CatPlusCat, "two concatenations are added"),
     (ClampByParameter, "takes a second tensor"),
     (SlicedScale, "picks entries of a parameter or buffer by position"),
     (SlicedTable, "outside the model's state_dict"),
 ], ids=["non-state-type-as", "non-state-expand-as", "non-state-times-parameter", "latents",
-        "cat-plus-cat", "clamp-by-parameter", "sliced-scale", "sliced-table"])
+        "computed-weight", "learned-memory", "gate-and-whole", "cat-plus-cat",
+        "clamp-by-parameter", "sliced-scale", "sliced-table"])
 def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
     a, b = _built(factory, 0), _built(factory, 1)
     with pytest.raises(UnsupportedModelError, match=match):

@@ -6,15 +6,17 @@ the module's own parameters and buffers (``tracer.record``), creates or joins gr
 module's output. A module whose type has a rule is traced as one leaf. Function and
 method rules are ``rule(tracer, call) -> layout``. One module per layer family:
 
-- :mod:`.layers`: Linear, convolutions (incl. depthwise), Embedding;
+- :mod:`.layers`: Linear, convolutions (incl. depthwise and transposed), embeddings;
 - :mod:`.norms`: BatchNorm, LayerNorm, GroupNorm, RMSNorm, InstanceNorm;
 - :mod:`.recurrent`: RNN, LSTM, GRU (stacked, bidirectional, projected);
 - :mod:`.attention`: MultiheadAttention and the Transformer layers;
-- :mod:`.pointwise`: activations, dropout, pooling;
-- :mod:`.tensor_ops`: arithmetic, concatenation, reshapes, transposes, indexing,
-  reductions.
+- :mod:`.pointwise`: activations, dropout, pooling, resampling;
+- :mod:`.tensor_ops`: arithmetic, comparisons, concatenation, reshapes, transposes,
+  indexing, reductions, products (``@``, ``einsum``, ``F.linear``), GLUs.
 
-Users add a rule for their own module type with :func:`register_rule`.
+A module under ``torch.nn.utils.parametrizations`` has its layer's rule; its weight is
+recorded through the tensors it is computed from (``Tracer.record``). Users add a rule
+for their own module type with :func:`register_rule`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 ModuleRule = Callable[..., object]
 FunctionRule = Callable[..., object]
@@ -68,7 +71,12 @@ def function_rule_named(*names: str):
 
 
 def module_rule(module: nn.Module) -> ModuleRule | None:
-    return _MODULES.get(type(module))
+    """The rule of ``module``'s type; a parametrized module (``torch.nn.utils.
+    parametrize``, whose type derives from the layer's) has its layer's rule."""
+    found = _MODULES.get(type(module))
+    if found is None and parametrize.is_parametrized(module):
+        found = _MODULES.get(type(module).__bases__[0])
+    return found
 
 
 def function_rule(target) -> FunctionRule | None:
