@@ -201,7 +201,8 @@ def _permute_buffer_scale(model: BufferScale, generator: torch.Generator) -> Buf
 
 
 class ComparisonGate(nn.Module):
-    """A ReLU written with a comparison and a logical not: ``h * ~(h <= 0)``."""
+    """A ReLU written with a comparison and a logical not, ``h * ~(h <= 0)``, and unary
+    operators (``-h``, ``h ** 2``)."""
 
     def __init__(self):
         super().__init__()
@@ -209,7 +210,7 @@ class ComparisonGate(nn.Module):
 
     def forward(self, x):
         h = self.a(x)
-        return self.head(h * (~(h <= 0)).float())
+        return self.head(h * (~(h <= 0)).float() - h ** 2 + torch.exp(-h))
 
 
 def _between(first: str, width: int):

@@ -28,7 +28,7 @@ ELEMENTWISE_FUNCTIONS = (
     F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.softmax, torch.log_softmax,
     torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.neg,
     torch.clamp, torch.erf, torch.sin, torch.cos, operator.invert, torch.logical_not,
-    F.normalize,
+    F.normalize, operator.neg, operator.pos, operator.pow, torch.pow,
 )
 ELEMENTWISE_METHODS = (
     "relu", "relu_", "tanh", "sigmoid", "softmax", "log_softmax", "exp", "log", "abs",
