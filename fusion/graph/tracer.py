@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import math
 import operator
 from dataclasses import dataclass, replace
 
@@ -231,8 +232,9 @@ class Tracer:
                 found.append((key, (axes[0], *(None,) * (len(size) - 1))))  # a norm per unit
             elif leaf == "_u" and size == shape[:1]:
                 found.append((key, axes[:1]))
-            elif leaf == "_v" and len(shape) == 2 and size == shape[1:]:
-                found.append((key, axes[1:]))
+            elif leaf == "_v" and size == (math.prod(shape[1:]),):  # inputs x kernel
+                found.append((key, (None if axes[1] is None else
+                                    replace(axes[1], inner=axes[1].inner * size[0] // shape[1]),)))
             else:
                 raise UnsupportedModelError(f"'{key}' (a parametrization of '{name}') has a "
                                             "shape the alignment cannot relate to the weight's")

@@ -372,17 +372,15 @@ def _permute_einsum_attention(model: EinsumAttention, generator: torch.Generator
 
 
 class Parametrized(nn.Module):
-    """Layers under ``torch.nn.utils.parametrizations``: weight_norm on a Linear and a
-    Conv1d (magnitude and direction in the state), or spectral_norm on the Linear
-    (its weight and power-iteration vectors)."""
+    """Layers under ``torch.nn.utils.parametrizations``: weight_norm (magnitude and
+    direction in the state) or spectral_norm (the weight and power-iteration vectors)
+    on a Linear and a Conv1d."""
 
     def __init__(self, variant: str):
         super().__init__()
         wrap = getattr(nn.utils.parametrizations, variant)
         self.a, self.head = wrap(nn.Linear(6, 8)), nn.Linear(5, 3)
-        self.c = nn.Conv1d(8, 5, 3, padding=1)
-        if variant == "weight_norm":
-            self.c = wrap(self.c)
+        self.c = wrap(nn.Conv1d(8, 5, 3, padding=1))
 
     def forward(self, x):
         h = F.relu(self.a(x)).transpose(1, 2)
@@ -396,6 +394,8 @@ def _permute_parametrized(model: Parametrized, generator: torch.Generator) -> Pa
         for name, tensor in model.state_dict().items():
             if name.startswith("a.") and not name.endswith("_v"):  # _v: the input's
                 tensor.copy_(tensor[hidden])
+            elif name.endswith("c.parametrizations.weight.0._v"):  # inputs x kernel
+                tensor.copy_(tensor[(3 * hidden[:, None] + torch.arange(3)).flatten()])
             elif name.startswith("c."):
                 tensor.copy_(tensor[channels][:, hidden] if tensor.shape[1:2] == (8,) else
                              tensor[channels])
@@ -908,6 +908,19 @@ class Latents(nn.Module):
         return self.head(F.relu(self.a(x)) * F.relu(self.q(self.latents)).mean(0))
 
 
+class Orthogonal(nn.Module):
+    """An orthogonal parametrization: the weight is computed from its original through a
+    matrix exponential, which mixes units."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.mix = nn.utils.parametrizations.orthogonal(nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.head(self.mix(F.relu(self.a(x))))
+
+
 class ComputedWeight(nn.Module):
     """StyleGAN's equalised learning rate: ``F.linear(x, self.w * self.scale)``."""
 
@@ -954,12 +967,13 @@ class GateAndWhole(nn.Module):
     (ComputedWeight, "units that only parameters define"),
     (LearnedMemory, "units that only parameters define"),
     (GateAndWhole, "split into pieces .* and also used whole"),
+    (Orthogonal, "type ParametrizedLinear is not supported"),
     (CatPlusCat, "two concatenations are added"),
     (ClampByParameter, "takes a second tensor"),
     (SlicedScale, "picks entries of a parameter or buffer by position"),
     (SlicedTable, "outside the model's state_dict"),
 ], ids=["non-state-type-as", "non-state-expand-as", "non-state-times-parameter", "latents",
-        "computed-weight", "learned-memory", "gate-and-whole", "cat-plus-cat",
+        "computed-weight", "learned-memory", "gate-and-whole", "orthogonal", "cat-plus-cat",
         "clamp-by-parameter", "sliced-scale", "sliced-table"])
 def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
     a, b = _built(factory, 0), _built(factory, 1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrizations, parametrize
 
 ModuleRule = Callable[..., object]
 FunctionRule = Callable[..., object]
@@ -70,11 +70,20 @@ def function_rule_named(*names: str):
     return _registering(_FUNCTIONS_BY_NAME, names)
 
 
+_UNIT_WISE_PARAMETRIZATIONS = (parametrizations._WeightNorm, parametrizations._SpectralNorm)
+"""Parametrizations whose tensors follow the weight's units (a magnitude per unit, a
+direction or weight of the weight's shape, power-iteration vectors); others (orthogonal,
+a user's own) may mix units and are refused."""
+
+
 def module_rule(module: nn.Module) -> ModuleRule | None:
-    """The rule of ``module``'s type; a parametrized module (``torch.nn.utils.
-    parametrize``, whose type derives from the layer's) has its layer's rule."""
+    """The rule of ``module``'s type; a module under weight_norm or spectral_norm
+    (``torch.nn.utils.parametrizations``, whose type derives from the layer's) has its
+    layer's rule."""
     found = _MODULES.get(type(module))
-    if found is None and parametrize.is_parametrized(module):
+    if found is None and parametrize.is_parametrized(module) and all(
+            isinstance(p, _UNIT_WISE_PARAMETRIZATIONS)
+            for chain in module.parametrizations.values() for p in chain):
         found = _MODULES.get(type(module).__bases__[0])
     return found
 
