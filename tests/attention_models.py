@@ -217,15 +217,17 @@ class PatchEmbed(nn.Module):
 
 class TimmStyleViT(nn.Module):
     """(B, 1, 8, 8) images -> 4 patches of 4x4 -> class token + positions -> blocks ->
-    class token -> (B, 5)."""
+    class token -> (B, 5). ``tokens`` > 1: as many learned tokens (DeiT's class and
+    distillation tokens, register tokens), whose outputs are averaged."""
 
     def __init__(self, dim: int = DIM, heads: int = HEADS, hidden: int = HIDDEN,
-                 classes: int = CLASSES, depth: int = DEPTH) -> None:
+                 classes: int = CLASSES, depth: int = DEPTH, tokens: int = 1) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(dim, PATCH)
         patches = (IMAGE // PATCH) ** 2
-        self.cls_token = nn.Parameter(0.5 * torch.randn(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, patches + 1, dim))
+        self.tokens = tokens
+        self.cls_token = nn.Parameter(0.5 * torch.randn(1, tokens, dim))
+        self.pos_embed = nn.Parameter(0.5 * torch.randn(1, patches + tokens, dim))
         self.blocks = nn.Sequential(*(TimmBlock(dim, heads, hidden) for _ in range(depth)))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, classes)
@@ -235,7 +237,7 @@ class TimmStyleViT(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos_embed
         x = self.norm(self.blocks(x))
-        return self.head(x[:, 0])
+        return self.head(x[:, 0] if self.tokens == 1 else x[:, :self.tokens].mean(1))
 
 
 class CausalSelfAttention(nn.Module):
@@ -367,6 +369,7 @@ _BUILDERS = {
     "encoder-nested": lambda: EncoderClassifier(nested=True),
     "encoder-norm-first": lambda: EncoderClassifier(nested=False, norm_first=True),
     "timm-vit": TimmStyleViT,
+    "deit-tokens": lambda: TimmStyleViT(tokens=2),
     "nanogpt": NanoGPT,
     "nanogpt-packed": lambda: NanoGPT(attention="packed"),
     "nanogpt-sliced": lambda: NanoGPT(attention="mask-buffer", sliced=True),
@@ -407,7 +410,7 @@ def build(name: str, seed: int = 0) -> nn.Module:
 
 def make_inputs(name: str, generator: torch.Generator, batch: int = 16) -> torch.Tensor:
     """A batch of inputs for the model ``name``."""
-    if name == "timm-vit":
+    if name in ("timm-vit", "deit-tokens"):
         return torch.randn(batch, 1, IMAGE, IMAGE, generator=generator)
     if name.startswith("nanogpt"):
         return torch.randint(0, VOCAB, (batch, TOKENS), generator=generator)

@@ -65,15 +65,20 @@ def as_neuron(spec: AxisSpec | None) -> AxisSpec | None:
 def require_unaligned(tracer, layout: Layout, dims, where: str, why: str) -> None:
     """Refuse by name when an op mixes the units of an aligned dimension. A parameter's
     or buffer's own axis, met by no layer yet, may be mixed, if it stays unaligned
-    (:meth:`~.tracer.Tracer.must_stay_unaligned`)."""
+    (:meth:`~.tracer.Tracer.must_stay_unaligned`); so may positions that concatenate
+    such axes with the data's (:meth:`~.tracer.Tracer.learned_positions`)."""
     for d in dims:
         spec = layout[d]
         if spec is None:
             continue
         problem = f"{where} {why} (dimension {d % len(layout)} holds aligned units)"
-        if not tracer.passive_only(tracer.find(spec.group)):
+        root = tracer.find(spec.group)
+        if tracer.passive_only(root):
+            tracer.must_stay_unaligned(spec.group, problem)
+        elif tracer.learned_positions(root):
+            tracer.fix(root)  # learned tokens concatenated to the data's positions
+        else:
             raise UnsupportedModelError(problem)
-        tracer.must_stay_unaligned(spec.group, problem)
 
 
 def merge(layout: Layout, sizes: tuple[int, ...], where: str) -> AxisSpec | None:

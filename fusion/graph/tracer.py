@@ -137,10 +137,15 @@ class Tracer:
     def cut(self, axis: AxisSpec, where: str) -> bool:
         """Whether ``axis`` may be sliced or indexed: it may when it is still a parameter's
         or buffer's own axis, met by no layer yet (a positional table or a causal mask
-        cut to the sequence length). Its entries are then picked by position, so the
-        axis must turn out unaligned (met by positions, or by nothing), or the model is
-        refused."""
-        if not self.passive_only(self.find(axis.group)):
+        cut to the sequence length), or learned tokens concatenated to the data's
+        positions (the class token picked from them). Its entries are then picked by
+        position, so the axis must turn out unaligned (met by positions, or by nothing),
+        or the model is refused."""
+        root = self.find(axis.group)
+        if self.learned_positions(root):
+            self.fix(root)
+            return True
+        if not self.passive_only(root):
             return False
         self.must_stay_unaligned(axis.group, (
             f"{where} picks entries of a parameter or buffer by position along an axis "
@@ -348,6 +353,14 @@ class Tracer:
         alone, met by no layer yet."""
         return all(g in self.passive for g in range(len(self.parent)) if self.find(g) == root)
 
+    def learned_positions(self, root: int) -> bool:
+        """Whether the group of ``root`` is a concatenation of the data's positions with
+        parameters' or buffers' own axes alone (DeiT's class and distillation tokens,
+        register or prompt tokens before an attention)."""
+        parts = next((value for g, value in self.parts.items() if self.find(g) == root), None)
+        return parts is not None and any(g is None for g, _ in parts) and all(
+            g is None or self.passive_only(self.find(g)) for g, _ in parts)
+
     def opaque(self, node: fx.Node, problem: str) -> Layout | None:
         """The layout of a tensor nothing can permute: every axis a group of its own,
         which must turn out unaligned, or ``problem`` is raised."""
@@ -466,6 +479,18 @@ def _own_state(module: nn.Module):
     return [*module.named_parameters(), *module.named_buffers()]
 
 
+def _with_parts(fixed: set[int], parts: dict[int, list[int]]) -> set[int]:
+    """``fixed`` and the parts of every concatenation in it (a concatenation kept as it
+    is keeps its parts as they are), through nested concatenations."""
+    fixed = set(fixed)
+    grown = True
+    while grown:
+        before = len(fixed)
+        fixed |= {p for root in parts if root in fixed for p in parts[root]}
+        grown = len(fixed) > before
+    return fixed
+
+
 class _Finisher:
     """Turns the tracer's union-find state into the frozen graph."""
 
@@ -476,14 +501,10 @@ class _Finisher:
         roots = {find(g) for g in range(len(tracer.parent))} - set(tracer.split_groups)
         stateful = {find(g) for g in range(len(tracer.parent)) if g not in tracer.opaque_groups}
         self.roots = sorted(roots & stateful)  # an opaque tensor's own axes: no width
-        self.fixed = {find(g) for g in tracer.fixed} | (roots - active)
         parts = {find(g): [find(p) for p, _ in value if p is not None]
                  for g, value in tracer.parts.items()}
-        grown = True
-        while grown:  # a concatenation kept as it is keeps its parts as they are
-            before = len(self.fixed)
-            self.fixed |= {p for root in parts if root in self.fixed for p in parts[root]}
-            grown = len(self.fixed) > before
+        explicit = _with_parts({find(g) for g in tracer.fixed}, parts)
+        self.fixed = _with_parts(explicit | (roots - active), parts)
         self.canonical = {root: i for i, root in enumerate(self.roots)}
         for group, problem in tracer.constants:
             if find(group) not in self.fixed:
@@ -494,8 +515,7 @@ class _Finisher:
                 raise UnsupportedModelError(
                     f"'{tracer.labels[group]}' is split into pieces (chunk, GLU) and also used "
                     "whole, which is not supported")
-        self._refuse_units_of_parameters_alone(roots - active - {find(g) for g in tracer.fixed},
-                                               parts)
+        self._refuse_units_of_parameters_alone(roots - active - explicit, parts)
 
     def _refuse_units_of_parameters_alone(self, unmet: set[int], parts: dict) -> None:
         """Units that only parameters define, and that activations carry or layers read
