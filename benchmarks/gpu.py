@@ -6,7 +6,8 @@ device, times the fusion (the optimal-transport part: distillation off) and then
 distillation of the fused model from the K clients on synthetic inputs, and checks
 that the GPU's fused model computes what the CPU's does (largest difference of their
 outputs on random inputs; the assignment runs on the CPU either way). Without CUDA it
-says so and runs the CPU column alone. Writes ``results/gpu.json`` beside this script.
+says so and runs the CPU column alone. Writes ``results/gpu.json`` beside this script
+(``results/gpu-MODEL.json`` with ``--only``).
 
     python benchmarks/gpu.py                # mlp K=8, resnet18 K=10, cnn K=8
     python benchmarks/gpu.py --quick        # tiny models: a check that the script runs
@@ -71,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models (a smoke run)")
     parser.add_argument("--only", nargs="+", metavar="MODEL",
+                        choices=sorted({case[0] for case in (*CASES.values(), *QUICK.values())}),
                         help="run only the cases of these models (default: all)")
     args = parser.parse_args()
     cases = {name: case for name, case in (QUICK if args.quick else CASES).items()
@@ -97,8 +99,9 @@ def main() -> None:
             print(f"{name:<14} {device:<6} {r['fuse_s']:>9.3f} {r['distill_s']:>11.2f} "
                   f"{steps:>6} {difference:>25.2e}", flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {RESULTS / 'gpu.json'}")
+    path = RESULTS / ("gpu.json" if args.only is None else f"gpu-{'-'.join(args.only)}.json")
+    path.write_text(json.dumps(rows, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

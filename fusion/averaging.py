@@ -80,7 +80,7 @@ def _infinite_constant(name: str, like: torch.Tensor, states: list[dict[str, tor
                        ) -> torch.Tensor:
     """A tensor holding infinities (a causal attention mask's -inf) is a constant, kept
     as it is (averaging it could give NaN): it must be the same in every client. The
-    engine has made sure that no alignment moves it (:func:`~.engine.fuse_result`)."""
+    engine has made sure that no alignment moves it (``engine._check_constants_unaligned``)."""
     if not all(is_same_constant(like, state[name]) for state in states):
         raise ValueError(f"'{name}' contains Inf values and differs between the models: only "
                          "a tensor that is the same in every model may hold infinities")

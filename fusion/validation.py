@@ -37,7 +37,8 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
 
 def is_same_constant(tensor: torch.Tensor, other: torch.Tensor) -> bool:
     """Whether ``other`` has the shape and values (infinities included) of ``tensor``."""
-    return other.shape == tensor.shape and torch.equal(other.to(tensor.dtype), tensor)
+    return other.shape == tensor.shape and torch.equal(
+        other.to(tensor.device, tensor.dtype), tensor)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

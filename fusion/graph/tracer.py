@@ -105,7 +105,7 @@ class Tracer:
         self.packed: dict[str, tuple[int, list[tuple], bool]] = {}
         self.split_groups: dict[int, list[int]] = {}
         self.sites: list[tuple[int, ActivationSite]] = []
-        self.constants: list[tuple[int, str]] = []
+        self.unaligned_required: list[tuple[int, str]] = []
         self.opaque_groups: set[int] = set()
         self.parameter_axes: set[int] = set()
         self.carried: set[int] = set()
@@ -156,7 +156,7 @@ class Tracer:
         """``group`` is used in a way no coupling can follow (its entries picked or mixed
         by position): it must turn out unaligned (met by data, or by nothing), or
         ``problem`` is raised when the graph is finished."""
-        self.constants.append((self.find(group), problem))
+        self.unaligned_required.append((self.find(group), problem))
 
     def constrain_blocks(self, group: int, blocks: int, where: str,
                          source: int | None = None) -> None:
@@ -212,21 +212,31 @@ class Tracer:
         ``groups``: see :class:`~.spec.TensorSpec`."""
         name = f"{module}.{param}" if module else param
         if name not in self.state:
-            for original, its_axes in self._originals(module, param, name, tuple(axes)):
-                self.record_tensor(original, its_axes, cost and its_axes == tuple(axes), groups)
+            for original, its_axes in self._originals(module, param, name, tuple(axes), groups):
+                whole = its_axes == tuple(axes)
+                self.record_tensor(original, its_axes, cost and whole, groups if whole else 1)
             return
         self.record_tensor(name, axes, cost, groups)
 
-    def _originals(self, module: str, param: str, name: str, axes: tuple):
+    def _originals(self, module: str, param: str, name: str, axes: tuple, groups: int):
         """The state entries a parametrized ``module.param`` is computed from
         (``torch.nn.utils.parametrizations``: weight_norm's magnitude and direction,
-        spectral_norm's weight and power-iteration vectors), each with its axes."""
+        spectral_norm's weight and power-iteration vectors), each with its axes. Only
+        parametrizations along the weight's first axis (``dim=0``) are described, and
+        spectral_norm on an ungrouped layer."""
         prefix = f"{module}.parametrizations.{param}." if module else f"parametrizations.{param}."
         keys = [key for key in self.state if key.startswith(prefix)]
         if not keys:
             raise UnsupportedModelError(
                 f"'{name}' is not in the model's state_dict (computed from other tensors "
                 "by a hook), which is not supported")
+        chain = self.modules[module].parametrizations[param]
+        if any(getattr(p, "dim", 0) != 0 for p in chain) or groups > 1 and any(
+                key.endswith(("._u", "._v")) for key in keys):
+            raise UnsupportedModelError(
+                f"'{name}' is parametrized along another axis than its first (dim != 0, as "
+                "spectral_norm does for a transposed convolution) or is a grouped "
+                "convolution's under spectral_norm, which is not supported")
         shape = tuple(getattr(self.modules[module], param).shape)
         found = []
         for key in keys:
@@ -506,12 +516,15 @@ class _Finisher:
         explicit = _with_parts({find(g) for g in tracer.fixed}, parts)
         self.fixed = _with_parts(explicit | (roots - active), parts)
         self.canonical = {root: i for i, root in enumerate(self.roots)}
-        for group, problem in tracer.constants:
+        for group, problem in tracer.unaligned_required:
             if find(group) not in self.fixed:
                 raise UnsupportedModelError(problem)
+        concatenated = {find(p) for value in tracer.parts.values() for p, _ in value
+                        if p is not None}
         for group in tracer.split_groups:
             if any(find(g) == find(group) for g in range(len(tracer.parent)) if g != group) \
-                    or any(find(f) == find(group) for f in tracer.fixed):
+                    or any(find(f) == find(group) for f in tracer.fixed) \
+                    or find(group) in concatenated:
                 raise UnsupportedModelError(
                     f"'{tracer.labels[group]}' is split into pieces (chunk, GLU) and also used "
                     "whole, which is not supported")

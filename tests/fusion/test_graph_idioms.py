@@ -1,8 +1,10 @@
 """Idioms of users' own models that once fused into a different function without a
-word: channels concatenated then normalised in groups, a matrix parameter multiplied
-directly, a buffer read through a method (which fx folds into a constant), and a traced
-graph reused for a model whose weights are tied differently. Each must now be aligned
-exactly or refused clearly.
+word, crashed, or were refused: channels concatenated then normalised in groups, a
+matrix parameter multiplied directly, a buffer read through a method (fx used to bake
+it into a constant), a traced graph reused for a model whose weights are tied
+differently, operands by keyword, NumPy's ``axis=``, hooks, parameters on an untraced
+path or defining units alone, U-Nets, GLUs, einsum, parametrizations. Each must now be
+aligned exactly or refused clearly.
 
 The permutations here are written by hand for each model, independently of the engine.
 """
@@ -416,6 +418,34 @@ class FrequencyFeatures(nn.Module):
         return self.head(F.relu(self.a(torch.sin((x[..., None] * self.freqs).flatten(-2)))))
 
 
+class GroupedWeightNorm(nn.Module):
+    """weight_norm on a convolution of two groups: its magnitude per output channel
+    moves with the channels' blocks."""
+
+    def __init__(self, variant: str = ""):
+        super().__init__()
+        self.a, self.head = nn.Conv1d(3, 8, 1), nn.Linear(8, 3)
+        self.grouped = nn.utils.parametrizations.weight_norm(
+            nn.Conv1d(8, 8, 3, padding=1, groups=2))
+
+    def forward(self, x):
+        return self.head(F.relu(self.grouped(F.relu(self.a(x)))).mean(2))
+
+
+def _permute_grouped_weight_norm(model: GroupedWeightNorm, generator: torch.Generator
+                                 ) -> GroupedWeightNorm:
+    model = copy.deepcopy(model)
+    blocks, inner, outer = _perm(2, generator), _perm(4, generator), _perm(4, generator)
+    channels = torch.cat([int(b) * 4 + inner for b in blocks])  # the same in both blocks
+    out = torch.cat([int(b) * 4 + outer for b in blocks])  # output blocks follow inputs
+    _rows(model.a, channels)
+    with torch.no_grad():
+        for tensor in model.grouped.state_dict().values():
+            tensor.copy_(tensor[out][:, inner] if tensor.shape[1:2] == (4,) else tensor[out])
+    _columns(model.head, out)
+    return model
+
+
 class BufferMixer(nn.Module):
     """Positions mixed by a matrix built in ``forward`` from a buffer
     (``torch.triu(self.mix) @ h``)."""
@@ -517,10 +547,12 @@ _TOKEN_SCALES = ("other-keyword", "all-keywords", "method-keyword", "axis", "lis
     *((Parametrized, _permute_parametrized, v, torch.randn(16, 7, 6))
       for v in ("weight_norm", "spectral_norm")),
     (FrequencyFeatures, _between("a", 8), "", torch.randn(16, 3)),
+    (GroupedWeightNorm, _permute_grouped_weight_norm, "", torch.randn(16, 3, 5)),
 ], ids=[*_TOKEN_SCALES, "movedim-tuples", "flatten-by-keyword", "unet-transposed-conv",
         "unet-upsample", "unet-interpolate", "glu-function", "glu-module", "buffer-mixer",
         "functional-layers", "embedding-bag-mean", "embedding-bag-max", "einsum-letters",
-        "einsum-ellipsis", "weight-norm", "spectral-norm", "frequency-features"])
+        "einsum-ellipsis", "weight-norm", "spectral-norm", "frequency-features",
+        "grouped-weight-norm"])
 def test_idioms_once_misread_or_refused_are_aligned(factory, permute, variant, inputs):
     """Each was once read wrongly, crashed or was refused: a keyword operand left
     unpermuted, ``axis=`` taken for all dimensions, a list index dropping the dimension
@@ -921,6 +953,41 @@ class Orthogonal(nn.Module):
         return self.head(self.mix(F.relu(self.a(x))))
 
 
+class SpectralNormTransposed(nn.Module):
+    """spectral_norm on a transposed convolution runs along its output channels
+    (``dim=1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+        self.up = nn.utils.parametrizations.spectral_norm(nn.ConvTranspose1d(5, 5, 2))
+
+    def forward(self, x):
+        return self.head(F.relu(self.up(F.relu(self.a(x)).unsqueeze(2))).mean(2))
+
+
+class ConcatenatedAndSplit(nn.Module):
+    """A layer's outputs concatenated with others and also split in halves."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(6, 4), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        first, second = h.chunk(2, dim=1)
+        return self.head(torch.cat([torch.cat([h, self.b(x)], 1), first * second], 1))
+
+
+class VectorWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.w = nn.Linear(6, 8), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        return F.linear(F.relu(self.a(x)), self.w)[:, None]
+
+
 class ComputedWeight(nn.Module):
     """StyleGAN's equalised learning rate: ``F.linear(x, self.w * self.scale)``."""
 
@@ -968,12 +1035,16 @@ class GateAndWhole(nn.Module):
     (LearnedMemory, "units that only parameters define"),
     (GateAndWhole, "split into pieces .* and also used whole"),
     (Orthogonal, "type ParametrizedLinear is not supported"),
+    (SpectralNormTransposed, "parametrized along another axis than its first"),
+    (ConcatenatedAndSplit, "split into pieces .* and also used whole"),
+    (VectorWeight, "F.linear with a weight that is not a matrix"),
     (CatPlusCat, "two concatenations are added"),
     (ClampByParameter, "takes a second tensor"),
     (SlicedScale, "picks entries of a parameter or buffer by position"),
     (SlicedTable, "outside the model's state_dict"),
 ], ids=["non-state-type-as", "non-state-expand-as", "non-state-times-parameter", "latents",
-        "computed-weight", "learned-memory", "gate-and-whole", "orthogonal", "cat-plus-cat",
+        "computed-weight", "learned-memory", "gate-and-whole", "orthogonal",
+        "spectral-norm-transposed", "concatenated-and-split", "vector-weight", "cat-plus-cat",
         "clamp-by-parameter", "sliced-scale", "sliced-table"])
 def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
     a, b = _built(factory, 0), _built(factory, 1)

@@ -242,10 +242,8 @@ def _weight_node(tracer, call, index: int) -> tuple[str, bool] | None:
             and len(node.args) == 3 and all(isinstance(d, int) for d in node.args[1:])
             and node.args[1] % 2 != node.args[2] % 2):
         node, transposed = node.args[0], True
-    if (isinstance(node, fx.Node) and node.op == "get_attr" and node.target in tracer.state
-            and tracer.state[node.target].dim() == 2):
-        return node.target, transposed
-    return None
+    name = _state_matrix(tracer, node)
+    return None if name is None else (name, transposed)
 
 
 def _weight_operand(tracer, call, index: int, neuron: int) -> None:
@@ -290,6 +288,9 @@ def functional_linear(tracer, call):
     """``F.linear(h, self.weight, self.bias)``, i.e. ``h @ weight.T + bias``: a weight
     read directly is a layer's weight, whose rows are new units."""
     source, weight, where = call.layout(0, "input"), call.layout(1, "weight"), _where(call)
+    if not L.is_layout(weight) or len(weight) != 2:
+        raise UnsupportedModelError(f"{where}: F.linear with a weight that is not a matrix "
+                                    "is not supported")
     name = _state_matrix(tracer, call.value(1, "weight"))
     if name is not None and isinstance(weight[0], AxisSpec):
         _as_layer_weight(tracer, call.node.name, name, weight, 0)
