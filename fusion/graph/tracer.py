@@ -508,7 +508,10 @@ class _Finisher:
         self.t = tracer
         find = tracer.find
         active = {find(g) for g in range(len(tracer.parent)) if g not in tracer.passive}
-        roots = {find(g) for g in range(len(tracer.parent))} - set(tracer.split_groups)
+        self.members: dict[int, set[int]] = {}  # the groups merged into each root
+        for g in range(len(tracer.parent)):
+            self.members.setdefault(find(g), set()).add(g)
+        roots = set(self.members) - set(tracer.split_groups)
         stateful = {find(g) for g in range(len(tracer.parent)) if g not in tracer.opaque_groups}
         self.roots = sorted(roots & stateful)  # an opaque tensor's own axes: no width
         parts = {find(g): [find(p) for p, _ in value if p is not None]
@@ -522,7 +525,7 @@ class _Finisher:
         concatenated = {find(p) for value in tracer.parts.values() for p, _ in value
                         if p is not None}
         for group in tracer.split_groups:
-            if any(find(g) == find(group) for g in range(len(tracer.parent)) if g != group) \
+            if self.members[find(group)] != {group} \
                     or any(find(f) == find(group) for f in tracer.fixed) \
                     or find(group) in concatenated:
                 raise UnsupportedModelError(
@@ -538,10 +541,7 @@ class _Finisher:
         they would be averaged as they lie; refused. ``unmet``: the groups of parameters'
         and buffers' own axes that met neither layers nor data. Buffers' own axes (a
         table of frequencies) and what ops without a rule compute stay as they are."""
-        t, find = self.t, self.t.find
-        members: dict[int, set[int]] = {}
-        for g in range(len(t.parent)):
-            members.setdefault(find(g), set()).add(g)
+        t, find, members = self.t, self.t.find, self.members
         used = {find(g) for g in t.carried} | {p for ps in parts.values() for p in ps}
         for uses in (*t.uses.values(), *([(name, axes, cost) for axes in pieces]
                                          for name, (_, pieces, cost) in t.packed.items())):
