@@ -249,6 +249,14 @@ def _one_list(items: tuple) -> bool:
     return lists == 1 and others == 0
 
 
+def refuse_heads(layout: Layout, dims, where: str, what: str) -> None:
+    """Refuse an op that combines the entries of ``dims`` when one of them holds heads:
+    it would combine one unit of every head, and each head's units are aligned by a
+    coupling of their own."""
+    if any(layout[d] is not None and layout[d].part == "block" for d in dims):
+        raise UnsupportedModelError(f"{where} {what}, whose units are aligned differently")
+
+
 def reduce(layout: Layout, dims, keepdim: bool, where: str) -> Layout:
     """A reduction (mean, sum, amax) over ``dims`` (all when None): the reduced
     dimensions are gone (or unaligned, with keepdim). Reducing over aligned units is
@@ -257,9 +265,7 @@ def reduce(layout: Layout, dims, keepdim: bool, where: str) -> Layout:
         dims = range(len(layout))
     dims = {d % len(layout) for d in (dims if isinstance(dims, tuple | list | range)
                                       else (dims,))}
-    if any(layout[d] is not None and layout[d].part == "block" for d in dims):
-        raise UnsupportedModelError(f"{where} reduces over heads, whose units are aligned "
-                                    "differently")
+    refuse_heads(layout, dims, where, "reduces over heads")
     if keepdim:
         return tuple(None if d in dims else s for d, s in enumerate(layout))
     return tuple(s for d, s in enumerate(layout) if d not in dims)

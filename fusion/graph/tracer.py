@@ -336,8 +336,8 @@ class Tracer:
             return self.visit_module(call)
         rule = (rules.method_rule(node.target) if node.op == "call_method"
                 else rules.function_rule(node.target))
-        stacked = next((v for v in (*call.args, *call.kwargs.values())
-                        if isinstance(v, Stacked)), None)
+        stacked = next((v for v in _leaves([*call.args, *call.kwargs.values()])
+                        if isinstance(v, Stacked)), None)  # also in a list: cat([h_n, c_n])
         if stacked is not None and node.target not in _READS_STACKED:
             raise UnsupportedModelError(f"node '{node.name}' uses {stacked.why}")
         if rule is not None:
@@ -433,16 +433,21 @@ def _carries_data(layout, shape) -> bool:
         spec is None and size > 1 for spec, size in zip(layout, shape, strict=False))
 
 
-def _specs(value):
-    """Every axis spec in a (nested) layout value."""
-    if isinstance(value, AxisSpec):
-        yield value
-    elif isinstance(value, dict):
+def _leaves(value):
+    """Every entry of a (nested) layout value: axis specs, stacked layouts, None."""
+    if isinstance(value, dict):
         for v in value.values():
-            yield from _specs(v)
+            yield from _leaves(v)
     elif isinstance(value, tuple | list):
         for v in value:
-            yield from _specs(v)
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _specs(value):
+    """Every axis spec in a (nested) layout value."""
+    return (v for v in _leaves(value) if isinstance(v, AxisSpec))
 
 
 _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")

@@ -1,6 +1,7 @@
-"""Ops that act on every unit alone (activations, dropout, softmax or a norm over any
-dimension, which are permutation-equivariant), and pooling and resampling, which mix
-neighbouring positions and so must not run over aligned units."""
+"""Ops that act on every unit alone (activations, dropout), ops that normalise along one
+dimension (softmax, a norm), which are permutation-equivariant unless that dimension
+holds heads, and pooling and resampling, which mix neighbouring positions and so must
+not run over aligned units."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layouts import require_unaligned
+from ..layouts import refuse_heads, require_unaligned
 from ..spec import UnsupportedModelError
 from . import function_rule_for, function_rule_named, method_rule_for, register_rule
 
@@ -19,22 +20,20 @@ ELEMENTWISE_MODULES = (
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.LogSigmoid,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.Softmax, nn.LogSoftmax,
 )
 ELEMENTWISE_FUNCTIONS = (
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish,
     F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.softsign, F.logsigmoid,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.softmax, F.log_softmax, F.tanh,
-    F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.softmax, torch.log_softmax,
-    torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.neg,
-    torch.clamp, torch.erf, torch.sin, torch.cos, operator.invert, torch.logical_not,
-    F.normalize, operator.neg, operator.pos, operator.pow, torch.pow,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.tanh, F.sigmoid, torch.relu,
+    torch.tanh, torch.sigmoid, torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt,
+    torch.square, torch.neg, torch.clamp, torch.erf, torch.sin, torch.cos, operator.invert,
+    torch.logical_not, operator.neg, operator.pos, operator.pow, torch.pow,
 )
 ELEMENTWISE_METHODS = (
-    "relu", "relu_", "tanh", "sigmoid", "softmax", "log_softmax", "exp", "log", "abs",
-    "sqrt", "rsqrt", "square", "neg", "clamp", "clamp_min", "clamp_max", "pow", "erf",
-    "contiguous", "clone", "detach", "float", "double", "half", "bfloat16", "to", "type_as",
-    "type", "requires_grad_", "logical_not", "bool", "int", "long",
+    "relu", "relu_", "tanh", "sigmoid", "exp", "log", "abs", "sqrt", "rsqrt", "square",
+    "neg", "clamp", "clamp_min", "clamp_max", "pow", "erf", "contiguous", "clone", "detach",
+    "float", "double", "half", "bfloat16", "to", "type_as", "type", "requires_grad_",
+    "logical_not", "bool", "int", "long",
 )
 
 
@@ -63,6 +62,33 @@ def elementwise(tracer, call):
             f"node '{call.node.name}' ({call.node.target}) takes a second tensor, which is "
             "not supported; write it with torch.minimum, torch.maximum or arithmetic")
     return call.layout()
+
+
+@function_rule_for(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+@method_rule_for("softmax", "log_softmax")
+def softmax(tracer, call):
+    return _normalised(call.layout(), call.value(1, "dim", None), f"node '{call.node.name}'")
+
+
+@function_rule_for(F.normalize)
+def normalize(tracer, call):
+    return _normalised(call.layout(), call.value(2, "dim", 1), f"node '{call.node.name}'")
+
+
+@register_rule(nn.Softmax, nn.LogSoftmax)
+def softmax_module(tracer, call, name, module):
+    return _normalised(call.layout(), module.dim, f"module '{name}'")
+
+
+def _normalised(layout, dim, where: str):
+    """A softmax or norm along ``dim`` (None: softmax's implicit choice, the first
+    dimension of a 0-, 1- or 3-dimensional input, else the second) keeps the layout; it
+    combines the units of one dimension, which any permutation of them keeps, but along
+    heads it combines one unit of every head, whose units are aligned differently."""
+    if dim is None:
+        dim = 0 if len(layout) in (0, 1, 3) else 1
+    refuse_heads(layout, (dim % max(1, len(layout)),), where, "normalises across heads")
+    return layout
 
 
 @function_rule_named("stochastic_depth")
