@@ -1215,3 +1215,46 @@ def test_per_head_attention_weights_left_unused_are_aligned():
     x = torch.randn(8, 5, 4)
     a, b = (_built(lambda: PerHeadWeights("unused"), seed) for seed in (0, 1))
     _same_function(align(b, a, config=EXACT, inputs=x), b, x)
+
+
+class DepthwiseMultiplier(nn.Module):
+    """A depthwise convolution with a channel multiplier of 2 (groups = in_channels),
+    then BatchNorm: the two outputs of an input channel may come in either order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.dw = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3, groups=4)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.bn(self.dw(F.relu(self.a(x))))
+        return self.head(F.relu(h).mean((2, 3)))
+
+
+def _permute_depthwise_multiplier(model: DepthwiseMultiplier, generator: torch.Generator):
+    """The input channels permuted; each one's block of two outputs follows it, the
+    two outputs within the block in an order of their own."""
+    model = copy.deepcopy(model)
+    channels = _perm(4, generator)
+    outputs = torch.cat([2 * int(c) + _perm(2, generator) for c in channels])
+    _rows(model.a, channels)
+    _rows(model.dw, outputs)
+    _rows(model.bn, outputs)
+    with torch.no_grad():
+        model.bn.running_mean.copy_(model.bn.running_mean[outputs])
+        model.bn.running_var.copy_(model.bn.running_var[outputs])
+    _columns(model.head, outputs)
+    return model
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_depthwise_multiplier_outputs_within_a_block_are_matched(seed):
+    """Fusing with copies whose outputs were swapped within their blocks gave another
+    function (d = 0.11-0.68): the blocks were tied to their input channels rigidly."""
+    x = torch.randn(8, 3, 6, 6)
+    model = _built(DepthwiseMultiplier, 0)
+    copies = [model, *(_permute_depthwise_multiplier(model, torch.Generator().manual_seed(s))
+                       for s in (seed, seed + 10))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    other = _built(DepthwiseMultiplier, seed)
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
