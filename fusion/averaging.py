@@ -9,6 +9,9 @@ A tensor is averaged with the client weights, except along two kinds of axis:
   neuron's share in the fused neuron it is coupled to grows with its importance, the
   norm of its outgoing weights.
 
+A tensor that comes out the same from every client (a frozen backbone fine-tuned
+under it) is kept bit for bit, not averaged.
+
 ``rescale`` then scales each fused plain hidden unit so that the norm of its incoming
 weights and bias is the same-weighted mean of the norms of the client units coupled to
 it, which undoes the shrinkage of averaging imperfectly matched units.
@@ -65,10 +68,11 @@ def average_states(graph: AlignmentGraph | None, template_state: dict[str, torch
             continue
         projected = [project(state[name], axes, maps)
                      for state, maps in zip(states, couplings, strict=True)]
-        factors = _tensor_weights(graph, spec, like, weights)
-        fused[name] = combine(projected, factors)
+        agreed = all(torch.equal(projected[0], t) for t in projected[1:])
+        fused[name] = (projected[0].clone() if agreed  # e.g. a frozen backbone: bit for bit
+                       else combine(projected, _tensor_weights(graph, spec, like, weights)))
         if spec is not None and spec.cost and spec.axes[spec.neuron_axis].group in plain:
-            norms.add(spec, fused[name], projected)
+            norms.add(spec, fused[name], projected, agreed)
     for spec, scale in norms.scales(weights, combine):
         axis = spec.neuron_axis
         fused[spec.name] = fused[spec.name] * _along(scale, spec.axes[axis], axis,
@@ -114,11 +118,16 @@ class _NormTargets:
         self.fused: dict[int, torch.Tensor] = {}
         self.mapped: dict[int, list] = {}
         self.members: dict[int, list[TensorSpec]] = {}
+        self.differing: set[int] = set()
 
-    def add(self, spec: TensorSpec, fused: torch.Tensor, projected: list[torch.Tensor]):
+    def add(self, spec: TensorSpec, fused: torch.Tensor, projected: list[torch.Tensor],
+            agreed: bool = False):
+        """A member tensor of a group; ``agreed``: the same in every client."""
         axis = spec.neuron_axis
         neuron = spec.axes[axis]
         group = neuron.group
+        if not agreed:
+            self.differing.add(group)
         self.fused[group] = self.fused.get(group, 0) + _sq_rows(fused, axis, neuron)
         totals = self.mapped.setdefault(group, [0] * self.clients)
         for k, tensor in enumerate(projected):
@@ -126,8 +135,11 @@ class _NormTargets:
         self.members.setdefault(group, []).append(spec)
 
     def scales(self, weights: AveragingWeights, combine: Combine):
-        """(member tensor, per-neuron scale) pairs: target norm over fused norm."""
+        """(member tensor, per-neuron scale) pairs: target norm over fused norm; none for
+        a group whose every member is the same in every client (its scale is one)."""
         for group, own in self.fused.items():
+            if group not in self.differing:
+                continue
             mix = ((weights.per_neuron or {}).get(group)
                    or [torch.full_like(own, w) for w in weights.clients])
             target = combine([c.sqrt() for c in self.mapped[group]], mix)

@@ -218,6 +218,25 @@ def test_fusion_does_not_modify_the_clients():
             assert torch.equal(model.state_dict()[key], tensor), key
 
 
+def test_a_tensor_the_same_in_every_client_is_kept_bit_for_bit():
+    """Fine-tuning a frozen backbone: its tensors are the same in every client, and the
+    fused backbone is that checkpoint exactly (averaging them drifted by one ulp), while
+    the heads the clients trained are fused."""
+    backbone = build_model("mlp", seed=3, widths=(16, 8), in_features=12, num_classes=4)
+    clients = []
+    for seed in (4, 5, 6):
+        client = copy.deepcopy(backbone)
+        torch.manual_seed(seed)
+        client.head.reset_parameters()
+        clients.append(client)
+    fused = fuse(clients, weights=[0.3, 0.3, 0.4],
+                 config=FusionConfig.from_options(distill_steps=0))
+    for key, tensor in backbone.state_dict().items():
+        if not key.startswith("head"):
+            assert torch.equal(fused.state_dict()[key], tensor), key
+    assert not torch.equal(fused.head.weight, clients[0].head.weight)
+
+
 # ------------------------------------------------------------ wider residual networks
 
 
