@@ -744,9 +744,11 @@ def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
         with torch.no_grad(), temporary_mode(gm), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
+        hint = (" (a model that takes token ids or other integer inputs needs a batch of "
+                "them: inputs=x)" if example_input.is_floating_point() else "")
         raise UnsupportedModelError(
             f"running the model on an example input of shape {tuple(example_input.shape)} "
-            f"failed: {exc}"
+            f"failed{hint}: {exc}"
         ) from exc
 
 

@@ -58,6 +58,27 @@ def test_different_numbers_of_classes_cannot_be_aligned():
         fuse([mlp(num_classes=10), mlp(num_classes=5)])
 
 
+class _TokenClassifier(nn.Module):
+    """Token ids in, class logits out; ``input_shape`` alone cannot say the ids are
+    integers."""
+
+    input_shape = (5,)
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(11, 6), nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+def test_a_token_model_traced_on_zeros_of_its_input_shape_is_told_to_pass_inputs():
+    models = [_TokenClassifier(), _TokenClassifier()]
+    with pytest.raises(UnsupportedModelError, match="token ids .* inputs=x"):
+        fuse(models)
+    fuse(models, inputs=torch.randint(0, 11, (4, 5)))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_parameter_is_named(bad):
     broken = mlp(seed=1)
