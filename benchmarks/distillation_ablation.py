@@ -4,7 +4,8 @@ For every model, number of clients K, split and seed, trains K clients (as
 ``fusion_quality.py`` does) and fuses them with the default pipeline, changing one
 distillation setting at a time: the number of steps, early stopping on held-out
 synthetic inputs, a cosine learning-rate schedule, a temperature, the teacher, the share of
-inputs drawn along the clients' principal components (none, all); and a
+inputs drawn along the clients' principal components (none, all), a longer distillation
+on more inputs (``long``: 8000 inputs, 1000 steps of 256); and a
 DENSE-style peer (``peer_dense.py``) from the same OT fusion. Prints one
 row of test accuracies per cell and the mean ± std over the seeds, with every method's
 seconds (OT fusion included), and writes ``results/distillation_ablation.json`` and
@@ -39,6 +40,7 @@ SETTINGS: dict[str, dict] = {
     "T=3 cosine": {"distill_temperature": 3.0, "distill_schedule": "cosine"},
     "feature by feature": {"distill_correlated": 0.0},
     "all correlated": {"distill_correlated": 1.0},
+    "long": {"distill_samples": 8000, "distill_steps": 1000, "distill_batch_size": 256},
 }
 """Each method's options on top of the defaults (flat names of
 :meth:`FusionConfig.from_options`)."""
