@@ -32,9 +32,7 @@ def dense_layer(tracer, name: str, module: nn.Linear, features: AxisSpec | None,
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def convolution(tracer, call, name, module):
     """New channels from the input channels; a depthwise convolution (one group per
-    input channel, one output each) keeps its input's channels; with a channel
-    multiplier it is a grouped convolution: each input channel's block of outputs moves
-    with it, and the outputs within a block by an assignment of their own."""
+    input channel) keeps its input's channels, each repeated ``out/in`` times."""
     source = call.layout()
     k = module.weight.dim() - 2
     where = f"module '{name}'"
@@ -48,11 +46,16 @@ def convolution(tracer, call, name, module):
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=True)
         tracer.add_site(group, name, None, len(source) - k - 1, out)
-    elif module.groups == module.in_channels == module.out_channels:
-        if channel is not None and (channel.outer, channel.inner) != (1, 1):
-            raise UnsupportedModelError(f"{where}: a depthwise convolution on reshaped "
-                                        "channels is not supported")
-        out = None if channel is None else AxisSpec(channel.group, "neuron")
+    elif module.groups == module.in_channels:
+        multiplier = module.out_channels // module.in_channels
+        if channel is None and multiplier == 1:
+            out = None
+        elif channel is None or (channel.outer, channel.inner) != (1, 1):
+            raise UnsupportedModelError(f"{where}: a depthwise convolution with a channel "
+                                        "multiplier on unaligned or reshaped channels is not "
+                                        "supported")
+        else:
+            out = AxisSpec(channel.group, "neuron", inner=multiplier)
         tracer.record(name, "weight", (out, None, *kernel), cost=False)
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=False)
