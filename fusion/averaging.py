@@ -9,8 +9,8 @@ A tensor is averaged with the client weights, except along two kinds of axis:
   neuron's share in the fused neuron it is coupled to grows with its importance, the
   norm of its outgoing weights.
 
-A tensor that comes out the same from every client (a frozen backbone fine-tuned
-under it) is kept bit for bit, not averaged.
+A tensor that comes out the same from every client once mapped (a frozen pretrained
+backbone under heads each client fine-tuned) is kept bit for bit, not averaged.
 
 ``rescale`` then scales each fused plain hidden unit so that the norm of its incoming
 weights and bias is the same-weighted mean of the norms of the client units coupled to

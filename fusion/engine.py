@@ -35,6 +35,7 @@ from .graph import (
     build_alignment_graph,
     is_recurrent,
 )
+from .graph.tracer import ExampleRunError
 from .modes import temporary_mode
 from .moments import InputMoments, pool_moments
 from .projection import Coupling, as_rows, dense_state, project, stored_state
@@ -312,7 +313,14 @@ def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequenc
 def _trace(template: nn.Module, config: FusionConfig, inputs) -> AlignmentGraph:
     if config.cost == "activations" and inputs is None:
         raise ValueError("cost='activations' needs a batch of inputs (inputs=x)")
-    return build_alignment_graph(template, _example_input(template, inputs))
+    try:
+        return build_alignment_graph(template, _example_input(template, inputs))
+    except ExampleRunError as exc:
+        if inputs is not None:
+            raise
+        raise ExampleRunError(f"{exc} (it ran on zeros of its input_shape; a model that takes "
+                              "token ids or other integer inputs needs a batch of them: "
+                              "inputs=x)") from exc
 
 
 def _solve(models, states, weights, anchor, template_state, names, config: FusionConfig,

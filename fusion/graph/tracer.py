@@ -737,6 +737,10 @@ def _structure(model: nn.Module, state: dict[str, torch.Tensor], gm: fx.GraphMod
             example_input.dtype)
 
 
+class ExampleRunError(UnsupportedModelError):
+    """The model failed when run on the example input it is traced on."""
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Runs the model once, recording every node's shape (fx's own traceback, which it
     prints to stderr on failure, is kept out of the user's terminal)."""
@@ -744,11 +748,9 @@ def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
         with torch.no_grad(), temporary_mode(gm), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
-        hint = (" (a model that takes token ids or other integer inputs needs a batch of "
-                "them: inputs=x)" if example_input.is_floating_point() else "")
-        raise UnsupportedModelError(
+        raise ExampleRunError(
             f"running the model on an example input of shape {tuple(example_input.shape)} "
-            f"failed{hint}: {exc}"
+            f"failed: {exc}"
         ) from exc
 
 

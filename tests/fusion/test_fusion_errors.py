@@ -74,7 +74,8 @@ class _TokenClassifier(nn.Module):
 
 def test_a_token_model_traced_on_zeros_of_its_input_shape_is_told_to_pass_inputs():
     models = [_TokenClassifier(), _TokenClassifier()]
-    with pytest.raises(UnsupportedModelError, match="token ids .* inputs=x"):
+    with pytest.raises(UnsupportedModelError,
+                       match="zeros of its input_shape.*token ids.*inputs=x"):
         fuse(models)
     fuse(models, inputs=torch.randint(0, 11, (4, 5)))
 
@@ -252,3 +253,9 @@ def test_unsupported_model_is_named(factory, named):
 
 def test_unsupported_model_error_is_a_value_error():
     assert issubclass(UnsupportedModelError, ValueError)
+
+
+def test_a_model_failing_on_the_inputs_passed_is_not_told_to_pass_inputs():
+    with pytest.raises(UnsupportedModelError, match="failed") as raised:
+        fuse([mlp(), mlp(seed=1)], inputs=torch.randn(4, 7))
+    assert "inputs=x" not in str(raised.value)

@@ -1215,3 +1215,23 @@ def test_per_head_attention_weights_left_unused_are_aligned():
     x = torch.randn(8, 5, 4)
     a, b = (_built(lambda: PerHeadWeights("unused"), seed) for seed in (0, 1))
     _same_function(align(b, a, config=EXACT, inputs=x), b, x)
+
+
+class NormalisedByComputedDim(nn.Module):
+    """A softmax along a dimension computed in ``forward`` (a traced value, not a
+    number), and one of a 0-dimensional tensor; both crashed the rule once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        return self.head(h.softmax(h.dim() - 1)) * torch.softmax(h.sum(), 0)
+
+
+def test_a_softmax_along_a_computed_dimension_keeps_the_function():
+    x = torch.randn(16, 6)
+    model = _built(NormalisedByComputedDim, 0)
+    _same_function(fuse([model, _between("a", 8)(model, torch.Generator().manual_seed(2))],
+                        config=EXACT, inputs=x), model, x)
