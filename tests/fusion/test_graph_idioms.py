@@ -1160,7 +1160,7 @@ _NORMALISERS = {
     "softmax-method": lambda h, dim: h.softmax(dim),
     "F.softmax": lambda h, dim: F.softmax(h, dim=dim),
     "log-softmax": lambda h, dim: torch.log_softmax(h, dim),
-    "softmax-module": lambda h, dim: nn.Softmax(dim)(h),
+    "softmax-module": None,  # an nn.Softmax the model holds
     "F.normalize": lambda h, dim: F.normalize(h, dim=dim),
 }
 
@@ -1174,7 +1174,7 @@ class HeadsNormalised(nn.Module):
         super().__init__()
         self.a, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
         self.how, self.dim = how, dim
-        self.softmax = nn.Softmax(dim) if how == "softmax-module" else None
+        self.softmax = nn.Softmax(dim) if _NORMALISERS[how] is None else None
 
     def forward(self, x):
         h = self.a(x).view(x.shape[0], 2, 4)
