@@ -28,6 +28,7 @@ from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, U
 
 _MISSING = object()
 _NUMPY_ALIASES = {"dim": "axis", "keepdim": "keepdims"}
+_NUMBER = "otfusion_number"  # node.meta key: the number a node computed from shapes
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,14 @@ class Call:
     kwargs: dict
 
     def value(self, index: int, name: str, default=_MISSING):
-        """The raw argument at position ``index`` or keyword ``name`` (or its NumPy
-        alias: ``axis`` for ``dim``, ``keepdims`` for ``keepdim``)."""
+        """The argument at position ``index`` or keyword ``name`` (or its NumPy alias:
+        ``axis`` for ``dim``, ``keepdims`` for ``keepdim``), a number computed from shapes
+        (``h.dim() - 1``) as its number."""
         if index < len(self.node.args):
-            return self.node.args[index]
+            return _known(self.node.args[index])
         for key in (name, _NUMPY_ALIASES.get(name)):
             if key in self.node.kwargs:
-                return self.node.kwargs[key]
+                return _known(self.node.kwargs[key])
         if default is _MISSING:
             raise UnsupportedModelError(f"node '{self.node.name}': missing argument '{name}'")
         return default
@@ -741,12 +743,30 @@ class ExampleRunError(UnsupportedModelError):
     """The model failed when run on the example input it is traced on."""
 
 
+class _ShapeProp(ShapeProp):
+    """fx's shape propagation, also keeping the numbers computed from shapes
+    (``h.dim() - 1``, ``x.shape``), so that rules read them as numbers."""
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, int | float) or (
+                isinstance(result, tuple) and all(isinstance(v, int) for v in result)):
+            n.meta[_NUMBER] = result
+        return result
+
+
+def _known(value):
+    """``value`` with every node computed from shapes replaced by its number."""
+    return fx.node.map_arg(value, lambda n: n.meta.get(_NUMBER, n))
+
+
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
-    """Runs the model once, recording every node's shape (fx's own traceback, which it
-    prints to stderr on failure, is kept out of the user's terminal)."""
+    """Runs the model once, recording every node's shape and every number computed from
+    shapes (fx's own traceback, which it prints to stderr on failure, is kept out of the
+    user's terminal)."""
     try:
         with torch.no_grad(), temporary_mode(gm), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(gm).propagate(example_input)
+            _ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise ExampleRunError(
             f"running the model on an example input of shape {tuple(example_input.shape)} "

@@ -1235,3 +1235,53 @@ def test_a_softmax_along_a_computed_dimension_keeps_the_function():
     model = _built(NormalisedByComputedDim, 0)
     _same_function(fuse([model, _between("a", 8)(model, torch.Generator().manual_seed(2))],
                         config=EXACT, inputs=x), model, x)
+
+
+class ComputedDimensions(nn.Module):
+    """Dimensions computed in ``forward`` from shapes, in every op that takes one: a
+    reduction over one crashed the tracer once (a sum over ``h.dim() - 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))  # (N, 8, T): channels on dimension 1
+        last = h.dim() - 1
+        pooled = h.sum(last) + h.amax(dim=h.ndim - 1, keepdim=True).squeeze(last)
+        tokens = h.permute(0, last, 1).unsqueeze(x.dim()).flatten(x.dim() - 1)  # (N, T, 8)
+        gate = torch.cat([pooled.unsqueeze(1), tokens], dim=tokens.dim() - 2)
+        return self.head(gate.transpose(1, tokens.dim() - 1).mean(-1))
+
+
+def _permute_computed_dimensions(model: ComputedDimensions, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    _rows(model.conv, p)
+    _columns(model.head, p)
+    return model
+
+
+def test_dimensions_computed_from_shapes_keep_the_function():
+    x = torch.randn(16, 3, 7)
+    model, other = _built(ComputedDimensions, 0), _built(ComputedDimensions, 1)
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _permute_computed_dimensions(model, torch.Generator().manual_seed(2))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+def test_a_computed_dimension_across_heads_is_refused():
+    """The number a dimension was computed to is the one checked for heads: along the
+    units of each head it fuses, across the heads it is refused."""
+    class ComputedHeads(HeadsNormalised):
+        def forward(self, x):
+            h = self.a(x).view(x.shape[0], 2, 4)
+            return self.head(h.softmax(h.dim() - self.dim).flatten(1))
+
+    x = torch.randn(16, 6)
+    model = _built(lambda: ComputedHeads(dim=1), 0)
+    copies = [model, _permute_heads_normalised(model, torch.Generator().manual_seed(3))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    across = _built(lambda: ComputedHeads(dim=2), 0)
+    with pytest.raises(UnsupportedModelError, match="normalises across heads"):
+        fuse([across, across], config=EXACT, inputs=x)

@@ -23,7 +23,7 @@ def _dims(call, index: int, name: str):
     value = call.value(index, name, None)
     if isinstance(value, tuple | list) or value is None:
         return value
-    return tuple(call.node.args[index:])
+    return tuple(call.value(i, name) for i in range(index, len(call.node.args)))
 
 
 def unify(tracer, specs, where: str) -> AxisSpec | None:
