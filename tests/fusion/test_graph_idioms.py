@@ -1285,3 +1285,104 @@ def test_a_computed_dimension_across_heads_is_refused():
     across = _built(lambda: ComputedHeads(dim=2), 0)
     with pytest.raises(UnsupportedModelError, match="normalises across heads"):
         fuse([across, across], config=EXACT, inputs=x)
+
+
+_T = 5
+_SDPA_MASKS = {
+    "none": lambda: None,
+    "shared": lambda: torch.randn(_T, _T),
+    "padding": lambda: None,  # computed from the input, one row per batch entry
+    "per head": lambda: torch.stack([torch.zeros(_T, _T), torch.randn(_T, _T)]),
+    "per head, 4-D": lambda: torch.randn(1, 2, _T, _T),
+}
+
+
+class MaskedAttention(nn.Module):
+    """``F.scaled_dot_product_attention`` over two heads of four units, with a mask from
+    ``_SDPA_MASKS``; a mask per head (ALiBi's) stayed where it was while the alignment
+    moved the heads (d = 0.43 of the output)."""
+
+    def __init__(self, mask: str = "none"):
+        super().__init__()
+        self.inp, self.qkv = nn.Linear(6, 8), nn.Linear(8, 24)
+        self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.register_buffer("mask", _SDPA_MASKS[mask]())
+        self.kind = mask
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        q, k, v = (t.view(x.shape[0], _T, 2, 4).transpose(1, 2) for t in (q, k, v))
+        mask = self.mask if self.kind != "padding" else (x[:, None, None, :, 0] > -1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head((h + self.proj(o.transpose(1, 2).flatten(2))).mean(1))
+
+
+def _permute_masked_attention(model: MaskedAttention, generator: torch.Generator):
+    """The residual stream by one permutation; the heads, whole and within, by another
+    (the same for queries, keys and values)."""
+    model = copy.deepcopy(model)
+    r, p = _perm(8, generator), _within_blocks(2, 4, generator)
+    _rows(model.inp, r)
+    _columns(model.qkv, r)
+    _rows(model.qkv, torch.cat([p, p + 8, p + 16]))
+    _columns(model.proj, p)
+    _rows(model.proj, r)
+    _columns(model.head, r)
+    return model
+
+
+@pytest.mark.parametrize("mask", ["none", "shared", "padding"])
+def test_an_attention_mask_shared_by_heads_keeps_the_function(mask):
+    x = torch.randn(16, _T, 6)
+    model, other = _built(lambda: MaskedAttention(mask), 0), _built(lambda: MaskedAttention(mask), 1)
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _permute_masked_attention(model, torch.Generator().manual_seed(4))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+@pytest.mark.parametrize("mask", ["per head", "per head, 4-D"])
+def test_an_attention_mask_per_head_is_refused(mask):
+    x = torch.randn(16, _T, 6)
+    model, other = _built(lambda: MaskedAttention(mask), 0), _built(lambda: MaskedAttention(mask), 1)
+    with pytest.raises(UnsupportedModelError, match="attention mask per head"):
+        align(other, model, config=EXACT, inputs=x)
+
+
+class PiecesJoined(nn.Module):
+    """The tuple that ``chunk`` or ``unbind`` returns, passed whole to ``torch.stack``
+    (halves of a layer as two heads) or ``torch.cat`` (time steps side by side); both
+    crashed with a TypeError."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.fc = how, nn.Linear(6, 8)
+        self.head = nn.Linear(4 if how == "stack" else 8 * _T, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.how == "stack":
+            return self.head(torch.stack(h.chunk(2, -1), 1).sum(1).mean(1))
+        return self.head(torch.cat(h.unbind(1), -1))
+
+
+def _permute_pieces_joined(model: PiecesJoined, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    if model.how == "stack":  # the halves are added: one permutation for both
+        p = _perm(4, generator)
+        _rows(model.fc, torch.cat([p, p + 4]))
+        _columns(model.head, p)
+    else:  # the head reads time step t's units at t * 8
+        p = _perm(8, generator)
+        _rows(model.fc, p)
+        _columns(model.head, torch.cat([t * 8 + p for t in range(_T)]))
+    return model
+
+
+@pytest.mark.parametrize("how", ["stack", "cat"])
+def test_the_pieces_of_a_split_joined_whole_keep_the_function(how):
+    x = torch.randn(16, _T, 6)
+    model, other = _built(lambda: PiecesJoined(how), 0), _built(lambda: PiecesJoined(how), 1)
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _permute_pieces_joined(model, torch.Generator().manual_seed(5))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)

@@ -103,9 +103,8 @@ def broadcast(tracer, call):
 def concatenate(tracer, call):
     """Side by side along one dimension: the other dimensions meet (as in an addition);
     along the concatenated one, aligned parts give a direct sum of their couplings."""
-    nodes = call.value(0, "tensors")
     parts = call.layout(0, "tensors")
-    shapes = [L.shape_of(n) for n in nodes]
+    shapes = _shapes(call.value(0, "tensors"))
     ndim = len(shapes[0])
     dim = call.value(1, "dim", 0) % ndim
     result = []
@@ -126,14 +125,21 @@ def concatenate(tracer, call):
 
 @function_rule_for(torch.stack)
 def stack(tracer, call):
-    nodes = call.value(0, "tensors")
     parts = call.layout(0, "tensors")
-    shapes = [L.shape_of(n) for n in nodes]
+    shapes = _shapes(call.value(0, "tensors"))
     ndim = len(shapes[0])
     dim = call.value(1, "dim", 0) % (ndim + 1)
     merged = [unify(tracer, _operand_specs(parts, shapes, ndim - d), _where(call))
               for d in range(ndim)]
     return (*merged[:dim], None, *merged[dim:])
+
+
+def _shapes(tensors) -> list[tuple[int, ...] | None]:
+    """The shapes of the tensors listed, or of the tuple one node returned (the pieces
+    of ``h.chunk(2)`` passed on whole, ``torch.stack(h.chunk(2), 1)``)."""
+    if isinstance(tensors, fx.Node):
+        return [tuple(meta.shape) for meta in tensors.meta["tensor_meta"]]
+    return [L.shape_of(n) for n in tensors]
 
 
 @function_rule_for(torch.flatten)
@@ -391,10 +397,22 @@ def scaled_dot_product_attention(tracer, call):
     for layout in (query, key, value):
         L.require_unaligned(tracer, layout, (-2,), where, "attends over a dimension that holds "
                             "aligned units")
+    _mask_shared_by_heads(query, call.value(3, "attn_mask", None), where)
     _contract(tracer, query[-1], key[-1], where)
     _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where))
     batch = _batch_dims(tracer, call, query, value, None)
     return (*batch, query[-2], value[-1])
+
+
+def _mask_shared_by_heads(query, mask, where: str) -> None:
+    """Refuse an attention mask that differs between heads (ALiBi's, one matrix per
+    head): the alignment moves whole heads, and the mask's rows would not move with
+    them."""
+    shape = L.shape_of(mask) or ()
+    if any(query[d] is not None and shape[m] > 1 for d in range(len(query) - 2)
+           if (m := d - len(query) + len(shape)) >= 0):
+        raise UnsupportedModelError(f"{where}: an attention mask per head ({shape}) is not "
+                                    "supported; heads move")
 
 
 @register_rule(nn.Unflatten)
