@@ -1335,7 +1335,7 @@ def _permute_masked_attention(model: MaskedAttention, generator: torch.Generator
 @pytest.mark.parametrize("mask", ["none", "shared", "padding"])
 def test_an_attention_mask_shared_by_heads_keeps_the_function(mask):
     x = torch.randn(16, _T, 6)
-    model, other = _built(lambda: MaskedAttention(mask), 0), _built(lambda: MaskedAttention(mask), 1)
+    model, other = (_built(lambda: MaskedAttention(mask), seed) for seed in (0, 1))
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
     copies = [model, _permute_masked_attention(model, torch.Generator().manual_seed(4))]
     _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
@@ -1344,7 +1344,7 @@ def test_an_attention_mask_shared_by_heads_keeps_the_function(mask):
 @pytest.mark.parametrize("mask", ["per head", "per head, 4-D"])
 def test_an_attention_mask_per_head_is_refused(mask):
     x = torch.randn(16, _T, 6)
-    model, other = _built(lambda: MaskedAttention(mask), 0), _built(lambda: MaskedAttention(mask), 1)
+    model, other = (_built(lambda: MaskedAttention(mask), seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="attention mask per head"):
         align(other, model, config=EXACT, inputs=x)
 
