@@ -1386,3 +1386,77 @@ def test_the_pieces_of_a_split_joined_whole_keep_the_function(how):
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
     copies = [model, _permute_pieces_joined(model, torch.Generator().manual_seed(5))]
     _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: ``F.layer_norm`` over the channels of an image,
+    moved last and back."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class FunctionalNorms(nn.Module):
+    """Normalisations called as functions with the model's own parameters (a user's
+    BatchNorm, GroupNorm or RMSNorm, timm's LayerNorm2d); ``F.layer_norm`` and kin were
+    refused as unsupported."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 3)
+        self.norm = LayerNorm2d(8) if how == "layer_norm" else None
+        if how != "layer_norm":
+            self.weight = nn.Parameter(torch.ones(8))
+        if how in ("batch_norm", "group_norm"):
+            self.bias = nn.Parameter(torch.zeros(8))
+        if how == "batch_norm":
+            self.register_buffer("mean", torch.zeros(8))
+            self.register_buffer("var", torch.ones(8))
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.how == "layer_norm":
+            h = self.norm(h)
+        elif self.how == "batch_norm":
+            h = F.batch_norm(h, self.mean, self.var, self.weight, self.bias, False)
+        elif self.how == "group_norm":
+            h = F.group_norm(h, 2, self.weight, self.bias)
+        else:  # rms_norm over the channels, last
+            h = F.rms_norm(h.permute(0, 2, 3, 1), (8,), self.weight).permute(0, 3, 1, 2)
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def _permute_functional_norms(model: FunctionalNorms, generator: torch.Generator):
+    """The channels moved, whole halves and within them (GroupNorm's two groups), with
+    every per-channel tensor of the normalisation."""
+    model = copy.deepcopy(model)
+    p = _within_blocks(2, 4, generator)
+    _rows(model.conv, p)
+    _columns(model.head, p)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not name.startswith(("conv.", "head.")):
+                tensor.copy_(tensor[p])
+    return model
+
+
+def _random_norm_statistics(model: FunctionalNorms, seed: int) -> FunctionalNorms:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not name.startswith(("conv.", "head.")):
+                tensor.copy_(1 + 0.4 * torch.rand(tensor.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("how", ["layer_norm", "batch_norm", "group_norm", "rms_norm"])
+def test_functional_normalisations_keep_the_function(how):
+    x = _images()
+    model, other = (_random_norm_statistics(_built(lambda: FunctionalNorms(how), seed), seed)
+                    for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _permute_functional_norms(model, torch.Generator().manual_seed(6))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)

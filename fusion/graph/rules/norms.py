@@ -1,12 +1,15 @@
-"""Normalisation layers: their parameters and statistics follow their channels."""
+"""Normalisation layers and their functional forms (``F.layer_norm`` and kin, with the
+model's own parameters): their parameters and statistics follow their channels."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
-from ..layouts import as_neuron
+from ..layouts import as_neuron, is_layout
 from ..spec import UnsupportedModelError
-from . import register_rule
+from . import function_rule_for, register_rule
+from .tensor_ops import unify
 
 
 def follow(tracer, name: str, module: nn.Module, axes) -> None:
@@ -42,11 +45,66 @@ def group_norm(tracer, call, name, module):
     """Statistics per group of channels: a coupling may move whole groups and channels
     within a group (one group or one channel per group leave it free)."""
     source = call.layout()
-    channel = source[1]
-    if 1 < module.num_groups < module.num_channels and channel is not None:
-        if (channel.outer, channel.inner) != (1, 1):
-            raise UnsupportedModelError(f"module '{name}': GroupNorm over reshaped channels "
-                                        "is not supported")
-        tracer.constrain_blocks(channel.group, module.num_groups, f"module '{name}'")
-    follow(tracer, name, module, (as_neuron(channel),))
+    _channel_groups(tracer, source[1], module.num_groups, module.num_channels,
+                    f"module '{name}'")
+    follow(tracer, name, module, (as_neuron(source[1]),))
     return source
+
+
+def _channel_groups(tracer, channel, groups: int, channels: int, where: str) -> None:
+    """GroupNorm's statistics per group of channels: a coupling may move whole groups
+    and channels within a group (one group or one channel per group leave it free)."""
+    if 1 < groups < channels and channel is not None:
+        if (channel.outer, channel.inner) != (1, 1):
+            raise UnsupportedModelError(f"{where}: GroupNorm over reshaped channels is not "
+                                        "supported")
+        tracer.constrain_blocks(channel.group, groups, where)
+
+
+@function_rule_for(F.layer_norm, F.rms_norm)
+def functional_layer_norm(tracer, call):
+    """``F.layer_norm(h, shape, weight, bias)`` or ``F.rms_norm(h, shape, weight)``:
+    statistics over the last ``len(shape)`` dimensions; the parameters follow them."""
+    shape = call.value(1, "normalized_shape")
+    count = 1 if isinstance(shape, int) else len(shape)
+    source = call.layout()
+    params = [call.layout(2, "weight")]
+    if call.node.target is F.layer_norm:
+        params.append(call.layout(3, "bias"))
+    return _with_parameters(tracer, call, source, params, range(len(source) - count,
+                                                                len(source)))
+
+
+@function_rule_for(F.batch_norm, F.instance_norm)
+def functional_batch_norm(tracer, call):
+    """``F.batch_norm(h, running_mean, running_var, weight, bias, ...)`` (and
+    ``F.instance_norm``): per-channel statistics (channels: dimension 1); the statistics
+    and parameters follow the channels."""
+    source = call.layout()
+    params = [call.layout(i, n) for i, n in enumerate(
+        ("running_mean", "running_var", "weight", "bias"), start=1)]
+    return _with_parameters(tracer, call, source, params, [1 if len(source) > 1 else 0])
+
+
+@function_rule_for(F.group_norm)
+def functional_group_norm(tracer, call):
+    """``F.group_norm(h, groups, weight, bias)``: statistics per group of channels
+    (dimension 1); the parameters follow the channels."""
+    source = call.layout()
+    _channel_groups(tracer, source[1], call.value(1, "num_groups"),
+                    (call.input_shape or (0, 0))[1], f"node '{call.node.name}'")
+    params = [call.layout(2, "weight"), call.layout(3, "bias")]
+    return _with_parameters(tracer, call, source, params, [1])
+
+
+def _with_parameters(tracer, call, source, params, dims):
+    """``source``'s layout, its dimensions ``dims`` joined with the 1-per-unit
+    ``params`` (their dimensions in the same order; None or non-tensor ones skipped): an
+    unaligned dimension keeps its parameters unaligned."""
+    params = [p for p in params if is_layout(p) and p]
+    result = list(source)
+    for i, d in enumerate(dims):
+        specs = [p[i - len(dims)] for p in params]
+        result[d] = unify(tracer, [source[d] if source[d] is not None else "data", *specs],
+                          f"node '{call.node.name}'")
+    return tuple(result)
