@@ -743,16 +743,29 @@ class ExampleRunError(UnsupportedModelError):
     """The model failed when run on the example input it is traced on."""
 
 
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
+
+
 class _ShapeProp(ShapeProp):
-    """fx's shape propagation, also keeping the numbers computed from shapes
-    (``h.dim() - 1``, ``x.shape``), so that rules read them as numbers."""
+    """fx's shape propagation, also keeping the numbers computed from shapes alone
+    (``h.dim() - 1``, ``x.shape[1] // 2``), so that rules read them as numbers; numbers
+    read from a tensor's values (``.item()``) may differ between the models one traced
+    graph serves, and stay nodes."""
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
-        if isinstance(result, int | float) or (
-                isinstance(result, tuple) and all(isinstance(v, int) for v in result)):
+        if (isinstance(result, int | float) or (
+                isinstance(result, tuple) and all(isinstance(v, int) for v in result))) and (
+                _reads_shape(n) or all(_NUMBER in m.meta for m in n.all_input_nodes)):
             n.meta[_NUMBER] = result
         return result
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    """Whether ``node`` reads a tensor's shape: ``x.size()``, ``x.dim()``, ``x.shape``."""
+    return (node.op == "call_method" and node.target in _SHAPE_METHODS
+            or node.op == "call_function" and node.target is getattr
+            and node.args[1] in ("shape", "ndim"))
 
 
 def _known(value):

@@ -1287,11 +1287,31 @@ def test_a_computed_dimension_across_heads_is_refused():
         fuse([across, across], config=EXACT, inputs=x)
 
 
+def test_a_dimension_read_from_values_is_not_taken_for_a_number():
+    """A dimension read from a buffer's values (``.item()``) may differ between the
+    models one traced graph serves: where heads are, it is refused whatever it was in
+    the model traced (it fused the model normalising across heads, d = 0.43)."""
+    class ValueDimension(HeadsNormalised):
+        def __init__(self, dim: int):
+            super().__init__(dim=dim)
+            self.register_buffer("axis", torch.tensor(dim))
+
+        def forward(self, x):
+            h = self.a(x).view(x.shape[0], 2, 4)
+            return self.head(h.softmax(self.axis.item()).flatten(1))
+
+    x = torch.randn(16, 6)
+    within, across = _built(lambda: ValueDimension(2), 0), _built(lambda: ValueDimension(1), 1)
+    with pytest.raises(UnsupportedModelError, match="normalises across heads"):
+        align(across, within, config=EXACT, inputs=x)
+
+
 _T = 5
 _SDPA_MASKS = {
     "none": lambda: None,
     "shared": lambda: torch.randn(_T, _T),
     "padding": lambda: None,  # computed from the input, one row per batch entry
+    "none, every argument by keyword": lambda: None,
     "per head": lambda: torch.stack([torch.zeros(_T, _T), torch.randn(_T, _T)]),
     "per head, 4-D": lambda: torch.randn(1, 2, _T, _T),
 }
@@ -1314,7 +1334,10 @@ class MaskedAttention(nn.Module):
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         q, k, v = (t.view(x.shape[0], _T, 2, 4).transpose(1, 2) for t in (q, k, v))
         mask = self.mask if self.kind != "padding" else (x[:, None, None, :, 0] > -1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if self.kind.endswith("keyword"):  # crashed once
+            o = F.scaled_dot_product_attention(query=q, key=k, value=v)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.head((h + self.proj(o.transpose(1, 2).flatten(2))).mean(1))
 
 
@@ -1332,7 +1355,8 @@ def _permute_masked_attention(model: MaskedAttention, generator: torch.Generator
     return model
 
 
-@pytest.mark.parametrize("mask", ["none", "shared", "padding"])
+@pytest.mark.parametrize("mask", ["none", "shared", "padding",
+                                  "none, every argument by keyword"])
 def test_an_attention_mask_shared_by_heads_keeps_the_function(mask):
     x = torch.randn(16, _T, 6)
     model, other = (_built(lambda: MaskedAttention(mask), seed) for seed in (0, 1))
@@ -1351,8 +1375,9 @@ def test_an_attention_mask_per_head_is_refused(mask):
 
 class PiecesJoined(nn.Module):
     """The tuple that ``chunk`` or ``unbind`` returns, passed whole to ``torch.stack``
-    (halves of a layer as two heads) or ``torch.cat`` (time steps side by side); both
-    crashed with a TypeError."""
+    (halves of a layer as two heads) or ``torch.cat`` (time steps side by side), or the
+    input's pieces from ``tensor_split`` (an op without a rule); all crashed with a
+    TypeError."""
 
     def __init__(self, how: str):
         super().__init__()
@@ -1363,6 +1388,8 @@ class PiecesJoined(nn.Module):
         h = torch.relu(self.fc(x))
         if self.how == "stack":
             return self.head(torch.stack(h.chunk(2, -1), 1).sum(1).mean(1))
+        if self.how == "tensor_split":  # pieces of the input, from an op without a rule
+            h = torch.relu(self.fc(torch.cat(x.tensor_split(2, 1), 1)))
         return self.head(torch.cat(h.unbind(1), -1))
 
 
@@ -1379,7 +1406,7 @@ def _permute_pieces_joined(model: PiecesJoined, generator: torch.Generator):
     return model
 
 
-@pytest.mark.parametrize("how", ["stack", "cat"])
+@pytest.mark.parametrize("how", ["stack", "cat", "tensor_split"])
 def test_the_pieces_of_a_split_joined_whole_keep_the_function(how):
     x = torch.randn(16, _T, 6)
     model, other = _built(lambda: PiecesJoined(how), 0), _built(lambda: PiecesJoined(how), 1)
@@ -1460,3 +1487,21 @@ def test_functional_normalisations_keep_the_function(how):
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
     copies = [model, _permute_functional_norms(model, torch.Generator().manual_seed(6))]
     _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+def test_a_functional_norm_with_one_weight_for_every_head_is_refused():
+    """qk-norm by hand: one weight for the units of every head, whose units are coupled
+    head by head; refused by name rather than fused."""
+    class PerHeadNorm(HeadsNormalised):
+        def __init__(self):
+            super().__init__()
+            self.norm_weight = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            h = F.layer_norm(self.a(x).view(x.shape[0], 2, 4), (4,), self.norm_weight)
+            return self.head(h.flatten(1))
+
+    x = torch.randn(16, 6)
+    model = _built(PerHeadNorm, 0)
+    with pytest.raises(UnsupportedModelError, match="split into heads with parameters"):
+        fuse([model, model], config=EXACT, inputs=x)

@@ -52,8 +52,8 @@ def group_norm(tracer, call, name, module):
 
 
 def _channel_groups(tracer, channel, groups: int, channels: int, where: str) -> None:
-    """GroupNorm's statistics per group of channels: a coupling may move whole groups
-    and channels within a group (one group or one channel per group leave it free)."""
+    """Constrain the coupling of ``channel`` to ``groups`` blocks (see
+    :func:`group_norm`)."""
     if 1 < groups < channels and channel is not None:
         if (channel.outer, channel.inner) != (1, 1):
             raise UnsupportedModelError(f"{where}: GroupNorm over reshaped channels is not "
@@ -65,8 +65,7 @@ def _channel_groups(tracer, channel, groups: int, channels: int, where: str) -> 
 def functional_layer_norm(tracer, call):
     """``F.layer_norm(h, shape, weight, bias)`` or ``F.rms_norm(h, shape, weight)``:
     statistics over the last ``len(shape)`` dimensions; the parameters follow them."""
-    shape = call.value(1, "normalized_shape")
-    count = 1 if isinstance(shape, int) else len(shape)
+    count = len(call.value(1, "normalized_shape"))
     source = call.layout()
     params = [call.layout(2, "weight")]
     if call.node.target is F.layer_norm:
@@ -83,7 +82,7 @@ def functional_batch_norm(tracer, call):
     source = call.layout()
     params = [call.layout(i, n) for i, n in enumerate(
         ("running_mean", "running_var", "weight", "bias"), start=1)]
-    return _with_parameters(tracer, call, source, params, [1 if len(source) > 1 else 0])
+    return _with_parameters(tracer, call, source, params, [1])
 
 
 @function_rule_for(F.group_norm)
@@ -91,8 +90,8 @@ def functional_group_norm(tracer, call):
     """``F.group_norm(h, groups, weight, bias)``: statistics per group of channels
     (dimension 1); the parameters follow the channels."""
     source = call.layout()
-    _channel_groups(tracer, source[1], call.value(1, "num_groups"),
-                    (call.input_shape or (0, 0))[1], f"node '{call.node.name}'")
+    _channel_groups(tracer, source[1], call.value(1, "num_groups"), call.input_shape[1],
+                    f"node '{call.node.name}'")
     params = [call.layout(2, "weight"), call.layout(3, "bias")]
     return _with_parameters(tracer, call, source, params, [1])
 
@@ -100,11 +99,18 @@ def functional_group_norm(tracer, call):
 def _with_parameters(tracer, call, source, params, dims):
     """``source``'s layout, its dimensions ``dims`` joined with the 1-per-unit
     ``params`` (their dimensions in the same order; None or non-tensor ones skipped): an
-    unaligned dimension keeps its parameters unaligned."""
+    unaligned dimension keeps its parameters unaligned. Parameters of units reshaped or
+    split into heads (a per-head norm, one weight for every head) are refused."""
     params = [p for p in params if is_layout(p) and p]
+    where = f"node '{call.node.name}'"
     result = list(source)
     for i, d in enumerate(dims):
         specs = [p[i - len(dims)] for p in params]
+        if source[d] is not None and any(
+                s is not None and (s.outer, s.inner, s.part)
+                != (source[d].outer, source[d].inner, source[d].part) for s in specs):
+            raise UnsupportedModelError(f"{where} normalises units reshaped or split into "
+                                        "heads with parameters of its own; not supported")
         result[d] = unify(tracer, [source[d] if source[d] is not None else "data", *specs],
-                          f"node '{call.node.name}'")
+                          where)
     return tuple(result)

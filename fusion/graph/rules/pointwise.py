@@ -82,14 +82,16 @@ def softmax_module(tracer, call, name, module):
 
 def _normalised(layout, dim, where: str):
     """A softmax or norm along ``dim`` (None: softmax's implicit choice, the first
-    dimension of a 1- or 3-dimensional input, else the second) keeps the layout; it
-    combines the units of one dimension, which any permutation of them keeps, but along
-    heads it combines one unit of every head, whose units are aligned differently."""
+    dimension of a 1- or 3-dimensional input, else the second; one read from a tensor's
+    values, ``.item()``, may be any) keeps the layout; it combines the units of one
+    dimension, which any permutation of them keeps, but along heads it combines one
+    unit of every head, whose units are aligned differently."""
     if not layout:
         return layout
     if dim is None:
         dim = 0 if len(layout) in (1, 3) else 1
-    refuse_heads(layout, [dim % len(layout)], where, "normalises across heads")
+    dims = [dim % len(layout)] if isinstance(dim, int) else range(len(layout))
+    refuse_heads(layout, dims, where, "normalises across heads")
     return layout
 
 

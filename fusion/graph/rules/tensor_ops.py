@@ -104,6 +104,8 @@ def concatenate(tracer, call):
     """Side by side along one dimension: the other dimensions meet (as in an addition);
     along the concatenated one, aligned parts give a direct sum of their couplings."""
     parts = call.layout(0, "tensors")
+    if parts is None:  # the pieces of an op without a rule, which holds no aligned unit
+        return L.plain(call.node)
     shapes = _shapes(call.value(0, "tensors"))
     ndim = len(shapes[0])
     dim = call.value(1, "dim", 0) % ndim
@@ -126,6 +128,8 @@ def concatenate(tracer, call):
 @function_rule_for(torch.stack)
 def stack(tracer, call):
     parts = call.layout(0, "tensors")
+    if parts is None:
+        return L.plain(call.node)
     shapes = _shapes(call.value(0, "tensors"))
     ndim = len(shapes[0])
     dim = call.value(1, "dim", 0) % (ndim + 1)
@@ -191,11 +195,12 @@ def _contract(tracer, a, b, where: str) -> None:
         tracer.union(a.group, b.group)
 
 
-def _batch_dims(tracer, call, left, right, keep):
-    """Right-aligned batch dimensions of a product's operands (all but the last two); an
-    unaligned one of size > 1 facing aligned units is data that pairs with them."""
+def _batch_dims(tracer, call, left, right, keep, operands=((0, "input"), (1, "other"))):
+    """Right-aligned batch dimensions of a product's ``operands`` (position, keyword),
+    of layouts ``left`` and ``right`` (all but the last two dimensions); an unaligned
+    one of size > 1 facing aligned units is data that pairs with them."""
     shape = call.shape
-    sizes = [L.shape_of(node) for node in call.node.args[:2]]
+    sizes = [L.shape_of(call.value(i, name)) for i, name in operands]
     out = []
     for offset in range(3, len(shape) + 1):
         a, b = (_batch_spec(layout, size, offset)
@@ -399,8 +404,9 @@ def scaled_dot_product_attention(tracer, call):
                             "aligned units")
     _mask_shared_by_heads(query, call.value(3, "attn_mask", None), where)
     _contract(tracer, query[-1], key[-1], where)
-    _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where))
-    batch = _batch_dims(tracer, call, query, value, None)
+    _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where),
+                ((0, "query"), (1, "key")))
+    batch = _batch_dims(tracer, call, query, value, None, ((0, "query"), (2, "value")))
     return (*batch, query[-2], value[-1])
 
 
@@ -475,7 +481,7 @@ def attribute(tracer, call):
 
 @function_rule_for(operator.getitem)
 def getitem(tracer, call):
-    return L.index(call.layout(), call.node.args[1], _where(call), call.shape,
+    return L.index(call.layout(), call.value(1, "index"), _where(call), call.shape,
                    tracer.split_groups, tracer.cut)
 
 
