@@ -101,11 +101,11 @@ def fusion_floor(models, result, config) -> float:
     """Seconds of the floor: per matched group, one product and one assignment between
     two clients' own neuron rows, times :func:`couplings_needed`."""
     import torch
-    from scipy.optimize import linear_sum_assignment
 
     from otfusion.fusion import traced_graph
     from otfusion.fusion.graph import is_recurrent
     from otfusion.fusion.projection import as_rows, dense_state
+    from otfusion.fusion.transport import assignment
 
     graph = traced_graph(models[0])
     states = [dense_state(graph, m.state_dict()) for m in models[:2]]
@@ -119,7 +119,7 @@ def fusion_floor(models, result, config) -> float:
                           dim=1) for state in states)
         start = time.perf_counter()
         cost = a.square().sum(1)[:, None] + b.square().sum(1)[None, :] - 2 * a @ b.T
-        linear_sum_assignment(cost.numpy())
+        assignment(cost.numpy())
         once = time.perf_counter() - start
         total += once * couplings_needed(len(models), result.group_iterations[group.label],
                                          config.barycenter.support_clients)
@@ -148,17 +148,18 @@ def distillation_floor(student, teachers, moments, config) -> float:
 
 
 def assignment_seconds(width: int, dim: int = 512, seed: int = 0) -> float:
-    """Seconds of one exact assignment (scipy) between two sets of ``width`` random
-    Gaussian neurons of ``dim`` incoming weights: the part of a wide layer's fusion that
-    grows fastest (cubically in the worst case)."""
+    """Seconds of one exact assignment (the engine's, SciPy's solver) between two sets
+    of ``width`` random Gaussian neurons of ``dim`` incoming weights: the part of a wide
+    layer's fusion that grows fastest (cubically in the worst case)."""
     import torch
-    from scipy.optimize import linear_sum_assignment
+
+    from otfusion.fusion.transport import assignment
 
     generator = torch.Generator().manual_seed(seed)
     a, b = (torch.randn(width, dim, generator=generator) for _ in range(2))
     cost = torch.cdist(a, b).square().numpy()
     start = time.perf_counter()
-    linear_sum_assignment(cost)
+    assignment(cost)
     return time.perf_counter() - start
 
 

@@ -9,6 +9,7 @@ state from a previous solve of a similar problem (Sinkhorn's dual potentials), o
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -20,14 +21,26 @@ def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     """Exact OT: a linear assignment for uniform square problems, else network simplex."""
     n, m = cost.shape
     if n == m and _is_uniform(a) and _is_uniform(b):
-        rows, cols = linear_sum_assignment(cost.detach().cpu().numpy())
+        cols = torch.as_tensor(assignment(cost.detach().cpu().numpy()), device=cost.device)
         plan = torch.zeros_like(cost)
-        index = torch.as_tensor(rows, device=cost.device), torch.as_tensor(cols, device=cost.device)
-        plan[index] = 1.0 / n
+        plan[torch.arange(n, device=cost.device), cols] = 1.0 / n
         return plan, None
     import ot  # POT imports scikit-learn and SciPy's statistics: only where it solves
 
     return ot.emd(a, b, cost), None
+
+
+def assignment(cost: np.ndarray) -> np.ndarray:
+    """The column assigned to each row by an exact minimum-cost assignment of the square
+    ``cost``. Its column minima, then its row minima, are subtracted first (in float64,
+    when finite): the same optimum, which SciPy's solver, started from zero duals, finds
+    2-3 times faster on squared distances, whose rows and columns carry offsets of
+    their own (the points' norms)."""
+    cost = np.asarray(cost, dtype=np.float64)
+    if np.isfinite(cost).all():
+        cost = cost - cost.min(axis=0, keepdims=True)
+        cost -= cost.min(axis=1, keepdims=True)
+    return linear_sum_assignment(cost)[1]
 
 
 def sinkhorn_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
