@@ -3,6 +3,7 @@ configuration and the limits a reply is checked against."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class FusionSettings:
     """The shape of one model input (that of the clients' input moments); None when
     unknown or when the inputs are not floating point, and then replies' moments are
     ignored."""
+    template: nn.Module = field(repr=False)
+    """One ``model_fn()``, built once; see :meth:`new_model`."""
 
     # pylint: disable=too-many-arguments
     @classmethod
@@ -78,7 +81,17 @@ class FusionSettings:
                    client_model_fn, max_abs_weight, inputs, graph,
                    ExpectedArrays.from_state_dict(template.state_dict()),
                    output_width(template, inputs, graph),
-                   None if shape is None else tuple(shape))
+                   None if shape is None else tuple(shape), template)
+
+    def new_model(self) -> nn.Module:
+        """A model of the global architecture for a reply's state to be loaded into: a
+        copy of :attr:`template` (``model_fn()`` again where it cannot be copied), which
+        skips the random initialisation the state overwrites, about 5 ms a reply for an
+        MLP, seconds per round with a thousand clients."""
+        try:
+            return copy.deepcopy(self.template)
+        except Exception:  # noqa: BLE001 - e.g. an attribute that cannot be copied
+            return self.model_fn()
 
     def round_config(self, server_round: int) -> FusionConfig:
         """The fusion settings of ``server_round``: with ``ot_rounds == "first"``, rounds

@@ -98,7 +98,7 @@ def _loaded_model(state: dict[str, torch.Tensor], settings: FusionSettings) -> n
             if not isinstance(model, nn.Module):
                 return f"client_model_fn returned a {type(model).__name__}, not an nn.Module"
         else:
-            model = settings.model_fn()
+            model = settings.new_model()
         model.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - a reply that fits no model is rejected
         return f"does not load into the model ({type(exc).__name__}: {exc})"

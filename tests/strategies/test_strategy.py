@@ -97,6 +97,23 @@ def test_good_replies_fuse_like_the_engine():
         assert torch.equal(update.model.state_dict()["head.weight"], states[k]["head.weight"])
 
 
+def test_replies_load_into_copies_of_one_model_built_once():
+    """model_fn runs as often for six replies as for three (a round does not build and
+    randomly initialise a model per reply); every reply gets a model of its own."""
+    calls = []
+    strategy = OTFusion(lambda: calls.append(1) or global_model(),
+                        on_fused=lambda rnd, updates: calls.append(updates))
+    counts = []
+    for count in (3, 6):
+        del calls[:]
+        strategy.aggregate_train(1, [reply(i, s, 10) for i, s in
+                                     enumerate(client_states(count), start=1)])
+        counts.append(sum(1 for c in calls if c == 1))
+        models = [u.model for u in calls[-1]]
+        assert len({id(m) for m in models} | {id(strategy.settings.template)}) == count + 1
+    assert counts[0] == counts[1]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_result_is_bit_identical_whatever_the_order_and_node_ids(seed):
     states = client_states(4)
