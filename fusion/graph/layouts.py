@@ -11,6 +11,7 @@ stacked LSTM).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -269,3 +270,13 @@ def reduce(layout: Layout, dims, keepdim: bool, where: str) -> Layout:
     if keepdim:
         return tuple(None if d in dims else s for d, s in enumerate(layout))
     return tuple(s for d, s in enumerate(layout) if d not in dims)
+
+
+def second_read(node: fx.Node, first: str | None = None) -> bool:
+    """Whether anything may read the second entry of the pair that ``node`` returns:
+    any use of it but taking its first entry (``r[0]``, ``r[-2]``, ``r.<first>``) or an
+    entry nothing reads (``out, _ = ...``)."""
+    return any(not (user.target is operator.getitem and (user.args[1] in (0, -2)
+                                                         or not user.users)
+                    or user.target is getattr and (user.args[1] == first or not user.users))
+               for user in node.users)

@@ -1505,3 +1505,44 @@ def test_a_functional_norm_with_one_weight_for_every_head_is_refused():
     model = _built(PerHeadNorm, 0)
     with pytest.raises(UnsupportedModelError, match="split into heads with parameters"):
         fuse([model, model], config=EXACT, inputs=x)
+
+
+_EXTREMA = {
+    "torch.max(h, 2)[0]": lambda h: torch.max(h, 2)[0],
+    "h.max(dim=2).values": lambda h: h.max(dim=2).values,
+    "v, _ = h.max(-1)": lambda h: h.max(-1)[0],
+    "min, keepdim": lambda h: torch.min(h, 2, keepdim=True)[0].squeeze(2),
+    "torch.max(h, g)": lambda h: torch.max(h, 1 - h).mean(2),
+    "h.max(other=g)": lambda h: h.max(other=-h).mean(2),
+    "h.max()": lambda h: h.mean(2) * h.max(),
+    "over the units": lambda h: h.mean(2) * h.max(1)[0].mean(1, keepdim=True),
+    "indices over the units": lambda h: h.mean(2) * h.max(1)[1].float().mean(1, keepdim=True),
+}
+
+
+class Extremum(nn.Module):
+    """A text CNN's or PointNet's global max pooling written as ``torch.max(h, dim)``,
+    and its kin from ``_EXTREMA``; all were refused as unsupported."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.conv, self.head = how, nn.Conv1d(3, 8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(_EXTREMA[self.how](torch.relu(self.conv(x))))
+
+
+@pytest.mark.parametrize("how", [h for h in _EXTREMA if h != "indices over the units"])
+def test_maxima_and_minima_keep_the_function(how):
+    x = torch.randn(16, 3, 10)
+    model, other = (_built(lambda: Extremum(how), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _between("conv", 8)(model, torch.Generator().manual_seed(7))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+def test_the_index_of_the_largest_unit_is_refused():
+    x = torch.randn(16, 3, 10)
+    model = _built(lambda: Extremum("indices over the units"), 0)
+    with pytest.raises(UnsupportedModelError, match="indices of the largest"):
+        fuse([model, model], config=EXACT, inputs=x)

@@ -9,11 +9,9 @@ projection's features join the residual stream they are added to.
 
 from __future__ import annotations
 
-import operator
-
 from torch import nn
 
-from ..layouts import as_input, as_neuron, require_unaligned
+from ..layouts import as_input, as_neuron, require_unaligned, second_read
 from ..spec import AxisSpec, UnsupportedModelError
 from . import register_rule
 from .layers import dense_layer
@@ -72,20 +70,11 @@ def multihead_attention(tracer, call, name, module):
     out = attention(tracer, name, module, query[-1], key[-1], value[-1], len(query))
     weights = call.node.meta.get("tensor_meta")
     weights = weights[1] if isinstance(weights, tuple) and len(weights) > 1 else None
-    if weights is not None and len(weights.shape) == 4 and _weights_read(call.node):
+    if weights is not None and len(weights.shape) == 4 and second_read(call.node):
         raise UnsupportedModelError(f"{where}: per-head attention weights "
                                     "(average_attn_weights=False) are used, and their "
                                     "heads move with the alignment; not supported")
     return ((*query[:-1], out), None if weights is None else (None,) * len(weights.shape))
-
-
-def _weights_read(node) -> bool:
-    """Whether anything may read the attention weights an attention call returns: any
-    use of its result but taking its first entry (``r[0]``, ``r[-2]``) or an entry
-    nothing reads (``out, _ = ...``)."""
-    return any(not (user.target is operator.getitem and (user.args[1] in (0, -2)
-                                                         or not user.users))
-               for user in node.users)
 
 
 def _residual(tracer, stream, update, where: str) -> AxisSpec | None:

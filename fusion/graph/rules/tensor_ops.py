@@ -461,7 +461,8 @@ def matrix_transpose(tracer, call):
 
 @function_rule_for(getattr)
 def attribute(tracer, call):
-    """``x.T``, ``x.mT`` move dimensions; ``x.shape`` and the like are no tensors."""
+    """``x.T``, ``x.mT`` move dimensions; ``x.shape`` and the like are no tensors;
+    ``.values`` and ``.indices`` pick from a pair."""
     layout, name = call.layout(), call.node.args[1]
     if name in ("T", "mT", "H", "mH"):
         if not L.is_layout(layout):
@@ -473,6 +474,9 @@ def attribute(tracer, call):
         return None
     if name == "data":
         return layout
+    if name in ("values", "indices") and isinstance(layout, tuple) and len(layout) == 2 \
+            and not L.is_layout(layout):  # of a (values, indices) pair: h.max(1).values
+        return layout[name == "indices"]
     if L.has_groups(layout):
         raise UnsupportedModelError(f"{_where(call)} reads attribute '{name}' of a tensor "
                                     "with aligned units")
@@ -516,6 +520,27 @@ def reduction(tracer, call):
     """Reductions are invariant to permuting the units they reduce over."""
     return L.reduce(call.layout(), call.value(1, "dim", None), call.value(2, "keepdim", False),
                     _where(call))
+
+
+@function_rule_for(torch.max, torch.min)
+@method_rule_for("max", "min")
+def extremum(tracer, call):
+    """``h.max()`` of every entry, ``torch.max(h, g)`` entry by entry (as
+    ``torch.maximum``), or ``h.max(dim)``: its values are a reduction over ``dim``; its
+    indices, where ``dim`` holds aligned units, say which unit, which the alignment
+    changes: refused when read (``h.max(1)[0]``, ``.values`` and ``v, _ = ...`` fuse)."""
+    dim = call.value(1, "dim", None)
+    if isinstance(dim, fx.Node) or "other" in call.node.kwargs:
+        return broadcast(tracer, call)
+    layout = call.layout()
+    if dim is None:
+        return L.reduce(layout, None, False, _where(call))
+    values = L.reduce(layout, dim, call.value(2, "keepdim", False), _where(call))
+    if layout[dim % len(layout)] is not None and L.second_read(call.node, "values"):
+        raise UnsupportedModelError(f"{_where(call)}: the indices of the largest or smallest "
+                                    "of aligned units are used, and the alignment moves the "
+                                    "units; not supported")
+    return values, values
 
 
 @method_rule_for("expand", "expand_as", "repeat", "tile")
