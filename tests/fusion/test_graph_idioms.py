@@ -1546,3 +1546,51 @@ def test_the_index_of_the_largest_unit_is_refused():
     model = _built(lambda: Extremum("indices over the units"), 0)
     with pytest.raises(UnsupportedModelError, match="indices of the largest"):
         fuse([model, model], config=EXACT, inputs=x)
+
+
+_ALONG = {
+    "h + h.flip(2)": lambda h: h + h.flip(2),
+    "torch.flip(h, [2])": lambda h: torch.flip(h, [2]),
+    "torch.roll(h, 1, 2)": lambda h: torch.roll(h, 1, 2),
+    "h.roll(shifts=2, dims=-1)": lambda h: h.roll(shifts=2, dims=-1),
+    "h.cumsum(2)": lambda h: h.cumsum(2),
+    "torch.cumprod(h, dim=-1)": lambda h: torch.cumprod(h, dim=-1),
+    "F.pad(h, (2, 0))": lambda h: F.pad(h, (2, 0)),
+    "reflect": lambda h: F.pad(h, (1, 1), mode="reflect"),
+}
+_ALONG_THE_UNITS = {
+    "h.flip(1)": lambda h: h.flip(1),
+    "torch.roll(h, 1)": lambda h: torch.roll(h, 1),  # the flattened tensor
+    "h.cumsum(1)": lambda h: h.cumsum(1),
+    "F.pad(h, (0, 0, 1, 1))": lambda h: F.pad(h, (0, 0, 1, 1))[:, 1:-1],
+}
+
+
+class AlongTime(nn.Module):
+    """Flips, rolls, cumulative sums and paddings along time (test-time flips, Swin's
+    shifted windows, a causal padding), or along the units; all were refused."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.op = {**_ALONG, **_ALONG_THE_UNITS}[how]
+        self.conv, self.head = nn.Conv1d(3, 8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.op(torch.relu(self.conv(x))).mean(2))
+
+
+@pytest.mark.parametrize("how", list(_ALONG))
+def test_ops_along_time_keep_the_function(how):
+    x = torch.randn(16, 3, 10)
+    model, other = (_built(lambda: AlongTime(how), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _between("conv", 8)(model, torch.Generator().manual_seed(8))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+@pytest.mark.parametrize("how", list(_ALONG_THE_UNITS))
+def test_ops_along_the_units_are_refused(how):
+    x = torch.randn(16, 3, 10)
+    model = _built(lambda: AlongTime(how), 0)
+    with pytest.raises(UnsupportedModelError, match="the units themselves"):
+        fuse([model, model], config=EXACT, inputs=x)

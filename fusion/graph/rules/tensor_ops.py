@@ -522,6 +522,29 @@ def reduction(tracer, call):
                     _where(call))
 
 
+@function_rule_for(torch.flip, torch.roll, torch.cumsum, torch.cumprod, F.pad)
+@method_rule_for("flip", "roll", "cumsum", "cumprod")
+def along(tracer, call):
+    """Ops that move or combine entries along some dimensions and keep every other one
+    (``flip``, ``roll``, ``cumsum``, ``cumprod``, ``F.pad``): along unaligned ones (time,
+    space: test-time flips, Swin's shifted windows, a causal padding) the layout stays;
+    along aligned units they would reorder, mix or add units, and are refused."""
+    layout = call.layout()
+    name = getattr(call.node.target, "__name__", call.node.target)
+    if name == "pad":
+        dims = range(len(layout) - len(call.value(1, "pad")) // 2, len(layout))
+    elif name in ("cumsum", "cumprod"):
+        dims = [call.value(1, "dim")]
+    elif name == "roll":
+        dims = call.value(2, "dims", None)
+        dims = range(len(layout)) if dims is None else (  # None: rolls the flattened tensor
+            dims if isinstance(dims, tuple | list) else (dims,))
+    else:
+        dims = _dims(call, 1, "dims")
+    L.require_unaligned(tracer, layout, dims, _where(call), f"would {name} the units themselves")
+    return layout
+
+
 @function_rule_for(torch.max, torch.min)
 @method_rule_for("max", "min")
 def extremum(tracer, call):
