@@ -1594,3 +1594,58 @@ def test_ops_along_the_units_are_refused(how):
     model = _built(lambda: AlongTime(how), 0)
     with pytest.raises(UnsupportedModelError, match="the units themselves"):
         fuse([model, model], config=EXACT, inputs=x)
+
+
+_CELLS = {"LSTMCell": (nn.LSTMCell, 4), "GRUCell": (nn.GRUCell, 3), "RNNCell": (nn.RNNCell, 1)}
+
+
+class SteppedCell(nn.Module):
+    """A recurrent cell stepped in ``forward`` (a seq2seq decoder's, an agent's), its
+    state started from zeros (``start="zeros"``), left to the cell's default (``"none"``)
+    or read from the input (``"data"``, refused); cells were refused as unsupported."""
+
+    def __init__(self, kind: str, start: str = "zeros"):
+        super().__init__()
+        self.lstm, self.start = kind == "LSTMCell", start
+        self.cell, self.head = _CELLS[kind][0](4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.start == "zeros":
+            h = x.new_zeros(x.shape[0], 6)
+            state = (h, torch.zeros_like(h)) if self.lstm else h
+        else:
+            state = None if self.start == "none" else x[:, 0].repeat(1, 2)[:, :6]
+        for t in range(5):  # fx unrolls a loop of a fixed length, not range(x.shape[1])
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if self.lstm else state)
+
+
+def _permute_cell(model: SteppedCell, generator: torch.Generator):
+    """The hidden units, in every gate's block of the cell's weights and biases."""
+    model = copy.deepcopy(model)
+    p = _perm(6, generator)
+    gates = torch.cat([g * 6 + p for g in range(model.cell.weight_ih.shape[0] // 6)])
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            tensor = getattr(model.cell, name)
+            tensor.copy_(tensor[gates])
+        model.cell.weight_hh.copy_(model.cell.weight_hh[:, p])
+    _columns(model.head, p)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(_CELLS))
+@pytest.mark.parametrize("start", ["zeros", "none"])
+def test_recurrent_cells_stepped_in_forward_keep_the_function(kind, start):
+    x = torch.randn(16, 5, 4)
+    model, other = (_built(lambda: SteppedCell(kind, start), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, _permute_cell(model, torch.Generator().manual_seed(9))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
+def test_a_cell_state_read_from_data_is_refused():
+    x = torch.randn(16, 5, 4)
+    model = _built(lambda: SteppedCell("GRUCell", "data"), 0)
+    with pytest.raises(UnsupportedModelError, match="a state read from data"):
+        fuse([model, model], config=EXACT, inputs=x)

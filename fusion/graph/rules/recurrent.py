@@ -1,10 +1,12 @@
 """Recurrent layers: one group per layer and direction holding all gate blocks; a
 projected LSTM adds a group for its projection; a bidirectional layer's output is the
-concatenation of its two directions."""
+concatenation of its two directions. A cell (``nn.LSTMCell`` and kin, stepped in
+``forward``) is one such layer whose state is carried by the caller."""
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import fx, nn
 
 from ..layouts import Stacked, as_input, has_groups, require_unaligned
 from ..spec import AxisSpec, UnsupportedModelError
@@ -65,3 +67,61 @@ def recurrent(tracer, call, name, module):
     hidden = stacked(outputs, "hidden states")
     state = (hidden, stacked(cells, "cell states")) if isinstance(module, nn.LSTM) else hidden
     return (output, state)
+
+
+CELL_GATES = {nn.RNNCell: 1, nn.GRUCell: 3, nn.LSTMCell: 4}
+
+
+@register_rule(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
+def recurrent_cell(tracer, call, name, module):
+    """One step: the new state's units are the cell's group, and the state it is given
+    (the previous step's) joins that group. A state without aligned units is taken for
+    the zeros it is by default, as the layers above take theirs."""
+    source = call.layout()
+    where = f"module '{name}'"
+    cell = tracer.new_group(name)
+    out = AxisSpec(cell, "neuron")
+    gated = AxisSpec(cell, "neuron", outer=CELL_GATES[type(module)])
+    tracer.record(name, "weight_ih", (gated, as_input(source[-1])), cost=True)
+    tracer.record(name, "weight_hh", (gated, as_input(out)), cost=True)
+    if module.bias:
+        tracer.record(name, "bias_ih", (gated,), cost=True)
+        tracer.record(name, "bias_hh", (gated,), cost=True)
+    lstm = isinstance(module, nn.LSTMCell)
+    state, value = call.layout(1, "hx"), call.value(1, "hx", None)
+    layouts = state if lstm and state is not None else (state,)
+    nodes = value if isinstance(value, tuple | list) else (value,) * len(layouts)
+    for layout, node in zip(layouts, nodes, strict=True):  # (h, c) may be one node
+        if has_groups(layout):
+            tracer.union(cell, _state_spec(layout, where).group)
+        elif node is not None and not _filled(node):
+            raise UnsupportedModelError(f"{where}: a state read from data, which nothing can "
+                                        "permute, is not supported (start from zeros, or "
+                                        "from a layer's output)")
+    step = (*source[:-1], out)
+    if lstm:
+        tracer.add_site(cell, name, 0, len(source) - 1, out)
+        return step, step
+    tracer.add_site(cell, name, None, len(source) - 1, out)
+    return step
+
+
+def _state_spec(layout, where: str) -> AxisSpec:
+    """The units of a state handed to a cell: its last dimension, of plain units."""
+    spec = layout[-1]
+    if not isinstance(spec, AxisSpec) or (spec.outer, spec.inner, spec.part) != (1, 1, None) \
+            or has_groups(layout[:-1]):
+        raise UnsupportedModelError(f"{where}: a state whose units are reshaped or spread "
+                                    "over other dimensions is not supported")
+    return spec
+
+
+_FILLS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like,
+          torch.full_like, "new_zeros", "new_ones", "new_full", "zero_"}
+
+
+def _filled(node) -> bool:
+    """Whether ``node`` is a tensor filled with one value (``h.new_zeros(b, n)``,
+    ``torch.zeros(b, n)``), which every permutation of its units keeps."""
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") \
+        and node.target in _FILLS
