@@ -42,8 +42,11 @@ class FusionSettings:
     """The shape of one model input (that of the clients' input moments); None when
     unknown or when the inputs are not floating point, and then replies' moments are
     ignored."""
-    template: nn.Module = field(repr=False)
-    """One ``model_fn()``, built once; see :meth:`new_model`."""
+    blank: nn.Module | None = field(repr=False)
+    """A copy of one ``model_fn()``, taken before anything traced it, that replies are
+    loaded into copies of (see :meth:`new_model`); None where copies would not be
+    independent models (hooks, whose closures may reach the original) or cannot be
+    made."""
 
     # pylint: disable=too-many-arguments
     @classmethod
@@ -71,6 +74,7 @@ class FusionSettings:
         template = model_fn()
         if not isinstance(template, nn.Module):
             raise TypeError(f"model_fn() returned a {type(template).__name__}, not an nn.Module")
+        blank = _copyable(template)
         shape = getattr(template, "input_shape", None)
         if inputs is not None and not inputs.is_floating_point():
             shape = None  # e.g. token ids: no Gaussian inputs to distil on
@@ -81,17 +85,14 @@ class FusionSettings:
                    client_model_fn, max_abs_weight, inputs, graph,
                    ExpectedArrays.from_state_dict(template.state_dict()),
                    output_width(template, inputs, graph),
-                   None if shape is None else tuple(shape), template)
+                   None if shape is None else tuple(shape), blank)
 
     def new_model(self) -> nn.Module:
         """A model of the global architecture for a reply's state to be loaded into: a
-        copy of :attr:`template` (``model_fn()`` again where it cannot be copied), which
-        skips the random initialisation the state overwrites, about 5 ms a reply for an
-        MLP, seconds per round with a thousand clients."""
-        try:
-            return copy.deepcopy(self.template)
-        except Exception:  # noqa: BLE001 - e.g. an attribute that cannot be copied
-            return self.model_fn()
+        copy of :attr:`blank` (else ``model_fn()``), which skips the random
+        initialisation the state overwrites, about 5 ms a reply for an MLP, seconds per
+        round with a thousand clients."""
+        return self.model_fn() if self.blank is None else copy.deepcopy(self.blank)
 
     def round_config(self, server_round: int) -> FusionConfig:
         """The fusion settings of ``server_round``: with ``ot_rounds == "first"``, rounds
@@ -122,3 +123,15 @@ class FusionSettings:
             f"Heterogeneous widths: {self.heterogeneous}",
             f"max |weight|: {self.max_abs_weight:g}",
         ]
+
+
+def _copyable(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` to copy again for every reply, or None: a model with hooks
+    (a copied hook still calls the original's closure) or one that cannot be copied."""
+    if any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+           or m._backward_pre_hooks for m in model.modules()):
+        return None
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - e.g. an attribute that cannot be copied
+        return None

@@ -1541,6 +1541,24 @@ def test_maxima_and_minima_keep_the_function(how):
     _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
 
 
+def test_the_predicted_class_is_returned_with_the_logits():
+    """``logits.max(1)[1]``: the index is over the classes, which the model returns, so no
+    alignment moves them."""
+    class Predicts(Extremum):
+        def forward(self, x):
+            logits = self.head(torch.relu(self.conv(x)).mean(2))
+            return logits, logits.max(1)[1]
+
+    x = torch.randn(16, 3, 10)
+    model = _built(lambda: Predicts("h.max()"), 0)
+    fused = fuse([model, _between("conv", 8)(model, torch.Generator().manual_seed(7))],
+                 config=EXACT, inputs=x)
+    with torch.no_grad():
+        (logits, predicted), (expected, expected_predicted) = fused(x), model(x)
+    torch.testing.assert_close(logits, expected)
+    assert torch.equal(predicted, expected_predicted)
+
+
 def test_the_index_of_the_largest_unit_is_refused():
     x = torch.randn(16, 3, 10)
     model = _built(lambda: Extremum("indices over the units"), 0)
@@ -1557,6 +1575,7 @@ _ALONG = {
     "torch.cumprod(h, dim=-1)": lambda h: torch.cumprod(h, dim=-1),
     "F.pad(h, (2, 0))": lambda h: F.pad(h, (2, 0)),
     "reflect": lambda h: F.pad(h, (1, 1), mode="reflect"),
+    "F.pad(h, (1, 1, 0, 0))": lambda h: F.pad(h, (1, 1, 0, 0)),  # nothing on the units
 }
 _ALONG_THE_UNITS = {
     "h.flip(1)": lambda h: h.flip(1),

@@ -42,3 +42,10 @@ def test_a_forbidden_pair_is_avoided():
     """An infinite cost is left as SciPy reads it (forbidden), not reduced."""
     cost = np.array([[np.inf, 1.0], [1.0, 0.5]])
     assert assignment(cost).tolist() == [1, 0]
+
+
+def test_costs_near_the_float64_limit_and_an_empty_cost():
+    """Subtracting the minima would overflow here (inf - inf): the raw cost is solved."""
+    cost = np.array([[-1e308, -1e308], [1e308, 1e308]])
+    assert sorted(assignment(cost).tolist()) == [0, 1]
+    assert assignment(np.zeros((0, 0))).tolist() == []

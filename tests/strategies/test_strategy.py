@@ -110,8 +110,52 @@ def test_replies_load_into_copies_of_one_model_built_once():
                                      enumerate(client_states(count), start=1)])
         counts.append(sum(1 for c in calls if c == 1))
         models = [u.model for u in calls[-1]]
-        assert len({id(m) for m in models} | {id(strategy.settings.template)}) == count + 1
+        tensors = [t for m in (*models, strategy.settings.blank) for t in m.state_dict().values()]
+        assert len({t.data_ptr() for t in tensors}) == len(tensors)  # nothing shared
     assert counts[0] == counts[1]
+
+
+class _CountingModel(nn.Module):
+    """Counts its calls in a buffer outside the state_dict, which tracing the model
+    leaves holding an fx Proxy."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) + self.calls
+
+
+class _HookedModel(nn.Module):
+    """A forward hook whose closure reads the model's own parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate = nn.Linear(6, 3), nn.Parameter(torch.zeros(3))
+        self.fc.register_forward_hook(lambda module, args, out: out + self.gate)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("factory", [_CountingModel, _HookedModel])
+def test_a_loaded_reply_computes_what_its_state_does(factory):
+    """Not what a traced model (the counter) or the copied original (the hook's closure)
+    does: a reply loaded for fusion is the model the client sent."""
+    from otfusion.strategies.updates import decode_update
+
+    settings = OTFusion(factory, inputs=torch.randn(4, 6)).settings
+    torch.manual_seed(3)
+    sent = factory()
+    with torch.no_grad():
+        for tensor in sent.state_dict().values():
+            tensor.copy_(torch.randn_like(tensor))
+    update = decode_update(sent.state_dict(), 1.0, {}, None, "node 1", settings)
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(update.model(x), sent(x))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -529,18 +529,20 @@ def along(tracer, call):
     (``flip``, ``roll``, ``cumsum``, ``cumprod``, ``F.pad``): along unaligned ones (time,
     space: test-time flips, Swin's shifted windows, a causal padding) the layout stays;
     along aligned units they would reorder, mix or add units, and are refused."""
-    layout = call.layout()
-    name = getattr(call.node.target, "__name__", call.node.target)
-    if name == "pad":
-        dims = range(len(layout) - len(call.value(1, "pad")) // 2, len(layout))
-    elif name in ("cumsum", "cumprod"):
+    layout, target = call.layout(), call.node.target
+    if target is F.pad:  # (before, after) amounts from the last dimension backwards
+        pad = call.value(1, "pad")
+        dims = [len(layout) - 1 - i for i in range(len(pad) // 2)
+                if pad[2 * i] or pad[2 * i + 1]]
+    elif target in (torch.cumsum, torch.cumprod, "cumsum", "cumprod"):
         dims = [call.value(1, "dim")]
-    elif name == "roll":
+    elif target in (torch.roll, "roll"):
         dims = call.value(2, "dims", None)
         dims = range(len(layout)) if dims is None else (  # None: rolls the flattened tensor
             dims if isinstance(dims, tuple | list) else (dims,))
     else:
         dims = _dims(call, 1, "dims")
+    name = getattr(target, "__name__", target)
     L.require_unaligned(tracer, layout, dims, _where(call), f"would {name} the units themselves")
     return layout
 
@@ -559,10 +561,11 @@ def extremum(tracer, call):
     if dim is None:
         return L.reduce(layout, None, False, _where(call))
     values = L.reduce(layout, dim, call.value(2, "keepdim", False), _where(call))
-    if layout[dim % len(layout)] is not None and L.second_read(call.node, "values"):
-        raise UnsupportedModelError(f"{_where(call)}: the indices of the largest or smallest "
-                                    "of aligned units are used, and the alignment moves the "
-                                    "units; not supported")
+    spec = layout[dim % len(layout)]
+    if spec is not None and L.second_read(call.node, "values"):  # fine if it ends unaligned
+        tracer.must_stay_unaligned(spec.group, f"{_where(call)}: the indices of the largest "
+                                   "or smallest of aligned units are used, and the alignment "
+                                   "moves the units; not supported")
     return values, values
 
 
