@@ -39,6 +39,7 @@ from .graph.tracer import ExampleRunError
 from .modes import temporary_mode
 from .moments import InputMoments, pool_moments
 from .projection import Coupling, as_rows, dense_state, project, stored_state
+from .quiet_inputs import fold_quiet_inputs
 from .robust import (
     Combine,
     cap_class_weights,
@@ -67,8 +68,9 @@ class FusionResult:
     final KL divergence of the post-fusion distillation (None when not distilled); the
     clients whose weight or label counts were capped (``robust.max_weight_ratio``) and
     those excluded by the screening, with the reason (indices into the models given);
-    the seconds spent distilling; and the clients whose tensors were clipped
-    (``robust.max_norm_ratio``), with their largest norm over the median's."""
+    the seconds spent distilling; the clients whose tensors were clipped
+    (``robust.max_norm_ratio``), with their largest norm over the median's; and the
+    number of quiet input features folded (``robust.quiet_inputs``)."""
 
     model: nn.Module
     group_costs: dict[str, float]
@@ -78,6 +80,7 @@ class FusionResult:
     excluded: dict[int, str] = field(default_factory=dict)
     distill_seconds: float = 0.0
     clipped: dict[int, float] = field(default_factory=dict)
+    quiet_inputs: int = 0
 
 
 def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
@@ -195,9 +198,11 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     distill_loss = (_distilled(model, models, weights, moments, config, class_weights,
                                progress) if moments is not None and config.distils else None)
     distill_seconds = time.perf_counter() - start
+    quiet = (fold_quiet_inputs(model, [m for m in per_client or () if m is not None],
+                               config.robust.quiet_inputs) if config.robust.quiet_inputs else 0)
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
                         capped, excluded, distill_seconds,
-                        {kept[k]: ratio for k, ratio in sorted(clipped.items())})
+                        {kept[k]: ratio for k, ratio in sorted(clipped.items())}, quiet)
 
 
 def _per_client_moments(input_moments: ClientMoments, count: int

@@ -52,9 +52,9 @@ def fuse_round(updates: Sequence[ClientUpdate], settings: FusionSettings, server
     updates or the fusion fails: the caller keeps the previous global model. The metrics
     always hold ``accepted-replies`` and ``rejected-replies``; after a fusion also
     ``fusion-seconds`` (distillation included), one ``transport-cost/<group>`` per aligned
-    group, ``capped-replies``, ``clipped-replies`` and ``excluded-replies`` (see
-    ``FusionConfig.robust``) and, when the fused model was distilled, ``distill-kl`` and
-    ``distill-seconds``.
+    group, ``capped-replies``, ``clipped-replies``, ``excluded-replies`` and
+    ``quiet-inputs`` (see ``FusionConfig.robust``) and, when the fused model was
+    distilled, ``distill-kl`` and ``distill-seconds``.
     """
     counts = {"accepted-replies": len(updates), "rejected-replies": rejected}
     needed = max(1, min_updates)
@@ -107,7 +107,8 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
     metrics = {"fusion-seconds": float(seconds), **transport_cost_metrics(result.group_costs),
                "capped-replies": float(len(result.capped)),
                "clipped-replies": float(len(result.clipped)),
-               "excluded-replies": float(len(result.excluded))}
+               "excluded-replies": float(len(result.excluded)),
+               "quiet-inputs": float(result.quiet_inputs)}
     if result.distill_loss is not None:
         metrics["distill-kl"] = result.distill_loss
         metrics["distill-seconds"] = result.distill_seconds

@@ -113,6 +113,10 @@ class RunConfig(BaseModel):
             "how the aligned client tensors are combined: mean, or robustly per coordinate"))
     fusion_robust_trim: float = Field(default=0.25, ge=0, lt=0.5, description=(
         "share of the weight removed from each end by the trimmed mean"))
+    fusion_robust_quiet_inputs: float = Field(default=0.1, ge=0, lt=1, description=(
+        "fold the first Linear's weights on input features whose variance is at most "
+        "this multiple of the median feature's into its bias (a trigger on pixels the "
+        "data leaves blank reaches nothing); 0: not folded"))
     send_input_moments: bool = Field(default=True, description=(
         "clients send the per-feature mean and variance of their training inputs, "
         "which the server's distillation needs"))
@@ -181,4 +185,5 @@ class RunConfig(BaseModel):
             robust_probe_steps=self.fusion_robust_probe_steps,
             robust_probe_error=self.fusion_robust_probe_error,
             robust_aggregate=self.fusion_robust_aggregate,
-            robust_trim=self.fusion_robust_trim)
+            robust_trim=self.fusion_robust_trim,
+            robust_quiet_inputs=self.fusion_robust_quiet_inputs or None)

@@ -700,6 +700,31 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph)
 
 
+_FLATTENS = {"flatten", "view", "reshape"}
+
+
+def input_linear(model: nn.Module) -> str | None:
+    """The name of the ``nn.Linear`` that ``model`` applies first to its input, flattened
+    in order (``nn.Flatten``, ``x.flatten(1)``, ``x.view(n, -1)``, ``x.reshape(...)``), so
+    that its weight's columns are the input's features; None for any other model (a
+    convolution first, the input scaled or used elsewhere, or no fx graph)."""
+    try:
+        gm = _trace(model)
+    except UnsupportedModelError:
+        return None
+    modules = dict(gm.named_modules())
+    node = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    while node is not None and len(node.users) == 1:
+        node = next(iter(node.users))
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if type(module) is nn.Linear:
+            return node.target
+        if not (type(module) is nn.Flatten or node.op in ("call_method", "call_function")
+                and getattr(node.target, "__name__", node.target) in _FLATTENS):
+            return None
+    return None
+
+
 def _refuse_forward_hooks(model: nn.Module) -> None:
     """torch.fx leaves forward hooks out of the graph, so what they do to units (a
     scale by a per-unit buffer, say) would be left unaligned."""

@@ -1,0 +1,100 @@
+"""Folding a first Linear's weights on quiet input features into its bias."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from otfusion.fusion import FusionConfig, InputMoments, fuse_result
+from otfusion.fusion.graph.tracer import input_linear
+from otfusion.fusion.quiet_inputs import fold_quiet_inputs
+from otfusion.zoo import build_model
+
+
+def _moments(var: torch.Tensor, mean: torch.Tensor | None = None) -> InputMoments:
+    return InputMoments(torch.zeros_like(var) if mean is None else mean, var)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    return build_model("mlp", in_features=6, widths=(5,), num_classes=3, seed=seed).eval()
+
+
+LIVE = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, 0.0])  # the last feature never varies
+MEAN = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.7])
+
+
+def test_a_quiet_feature_is_folded_at_its_mean():
+    model = _mlp()
+    folded = copy.deepcopy(model)
+    assert fold_quiet_inputs(folded, [_moments(LIVE, MEAN)] * 3, 0.1) == 1
+    x = torch.randn(8, 6)
+    x[:, 5] = 0.7  # the clients' data: the quiet feature at its mean
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x))
+        triggered = x.clone()
+        triggered[:, 5] = 50.0  # a trigger there reaches nothing
+        torch.testing.assert_close(folded(triggered), folded(x))
+    assert torch.equal(folded.layers[0].weight[:, :5], model.layers[0].weight[:, :5])
+
+
+def test_a_minority_cannot_make_a_feature_loud_or_quiet():
+    honest = [_moments(LIVE, MEAN)] * 3
+    liars = [_moments(torch.tensor([1.0, 0.0, 0.5, 1.5, 1.0, 9.0]), MEAN)] * 2
+    model = _mlp()
+    assert fold_quiet_inputs(model, honest + liars, 0.1) == 1
+    assert torch.all(model.layers[0].weight[:, 5] == 0)  # quiet, whatever two claim
+    assert torch.all(model.layers[0].weight[:, 1] != 0)  # loud, whatever two claim
+
+
+class _ConvFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(1, 2, 3, padding=1), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x.unsqueeze(1)).flatten(1))
+
+
+class _Standardised(nn.Module):
+    """The input is standardised before the Linear: its weights see other values."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("scale", torch.full((6,), 2.0))
+
+    def forward(self, x):
+        return self.fc(x * self.scale)
+
+
+@pytest.mark.parametrize("factory", [_ConvFirst, _Standardised])
+def test_nothing_is_folded_unless_a_linear_reads_the_input_first(factory):
+    model = factory()
+    before = copy.deepcopy(model.state_dict())
+    assert fold_quiet_inputs(model, [_moments(LIVE)] * 3, 0.1) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_input_linear_follows_flattening_only():
+    assert input_linear(build_model("mlp", in_features=6, widths=(5,))) == "layers.0"
+    assert input_linear(_Standardised()) is None
+    assert input_linear(_ConvFirst()) is None
+
+
+def test_fewer_than_three_clients_fold_nothing():
+    assert fold_quiet_inputs(_mlp(), [_moments(LIVE)] * 2, 0.1) == 0
+
+
+def test_the_fusion_folds_with_the_clients_moments_and_counts_them():
+    models = [_mlp(seed) for seed in range(3)]
+    moments = [_moments(LIVE, MEAN)] * 3
+    on = fuse_result(models, config=FusionConfig.from_options(distill_steps=0),
+                     input_moments=moments)
+    off = fuse_result(models, config=FusionConfig.from_options(
+        distill_steps=0, robust_quiet_inputs=None), input_moments=moments)
+    assert (on.quiet_inputs, off.quiet_inputs) == (1, 0)
+    assert torch.all(on.model.layers[0].weight[:, 5] == 0)
+    assert torch.equal(on.model.layers[0].weight[:, :5], off.model.layers[0].weight[:, :5])
