@@ -29,9 +29,11 @@ def fold_quiet_inputs(model: nn.Module, moments: Sequence[InputMoments], ratio: 
     moments, or when no ``nn.Linear`` with a bias reads the input flattened first
     (:func:`~.graph.tracer.input_linear`: a convolution's weights are not per feature).
     """
-    name = input_linear(model) if len(moments) >= 3 else None
+    features = moments[0].var.numel() if len(moments) >= 3 else None
+    name = input_linear(model) if any(  # tracing only models that may have such a layer
+        type(m) is nn.Linear and m.in_features == features for m in model.modules()) else None
     layer = None if name is None else model.get_submodule(name)
-    if layer is None or layer.bias is None or moments[0].var.numel() != layer.in_features:
+    if layer is None or layer.bias is None or layer.in_features != features:
         return 0
     var = torch.stack([m.var.flatten() for m in moments]).median(dim=0).values
     mean = torch.stack([m.mean.flatten() for m in moments]).median(dim=0).values
