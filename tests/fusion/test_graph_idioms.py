@@ -49,6 +49,15 @@ def _columns(layer: nn.Module, index: torch.Tensor) -> None:
         layer.weight.copy_(layer.weight[:, index])
 
 
+def _aligns_and_fuses_exactly(model: nn.Module, other: nn.Module, permute, x: torch.Tensor,
+                              seed: int) -> None:
+    """``align(other, model)`` computes ``other``'s function, and ``model`` fused with a
+    copy that ``permute`` (written here, not by the engine) permuted computes ``model``'s."""
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+    copies = [model, permute(model, torch.Generator().manual_seed(seed))]
+    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+
+
 def _same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         expected = b(x)
@@ -1196,9 +1205,7 @@ def test_normalising_within_heads_keeps_the_function(how):
     x = torch.randn(16, 6)
     model = _built(lambda: HeadsNormalised(how, dim=2), 0)
     other = _built(lambda: HeadsNormalised(how, dim=2), 1)
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _permute_heads_normalised(model, torch.Generator().manual_seed(3))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _permute_heads_normalised, x, 3)
 
 
 @pytest.mark.parametrize("how", list(_NORMALISERS))
@@ -1265,9 +1272,7 @@ def _permute_computed_dimensions(model: ComputedDimensions, generator: torch.Gen
 def test_dimensions_computed_from_shapes_keep_the_function():
     x = torch.randn(16, 3, 7)
     model, other = _built(ComputedDimensions, 0), _built(ComputedDimensions, 1)
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _permute_computed_dimensions(model, torch.Generator().manual_seed(2))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _permute_computed_dimensions, x, 2)
 
 
 def test_a_computed_dimension_across_heads_is_refused():
@@ -1360,9 +1365,7 @@ def _permute_masked_attention(model: MaskedAttention, generator: torch.Generator
 def test_an_attention_mask_shared_by_heads_keeps_the_function(mask):
     x = torch.randn(16, _T, 6)
     model, other = (_built(lambda: MaskedAttention(mask), seed) for seed in (0, 1))
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _permute_masked_attention(model, torch.Generator().manual_seed(4))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _permute_masked_attention, x, 4)
 
 
 @pytest.mark.parametrize("mask", ["per head", "per head, 4-D"])
@@ -1410,9 +1413,7 @@ def _permute_pieces_joined(model: PiecesJoined, generator: torch.Generator):
 def test_the_pieces_of_a_split_joined_whole_keep_the_function(how):
     x = torch.randn(16, _T, 6)
     model, other = _built(lambda: PiecesJoined(how), 0), _built(lambda: PiecesJoined(how), 1)
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _permute_pieces_joined(model, torch.Generator().manual_seed(5))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _permute_pieces_joined, x, 5)
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -1484,9 +1485,7 @@ def test_functional_normalisations_keep_the_function(how):
     x = _images()
     model, other = (_random_norm_statistics(_built(lambda: FunctionalNorms(how), seed), seed)
                     for seed in (0, 1))
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _permute_functional_norms(model, torch.Generator().manual_seed(6))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _permute_functional_norms, x, 6)
 
 
 def test_a_functional_norm_with_one_weight_for_every_head_is_refused():
@@ -1536,9 +1535,7 @@ class Extremum(nn.Module):
 def test_maxima_and_minima_keep_the_function(how):
     x = torch.randn(16, 3, 10)
     model, other = (_built(lambda: Extremum(how), seed) for seed in (0, 1))
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _between("conv", 8)(model, torch.Generator().manual_seed(7))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _between("conv", 8), x, 7)
 
 
 def test_the_predicted_class_is_returned_with_the_logits():
@@ -1602,9 +1599,7 @@ class AlongTime(nn.Module):
 def test_ops_along_time_keep_the_function(how):
     x = torch.randn(16, 3, 10)
     model, other = (_built(lambda: AlongTime(how), seed) for seed in (0, 1))
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _between("conv", 8)(model, torch.Generator().manual_seed(8))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _between("conv", 8), x, 8)
 
 
 @pytest.mark.parametrize("how", list(_ALONG_THE_UNITS))
@@ -1658,9 +1653,7 @@ def _permute_cell(model: SteppedCell, generator: torch.Generator):
 def test_recurrent_cells_stepped_in_forward_keep_the_function(kind, start):
     x = torch.randn(16, 5, 4)
     model, other = (_built(lambda: SteppedCell(kind, start), seed) for seed in (0, 1))
-    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
-    copies = [model, _permute_cell(model, torch.Generator().manual_seed(9))]
-    _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
+    _aligns_and_fuses_exactly(model, other, _permute_cell, x, 9)
 
 
 def test_a_cell_state_read_from_data_is_refused():
