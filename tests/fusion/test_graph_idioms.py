@@ -1516,12 +1516,15 @@ _EXTREMA = {
     "h.max()": lambda h: h.mean(2) * h.max(),
     "over the units": lambda h: h.mean(2) * h.max(1)[0].mean(1, keepdim=True),
     "indices over the units": lambda h: h.mean(2) * h.max(1)[1].float().mean(1, keepdim=True),
+    "h / h.norm(dim=1, keepdim=True)": lambda h: (h / h.norm(dim=1, keepdim=True)).mean(2),
+    "torch.linalg.vector_norm over time": lambda h: torch.linalg.vector_norm(h, 3, -1),
+    "torch.norm(h, 2, 2) * h.norm()": lambda h: torch.norm(h, 2, 2) * h.norm(),
 }
 
 
 class Extremum(nn.Module):
     """A text CNN's or PointNet's global max pooling written as ``torch.max(h, dim)``,
-    and its kin from ``_EXTREMA``; all were refused as unsupported."""
+    its kin and norms from ``_EXTREMA``; all were refused as unsupported."""
 
     def __init__(self, how: str):
         super().__init__()

@@ -569,6 +569,16 @@ def extremum(tracer, call):
     return values, values
 
 
+@function_rule_for(torch.norm, torch.linalg.norm, torch.linalg.vector_norm)
+@method_rule_for("norm")
+def norm(tracer, call):
+    """A norm over some dimensions (all by default; ``dim`` third, ``keepdim`` fourth in
+    every form): a reduction, which any permutation of the units it reduces keeps
+    (``h / h.norm(dim=-1, keepdim=True)``, CLIP's normalised features)."""
+    return L.reduce(call.layout(), call.value(2, "dim", None), call.value(3, "keepdim", False),
+                    _where(call))
+
+
 @method_rule_for("expand", "expand_as", "repeat", "tile")
 def expand(tracer, call):
     """Repeats along dimensions of size one (``expand``) keep the layout; ``repeat``
