@@ -1519,6 +1519,11 @@ _EXTREMA = {
     "h / h.norm(dim=1, keepdim=True)": lambda h: (h / h.norm(dim=1, keepdim=True)).mean(2),
     "torch.linalg.vector_norm over time": lambda h: torch.linalg.vector_norm(h, 3, -1),
     "torch.norm(h, 2, 2) * h.norm()": lambda h: torch.norm(h, 2, 2) * h.norm(),
+    "k-max pooling, h.topk(3, dim=2)[0]": lambda h: h.topk(3, dim=2)[0].sum(2),
+    "torch.sort(h, 2).values": lambda h: torch.sort(h, 2).values[..., -2:].mean(2),
+    "sorted units": lambda h: h.mean(2) * h.sort(dim=1, descending=True)[0][:, :1].mean(2),
+    "sorted units' order": lambda h: h.mean(2) * h.mean(2).sort(1)[1].float().mean(
+        1, keepdim=True),
 }
 
 
@@ -1534,7 +1539,8 @@ class Extremum(nn.Module):
         return self.head(_EXTREMA[self.how](torch.relu(self.conv(x))))
 
 
-@pytest.mark.parametrize("how", [h for h in _EXTREMA if h != "indices over the units"])
+@pytest.mark.parametrize("how", [h for h in _EXTREMA if h not in (
+    "indices over the units", "sorted units' order")])
 def test_maxima_and_minima_keep_the_function(how):
     x = torch.randn(16, 3, 10)
     model, other = (_built(lambda: Extremum(how), seed) for seed in (0, 1))
@@ -1559,9 +1565,10 @@ def test_the_predicted_class_is_returned_with_the_logits():
     assert torch.equal(predicted, expected_predicted)
 
 
-def test_the_index_of_the_largest_unit_is_refused():
+@pytest.mark.parametrize("how", ["indices over the units", "sorted units' order"])
+def test_the_index_of_the_largest_unit_is_refused(how):
     x = torch.randn(16, 3, 10)
-    model = _built(lambda: Extremum("indices over the units"), 0)
+    model = _built(lambda: Extremum(how), 0)
     with pytest.raises(UnsupportedModelError, match="indices of the largest"):
         fuse([model, model], config=EXACT, inputs=x)
 

@@ -561,12 +561,33 @@ def extremum(tracer, call):
     if dim is None:
         return L.reduce(layout, None, False, _where(call))
     values = L.reduce(layout, dim, call.value(2, "keepdim", False), _where(call))
+    _indices_of_units(tracer, call, layout, dim)
+    return values, values
+
+
+@function_rule_for(torch.sort, torch.topk)
+@method_rule_for("sort", "topk")
+def ranked(tracer, call):
+    """``sort`` or ``topk`` along one dimension (k-max pooling over time): along time
+    the layout stays; the values of aligned units, sorted, no longer depend on their
+    order, and are unaligned; their indices say which unit (as for :func:`extremum`)."""
+    layout = call.layout()
+    dim = call.value(2, "dim", -1) if call.node.target in (torch.topk, "topk") else (
+        call.value(1, "dim", -1))
+    values = L.reduce(layout, dim, True, _where(call))
+    _indices_of_units(tracer, call, layout, dim)
+    return values, values
+
+
+def _indices_of_units(tracer, call, layout, dim: int) -> None:
+    """The indices that ``max``, ``sort`` and the like return, where ``dim`` holds
+    aligned units, say which unit, which the alignment changes: refused when read,
+    unless the units turn out unaligned (the classes a model returns)."""
     spec = layout[dim % len(layout)]
-    if spec is not None and L.second_read(call.node, "values"):  # fine if it ends unaligned
+    if spec is not None and L.second_read(call.node, "values"):
         tracer.must_stay_unaligned(spec.group, f"{_where(call)}: the indices of the largest "
                                    "or smallest of aligned units are used, and the alignment "
                                    "moves the units; not supported")
-    return values, values
 
 
 @function_rule_for(torch.norm, torch.linalg.norm, torch.linalg.vector_norm)
