@@ -216,11 +216,12 @@ class RobustConfig(_Part):
         Share of the weight removed from each end by ``trimmed-mean``.
     quiet_inputs : float or None
         After the fusion, fold the first ``nn.Linear``'s weights on the input features
-        whose variance (the median client's) is at most this multiple of the median
-        feature's into its bias (:mod:`~otfusion.fusion.quiet_inputs`): a backdoor's
-        trigger on pixels the clients' data leaves blank then reaches nothing. Needs the
-        clients' input moments (three or more) and a model that reads its input with a
-        Linear first. None: not folded.
+        that more than half of the clients vary at most this multiple of the median
+        feature's variance into its bias (:mod:`~otfusion.fusion.quiet_inputs`): a
+        backdoor's trigger on pixels the clients' data leaves blank then reaches
+        nothing, and an honest minority whose data uses them loses them. Needs the
+        clients' own input moments (three or more; pooled ones fold nothing) and a model
+        that reads its input with a Linear first. None (the default): not folded.
     """
 
     max_weight_ratio: float | None = Field(default=2.0, gt=1)
@@ -233,7 +234,7 @@ class RobustConfig(_Part):
     probe_error: float = Field(default=0.3, gt=0, le=1)
     aggregate: Literal["mean", "trimmed-mean", "median"] = "mean"
     trim: float = Field(default=0.25, ge=0, lt=0.5)
-    quiet_inputs: float | None = Field(default=0.1, gt=0, lt=1)
+    quiet_inputs: float | None = Field(default=None, gt=0, lt=1)
 
 
 # Flat option name -> (part, field): the names of the run config and the CLI flags.

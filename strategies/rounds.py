@@ -101,6 +101,9 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
         log(WARNING, "fuse_round (round %d): the weights of %s are clipped (norm up to %.3g "
             "times the median client's, capped at %g)", server_round, updates[k].source,
             ratio, config.robust.max_norm_ratio)
+    if result.quiet_inputs:
+        log(INFO, "fuse_round (round %d): %d quiet input features folded", server_round,
+            result.quiet_inputs)
     for k, reason in result.excluded.items():
         log(WARNING, "fuse_round (round %d): %s excluded: %s", server_round,
             updates[k].source, reason)

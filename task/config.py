@@ -113,7 +113,7 @@ class RunConfig(BaseModel):
             "how the aligned client tensors are combined: mean, or robustly per coordinate"))
     fusion_robust_trim: float = Field(default=0.25, ge=0, lt=0.5, description=(
         "share of the weight removed from each end by the trimmed mean"))
-    fusion_robust_quiet_inputs: float = Field(default=0.1, ge=0, lt=1, description=(
+    fusion_robust_quiet_inputs: float = Field(default=0.0, ge=0, lt=1, description=(
         "fold the first Linear's weights on input features whose variance is at most "
         "this multiple of the median feature's into its bias (a trigger on pixels the "
         "data leaves blank reaches nothing); 0: not folded"))

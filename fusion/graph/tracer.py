@@ -11,6 +11,7 @@ fused silently wrong.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import io
 import math
@@ -703,22 +704,29 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 _FLATTENS = {"flatten", "view", "reshape"}
 
 
-def input_linear(model: nn.Module) -> str | None:
-    """The name of the ``nn.Linear`` that ``model`` applies first to its input, flattened
-    in order (``nn.Flatten``, ``x.flatten(1)``, ``x.view(n, -1)``, ``x.reshape(...)``), so
-    that its weight's columns are the input's features; None for any other model (a
-    convolution first, the input scaled or used elsewhere, or no fx graph)."""
+def input_linear(model: nn.Module, width: int) -> str | None:
+    """The name of the ``nn.Linear`` that ``model`` applies first to its input, once,
+    flattened in order to ``width`` features (``nn.Flatten``, ``x.flatten(1)``,
+    ``x.view(x.size(0), -1)``), so that its weight's columns are the input's features;
+    None for any other model (a convolution first, the input scaled, permuted or used
+    elsewhere, the layer used again, or no fx graph). A copy is traced: tracing may
+    leave fx proxies in the attributes that ``forward`` assigns."""
     try:
-        gm = _trace(model)
-    except UnsupportedModelError:
+        gm = _trace(copy.deepcopy(model))
+    except (UnsupportedModelError, copy.Error, TypeError):
         return None
     modules = dict(gm.named_modules())
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     node = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    while node is not None and len(node.users) == 1:
-        node = next(iter(node.users))
+    while node is not None:
+        users = [u for u in node.users if not _reads_shape(u)]
+        if len(users) != 1:
+            return None
+        node = users[0]
         module = modules.get(node.target) if node.op == "call_module" else None
         if type(module) is nn.Linear:
-            return node.target
+            return node.target if (module.in_features == width
+                                   and calls.count(node.target) == 1) else None
         if not (type(module) is nn.Flatten or node.op in ("call_method", "call_function")
                 and getattr(node.target, "__name__", node.target) in _FLATTENS):
             return None

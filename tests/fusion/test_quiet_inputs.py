@@ -40,7 +40,7 @@ def test_a_quiet_feature_is_folded_at_its_mean():
     assert torch.equal(folded.layers[0].weight[:, :5], model.layers[0].weight[:, :5])
 
 
-def test_a_minority_cannot_make_a_feature_loud_or_quiet():
+def test_a_minority_cannot_make_a_feature_varied_or_quiet():
     honest = [_moments(LIVE, MEAN)] * 3
     liars = [_moments(torch.tensor([1.0, 0.0, 0.5, 1.5, 1.0, 9.0]), MEAN)] * 2
     model = _mlp()
@@ -78,10 +78,51 @@ def test_nothing_is_folded_unless_a_linear_reads_the_input_first(factory):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _Flattened(nn.Module):
+    """An MLP on images, flattened as user code often does it, its first layer used
+    once (``reuse=False``) or applied again to its own output (``reuse=True``)."""
+
+    def __init__(self, reuse: bool = False):
+        super().__init__()
+        self.reuse, self.fc, self.head = reuse, nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x.view(x.size(0), -1)))
+        return self.head(self.fc(h) if self.reuse else h)
+
+
 def test_input_linear_follows_flattening_only():
-    assert input_linear(build_model("mlp", in_features=6, widths=(5,))) == "layers.0"
-    assert input_linear(_Standardised()) is None
-    assert input_linear(_ConvFirst()) is None
+    assert input_linear(build_model("mlp", in_features=6, widths=(5,)), 6) == "layers.0"
+    assert input_linear(_Flattened(), 6) == "fc"
+    assert input_linear(_Flattened(reuse=True), 6) is None  # its weights see other inputs
+    assert input_linear(_Standardised(), 6) is None
+    assert input_linear(_ConvFirst(), 6) is None
+    assert input_linear(build_model("mlp", in_features=6, widths=(5,)), 3) is None
+
+
+def test_half_of_the_clients_cannot_make_a_feature_quiet():
+    honest = [_moments(torch.ones(6))] * 2
+    liars = [_moments(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]))] * 2
+    assert fold_quiet_inputs(_mlp(), honest + liars, 0.1) == 0
+
+
+class _Counting(nn.Module):
+    """Counts its calls in a buffer that forward updates (tracing leaves a proxy there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_the_folded_model_still_runs():
+    model = _Counting()
+    assert fold_quiet_inputs(model, [_moments(LIVE, MEAN)] * 3, 0.1) == 1
+    assert isinstance(model.calls, torch.Tensor) and model(torch.randn(2, 6)).shape == (2, 3)
 
 
 def test_fewer_than_three_clients_fold_nothing():
@@ -91,10 +132,10 @@ def test_fewer_than_three_clients_fold_nothing():
 def test_the_fusion_folds_with_the_clients_moments_and_counts_them():
     models = [_mlp(seed) for seed in range(3)]
     moments = [_moments(LIVE, MEAN)] * 3
-    on = fuse_result(models, config=FusionConfig.from_options(distill_steps=0),
-                     input_moments=moments)
-    off = fuse_result(models, config=FusionConfig.from_options(
-        distill_steps=0, robust_quiet_inputs=None), input_moments=moments)
+    on = fuse_result(models, config=FusionConfig.from_options(
+        distill_steps=0, robust_quiet_inputs=0.1), input_moments=moments)
+    off = fuse_result(models, config=FusionConfig.from_options(distill_steps=0),
+                      input_moments=moments)  # off by default
     assert (on.quiet_inputs, off.quiet_inputs) == (1, 0)
     assert torch.all(on.model.layers[0].weight[:, 5] == 0)
     assert torch.equal(on.model.layers[0].weight[:, :5], off.model.layers[0].weight[:, :5])
