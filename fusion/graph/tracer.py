@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import math
@@ -716,7 +717,6 @@ def input_linear(model: nn.Module, width: int) -> str | None:
     except (UnsupportedModelError, copy.Error, TypeError):
         return None
     modules = dict(gm.named_modules())
-    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     node = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     while node is not None:
         users = [u for u in node.users if not _reads_shape(u)]
@@ -726,11 +726,22 @@ def input_linear(model: nn.Module, width: int) -> str | None:
         module = modules.get(node.target) if node.op == "call_module" else None
         if type(module) is nn.Linear:
             return node.target if (module.in_features == width
-                                   and calls.count(node.target) == 1) else None
+                                   and _used_once(gm, node.target)) else None
         if not (type(module) is nn.Flatten or node.op in ("call_method", "call_function")
                 and getattr(node.target, "__name__", node.target) in _FLATTENS):
             return None
     return None
+
+
+def _used_once(gm: fx.GraphModule, name: str) -> bool:
+    """Whether module ``name`` is called once and its parameters are used nowhere else
+    (tied to another module's, or read directly: ``F.linear(h, self.fc.weight)``)."""
+    own = {id(p) for p in gm.get_submodule(name).parameters(recurse=False)}
+    holders = sum(id(p) in own for _, p in gm.named_parameters(remove_duplicate=False))
+    read = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
+    return (sum(n.op == "call_module" and n.target == name for n in gm.graph.nodes) == 1
+            and holders == len(own)
+            and not any(id(functools.reduce(getattr, t.split("."), gm)) in own for t in read))
 
 
 def _refuse_forward_hooks(model: nn.Module) -> None:

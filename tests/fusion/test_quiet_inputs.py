@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from otfusion.fusion import FusionConfig, InputMoments, fuse_result
@@ -80,21 +81,30 @@ def test_nothing_is_folded_unless_a_linear_reads_the_input_first(factory):
 
 class _Flattened(nn.Module):
     """An MLP on images, flattened as user code often does it, its first layer used
-    once (``reuse=False``) or applied again to its own output (``reuse=True``)."""
+    once (``reuse=""``), applied again to its own output (``"again"``), tied to a second
+    layer's weight (``"tied"``) or read directly (``"read"``)."""
 
-    def __init__(self, reuse: bool = False):
+    def __init__(self, reuse: str = ""):
         super().__init__()
         self.reuse, self.fc, self.head = reuse, nn.Linear(6, 6), nn.Linear(6, 3)
+        self.second = nn.Linear(6, 6)
+        if reuse == "tied":
+            self.second.weight = self.fc.weight
 
     def forward(self, x):
         h = torch.relu(self.fc(x.view(x.size(0), -1)))
-        return self.head(self.fc(h) if self.reuse else h)
+        if self.reuse == "again":
+            h = self.fc(h)
+        elif self.reuse == "read":
+            h = F.linear(h, self.fc.weight)
+        return self.head(self.second(h) if self.reuse == "tied" else h)
 
 
 def test_input_linear_follows_flattening_only():
     assert input_linear(build_model("mlp", in_features=6, widths=(5,)), 6) == "layers.0"
     assert input_linear(_Flattened(), 6) == "fc"
-    assert input_linear(_Flattened(reuse=True), 6) is None  # its weights see other inputs
+    for reuse in ("again", "tied", "read"):  # its weights see other inputs too
+        assert input_linear(_Flattened(reuse), 6) is None, reuse
     assert input_linear(_Standardised(), 6) is None
     assert input_linear(_ConvFirst(), 6) is None
     assert input_linear(build_model("mlp", in_features=6, widths=(5,)), 3) is None
