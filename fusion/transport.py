@@ -33,9 +33,9 @@ def exact_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 def assignment(cost: np.ndarray) -> np.ndarray:
     """The column assigned to each row by an exact minimum-cost assignment of the square
     ``cost``. Its column minima, then its row minima, are subtracted first (in float64,
-    where all stays finite): the same optimum, which SciPy's solver, started from zero duals, finds
-    2-3 times faster on squared distances, whose rows and columns carry offsets of
-    their own (the points' norms)."""
+    where all stays finite): the same optimum, which SciPy's solver, started from zero
+    duals, finds 2-3 times faster on squared distances, whose rows and columns carry
+    offsets of their own (the points' norms)."""
     cost = np.asarray(cost, dtype=np.float64)
     if cost.size and np.isfinite(cost).all():
         reduced = cost - cost.min(axis=0, keepdims=True)

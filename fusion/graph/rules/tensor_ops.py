@@ -522,28 +522,43 @@ def reduction(tracer, call):
                     _where(call))
 
 
-@function_rule_for(torch.flip, torch.roll, torch.cumsum, torch.cumprod, F.pad)
-@method_rule_for("flip", "roll", "cumsum", "cumprod")
-def along(tracer, call):
-    """Ops that move or combine entries along some dimensions and keep every other one
-    (``flip``, ``roll``, ``cumsum``, ``cumprod``, ``F.pad``): along unaligned ones (time,
-    space: test-time flips, Swin's shifted windows, a causal padding) the layout stays;
-    along aligned units they would reorder, mix or add units, and are refused."""
-    layout, target = call.layout(), call.node.target
-    if target is F.pad:  # (before, after) amounts from the last dimension backwards
-        pad = call.value(1, "pad")
-        dims = [len(layout) - 1 - i for i in range(len(pad) // 2)
-                if pad[2 * i] or pad[2 * i + 1]]
-    elif target in (torch.cumsum, torch.cumprod, "cumsum", "cumprod"):
-        dims = [call.value(1, "dim")]
-    elif target in (torch.roll, "roll"):
-        dims = call.value(2, "dims", None)
-        dims = range(len(layout)) if dims is None else (  # None: rolls the flattened tensor
-            dims if isinstance(dims, tuple | list) else (dims,))
-    else:
-        dims = _dims(call, 1, "dims")
-    name = getattr(target, "__name__", target)
-    L.require_unaligned(tracer, layout, dims, _where(call), f"would {name} the units themselves")
+@function_rule_for(torch.flip)
+@method_rule_for("flip")
+def flip(tracer, call):
+    return _along(tracer, call, _dims(call, 1, "dims"), "flip")
+
+
+@function_rule_for(torch.roll)
+@method_rule_for("roll")
+def roll(tracer, call):
+    dims = call.value(2, "dims", None)
+    if dims is None:  # rolls the flattened tensor
+        dims = tuple(range(len(call.layout())))
+    return _along(tracer, call, dims if isinstance(dims, tuple | list) else (dims,), "roll")
+
+
+@function_rule_for(torch.cumsum, torch.cumprod)
+@method_rule_for("cumsum", "cumprod")
+def cumulative(tracer, call):
+    return _along(tracer, call, [call.value(1, "dim")], "accumulate")
+
+
+@function_rule_for(F.pad)
+def pad(tracer, call):
+    """``F.pad``'s (before, after) amounts run from the last dimension backwards; only
+    the dimensions it pads count."""
+    amounts, ndim = call.value(1, "pad"), len(call.layout())
+    return _along(tracer, call, [ndim - 1 - i for i in range(len(amounts) // 2)
+                                 if amounts[2 * i] or amounts[2 * i + 1]], "pad")
+
+
+def _along(tracer, call, dims, verb: str):
+    """Ops that move or combine entries along ``dims`` and keep every other dimension
+    (``flip``, ``roll``, ``cumsum``, ``F.pad``): along unaligned ones (time, space:
+    test-time flips, Swin's shifted windows, a causal padding) the layout stays; along
+    aligned units they would reorder, mix or add units, and are refused."""
+    layout = call.layout()
+    L.require_unaligned(tracer, layout, dims, _where(call), f"would {verb} the units themselves")
     return layout
 
 
@@ -565,15 +580,23 @@ def extremum(tracer, call):
     return values, values
 
 
-@function_rule_for(torch.sort, torch.topk)
-@method_rule_for("sort", "topk")
-def ranked(tracer, call):
-    """``sort`` or ``topk`` along one dimension (k-max pooling over time): along time
-    the layout stays; the values of aligned units, sorted, no longer depend on their
-    order, and are unaligned; their indices say which unit (as for :func:`extremum`)."""
+@function_rule_for(torch.sort)
+@method_rule_for("sort")
+def sort(tracer, call):
+    return _ranked(tracer, call, call.value(1, "dim", -1))
+
+
+@function_rule_for(torch.topk)
+@method_rule_for("topk")
+def topk(tracer, call):
+    return _ranked(tracer, call, call.value(2, "dim", -1))
+
+
+def _ranked(tracer, call, dim: int):
+    """``sort`` or ``topk`` along ``dim`` (k-max pooling over time): along time the
+    layout stays; the values of aligned units, sorted, no longer depend on their order,
+    and are unaligned; their indices say which unit (as for :func:`extremum`)."""
     layout = call.layout()
-    dim = call.value(2, "dim", -1) if call.node.target in (torch.topk, "topk") else (
-        call.value(1, "dim", -1))
     values = L.reduce(layout, dim, True, _where(call))
     _indices_of_units(tracer, call, layout, dim)
     return values, values
