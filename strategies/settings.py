@@ -43,10 +43,9 @@ class FusionSettings:
     unknown or when the inputs are not floating point, and then replies' moments are
     ignored."""
     blank: nn.Module | None = field(repr=False)
-    """A copy of one ``model_fn()``, taken before anything traced it, that replies are
-    loaded into copies of (see :meth:`new_model`); None where copies would not be
-    independent models (hooks, whose closures may reach the original) or cannot be
-    made."""
+    """A copy of one ``model_fn()`` that replies are loaded into copies of (see
+    :meth:`new_model`); None where copies would not be independent models (hooks, whose
+    closures may reach the original) or cannot be made."""
 
     # pylint: disable=too-many-arguments
     @classmethod

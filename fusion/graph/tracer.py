@@ -11,7 +11,6 @@ fused silently wrong.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import io
@@ -23,7 +22,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..modes import temporary_mode
+from ..modes import left_as_it_was, temporary_mode
 from . import rules
 from .layouts import Layout, Stacked, is_layout, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
@@ -695,11 +694,12 @@ def _trace(model: nn.Module) -> fx.GraphModule:
                 if p.default is not inspect.Parameter.empty}
     _refuse_forward_hooks(model)
     try:
-        graph = _LeafTracer().trace(model, concrete_args=concrete or None)
+        with left_as_it_was(model):  # fx keeps the tensor constants it meets on the model
+            return fx.GraphModule(model, _LeafTracer().trace(model,
+                                                             concrete_args=concrete or None))
     except Exception as exc:  # fx raises many types for untraceable code
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx: {exc}") from exc
-    return fx.GraphModule(model, graph)
 
 
 _FLATTENS = {"flatten", "view", "reshape"}
@@ -710,11 +710,10 @@ def input_linear(model: nn.Module, width: int) -> str | None:
     flattened in order to ``width`` features (``nn.Flatten``, ``x.flatten(1)``,
     ``x.view(x.size(0), -1)``), so that its weight's columns are the input's features;
     None for any other model (a convolution first, the input scaled, permuted or used
-    elsewhere, the layer used again, or no fx graph). A copy is traced: tracing may
-    leave fx proxies in the attributes that ``forward`` assigns."""
+    elsewhere, the layer used again, or no fx graph)."""
     try:
-        gm = _trace(copy.deepcopy(model))
-    except (UnsupportedModelError, copy.Error, TypeError):
+        gm = _trace(model)
+    except UnsupportedModelError:
         return None
     modules = dict(gm.named_modules())
     node = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
