@@ -1671,3 +1671,65 @@ def test_a_cell_state_read_from_data_is_refused():
     model = _built(lambda: SteppedCell("GRUCell", "data"), 0)
     with pytest.raises(UnsupportedModelError, match="a state read from data"):
         fuse([model, model], config=EXACT, inputs=x)
+
+
+_LAYERS = {"LSTM": (nn.LSTM, 4), "GRU": (nn.GRU, 3)}
+
+
+class StartedLayer(nn.Module):
+    """A two-layer recurrent layer given its initial state as tutorials write it,
+    ``torch.zeros(layers, batch, hidden).to(x.device)`` (``start="zeros-to"``), or read
+    from the input (``"data"``: the state would stay as it is while the units move, and
+    the function change; it was fused without a word)."""
+
+    def __init__(self, kind: str, start: str):
+        super().__init__()
+        self.lstm, self.start = kind == "LSTM", start
+        self.rnn = _LAYERS[kind][0](4, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.start == "zeros-to":
+            h = torch.zeros(2, x.size(0), 6).to(x.device)
+        else:
+            h = x[:, :2, :].repeat(1, 1, 2)[:, :, :6].transpose(0, 1).contiguous()
+        state = (h, torch.zeros(2, x.size(0), 6).to(x)) if self.lstm else h
+        out, _ = self.rnn(x, state)
+        return self.head(out[:, -1])
+
+
+def _permute_layers(model: StartedLayer, generator: torch.Generator):
+    """The hidden units of both layers, in every gate's block."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        previous = None
+        for layer in range(2):
+            p = _perm(6, generator)
+            gates = torch.cat([g * 6 + p for g in range(_LAYERS["LSTM" if model.lstm
+                                                               else "GRU"][1])])
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                tensor = getattr(model.rnn, f"{name}_l{layer}")
+                tensor.copy_(tensor[gates])
+            hh = getattr(model.rnn, f"weight_hh_l{layer}")
+            hh.copy_(hh[:, p])
+            if previous is not None:
+                ih = getattr(model.rnn, f"weight_ih_l{layer}")
+                ih.copy_(ih[:, previous])
+            previous = p
+    _columns(model.head, previous)
+    return model
+
+
+@pytest.mark.parametrize("kind", list(_LAYERS))
+def test_a_layer_started_from_zeros_moved_to_the_device_keeps_the_function(kind):
+    x = torch.randn(16, 5, 4)
+    model, other = (_built(lambda: StartedLayer(kind, "zeros-to"), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_layers, x, 5)
+
+
+@pytest.mark.parametrize("kind", list(_LAYERS))
+def test_a_layer_state_read_from_data_is_refused(kind):
+    x = torch.randn(16, 5, 4)
+    model = _built(lambda: StartedLayer(kind, "data"), 0)
+    with pytest.raises(UnsupportedModelError, match="a state read from data"):
+        fuse([model, model], config=EXACT, inputs=x)

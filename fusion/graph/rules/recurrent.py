@@ -21,9 +21,11 @@ def recurrent(tracer, call, name, module):
     where = f"module '{name}'"
     require_unaligned(tracer, source, range(len(source) - 1), where,
                       "runs over a time or batch dimension that holds aligned units")
-    if len(call.args) > 1 and has_groups(call.args[1:]):
-        raise UnsupportedModelError(f"{where}: an initial state with aligned units is not "
-                                    "supported")
+    for layout, node in _given_states(call, isinstance(module, nn.LSTM)):
+        if has_groups(layout):
+            raise UnsupportedModelError(f"{where}: an initial state with aligned units is "
+                                        "not supported")
+        _refuse_data(node, where)
     gates = GATES[type(module)]
     proj = getattr(module, "proj_size", 0)
     directions = ("", "_reverse") if module.bidirectional else ("",)
@@ -75,8 +77,8 @@ CELL_GATES = {nn.RNNCell: 1, nn.GRUCell: 3, nn.LSTMCell: 4}
 @register_rule(nn.RNNCell, nn.GRUCell, nn.LSTMCell)
 def recurrent_cell(tracer, call, name, module):
     """One step: the new state's units are the cell's group, and the state it is given
-    (the previous step's) joins that group. A state without aligned units is taken for
-    the zeros it is by default, as the layers above take theirs."""
+    (the previous step's) joins that group. A state without aligned units must be a fill
+    (zeros by default), as a layer's initial state must."""
     source = call.layout()
     where = f"module '{name}'"
     cell = tracer.new_group(name)
@@ -88,22 +90,35 @@ def recurrent_cell(tracer, call, name, module):
         tracer.record(name, "bias_ih", (gated,), cost=True)
         tracer.record(name, "bias_hh", (gated,), cost=True)
     lstm = isinstance(module, nn.LSTMCell)
-    state, value = call.layout(1, "hx"), call.value(1, "hx", None)
-    layouts = state if lstm and state is not None else (state,)
-    nodes = value if isinstance(value, tuple | list) else (value,) * len(layouts)
-    for layout, node in zip(layouts, nodes, strict=True):  # (h, c) may be one node
+    for layout, node in _given_states(call, lstm):
         if has_groups(layout):
             tracer.union(cell, _state_spec(layout, where).group)
-        elif node is not None and not _filled(node):
-            raise UnsupportedModelError(f"{where}: a state read from data, which nothing can "
-                                        "permute, is not supported (start from zeros, or "
-                                        "from a layer's output)")
+        else:
+            _refuse_data(node, where)
     step = (*source[:-1], out)
     if lstm:
         tracer.add_site(cell, name, 0, len(source) - 1, out)
         return step, step
     tracer.add_site(cell, name, None, len(source) - 1, out)
     return step
+
+
+def _given_states(call, lstm: bool) -> list[tuple[object, object]]:
+    """The layout and node of every state handed to a recurrent module (``hx``): h, and c
+    for an LSTM ((h, c) may be one node); None for both when none is given."""
+    state, value = call.layout(1, "hx"), call.value(1, "hx", None)
+    layouts = state if lstm and state is not None else (state,)
+    nodes = value if isinstance(value, tuple | list) else (value,) * len(layouts)
+    return list(zip(layouts, nodes, strict=True))
+
+
+def _refuse_data(node, where: str) -> None:
+    """A state without aligned units must be the zeros (or another fill) that every
+    permutation keeps: read from data, it would stay as it is while the units move."""
+    if node is not None and not _filled(node):
+        raise UnsupportedModelError(f"{where}: a state read from data, which nothing can "
+                                    "permute, is not supported (start from zeros, or from a "
+                                    "layer's output)")
 
 
 def _state_spec(layout, where: str) -> AxisSpec:
@@ -120,8 +135,16 @@ _FILLS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like
           torch.full_like, "new_zeros", "new_ones", "new_full", "zero_"}
 
 
+_KEEPING = {"to", "cuda", "cpu", "float", "double", "half", "bfloat16", "type", "type_as",
+            "detach", "clone", "contiguous", "expand", "expand_as", "repeat",
+            "requires_grad_"}
+"""Methods whose result is filled with one value when the tensor they are called on is."""
+
+
 def _filled(node) -> bool:
     """Whether ``node`` is a tensor filled with one value (``h.new_zeros(b, n)``,
-    ``torch.zeros(b, n)``), which every permutation of its units keeps."""
+    ``torch.zeros(L, b, n).to(x.device)``), which every permutation of its units keeps."""
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in _KEEPING:
+        node = node.args[0]
     return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") \
         and node.target in _FILLS
