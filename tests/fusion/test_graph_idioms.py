@@ -1733,3 +1733,43 @@ def test_a_layer_state_read_from_data_is_refused(kind):
     model = _built(lambda: StartedLayer(kind, "data"), 0)
     with pytest.raises(UnsupportedModelError, match="a state read from data"):
         fuse([model, model], config=EXACT, inputs=x)
+
+
+class FilledFromUnits(nn.Module):
+    """An LSTM cell started from an encoder's state and zero memory shaped as it,
+    ``torch.zeros_like(h)``; a zero column from ``h.new_zeros``; a clamp whose input is
+    passed by keyword. Each was refused (as acting on aligned units, or as taking a second
+    tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.cell, self.head = nn.Linear(4, 6), nn.LSTMCell(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.encoder(x[:, 0]))
+        state = (h, torch.zeros_like(h))
+        for t in range(5):
+            state = self.cell(x[:, t], state)
+        return self.head(torch.clamp(min=-0.5, max=0.5, input=state[0])
+                         + h.new_zeros(h.shape[0], 1))
+
+
+def _permute_filled_from_units(model: FilledFromUnits, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    p = _perm(6, generator)
+    gates = torch.cat([g * 6 + p for g in range(4)])
+    with torch.no_grad():
+        model.encoder.weight.copy_(model.encoder.weight[p])
+        model.encoder.bias.copy_(model.encoder.bias[p])
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            tensor = getattr(model.cell, name)
+            tensor.copy_(tensor[gates])
+        model.cell.weight_hh.copy_(model.cell.weight_hh[:, p])
+    _columns(model.head, p)
+    return model
+
+
+def test_fills_shaped_as_aligned_units_keep_the_function():
+    x = torch.randn(16, 5, 4)
+    model, other = (_built(FilledFromUnits, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_filled_from_units, x, 4)

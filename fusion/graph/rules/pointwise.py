@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layouts import refuse_heads, require_unaligned
+from ..layouts import plain, refuse_heads, require_unaligned
 from ..spec import UnsupportedModelError
 from . import function_rule_for, function_rule_named, method_rule_for, register_rule
 
@@ -57,11 +57,27 @@ def elementwise(tracer, call):
     """The input's layout; a second tensor (``h.clamp(min=self.low)``, ``h.pow(self.p)``)
     is refused, since it would be left unaligned while the units move."""
     if call.node.target not in _TENSOR_ARGUMENTS_ALLOWED and any(
-            size > 1 for shape in call.argument_shapes(1) for size in shape):
+            size > 1 for shape in call.argument_shapes(1, skip=("input",)) for size in shape):
         raise UnsupportedModelError(
             f"node '{call.node.name}' ({call.node.target}) takes a second tensor, which is "
             "not supported; write it with torch.minimum, torch.maximum or arithmetic")
     return call.layout()
+
+
+@function_rule_for(torch.zeros_like, torch.ones_like, torch.full_like)
+@method_rule_for("zero_", "fill_")
+def filled(tracer, call):
+    """A tensor of one value shaped as its input (``torch.zeros_like(h)``, an LSTM cell's
+    first memory): every permutation of the input's units keeps it, so it takes the
+    input's layout."""
+    return call.layout()
+
+
+@method_rule_for("new_zeros", "new_ones", "new_full", "new_empty")
+def new_tensor(tracer, call):
+    """A tensor of the size given (``h.new_zeros(b, n)``): it takes only its dtype and
+    device from the tensor it is called on, none of its units."""
+    return plain(call.node)
 
 
 @function_rule_for(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
