@@ -3,11 +3,14 @@ as it was found, and on its own device and dtype for class logits."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+
+from .validation import check_initialised
 
 
 @contextmanager
@@ -33,34 +36,40 @@ def temporary_mode(model: nn.Module, training: bool = False) -> Iterator[None]:
 
 @contextmanager
 def left_as_it_was(model: nn.Module) -> Iterator[None]:
-    """On exit, every module of ``model`` gets back the attributes, submodules,
-    parameters and buffers it had (``forward`` may assign ``self.features = h``, and
-    tracing it with torch.fx leaves proxies there), and every buffer the values it had
-    (``forward`` may count calls or keep an average in place). Parameters are not
-    copied: a forward that changes its weights in place is not a model to fuse."""
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
-             for m in model.modules()]
-    buffers = [(b, _version(b), b.detach().clone()) for b in model.buffers()]
+    """On exit, every module of ``model`` gets back the attributes it had, and the
+    contents of those that are dicts, lists or sets (its parameters, buffers, submodules
+    and hooks among them: ``forward`` may assign ``self.features = h`` or fill
+    ``self.cache["h"]``, and tracing it with torch.fx leaves proxies there), and its
+    buffers and other tensor attributes their values (``forward`` may count calls or
+    keep an average in place). Parameters are not copied: a forward that changes its
+    weights in place is not a model to fuse. A TorchScript module is left to itself (its
+    attributes are fixed; its buffers are restored). A lazy module not initialised yet
+    is refused: a run initialises it, which would then be undone by halves."""
+    check_initialised(model, type(model).__name__)
+    modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
+    attributes = [(m, dict(vars(m))) for m in modules]
+    contents = [(value, copy.copy(value)) for _, saved in attributes
+                for value in saved.values() if isinstance(value, dict | list | set)]
+    tensors = {id(t): t for m in model.modules()
+               for t in [*m._buffers.values(), *vars(m).values()]
+               if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
+               and not t.is_inference()}
+    values = [(t, t.detach().clone()) for t in tensors.values()]
     try:
         yield
     finally:
-        for module, attributes, own_parameters, own_buffers, submodules in saved:
-            for live, old in ((module._parameters, own_parameters),
-                              (module._buffers, own_buffers), (module._modules, submodules)):
-                live.clear()
-                live.update(old)
+        for container, old in contents:
+            container.clear()
+            if isinstance(container, list):
+                container.extend(old)
+            else:
+                container.update(old)
+        for module, saved in attributes:
             vars(module).clear()
-            vars(module).update(attributes)
+            vars(module).update(saved)
         with torch.no_grad():
-            for buffer, version, value in buffers:
-                if _version(buffer) != version:
-                    buffer.copy_(value)
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """How often ``tensor`` was changed in place (None for an inference tensor, which
-    keeps no count and cannot be changed outside inference mode)."""
-    return None if tensor.is_inference() else tensor._version
+            for tensor, value in values:
+                tensor.copy_(value)
 
 
 def class_logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

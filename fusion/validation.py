@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 
 def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
@@ -19,6 +20,8 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     for k, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model {k} is a {type(model).__name__}, not a torch.nn.Module")
+    for k, model in enumerate(models):
+        check_initialised(model, f"model {k}")
     first = models[0].state_dict()
     constants = {name for name, t in first.items() if t.is_floating_point() and not all_finite(t)}
     for k, model in enumerate(models):
@@ -33,6 +36,15 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
                     "Inf values: only a tensor that is the same in every model (a constant "
                     "such as a causal attention mask) may hold infinities")
     return models
+
+
+def check_initialised(model: nn.Module, label: str) -> None:
+    """A ValueError naming the first parameter or buffer of ``model`` that a lazy module
+    (``nn.LazyLinear``) has not initialised yet: it has no weights to fuse."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if is_lazy(tensor):
+            raise ValueError(f"{label}: '{name}' is not initialised yet (a lazy module); run "
+                             "the model once on an input before fusing it")
 
 
 def is_same_constant(tensor: torch.Tensor, other: torch.Tensor) -> bool:

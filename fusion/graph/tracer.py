@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..modes import left_as_it_was, temporary_mode
+from ..validation import check_initialised
 from . import rules
 from .layouts import Layout, Stacked, is_layout, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
@@ -692,6 +693,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
             f"{', '.join(required)}); the fusion runs models on one input tensor")
     concrete = {p.name: p.default for p in parameters
                 if p.default is not inspect.Parameter.empty}
+    check_initialised(model, type(model).__name__)
     _refuse_forward_hooks(model)
     try:
         with left_as_it_was(model):  # fx keeps the tensor constants it meets on the model

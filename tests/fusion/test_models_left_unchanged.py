@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from otfusion.fusion import FusionConfig, InputMoments, align, fuse
+from otfusion.fusion import FusionConfig, InputMoments, align, build_alignment_graph, fuse
 from otfusion.fusion.graph import tracer
 from otfusion.fusion.modes import left_as_it_was
 
 
 class Stateful(nn.Module):
-    """An MLP whose forward keeps its hidden features, counts its calls and keeps a
-    running mean of its activations' scale; its output does not depend on them."""
+    """An MLP whose forward keeps its hidden features (as an attribute and in a dict),
+    counts its calls (in a buffer, and in a plain tensor attribute) and keeps a running
+    mean of its activations' scale through ``.data``, which counts no change; its output
+    does not depend on them."""
 
     input_shape = (6,)
 
@@ -27,26 +30,30 @@ class Stateful(nn.Module):
         self.hidden, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
         self.register_buffer("calls", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
-        self.features = None
+        self.features, self.cache, self.steps = None, {}, torch.zeros(())
 
     def forward(self, x):
         h = torch.relu(self.hidden(x))
-        self.features = h.detach()
+        self.features = self.cache["h"] = h.detach()
         self.calls += 1
-        self.scale.mul_(0.9).add_(0.1 * h.detach().abs().mean())
+        self.steps.add_(1)
+        self.scale.data.mul_(0.9).add_(0.1 * h.detach().abs().mean())
         return self.head(h)
 
 
-def _snapshot(model: nn.Module) -> tuple[dict, dict]:
-    return ({k: v.clone() for k, v in model.state_dict().items()}, dict(vars(model)))
+def _snapshot(model: Stateful) -> tuple[dict, dict, dict, torch.Tensor]:
+    return ({k: v.clone() for k, v in model.state_dict().items()}, dict(vars(model)),
+            dict(model.cache), model.steps.clone())
 
 
-def _assert_unchanged(model: nn.Module, snapshot: tuple[dict, dict]) -> None:
-    state, attributes = snapshot
+def _assert_unchanged(model: Stateful, snapshot: tuple[dict, dict, dict, torch.Tensor]
+                      ) -> None:
+    state, attributes, cache, steps = snapshot
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
     assert vars(model).keys() == attributes.keys()
-    assert model.features is attributes["features"]
+    assert model.features is attributes["features"] and model.cache == cache
+    assert torch.equal(model.steps, steps)
 
 
 def _permuted(model: Stateful, seed: int) -> Stateful:
@@ -78,6 +85,7 @@ def test_a_default_fusion_leaves_every_client_as_it_was():
     for model, snapshot in zip(clients, before, strict=True):
         _assert_unchanged(model, snapshot)
     assert isinstance(fused(torch.randn(4, 6)), torch.Tensor)
+    assert isinstance(fused.cache["h"], torch.Tensor)  # not an fx proxy: it saves
 
 
 def test_a_model_fused_with_its_permuted_copy_and_aligned_computes_its_function():
@@ -110,3 +118,14 @@ def test_left_as_it_was_puts_back_attributes_modules_and_buffer_values():
         model.calls = torch.tensor(7.0)
     _assert_unchanged(model, snapshot)
     assert not hasattr(model, "extra") and "added" not in dict(model.named_buffers())
+
+
+def test_a_lazy_module_not_initialised_is_refused_by_name():
+    def lazy():
+        return nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 3))
+
+    with pytest.raises(ValueError, match="'0.weight' is not initialised yet"):
+        fuse([lazy(), lazy()], config=FusionConfig.from_options(distill_steps=0),
+             inputs=torch.randn(4, 6))
+    with pytest.raises(ValueError, match="not initialised yet"):
+        build_alignment_graph(lazy(), torch.randn(4, 6))

@@ -132,7 +132,7 @@ def _state_spec(layout, where: str) -> AxisSpec:
 
 
 _FILLS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like,
-          torch.full_like, "new_zeros", "new_ones", "new_full", "zero_"}
+          torch.full_like, "new_zeros", "new_ones", "new_full", "zero_", "fill_"}
 
 
 _KEEPING = {"to", "cuda", "cpu", "float", "double", "half", "bfloat16", "type", "type_as",
