@@ -31,6 +31,15 @@ class Stacked:
         self.why = why
 
 
+class Packed:
+    """Layout of a PackedSequence (``pack_padded_sequence``): the positions of the
+    padded tensor it packs, reordered by their lengths, and its ``features``, whose units
+    it keeps. Only recurrent layers and ``pad_packed_sequence`` take one."""
+
+    def __init__(self, features: AxisSpec | None):
+        self.features = features
+
+
 def is_layout(value) -> bool:
     return isinstance(value, tuple) and all(isinstance(v, AxisSpec | None) for v in value)
 
@@ -50,6 +59,8 @@ def has_groups(value) -> bool:
     """Whether a (nested) layout value carries any aligned dimension."""
     if isinstance(value, AxisSpec | Stacked):
         return True
+    if isinstance(value, Packed):
+        return value.features is not None
     if isinstance(value, dict):
         return any(has_groups(v) for v in value.values())
     return isinstance(value, tuple | list) and any(has_groups(v) for v in value)

@@ -21,11 +21,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import rnn as rnn_utils
 
 from ..modes import left_as_it_was, temporary_mode
 from ..validation import check_initialised
 from . import rules
-from .layouts import Layout, Stacked, is_layout, plain, shape_of
+from .layouts import Layout, Packed, Stacked, is_layout, plain, shape_of
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, Group, TensorSpec, UnsupportedModelError
 
 _MISSING = object()
@@ -76,6 +77,11 @@ class Call:
         values = (*self.node.args[start:],
                   *(v for k, v in self.node.kwargs.items() if k not in skip))
         return [shape for shape in map(shape_of, values) if shape is not None]
+
+
+_AUTOWRAPPED = (math, rnn_utils)
+"""Modules whose functions fx records as calls instead of tracing through them (fx's
+own default, math; packing sequences, whose code reads the lengths' values)."""
 
 
 class _LeafTracer(fx.Tracer):
@@ -336,6 +342,10 @@ class Tracer:
         if node.op == "get_attr":
             return self.attribute(node)
         call = Call(node, *fx.node.map_arg((node.args, node.kwargs), lambda n: layouts[n]))
+        if any(isinstance(v, Packed) for v in _leaves([*call.args, *call.kwargs.values()])) \
+                and not _takes_packed(node, self.modules):
+            raise UnsupportedModelError(f"node '{node.name}' uses a PackedSequence, which only "
+                                        "recurrent layers and pad_packed_sequence may take")
         if node.op == "call_module":
             return self.visit_module(call)
         rule = (rules.method_rule(node.target) if node.op == "call_method"
@@ -456,6 +466,17 @@ def _specs(value):
 
 _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")
 """What may be done to a stacked tensor (``h_n``): index one entry, or read its shape."""
+
+
+def _takes_packed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may take a PackedSequence: a recurrent layer, unpacking, or
+    picking one from the outputs of a layer."""
+    if node.op == "call_module":
+        return type(modules[node.target]) in (nn.RNN, nn.GRU, nn.LSTM)
+    return node.op == "call_function" and (
+        node.target is rnn_utils.pad_packed_sequence
+        or node.target is operator.getitem and isinstance(node.args[0], fx.Node)
+        and node.args[0].op == "call_module")
 
 
 def _merge_blocks(old, new):
@@ -697,8 +718,11 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     _refuse_forward_hooks(model)
     try:
         with left_as_it_was(model):  # fx keeps the tensor constants it meets on the model
-            return fx.GraphModule(model, _LeafTracer().trace(model,
-                                                             concrete_args=concrete or None))
+            graph = _LeafTracer(autowrap_modules=_AUTOWRAPPED).trace(
+                model, concrete_args=concrete or None)
+            for node in graph.nodes:  # else its code would register wrap("torch.nn.utils.
+                node.meta.pop("is_wrapped", None)  # rnn.pack_padded_sequence"), which
+            return fx.GraphModule(model, graph)  # breaks fx's every later trace
     except Exception as exc:  # fx raises many types for untraceable code
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx: {exc}") from exc
@@ -805,6 +829,30 @@ class _ShapeProp(ShapeProp):
             n.meta[_NUMBER] = result
         return result
 
+    def call_function(self, target, args, kwargs):
+        return _describable(super().call_function(target, args, kwargs))
+
+    def call_module(self, target, args, kwargs):
+        return _describable(super().call_module(target, args, kwargs))
+
+
+class _DescribedPacked(rnn_utils.PackedSequence):
+    """A PackedSequence that fx's shape propagation can describe: it rebuilds a named
+    tuple from its fields' descriptions, which PackedSequence itself refuses."""
+
+    def __new__(cls, data, batch_sizes=None, sorted_indices=None, unsorted_indices=None):
+        return tuple.__new__(cls, (data, batch_sizes, sorted_indices, unsorted_indices))
+
+
+def _describable(value):
+    """``value`` with any PackedSequence in it (an RNN returns one in a tuple) as a
+    :class:`_DescribedPacked`, which computes the same."""
+    if isinstance(value, rnn_utils.PackedSequence):
+        return _DescribedPacked(*value)
+    if type(value) is tuple:
+        return tuple(_describable(v) for v in value)
+    return value
+
 
 def _reads_shape(node: fx.Node) -> bool:
     """Whether ``node`` reads a tensor's shape: ``x.size()``, ``x.dim()``, ``x.shape``."""
@@ -840,7 +888,9 @@ def _output_layouts(value, layouts):
         item = stack.pop()
         if isinstance(item, Stacked):
             raise UnsupportedModelError(f"the model returns {item.why}")
-        if isinstance(item, tuple) and all(isinstance(v, AxisSpec | None) for v in item):
+        if isinstance(item, Packed):
+            yield (item.features,)
+        elif isinstance(item, tuple) and all(isinstance(v, AxisSpec | None) for v in item):
             yield item
         elif isinstance(item, tuple | list):
             stack.extend(item)

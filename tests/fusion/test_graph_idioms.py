@@ -1773,3 +1773,79 @@ def test_fills_shaped_as_aligned_units_keep_the_function():
     x = torch.randn(16, 5, 4)
     model, other = (_built(FilledFromUnits, seed) for seed in (0, 1))
     _aligns_and_fuses_exactly(model, other, _permute_filled_from_units, x, 4)
+
+
+class PackedText(nn.Module):
+    """Variable-length token sequences as NLP code runs them: lengths from the padding,
+    ``pack_padded_sequence`` (unsorted), a bidirectional GRU reading ``h_n`` (``"gru"``)
+    or an LSTM whose outputs ``pad_packed_sequence`` unpacks, max-pooled over time
+    (``"lstm"``). fx could not trace packing; refused before."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Embedding(20, 6, padding_idx=0)
+        self.rnn = (nn.GRU(6, 8, batch_first=True, bidirectional=True) if kind == "gru"
+                    else nn.LSTM(6, 8, batch_first=True))
+        self.head = nn.Linear(16 if kind == "gru" else 8, 3)
+
+    def forward(self, tokens):
+        lengths = (tokens != 0).sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths,
+                                                   batch_first=True, enforce_sorted=False)
+        out, state = self.rnn(packed)
+        if self.kind == "gru":
+            return self.head(torch.cat([state[-2], state[-1]], dim=1))
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.head(padded.max(dim=1).values)
+
+
+def _permute_packed_text(model: PackedText, generator: torch.Generator):
+    """The embedding's features, and every direction's hidden units in each gate block."""
+    model = copy.deepcopy(model)
+    e = _perm(6, generator)
+    gates = 3 if model.kind == "gru" else 4
+    suffixes = ("", "_reverse") if model.kind == "gru" else ("",)
+    units = [_perm(8, generator) for _ in suffixes]
+    with torch.no_grad():
+        model.embed.weight.copy_(model.embed.weight[:, e])
+        for suffix, p in zip(suffixes, units, strict=True):
+            rows = torch.cat([g * 8 + p for g in range(gates)])
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                tensor = getattr(model.rnn, f"{name}_l0{suffix}")
+                tensor.copy_(tensor[rows])
+            getattr(model.rnn, f"weight_ih_l0{suffix}").copy_(
+                getattr(model.rnn, f"weight_ih_l0{suffix}")[:, e])
+            getattr(model.rnn, f"weight_hh_l0{suffix}").copy_(
+                getattr(model.rnn, f"weight_hh_l0{suffix}")[:, p])
+    _columns(model.head, torch.cat([p + 8 * i for i, p in enumerate(units)]))
+    return model
+
+
+def _padded_tokens() -> torch.Tensor:
+    tokens = torch.randint(1, 20, (6, 7), generator=torch.Generator().manual_seed(0))
+    for row, length in enumerate((7, 5, 3, 7, 1, 4)):
+        tokens[row, length:] = 0
+    return tokens
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_packed_sequences_keep_the_function(kind):
+    model, other = (_built(lambda: PackedText(kind), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_packed_text, _padded_tokens(), 6)
+
+
+class PackedDataRead(PackedText):
+    """Reads the packed features directly (``packed.data``): refused by name."""
+
+    def forward(self, tokens):
+        lengths = (tokens != 0).sum(1).cpu()
+        out, _ = self.rnn(nn.utils.rnn.pack_padded_sequence(
+            self.embed(tokens), lengths, batch_first=True, enforce_sorted=False))
+        return self.head(out.data).sum(0, keepdim=True).expand(tokens.shape[0], -1)
+
+
+def test_a_packed_sequence_read_otherwise_is_refused():
+    model = _built(lambda: PackedDataRead("lstm"), 0)
+    with pytest.raises(UnsupportedModelError, match="uses a PackedSequence"):
+        fuse([model, model], config=EXACT, inputs=_padded_tokens())

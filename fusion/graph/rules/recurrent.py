@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import rnn as rnn_utils
 
-from ..layouts import Stacked, as_input, has_groups, require_unaligned
+from ..layouts import Packed, Stacked, as_input, has_groups, require_unaligned
 from ..spec import AxisSpec, UnsupportedModelError
-from . import register_rule
+from . import function_rule_for, register_rule
 
 GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 
@@ -18,6 +19,9 @@ GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 @register_rule(nn.RNN, nn.GRU, nn.LSTM)
 def recurrent(tracer, call, name, module):
     source = call.layout()
+    packed = isinstance(source, Packed)
+    if packed:  # its data are (positions, features)
+        source = (None, source.features)
     where = f"module '{name}'"
     require_unaligned(tracer, source, range(len(source) - 1), where,
                       "runs over a time or batch dimension that holds aligned units")
@@ -55,10 +59,10 @@ def recurrent(tracer, call, name, module):
         merged = specs[0] if len(specs) == 1 else tracer.direct_sum(
             f"{name}.l{layer}", [(s, width) for s in specs])
         previous = as_input(merged)
-    output = (*source[:-1], merged)
-    if len(outputs) == 1 and not proj:
+    output = Packed(merged) if packed else (*source[:-1], merged)
+    if len(outputs) == 1 and not proj and not packed:
         tracer.add_site(merged.group, name, 0, len(source) - 1, merged)
-    batch = (None,) * (len(source) - 2)
+    batch = (None,) if packed else (None,) * (len(source) - 2)
 
     def stacked(specs, what):
         if len(specs) == 1:
@@ -69,6 +73,26 @@ def recurrent(tracer, call, name, module):
     hidden = stacked(outputs, "hidden states")
     state = (hidden, stacked(cells, "cell states")) if isinstance(module, nn.LSTM) else hidden
     return (output, state)
+
+
+@function_rule_for(rnn_utils.pack_padded_sequence)
+def pack_padded_sequence(tracer, call):
+    """Positions reordered by their lengths: they must hold no aligned units."""
+    layout = call.layout()
+    require_unaligned(tracer, layout, range(len(layout) - 1), f"node '{call.node.name}'",
+                      "packs positions that hold aligned units")
+    return Packed(layout[-1])
+
+
+@function_rule_for(rnn_utils.pad_packed_sequence)
+def pad_packed_sequence(tracer, call):
+    """The padded tensor (positions padded with a constant, which every permutation
+    keeps) and the lengths."""
+    packed = call.layout()
+    if not isinstance(packed, Packed):
+        raise UnsupportedModelError(f"node '{call.node.name}': pad_packed_sequence of "
+                                    "something other than a PackedSequence")
+    return ((None, None, packed.features), (None,))
 
 
 CELL_GATES = {nn.RNNCell: 1, nn.GRUCell: 3, nn.LSTMCell: 4}
