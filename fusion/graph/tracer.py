@@ -79,17 +79,21 @@ class Call:
         return [shape for shape in map(shape_of, values) if shape is not None]
 
 
-_AUTOWRAPPED = (math, rnn_utils)
-"""Modules whose functions fx records as calls instead of tracing through them (fx's
-own default, math; packing sequences, whose code reads the lengths' values)."""
-
-
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps every module with a rule (built-in or registered) whole, and
+    """fx tracer that keeps every module with a rule (built-in or registered) whole,
     reads buffers as graph nodes (fx's default bakes them in as constants, which cannot
-    be sliced by a traced size, as in ``self.mask[:T, :T]``)."""
+    be sliced by a traced size, as in ``self.mask[:T, :T]``), and records the functions
+    of ``torch.nn.utils.rnn`` as calls (packing reads the lengths' values)."""
 
     proxy_buffer_attributes = True
+
+    def __init__(self):
+        super().__init__(autowrap_modules=(math, rnn_utils))
+        # fx would take every public callable there for a function to record, the classes
+        # and typing names it imports among them: isinstance(h, Tensor) would then fail
+        self._autowrap_function_ids -= {
+            id(value) for value in vars(rnn_utils).values()
+            if not (inspect.isfunction(value) and value.__module__ == rnn_utils.__name__)}
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return rules.module_rule(module) is not None or super().is_leaf_module(
@@ -472,7 +476,7 @@ def _takes_packed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` may take a PackedSequence: a recurrent layer, unpacking, or
     picking one from the outputs of a layer."""
     if node.op == "call_module":
-        return type(modules[node.target]) in (nn.RNN, nn.GRU, nn.LSTM)
+        return isinstance(modules[node.target], nn.RNNBase)
     return node.op == "call_function" and (
         node.target is rnn_utils.pad_packed_sequence
         or node.target is operator.getitem and isinstance(node.args[0], fx.Node)
@@ -718,8 +722,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     _refuse_forward_hooks(model)
     try:
         with left_as_it_was(model):  # fx keeps the tensor constants it meets on the model
-            graph = _LeafTracer(autowrap_modules=_AUTOWRAPPED).trace(
-                model, concrete_args=concrete or None)
+            graph = _LeafTracer().trace(model, concrete_args=concrete or None)
             for node in graph.nodes:  # else its code would register wrap("torch.nn.utils.
                 node.meta.pop("is_wrapped", None)  # rnn.pack_padded_sequence"), which
             return fx.GraphModule(model, graph)  # breaks fx's every later trace

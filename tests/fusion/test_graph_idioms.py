@@ -17,6 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.nn.utils.rnn import PackedSequence
 
 from otfusion.fusion import FusionConfig, UnsupportedModelError, align, fuse
 from otfusion.fusion.graph import tracer
@@ -1849,3 +1851,90 @@ def test_a_packed_sequence_read_otherwise_is_refused():
     model = _built(lambda: PackedDataRead("lstm"), 0)
     with pytest.raises(UnsupportedModelError, match="uses a PackedSequence"):
         fuse([model, model], config=EXACT, inputs=_padded_tokens())
+
+
+class PackedOrPadded(nn.Module):
+    """Takes a PackedSequence or a tensor, as NLP code does (``isinstance(x,
+    PackedSequence)``, the class imported by name): tracing with the packing functions
+    recorded as calls once broke the check."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if isinstance(x, PackedSequence):
+            x = x.data
+        return self.head(torch.relu(self.hidden(x)))
+
+
+def _permute_packed_or_padded(model: PackedOrPadded, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    with torch.no_grad():
+        model.hidden.weight.copy_(model.hidden.weight[p])
+        model.hidden.bias.copy_(model.hidden.bias[p])
+    _columns(model.head, p)
+    return model
+
+
+def test_a_type_check_on_packed_sequences_still_traces():
+    model, other = (_built(PackedOrPadded, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_packed_or_padded, torch.randn(8, 4), 2)
+
+
+class WeightNormedPacked(nn.Module):
+    """A GRU under weight_norm given packed sequences (its rule once looked its type up
+    exactly, and crashed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6, padding_idx=0)
+        self.rnn = weight_norm(nn.GRU(6, 8, batch_first=True), "weight_hh_l0")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), (tokens != 0).sum(1).cpu(),
+                                                   batch_first=True, enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def _permute_weight_normed_packed(model: WeightNormedPacked, generator: torch.Generator):
+    """The embedding's features and the GRU's units, in its weight_norm's magnitude and
+    direction."""
+    model = copy.deepcopy(model)
+    e, p = _perm(6, generator), _perm(8, generator)
+    rows = torch.cat([g * 8 + p for g in range(3)])
+    hh = model.rnn.parametrizations.weight_hh_l0
+    with torch.no_grad():
+        model.embed.weight.copy_(model.embed.weight[:, e])
+        model.rnn.weight_ih_l0.copy_(model.rnn.weight_ih_l0[rows][:, e])
+        for name in ("bias_ih_l0", "bias_hh_l0"):
+            getattr(model.rnn, name).copy_(getattr(model.rnn, name)[rows])
+        hh.original0.copy_(hh.original0[rows])
+        hh.original1.copy_(hh.original1[rows][:, p])
+    _columns(model.head, p)
+    return model
+
+
+def test_a_weight_normed_recurrent_layer_given_packed_sequences_keeps_the_function():
+    model, other = (_built(WeightNormedPacked, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_weight_normed_packed, _padded_tokens(), 8)
+
+
+class PackedOtherwise(nn.Module):
+    """A PackedSequence made by pack_sequence: refused by name (it crashed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        packed = nn.utils.rnn.pack_sequence([x[0], x[1, :3]], enforce_sorted=False)
+        return self.head(self.rnn(packed)[1][-1])
+
+
+def test_a_packed_sequence_made_otherwise_is_refused():
+    model = _built(PackedOtherwise, 0)
+    with pytest.raises(UnsupportedModelError, match="made otherwise than by pack_padded"):
+        align(model, model, config=EXACT, inputs=torch.randn(2, 5, 4))

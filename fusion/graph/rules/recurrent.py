@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import rnn as rnn_utils
 
-from ..layouts import Packed, Stacked, as_input, has_groups, require_unaligned
+from ..layouts import Packed, Stacked, as_input, has_groups, is_layout, require_unaligned
 from ..spec import AxisSpec, UnsupportedModelError
 from . import function_rule_for, register_rule
 
@@ -19,10 +19,13 @@ GATES = {nn.RNN: 1, nn.GRU: 3, nn.LSTM: 4}
 @register_rule(nn.RNN, nn.GRU, nn.LSTM)
 def recurrent(tracer, call, name, module):
     source = call.layout()
+    where = f"module '{name}'"
     packed = isinstance(source, Packed)
     if packed:  # its data are (positions, features)
         source = (None, source.features)
-    where = f"module '{name}'"
+    elif not is_layout(source):
+        raise UnsupportedModelError(f"{where}: its input is a PackedSequence made otherwise "
+                                    "than by pack_padded_sequence, which is not supported")
     require_unaligned(tracer, source, range(len(source) - 1), where,
                       "runs over a time or batch dimension that holds aligned units")
     for layout, node in _given_states(call, isinstance(module, nn.LSTM)):
@@ -30,7 +33,7 @@ def recurrent(tracer, call, name, module):
             raise UnsupportedModelError(f"{where}: an initial state with aligned units is "
                                         "not supported")
         _refuse_data(node, where)
-    gates = GATES[type(module)]
+    gates = _gates(GATES, module)
     proj = getattr(module, "proj_size", 0)
     directions = ("", "_reverse") if module.bidirectional else ("",)
     previous = as_input(source[-1])
@@ -88,7 +91,7 @@ def pack_padded_sequence(tracer, call):
 def pad_packed_sequence(tracer, call):
     """The padded tensor (positions padded with a constant, which every permutation
     keeps) and the lengths."""
-    packed = call.layout()
+    packed = call.layout(0, "sequence")
     if not isinstance(packed, Packed):
         raise UnsupportedModelError(f"node '{call.node.name}': pad_packed_sequence of "
                                     "something other than a PackedSequence")
@@ -107,7 +110,7 @@ def recurrent_cell(tracer, call, name, module):
     where = f"module '{name}'"
     cell = tracer.new_group(name)
     out = AxisSpec(cell, "neuron")
-    gated = AxisSpec(cell, "neuron", outer=CELL_GATES[type(module)])
+    gated = AxisSpec(cell, "neuron", outer=_gates(CELL_GATES, module))
     tracer.record(name, "weight_ih", (gated, as_input(source[-1])), cost=True)
     tracer.record(name, "weight_hh", (gated, as_input(out)), cost=True)
     if module.bias:
@@ -125,6 +128,12 @@ def recurrent_cell(tracer, call, name, module):
         return step, step
     tracer.add_site(cell, name, None, len(source) - 1, out)
     return step
+
+
+def _gates(table: dict[type, int], module: nn.Module) -> int:
+    """The gate blocks of ``module``, whose type may derive from the layer's (a layer
+    under weight_norm)."""
+    return next(gates for kind, gates in table.items() if isinstance(module, kind))
 
 
 def _given_states(call, lstm: bool) -> list[tuple[object, object]]:
