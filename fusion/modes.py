@@ -3,14 +3,11 @@ as it was found, and on its own device and dtype for class logits."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
-
-from .validation import check_initialised
 
 
 @contextmanager
@@ -34,26 +31,34 @@ def temporary_mode(model: nn.Module, training: bool = False) -> Iterator[None]:
                 module.training = mode
 
 
+_CONTAINERS = (dict, list, set)
+_OWN_CONTAINERS = {"_parameters", "_buffers", "_modules"}
+"""The containers of torch's own that a forward may change (by assigning a tensor or a
+module to an attribute); its hook tables are not (registering a hook is no run)."""
+
+
 @contextmanager
 def left_as_it_was(model: nn.Module) -> Iterator[None]:
     """On exit, every module of ``model`` gets back the attributes it had, and the
-    contents of those that are dicts, lists or sets (its parameters, buffers, submodules
-    and hooks among them: ``forward`` may assign ``self.features = h`` or fill
+    contents of its parameters, buffers and submodules and of its own attributes that
+    are dicts, lists or sets (``forward`` may assign ``self.features = h`` or fill
     ``self.cache["h"]``, and tracing it with torch.fx leaves proxies there), and its
     buffers and other tensor attributes their values (``forward`` may count calls or
     keep an average in place). Parameters are not copied: a forward that changes its
     weights in place is not a model to fuse. A TorchScript module is left to itself (its
-    attributes are fixed; its buffers are restored). A lazy module not initialised yet
-    is refused: a run initialises it, which would then be undone by halves."""
-    check_initialised(model, type(model).__name__)
-    modules = [m for m in model.modules() if not isinstance(m, torch.jit.ScriptModule)]
-    attributes = [(m, dict(vars(m))) for m in modules]
-    contents = [(value, copy.copy(value)) for _, saved in attributes
-                for value in saved.values() if isinstance(value, dict | list | set)]
-    tensors = {id(t): t for m in model.modules()
-               for t in [*m._buffers.values(), *vars(m).values()]
-               if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter)
-               and not t.is_inference()}
+    attributes are fixed; its buffers are restored). A lazy module must be initialised
+    before (:func:`~.validation.check_initialised`): a run initialises it, which would
+    then be undone by halves."""
+    modules = list(model.modules())
+    attributes = [(m, dict(vars(m))) for m in modules
+                  if not isinstance(m, torch.jit.ScriptModule)]
+    contents = [(value, list(value.items()) if isinstance(value, dict) else list(value))
+                for _, saved in attributes for name, value in saved.items()
+                if (name in _OWN_CONTAINERS or name[0] != "_")
+                and isinstance(value, _CONTAINERS)]
+    tensors = {id(t): t for m in modules  # parameters live in _parameters, not in vars
+               for t in (*m._buffers.values(), *(v for k, v in vars(m).items() if k[0] != "_"))
+               if isinstance(t, torch.Tensor) and not t.is_inference()}
     values = [(t, t.detach().clone()) for t in tensors.values()]
     try:
         yield
@@ -62,7 +67,7 @@ def left_as_it_was(model: nn.Module) -> Iterator[None]:
             container.clear()
             if isinstance(container, list):
                 container.extend(old)
-            else:
+            else:  # a dict from its items, a set from its members
                 container.update(old)
         for module, saved in attributes:
             vars(module).clear()
