@@ -11,6 +11,7 @@ and robust fusions. Writes ``results/byzantine.json`` and ``results/byzantine.pn
 
     python benchmarks/byzantine.py                                   # the full grid
     python benchmarks/byzantine.py --datasets digits --splits iid --settings 1/8 --seeds 0
+    python benchmarks/byzantine.py --model cnn --attacks backdoor   # the zoo CNN's clients
 
 Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``; without it that
 dataset is skipped. Every client trains with the dataset's recipe
@@ -69,19 +70,23 @@ def triggered(data: TensorData, side: int) -> TensorData:
 
 @dataclass(frozen=True)
 class Training:
-    """How every client's MLP is built and trained on one dataset: the model's keyword
-    arguments and the dataset's recipe (``benchmark_data.recipe``)."""
+    """How every client's model is built and trained on one dataset: the zoo model, its
+    keyword arguments and the dataset's recipe (``benchmark_data.recipe``)."""
 
+    model: str
     model_kwargs: dict
     recipe: Recipe
 
+    def build(self, seed: int) -> torch.nn.Module:
+        return build_model(self.model, seed=seed, **self.model_kwargs)
+
 
 def client_model(training: Training, data: TensorData, seed: int) -> torch.nn.Module:
-    """An MLP trained on ``data`` with the dataset's recipe; retrained with a tenth of
+    """A model trained on ``data`` with the dataset's recipe; retrained with a tenth of
     the learning rate if SGD diverged (a non-finite model is no well-formed reply)."""
     recipe = training.recipe
     for lr in (recipe.lr, recipe.lr / 10):
-        model = build_model("mlp", seed=seed, **training.model_kwargs)
+        model = training.build(seed)
         train(model, data, epochs=recipe.epochs, lr=lr, batch_size=recipe.batch_size,
               optimizer=recipe.optimizer, seed=seed)
         if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
@@ -128,7 +133,7 @@ class Attacker:
         if kind == "sign-flip":
             return honest_reply(_scaled(self.model("honest"), -3.0), self.data)
         if kind == "noise":
-            untrained = build_model("mlp", seed=self.seed, **self.training.model_kwargs)
+            untrained = self.training.build(self.seed)
             return honest_reply(_scaled(untrained, 5.0), self.data)
         if kind == "moments":  # shifted, widened, and all of it along one sign pattern
             reply = honest_reply(self.model("honest"), self.data)
@@ -168,11 +173,12 @@ def fused_accuracy(replies: list[Reply], config: FusionConfig, test: TensorData,
     others = test.subset(torch.nonzero(test.y != TARGET).flatten())
     backdoored = triggered(others, side)
     with torch.no_grad():
-        hits = (model(backdoored.x).argmax(1) == TARGET).float().mean()
+        hits = (model(backdoored.as_input(model.input_shape)).argmax(1) == TARGET).float().mean()
     return evaluate(model, test)[1], float(hits)
 
 
-def run(datasets, splits, settings, seeds, attacks, train_size: int | None) -> list[dict]:
+def run(datasets, splits, settings, seeds, attacks, train_size: int | None,
+        model: str = "mlp") -> list[dict]:
     rows = []
     for dataset in datasets:
         loaded = load(dataset, train_size)
@@ -180,7 +186,7 @@ def run(datasets, splits, settings, seeds, attacks, train_size: int | None) -> l
             print(f"{dataset}: not installed ({FASHION}), skipped")
             continue
         train_data, test, side = loaded
-        training = Training(model_kwargs("mlp", side), recipe("mlp", dataset))
+        training = Training(model, model_kwargs(model, side), recipe(model, dataset))
         for split in splits:
             for f, k in settings:
                 for seed in seeds:
@@ -275,12 +281,13 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=20000,
                         help="first training examples kept (Fashion-MNIST has 60000)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--model", default="mlp", help="zoo model of every client (mlp, cnn)")
     parser.add_argument("--name", default="byzantine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.datasets, args.splits, args.settings, args.seeds, args.attacks,
-               args.train_size)
+               args.train_size, args.model)
     print(summary(rows))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
