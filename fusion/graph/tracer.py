@@ -473,10 +473,12 @@ _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")
 
 
 def _takes_packed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` may take a PackedSequence: a recurrent layer, unpacking, or
-    picking one from the outputs of a layer."""
+    """Whether ``node`` may take a PackedSequence: a recurrent layer, unpacking, moving
+    it to a device, or picking one from the outputs of a layer."""
     if node.op == "call_module":
         return isinstance(modules[node.target], nn.RNNBase)
+    if node.op == "call_method":
+        return node.target in ("to", "cuda", "cpu")
     return node.op == "call_function" and (
         node.target is rnn_utils.pad_packed_sequence
         or node.target is operator.getitem and isinstance(node.args[0], fx.Node)
@@ -834,6 +836,9 @@ class _ShapeProp(ShapeProp):
 
     def call_function(self, target, args, kwargs):
         return _describable(super().call_function(target, args, kwargs))
+
+    def call_method(self, target, args, kwargs):
+        return _describable(super().call_method(target, args, kwargs))
 
     def call_module(self, target, args, kwargs):
         return _describable(super().call_module(target, args, kwargs))

@@ -1779,7 +1779,8 @@ def test_fills_shaped_as_aligned_units_keep_the_function():
 
 class PackedText(nn.Module):
     """Variable-length token sequences as NLP code runs them: lengths from the padding,
-    ``pack_padded_sequence`` (unsorted), a bidirectional GRU reading ``h_n`` (``"gru"``)
+    ``pack_padded_sequence`` (unsorted, then moved to the inputs' device), a
+    bidirectional GRU reading ``h_n`` (``"gru"``)
     or an LSTM whose outputs ``pad_packed_sequence`` unpacks, max-pooled over time
     (``"lstm"``). fx could not trace packing; refused before."""
 
@@ -1795,7 +1796,7 @@ class PackedText(nn.Module):
         lengths = (tokens != 0).sum(1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(tokens), lengths,
                                                    batch_first=True, enforce_sorted=False)
-        out, state = self.rnn(packed)
+        out, state = self.rnn(packed.to(tokens.device))
         if self.kind == "gru":
             return self.head(torch.cat([state[-2], state[-1]], dim=1))
         padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
