@@ -20,7 +20,6 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     for k, model in enumerate(models):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model {k} is a {type(model).__name__}, not a torch.nn.Module")
-    for k, model in enumerate(models):
         check_initialised(model, f"model {k}")
     first = models[0].state_dict()
     constants = {name for name, t in first.items() if t.is_floating_point() and not all_finite(t)}

@@ -725,9 +725,11 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         with left_as_it_was(model):  # fx keeps the tensor constants it meets on the model
             graph = _LeafTracer().trace(model, concrete_args=concrete or None)
-            for node in graph.nodes:  # else its code would register wrap("torch.nn.utils.
-                node.meta.pop("is_wrapped", None)  # rnn.pack_padded_sequence"), which
-            return fx.GraphModule(model, graph)  # breaks fx's every later trace
+            # a call fx recorded whole would make the code register wrap("torch.nn.utils.
+            # rnn.pack_padded_sequence"), a name no later trace finds: fx would then fail
+            for node in graph.nodes:
+                node.meta.pop("is_wrapped", None)
+            return fx.GraphModule(model, graph)
     except Exception as exc:  # fx raises many types for untraceable code
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be traced by torch.fx: {exc}") from exc

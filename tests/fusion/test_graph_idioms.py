@@ -1650,14 +1650,20 @@ def _permute_cell(model: SteppedCell, generator: torch.Generator):
     """The hidden units, in every gate's block of the cell's weights and biases."""
     model = copy.deepcopy(model)
     p = _perm(6, generator)
-    gates = torch.cat([g * 6 + p for g in range(model.cell.weight_ih.shape[0] // 6)])
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            tensor = getattr(model.cell, name)
-            tensor.copy_(tensor[gates])
-        model.cell.weight_hh.copy_(model.cell.weight_hh[:, p])
+    _permute_cell_units(model.cell, p)
     _columns(model.head, p)
     return model
+
+
+def _permute_cell_units(cell: nn.Module, p: torch.Tensor) -> None:
+    """A recurrent cell's units by ``p``, in every gate's block of its weights and
+    biases and in the state its recurrent weight reads."""
+    gates = torch.cat([g * len(p) + p for g in range(cell.weight_ih.shape[0] // len(p))])
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            tensor = getattr(cell, name)
+            tensor.copy_(tensor[gates])
+        cell.weight_hh.copy_(cell.weight_hh[:, p])
 
 
 @pytest.mark.parametrize("kind", list(_CELLS))
@@ -1759,14 +1765,10 @@ class FilledFromUnits(nn.Module):
 def _permute_filled_from_units(model: FilledFromUnits, generator: torch.Generator):
     model = copy.deepcopy(model)
     p = _perm(6, generator)
-    gates = torch.cat([g * 6 + p for g in range(4)])
     with torch.no_grad():
         model.encoder.weight.copy_(model.encoder.weight[p])
         model.encoder.bias.copy_(model.encoder.bias[p])
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            tensor = getattr(model.cell, name)
-            tensor.copy_(tensor[gates])
-        model.cell.weight_hh.copy_(model.cell.weight_hh[:, p])
+    _permute_cell_units(model.cell, p)
     _columns(model.head, p)
     return model
 
