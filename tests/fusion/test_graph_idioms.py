@@ -1941,3 +1941,38 @@ def test_a_packed_sequence_made_otherwise_is_refused():
     model = _built(PackedOtherwise, 0)
     with pytest.raises(UnsupportedModelError, match="made otherwise than by pack_padded"):
         align(model, model, config=EXACT, inputs=torch.randn(2, 5, 4))
+
+
+class RewiredLayer(nn.TransformerEncoderLayer):
+    """torch's encoder layer with its own forward: ``norm2`` normalises the
+    feed-forward's hidden units (as wide as the stream here), not the stream."""
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src + self.self_attn(src, src, src, need_weights=False)[0]
+        return self.norm1(x + self.linear2(self.norm2(torch.relu(self.linear1(x)))))
+
+
+class RewiredStack(nn.Module):
+    """Rewired layers in an ``nn.TransformerEncoder``: its rule described them as torch's
+    own, and align() computed another function (off by 0.32 of 0.89); refused now."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(
+            RewiredLayer(8, 2, dim_feedforward=8, dropout=0.0, batch_first=True), 2,
+            enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def test_a_subclass_of_a_transformer_layer_in_torchs_stack_is_refused():
+    model, other = (_built(RewiredStack, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="a subclass of TransformerEncoderLayer"):
+        align(other, model, config=EXACT, inputs=torch.randn(4, 5, 8))

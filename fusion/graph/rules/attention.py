@@ -90,10 +90,32 @@ def _feed_forward(tracer, name: str, layer, spec, ndim: int) -> AxisSpec:
     return dense_layer(tracer, f"{name}.linear2", layer.linear2, hidden, ndim)
 
 
+_PARTS = {"self_attn": nn.MultiheadAttention, "multihead_attn": nn.MultiheadAttention,
+          "linear1": nn.Linear, "linear2": nn.Linear}
+"""The parts of torch's Transformer layers whose types the rules below assume."""
+
+
+def _check_standard(layer: nn.Module, kind: type, where: str) -> None:
+    """The rules describe torch's own layers: a subclass in a stack (its forward may
+    wire the same parts otherwise) or a part replaced (an adapter around ``linear1``,
+    another attention) is refused."""
+    if type(layer) is not kind:
+        raise UnsupportedModelError(
+            f"{where} is a {type(layer).__name__}, a subclass of {kind.__name__} whose forward "
+            "the rule for torch's stack cannot see; keep the layers in an nn.ModuleList and "
+            "call them in forward, so that they are traced")
+    for part, expected in _PARTS.items():
+        module = getattr(layer, part, None)
+        if module is not None and type(module) is not expected:
+            raise UnsupportedModelError(f"{where}: its {part} is a {type(module).__name__}, "
+                                        f"not the {expected.__name__} the rule describes")
+
+
 def encoder_layer(tracer, name: str, layer: nn.TransformerEncoderLayer, x, ndim: int):
     """Self-attention and feed-forward blocks, each added into the stream ``x`` (their
     norms, before or after, follow the stream)."""
     where = f"module '{name}'"
+    _check_standard(layer, nn.TransformerEncoderLayer, where)
     x = _residual(tracer, x, attention(tracer, f"{name}.self_attn", layer.self_attn,
                                        x, x, x, ndim), where)
     x = _residual(tracer, x, _feed_forward(tracer, name, layer, x, ndim), where)
@@ -106,6 +128,7 @@ def decoder_layer(tracer, name: str, layer: nn.TransformerDecoderLayer, x, memor
                   ndim: int):
     """Self-attention, attention to ``memory`` and feed-forward, added into ``x``."""
     where = f"module '{name}'"
+    _check_standard(layer, nn.TransformerDecoderLayer, where)
     x = _residual(tracer, x, attention(tracer, f"{name}.self_attn", layer.self_attn,
                                        x, x, x, ndim), where)
     x = _residual(tracer, x, attention(tracer, f"{name}.multihead_attn", layer.multihead_attn,
