@@ -211,14 +211,18 @@ def transpose(layout: Layout, a: int, b: int) -> Layout:
 def index(value, item, where: str, shape: tuple[int, ...] | None,
           pieces: dict[int, list[int]], cut: Callable[[AxisSpec, str], bool]):
     """``value[item]``: tuples of outputs are picked from; a stacked tensor gives the
-    layout of the picked entry; a tensor keeps the dimensions sliced whole, and one
-    piece of a packed group may be picked by an integer. Any other index of an axis
-    needs ``cut(axis, where)`` to allow it (a state tensor's own axis, see
+    layout of the entry an integer picks (then indexed by the rest of ``item``,
+    ``h_n[-1, :, :]``); a tensor keeps the dimensions sliced whole, and one piece of a
+    packed group may be picked by an integer. Any other index of an axis needs
+    ``cut(axis, where)`` to allow it (a state tensor's own axis, see
     :meth:`~.tracer.Tracer.cut`)."""
     if isinstance(value, Stacked):
-        if isinstance(item, int):
-            return value.items[item]
-        raise UnsupportedModelError(f"{where}: {value.why} can only be indexed by one integer")
+        first, rest = (item[0], item[1:]) if isinstance(item, tuple) and item else (item, ())
+        if isinstance(first, int):
+            picked = value.items[first]
+            return index(picked, rest, where, shape, pieces, cut) if rest else picked
+        raise UnsupportedModelError(f"{where}: {value.why} can only be indexed by one integer "
+                                    "first")
     if value is None:
         return None if shape is None else (None,) * len(shape)
     if not is_layout(value):

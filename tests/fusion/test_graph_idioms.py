@@ -1976,3 +1976,44 @@ def test_a_subclass_of_a_transformer_layer_in_torchs_stack_is_refused():
     model, other = (_built(RewiredStack, seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="a subclass of TransformerEncoderLayer"):
         align(other, model, config=EXACT, inputs=torch.randn(4, 5, 8))
+
+
+class ClassicBiLSTM(nn.Module):
+    """The tutorials' two-layer bidirectional LSTM, its last layer's two final states
+    read as ``torch.cat((h[-2, :, :], h[-1, :, :]), dim=1)``: refused before (a stacked
+    state could only be indexed by one integer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        return self.head(torch.cat((h[-2, :, :], h[-1, ...]), dim=1))
+
+
+def _permute_classic_bilstm(model: ClassicBiLSTM, generator: torch.Generator):
+    """Every layer's and direction's units, in each of the four gate blocks; the second
+    layer reads both directions of the first."""
+    model = copy.deepcopy(model)
+    units = [[_perm(6, generator) for _ in range(2)] for _ in range(2)]
+    with torch.no_grad():
+        for layer, directions in enumerate(units):
+            for suffix, p in zip(("", "_reverse"), directions, strict=True):
+                rows = torch.cat([g * 6 + p for g in range(4)])
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    tensor = getattr(model.lstm, f"{name}_l{layer}{suffix}")
+                    tensor.copy_(tensor[rows])
+                hh = getattr(model.lstm, f"weight_hh_l{layer}{suffix}")
+                hh.copy_(hh[:, p])
+                if layer == 1:
+                    ih = getattr(model.lstm, f"weight_ih_l1{suffix}")
+                    ih.copy_(ih[:, torch.cat([units[0][0], 6 + units[0][1]])])
+    _columns(model.head, torch.cat([units[1][0], 6 + units[1][1]]))
+    return model
+
+
+def test_the_last_layers_states_indexed_with_slices_keep_the_function():
+    model, other = (_built(ClassicBiLSTM, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_classic_bilstm, torch.randn(8, 5, 4), 3)
