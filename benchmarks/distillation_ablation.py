@@ -41,6 +41,8 @@ SETTINGS: dict[str, dict] = {
     "feature by feature": {"distill_correlated": 0.0},
     "all correlated": {"distill_correlated": 1.0},
     "long": {"distill_samples": 8000, "distill_steps": 1000, "distill_batch_size": 256},
+    "8000 inputs": {"distill_samples": 8000},
+    "1000 steps of 256": {"distill_steps": 1000, "distill_batch_size": 256},
 }
 """Each method's options on top of the defaults (flat names of
 :meth:`FusionConfig.from_options`)."""
