@@ -96,14 +96,14 @@ _PARTS = {"self_attn": nn.MultiheadAttention, "multihead_attn": nn.MultiheadAtte
 
 
 def _check_standard(layer: nn.Module, kind: type, where: str) -> None:
-    """The rules describe torch's own layers: a subclass in a stack (its forward may
-    wire the same parts otherwise) or a part replaced (an adapter around ``linear1``,
-    another attention) is refused."""
+    """The rules describe torch's own layers: another layer in a stack (a subclass
+    whose forward may wire the same parts otherwise) or a part replaced (an adapter
+    around ``linear1``, another attention) is refused."""
     if type(layer) is not kind:
         raise UnsupportedModelError(
-            f"{where} is a {type(layer).__name__}, a subclass of {kind.__name__} whose forward "
-            "the rule for torch's stack cannot see; keep the layers in an nn.ModuleList and "
-            "call them in forward, so that they are traced")
+            f"{where} is a {type(layer).__name__}, not torch's {kind.__name__} itself, and "
+            "the rule for torch's stack cannot see its forward; keep such layers in an "
+            "nn.ModuleList and call them in forward, so that they are traced")
     for part, expected in _PARTS.items():
         module = getattr(layer, part, None)
         if module is not None and type(module) is not expected:
