@@ -35,9 +35,7 @@ def fold_quiet_inputs(model: nn.Module, moments: Sequence[InputMoments], ratio: 
     """
     if len(moments) < 3:
         return 0
-    features = moments[0].var.numel()
-    name = input_linear(model, features) if any(  # trace only a model with such a layer
-        type(m) is nn.Linear and m.in_features == features for m in model.modules()) else None
+    name = input_linear(model, moments[0].var.numel())
     layer = None if name is None else model.get_submodule(name)
     if layer is None or layer.bias is None:
         return 0

@@ -743,7 +743,10 @@ def input_linear(model: nn.Module, width: int) -> str | None:
     flattened in order to ``width`` features (``nn.Flatten``, ``x.flatten(1)``,
     ``x.view(x.size(0), -1)``), so that its weight's columns are the input's features;
     None for any other model (a convolution first, the input scaled, permuted or used
-    elsewhere, the layer used again, or no fx graph)."""
+    elsewhere, the layer used again, or no fx graph). Only a model with a Linear that
+    wide is traced."""
+    if not any(type(m) is nn.Linear and m.in_features == width for m in model.modules()):
+        return None
     try:
         gm = _trace(model)
     except UnsupportedModelError:

@@ -1622,7 +1622,7 @@ def test_ops_along_the_units_are_refused(how):
         fuse([model, model], config=EXACT, inputs=x)
 
 
-_CELLS = {"LSTMCell": (nn.LSTMCell, 4), "GRUCell": (nn.GRUCell, 3), "RNNCell": (nn.RNNCell, 1)}
+_CELLS = {"LSTMCell": nn.LSTMCell, "GRUCell": nn.GRUCell, "RNNCell": nn.RNNCell}
 
 
 class SteppedCell(nn.Module):
@@ -1633,7 +1633,7 @@ class SteppedCell(nn.Module):
     def __init__(self, kind: str, start: str = "zeros"):
         super().__init__()
         self.lstm, self.start = kind == "LSTMCell", start
-        self.cell, self.head = _CELLS[kind][0](4, 6), nn.Linear(6, 3)
+        self.cell, self.head = _CELLS[kind](4, 6), nn.Linear(6, 3)
 
     def forward(self, x):
         if self.start == "zeros":
@@ -1650,20 +1650,26 @@ def _permute_cell(model: SteppedCell, generator: torch.Generator):
     """The hidden units, in every gate's block of the cell's weights and biases."""
     model = copy.deepcopy(model)
     p = _perm(6, generator)
-    _permute_cell_units(model.cell, p)
+    _permute_recurrent_units(model.cell, p)
     _columns(model.head, p)
     return model
 
 
-def _permute_cell_units(cell: nn.Module, p: torch.Tensor) -> None:
-    """A recurrent cell's units by ``p``, in every gate's block of its weights and
-    biases and in the state its recurrent weight reads."""
-    gates = torch.cat([g * len(p) + p for g in range(cell.weight_ih.shape[0] // len(p))])
+def _permute_recurrent_units(module: nn.Module, p: torch.Tensor, suffix: str = "",
+                             inputs: torch.Tensor | None = None) -> None:
+    """A recurrent cell's units by ``p`` (or a layer's, ``suffix`` naming the layer and
+    direction: ``"_l0_reverse"``), in every gate's block of its weights and biases and
+    in the state its recurrent weight reads; its input features by ``inputs``."""
+    ih = getattr(module, f"weight_ih{suffix}")
+    gates = torch.cat([g * len(p) + p for g in range(ih.shape[0] // len(p))])
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            tensor = getattr(cell, name)
+            tensor = getattr(module, f"{name}{suffix}")
             tensor.copy_(tensor[gates])
-        cell.weight_hh.copy_(cell.weight_hh[:, p])
+        hh = getattr(module, f"weight_hh{suffix}")
+        hh.copy_(hh[:, p])
+        if inputs is not None:
+            ih.copy_(ih[:, inputs])
 
 
 @pytest.mark.parametrize("kind", list(_CELLS))
@@ -1681,7 +1687,7 @@ def test_a_cell_state_read_from_data_is_refused():
         fuse([model, model], config=EXACT, inputs=x)
 
 
-_LAYERS = {"LSTM": (nn.LSTM, 4), "GRU": (nn.GRU, 3)}
+_LAYERS = {"LSTM": nn.LSTM, "GRU": nn.GRU}
 
 
 class StartedLayer(nn.Module):
@@ -1693,7 +1699,7 @@ class StartedLayer(nn.Module):
     def __init__(self, kind: str, start: str):
         super().__init__()
         self.lstm, self.start = kind == "LSTM", start
-        self.rnn = _LAYERS[kind][0](4, 6, num_layers=2, batch_first=True)
+        self.rnn = _LAYERS[kind](4, 6, num_layers=2, batch_first=True)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
@@ -1709,21 +1715,11 @@ class StartedLayer(nn.Module):
 def _permute_layers(model: StartedLayer, generator: torch.Generator):
     """The hidden units of both layers, in every gate's block."""
     model = copy.deepcopy(model)
-    with torch.no_grad():
-        previous = None
-        for layer in range(2):
-            p = _perm(6, generator)
-            gates = torch.cat([g * 6 + p for g in range(_LAYERS["LSTM" if model.lstm
-                                                               else "GRU"][1])])
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                tensor = getattr(model.rnn, f"{name}_l{layer}")
-                tensor.copy_(tensor[gates])
-            hh = getattr(model.rnn, f"weight_hh_l{layer}")
-            hh.copy_(hh[:, p])
-            if previous is not None:
-                ih = getattr(model.rnn, f"weight_ih_l{layer}")
-                ih.copy_(ih[:, previous])
-            previous = p
+    previous = None
+    for layer in range(2):
+        p = _perm(6, generator)
+        _permute_recurrent_units(model.rnn, p, f"_l{layer}", previous)
+        previous = p
     _columns(model.head, previous)
     return model
 
@@ -1765,10 +1761,8 @@ class FilledFromUnits(nn.Module):
 def _permute_filled_from_units(model: FilledFromUnits, generator: torch.Generator):
     model = copy.deepcopy(model)
     p = _perm(6, generator)
-    with torch.no_grad():
-        model.encoder.weight.copy_(model.encoder.weight[p])
-        model.encoder.bias.copy_(model.encoder.bias[p])
-    _permute_cell_units(model.cell, p)
+    _rows(model.encoder, p)
+    _permute_recurrent_units(model.cell, p)
     _columns(model.head, p)
     return model
 
@@ -1809,20 +1803,11 @@ def _permute_packed_text(model: PackedText, generator: torch.Generator):
     """The embedding's features, and every direction's hidden units in each gate block."""
     model = copy.deepcopy(model)
     e = _perm(6, generator)
-    gates = 3 if model.kind == "gru" else 4
     suffixes = ("", "_reverse") if model.kind == "gru" else ("",)
     units = [_perm(8, generator) for _ in suffixes]
-    with torch.no_grad():
-        model.embed.weight.copy_(model.embed.weight[:, e])
-        for suffix, p in zip(suffixes, units, strict=True):
-            rows = torch.cat([g * 8 + p for g in range(gates)])
-            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                tensor = getattr(model.rnn, f"{name}_l0{suffix}")
-                tensor.copy_(tensor[rows])
-            getattr(model.rnn, f"weight_ih_l0{suffix}").copy_(
-                getattr(model.rnn, f"weight_ih_l0{suffix}")[:, e])
-            getattr(model.rnn, f"weight_hh_l0{suffix}").copy_(
-                getattr(model.rnn, f"weight_hh_l0{suffix}")[:, p])
+    _columns(model.embed, e)
+    for suffix, p in zip(suffixes, units, strict=True):
+        _permute_recurrent_units(model.rnn, p, f"_l0{suffix}", e)
     _columns(model.head, torch.cat([p + 8 * i for i, p in enumerate(units)]))
     return model
 
@@ -1874,9 +1859,7 @@ class PackedOrPadded(nn.Module):
 def _permute_packed_or_padded(model: PackedOrPadded, generator: torch.Generator):
     model = copy.deepcopy(model)
     p = _perm(8, generator)
-    with torch.no_grad():
-        model.hidden.weight.copy_(model.hidden.weight[p])
-        model.hidden.bias.copy_(model.hidden.bias[p])
+    _rows(model.hidden, p)
     _columns(model.head, p)
     return model
 
@@ -1998,18 +1981,11 @@ def _permute_classic_bilstm(model: ClassicBiLSTM, generator: torch.Generator):
     layer reads both directions of the first."""
     model = copy.deepcopy(model)
     units = [[_perm(6, generator) for _ in range(2)] for _ in range(2)]
-    with torch.no_grad():
-        for layer, directions in enumerate(units):
-            for suffix, p in zip(("", "_reverse"), directions, strict=True):
-                rows = torch.cat([g * 6 + p for g in range(4)])
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-                    tensor = getattr(model.lstm, f"{name}_l{layer}{suffix}")
-                    tensor.copy_(tensor[rows])
-                hh = getattr(model.lstm, f"weight_hh_l{layer}{suffix}")
-                hh.copy_(hh[:, p])
-                if layer == 1:
-                    ih = getattr(model.lstm, f"weight_ih_l1{suffix}")
-                    ih.copy_(ih[:, torch.cat([units[0][0], 6 + units[0][1]])])
+    first = torch.cat([units[0][0], 6 + units[0][1]])  # the second layer's inputs
+    for layer, directions in enumerate(units):
+        for suffix, p in zip(("", "_reverse"), directions, strict=True):
+            _permute_recurrent_units(model.lstm, p, f"_l{layer}{suffix}",
+                                     first if layer == 1 else None)
     _columns(model.head, torch.cat([units[1][0], 6 + units[1][1]]))
     return model
 
