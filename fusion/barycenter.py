@@ -94,6 +94,7 @@ def free_support_barycenter(
     transport: TransportConfig,
     blocks: int = 1,
     block_couplings: Sequence[torch.Tensor] | None = None,
+    rigid: bool = False,
     combine: Combine = weighted_mean,
     anchor: int | None = None,
     static: bool = False,
@@ -107,7 +108,8 @@ def free_support_barycenter(
 
     ``blocks > 1`` restricts the couplings to moving whole blocks of neurons
     (:func:`~.transport.block_plan`); ``block_couplings[k]``, when given, is how client
-    ``k``'s blocks must be matched. Every plan is solved with ``transport``, and the
+    ``k``'s blocks must be matched, and ``rigid`` keeps every unit at its place within
+    its block. Every plan is solved with ``transport``, and the
     support moves to ``combine(mapped rows, weights)`` of the clients (default: their
     weighted mean; a robust estimator keeps hostile clients from dragging it).
 
@@ -143,7 +145,7 @@ def free_support_barycenter(
         cost = ground_cost(support, points)
         if blocks > 1:
             plan = block_plan(cost, uniform_n, marginals[k], transport, blocks,
-                              None if block_couplings is None else block_couplings[k])
+                              None if block_couplings is None else block_couplings[k], rigid)
         else:
             plan, warm[k] = transport_plan(cost, uniform_n, marginals[k], transport, warm[k])
         return _Solved(Coupling.from_plan(plan), float((cost * plan).sum()), rows, euclidean)

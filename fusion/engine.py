@@ -467,6 +467,11 @@ class _GroupSolver:
                     f"group '{group.label}' is an input or output of the model and cannot be "
                     f"aligned, but its width differs between models: {sorted(sizes)}"
                 )
+            if group.rigid and len(sizes) > 1:
+                raise ValueError(
+                    f"group '{group.label}' keeps its units at their places within each of "
+                    "its blocks (queries and keys under rotary position embeddings), so its "
+                    f"width must be the same in every model: {sorted(sizes)}")
         self.groups = graph.groups_by_id
         self.couplings: list[dict[int, Coupling]] = [{} for _ in states]
         self.activations = (
@@ -501,7 +506,7 @@ class _GroupSolver:
             result = free_support_barycenter(
                 points_fn, self.weights, [w[group.id] for w in self.widths], support,
                 self.config.barycenter, self.config.transport, group.blocks,
-                self.block_couplings(group), combine=_combiner(self.config),
+                self.block_couplings(group), group.rigid, combine=_combiner(self.config),
                 anchor=self.anchor if own else None, static=static)
             for maps, coupling in zip(self.couplings, result.couplings, strict=True):
                 maps[group.id] = coupling

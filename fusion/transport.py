@@ -75,14 +75,19 @@ def _is_uniform(weights: torch.Tensor) -> bool:
 
 
 def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: TransportConfig,
-               blocks: int, block_coupling: torch.Tensor | None = None) -> torch.Tensor:
+               blocks: int, block_coupling: torch.Tensor | None = None,
+               rigid: bool = False) -> torch.Tensor:
     """OT restricted to plans that move whole blocks of units (``blocks`` contiguous
     blocks on each side) and units within blocks: a two-level problem, solved exactly
-    level by level. Every pair of blocks is solved alone; the blocks are then matched on
-    those pairs' costs, unless ``block_coupling`` ((blocks, blocks), total mass one)
-    prescribes how they are matched."""
+    level by level. Every pair of blocks is solved alone (``rigid``: the units keep
+    their places, each unit coupled to the one at its place); the blocks are then
+    matched on those pairs' costs, unless ``block_coupling`` ((blocks, blocks), total
+    mass one) prescribes how they are matched."""
     n, m = cost.shape
     rows, cols = n // blocks, m // blocks
+    if rigid and rows != cols:
+        raise ValueError(f"blocks of {rows} and {cols} units: units that keep their places "
+                         "need blocks of one size")
     a_blocks, b_blocks = a.view(blocks, rows), b.view(blocks, cols)
     within: dict[tuple[int, int], torch.Tensor] = {}
     pair_cost = torch.zeros(blocks, blocks, dtype=cost.dtype, device=cost.device)
@@ -91,8 +96,11 @@ def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: Tra
             if block_coupling is not None and block_coupling[i, j] <= 0:
                 continue
             sub = cost[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
-            plan, _ = transport_plan(sub, a_blocks[i] / a_blocks[i].sum(),
-                                     b_blocks[j] / b_blocks[j].sum(), config)
+            if rigid:
+                plan = torch.diag(a_blocks[i] / a_blocks[i].sum())
+            else:
+                plan, _ = transport_plan(sub, a_blocks[i] / a_blocks[i].sum(),
+                                         b_blocks[j] / b_blocks[j].sum(), config)
             within[i, j] = plan
             pair_cost[i, j] = (sub * plan).sum()
     if block_coupling is None:

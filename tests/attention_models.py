@@ -15,7 +15,10 @@ Symmetries of a Transformer, all drawn at random by :func:`permute`:
 * within a head, Q and K share one permutation of the head dimension (``q . k`` and so
   the softmax are unchanged) and V and the output projection's input columns share
   another one;
-* the MLP hidden units have their own permutation.
+* the MLP hidden units have their own permutation (the gate and the up projection of a
+  SwiGLU share it);
+* under rotary position embeddings (the Llama models), Q and K keep their units in place
+  within each head: the rotation pairs units by their place, so only whole heads move.
 
 Every permutation is an index: position ``i`` of the copy takes unit ``index[i]`` of the
 original (``index_select``).
@@ -363,6 +366,131 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's ``rotate_half``: unit ``i`` of a head pairs with unit ``i + D/2``."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's interleaved rotation: unit ``2i`` of a head pairs with unit ``2i + 1``."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+class RotaryAttention(nn.Module):
+    """Llama-style causal self-attention: Q/K/V Linears without bias and rotary position
+    embeddings on Q and K. ``style`` is how the rotation is written:
+
+    * ``"half"``: ``rotate_half``, cos and sin computed in ``forward`` from a
+      non-persistent ``inv_freq`` buffer (Hugging Face's Llama);
+    * ``"cached"``: cos and sin tables kept as persistent buffers cut to the length, and
+      the attention written out (``q @ k.T`` plus a causal mask buffer);
+    * ``"complex"``: pairs of units as complex numbers (Meta's Llama,
+      ``torch.view_as_complex``);
+    * ``"gptj"``: interleaved pairs, rotating only the first half of each head (partial
+      rotary, GPT-J and GPT-NeoX).
+
+    ``qk_norm``: an RMSNorm over each head's units of Q and K, one weight shared by every
+    head (Qwen3, OLMo 2)."""
+
+    def __init__(self, dim: int, heads: int, style: str = "half", qk_norm: bool = False,
+                 tokens: int = TOKENS) -> None:
+        super().__init__()
+        self.n_head, self.head_dim, self.style = heads, dim // heads, style
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
+        rotated = self.head_dim // 2 if style == "gptj" else self.head_dim
+        inv_freq = 1.0 / 10.0 ** (torch.arange(0, rotated, 2).float() / rotated)
+        if style == "cached":
+            angles = torch.outer(torch.arange(2 * tokens).float(), inv_freq).repeat(1, 2)
+            self.register_buffer("cos_cached", angles.cos())
+            self.register_buffer("sin_cached", angles.sin())
+            self.register_buffer("mask", torch.full((tokens, tokens), float("-inf")).triu(1))
+        else:
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotate(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        if self.style == "cached":
+            return x * self.cos_cached[:T] + _rotate_half(x) * self.sin_cached[:T]
+        angles = torch.outer(torch.arange(T, device=x.device).float(), self.inv_freq)
+        if self.style == "complex":
+            turns = torch.polar(torch.ones_like(angles), angles)
+            pairs = torch.view_as_complex(x.float().reshape(B, self.n_head, T, -1, 2))
+            return torch.view_as_real(pairs * turns).flatten(3).type_as(x)
+        if self.style == "gptj":
+            cos = angles.cos().repeat_interleave(2, dim=-1)
+            sin = angles.sin().repeat_interleave(2, dim=-1)
+            rotated = self.head_dim // 2
+            part, rest = x[..., :rotated], x[..., rotated:]
+            return torch.cat((part * cos + _rotate_pairs(part) * sin, rest), dim=-1)
+        emb = torch.cat((angles, angles), dim=-1)
+        return x * emb.cos() + _rotate_half(x) * emb.sin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotate(q, B, T), self.rotate(k, B, T)
+        if self.style == "cached":
+            scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5 + self.mask[:T, :T]
+            y = scores.softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int, **attention) -> None:
+        super().__init__()
+        self.ln1 = nn.RMSNorm(dim)
+        self.attn = RotaryAttention(dim, heads, **attention)
+        self.ln2 = nn.RMSNorm(dim)
+        self.mlp = SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Llama(nn.Module):
+    """(B, T) token ids -> (B, T, V) next-token logits: RMSNorm, rotary attention
+    (:class:`RotaryAttention`, keyword arguments ``attention``) and SwiGLU blocks, no
+    positional table."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = DIM, heads: int = HEADS,
+                 hidden: int = HIDDEN, depth: int = DEPTH, **attention) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(LlamaBlock(dim, heads, hidden, **attention)
+                                    for _ in range(depth))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
 _BUILDERS = {
     "mha": MHAClassifier,
     "encoder": lambda: EncoderClassifier(nested=False),
@@ -377,6 +505,11 @@ _BUILDERS = {
     "mha-causal-buffer": lambda: MHAClassifier(causal=True),
     "mha-keywords": lambda: MHAClassifier(keywords=True),
     "tutorial-lm": TutorialLM,
+    "llama": Llama,
+    "llama-cached": lambda: Llama(style="cached"),
+    "llama-complex": lambda: Llama(style="complex"),
+    "llama-gptj": lambda: Llama(style="gptj"),
+    "llama-qk-norm": lambda: Llama(qk_norm=True),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -393,7 +526,7 @@ def randomize_(model: nn.Module, generator: torch.Generator) -> nn.Module:
             if name.rsplit(".", 1)[-1].endswith("bias"):
                 parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
         for module in model.modules():
-            if isinstance(module, nn.LayerNorm):
+            if isinstance(module, nn.LayerNorm | nn.RMSNorm):
                 shape = module.weight.shape
                 module.weight.copy_(1.0 + 0.5 * torch.randn(shape, generator=generator))
     return model
@@ -412,7 +545,7 @@ def make_inputs(name: str, generator: torch.Generator, batch: int = 16) -> torch
     """A batch of inputs for the model ``name``."""
     if name in ("timm-vit", "deit-tokens"):
         return torch.randn(batch, 1, IMAGE, IMAGE, generator=generator)
-    if name.startswith("nanogpt"):
+    if name.startswith(("nanogpt", "llama")):
         return torch.randint(0, VOCAB, (batch, TOKENS), generator=generator)
     if name == "tutorial-lm":  # sequence first
         return torch.randint(0, VOCAB, (TOKENS, batch), generator=generator)
@@ -425,7 +558,9 @@ BROKEN = ("qk", "layernorm", "heads")
 """Deliberately wrong variants of :func:`permute`, to show that the checks have teeth:
 ``qk``: K gets a within-head permutation different from Q's; ``layernorm``: LayerNorm
 parameters are left unpermuted; ``heads``: V and the output projection's columns use a
-head order different from Q/K's."""
+head order different from Q/K's. One more, ``"rotary"``, for the models with rotary
+position embeddings only: Q and K share a within-head permutation, which would keep the
+function without the rotation."""
 
 
 
@@ -446,26 +581,32 @@ class Plan:
 
     def __init__(self, generator: torch.Generator, broken: str | None = None, dim: int = DIM,
                  heads: int = HEADS) -> None:
-        if broken not in (None, *BROKEN):
+        if broken not in (None, *BROKEN, "rotary"):
             raise ValueError(f"unknown broken variant {broken!r}")
         self.generator = generator
         self.broken = broken
         self.dim, self.heads = dim, heads
         self.stream = _perm(dim, generator)
 
-    def norm(self, norm: nn.LayerNorm) -> None:
+    def norm(self, norm: nn.LayerNorm | nn.RMSNorm) -> None:
         if self.broken == "layernorm":
             return
         _take(norm.weight, 0, self.stream)
-        _take(norm.bias, 0, self.stream)
+        if getattr(norm, "bias", None) is not None:
+            _take(norm.bias, 0, self.stream)
 
-    def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def attention(self, rotary: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Indices (each of length ``D``) of the Q, K and V rows and of the output
         projection's input columns: head ``sigma[j]`` moves to head ``j``; inside it, Q/K
-        share one permutation of the head dimension and V/out share another."""
+        share one permutation of the head dimension (none when ``rotary``: rotary
+        position embeddings pair units by their place in the head, unless the plan is
+        broken on purpose) and V/out share another."""
         count, size = self.heads, self.dim // self.heads
         sigma = _perm(count, self.generator)
         within_qk = [_perm(size, self.generator) for _ in range(count)]
+        if rotary and self.broken != "rotary":
+            within_qk = [torch.arange(size)] * count
         within_v = [_perm(size, self.generator) for _ in range(count)]
 
         def index(heads: torch.Tensor, within: list[torch.Tensor]) -> torch.Tensor:
@@ -495,8 +636,8 @@ class Plan:
         _rows(out_proj, self.stream)
 
     def separate_attention(self, q_layer: nn.Linear, k_layer: nn.Linear, v_layer: nn.Linear,
-                           out_proj: nn.Linear) -> None:
-        q, k, v, out = self.attention()
+                           out_proj: nn.Linear, rotary: bool = False) -> None:
+        q, k, v, out = self.attention(rotary)
         for layer, rows in ((q_layer, q), (k_layer, k), (v_layer, v)):
             _rows(layer, rows)
             _columns(layer, self.stream)
@@ -509,6 +650,15 @@ class Plan:
         _rows(fc1, hidden)
         _columns(fc2, hidden)
         _rows(fc2, self.stream)
+
+    def swiglu(self, mlp: SwiGLU) -> None:
+        """The gate's and the up projection's outputs share one permutation."""
+        hidden = _perm(mlp.gate.out_features, self.generator)
+        for layer in (mlp.gate, mlp.up):
+            _columns(layer, self.stream)
+            _rows(layer, hidden)
+        _columns(mlp.down, hidden)
+        _rows(mlp.down, self.stream)
 
 
 def _mha_classifier(model: MHAClassifier, plan: Plan) -> None:
@@ -585,12 +735,25 @@ def _nanogpt(model: NanoGPT, plan: Plan) -> None:
     plan.norm(model.ln_f)
 
 
+def _llama(model: Llama, plan: Plan) -> None:
+    _take(model.tok.weight, 1, plan.stream)
+    for block in model.blocks:
+        plan.norm(block.ln1)
+        attn = block.attn
+        plan.separate_attention(attn.q, attn.k, attn.v, attn.proj, rotary=True)
+        plan.norm(block.ln2)
+        plan.swiglu(block.mlp)
+    plan.norm(model.norm)
+    _columns(model.head, plan.stream)
+
+
 _RULES = (
     (MHAClassifier, _mha_classifier),
     (EncoderClassifier, _encoder_classifier),
     (TutorialLM, _tutorial_lm),
     (TimmStyleViT, _timm_vit),
     (NanoGPT, _nanogpt),
+    (Llama, _llama),
 )
 
 
@@ -623,16 +786,33 @@ def relative_difference(model: nn.Module, reference: nn.Module, inputs: torch.Te
     return float((got - expected).norm() / expected.norm())
 
 
+def position_buffers(model: nn.Module) -> set[str]:
+    """The buffers over positions, which no permutation moves: causal masks and rotary
+    tables."""
+    return {name for name, _ in model.named_buffers()
+            if name.endswith(("mask", "attn.bias", "cos_cached", "sin_cached"))}
+
+
+def shared_by_heads(model: nn.Module) -> set[str]:
+    """The per-head norms of Q and K: one weight for every head, over the units that
+    rotary embeddings keep in place, so no permutation moves them."""
+    return {name for name, _ in model.named_parameters()
+            if name.endswith(("q_norm.weight", "k_norm.weight"))}
+
+
 __all__ = [
     "BROKEN",
     "MODEL_NAMES",
     "EncoderClassifier",
+    "Llama",
     "MHAClassifier",
     "NanoGPT",
     "TimmStyleViT",
     "build",
     "make_inputs",
     "permute",
+    "position_buffers",
     "randomize_",
     "relative_difference",
+    "shared_by_heads",
 ]

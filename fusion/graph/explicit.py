@@ -27,7 +27,8 @@ from .spec import AlignmentGraph, AxisSpec, Group, TensorSpec
 
 def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable[str] = (),
                    follows: Iterable[str] = (), blocks: Mapping[str, int] | None = None,
-                   block_sources: Mapping[str, str] | None = None) -> AlignmentGraph:
+                   block_sources: Mapping[str, str] | None = None,
+                   rigid: Iterable[str] = ()) -> AlignmentGraph:
     """The graph of ``axes`` (state_dict name -> one label or None per axis).
 
     ``outputs``: groups that are the model's outputs (classes), never permuted.
@@ -40,9 +41,11 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
     ``block_sources``: groups whose blocks must move as another group's blocks move
     (the value/output heads of an attention layer follow its query/key heads): label ->
     label of the group they follow, both in ``blocks`` with the same count.
+    ``rigid``: groups in ``blocks`` whose units keep their places within their block
+    (queries and keys under rotary position embeddings): only whole blocks move.
     """
     blocks, block_sources = dict(blocks or {}), dict(block_sources or {})
-    follows, outputs = set(follows), set(outputs)
+    follows, outputs, rigid = set(follows), set(outputs), set(rigid)
     order: list[str] = []
     for labels in axes.values():
         own = next((label for label in labels if label is not None), None)
@@ -54,6 +57,10 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
                ) - set(order)
     if unknown:
         raise ValueError(f"alignment spec: groups {sorted(unknown)} label no axis")
+    unblocked = sorted(label for label in rigid if blocks.get(label, 1) == 1)
+    if unblocked:
+        raise ValueError(f"alignment spec: groups {unblocked} keep their units' places "
+                         "within blocks (rigid=), but have no blocks= (> 1)")
     for label, source in block_sources.items():
         if blocks.get(label, 1) == 1 or blocks.get(label) != blocks.get(source):
             raise ValueError(
@@ -72,6 +79,6 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
             ids[label], "neuron" if i == own else "input") for i, label in enumerate(labels))
         tensors[name] = TensorSpec(name, specs, own is not None and name not in follows)
     groups = tuple(Group(ids[label], label, label in outputs, blocks.get(label, 1),
-                         ids.get(block_sources.get(label)))
+                         ids.get(block_sources.get(label)), rigid=label in rigid)
                    for label in order)
     return AlignmentGraph(groups, tensors, {}, frozenset(ids[label] for label in outputs))

@@ -182,6 +182,9 @@ def reshape(layout: Layout, source: tuple[int, ...], result: tuple[int, ...],
             else:
                 raise UnsupportedModelError(f"{where}: cannot relate shapes {source} and "
                                             f"{result}")
+        if (i - i0, j - j0) == (1, 1):
+            out.append(layout[i0])  # a dimension kept as it is (heads too)
+            continue
         spec = merge(layout[i0:i], source[i0:i], where)
         out.extend(split(spec, a, result[j0:j], where, splitter))
     return tuple(out)

@@ -94,6 +94,9 @@ class Group:
     input blocks). ``parts``: the group is a concatenation, ``(group or None, width)``
     per part in order; its coupling is the block-diagonal of the parts' couplings (a
     ``None`` part is unaligned data, coupled by the identity), never solved itself.
+    ``rigid``: the units keep their places within their block and only whole blocks
+    move (the queries and keys of attention heads under rotary position embeddings,
+    which pair units by their place in the head).
     """
 
     id: int
@@ -102,6 +105,7 @@ class Group:
     blocks: int = 1
     block_source: int | None = None
     parts: tuple[tuple[int | None, int], ...] | None = None
+    rigid: bool = False
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,7 @@ class AlignmentGraph:
                 ("output" if group.id in self.outputs else "fixed", group.fixed),
                 (f"{group.blocks} blocks", group.blocks > 1),
                 (f"blocks follow group {group.block_source}", group.block_source is not None),
+                ("units keep their places in blocks", group.rigid),
                 ("concatenation of " + " ++ ".join(
                     "data" if g is None else f"group {g}" for g, _ in group.parts or ()),
                  group.parts is not None),

@@ -103,8 +103,11 @@ class _LeafTracer(fx.Tracer):
 class Tracer:
     """Union-find over groups, the axes recorded for every tensor, and the traversal."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, in_place: dict[str, tuple[str, str]] | None = None):
         self.model = model
+        self.in_place = in_place or {}  # groups whose units keep their places in heads:
+        # label -> (node, refusal) that found them
+        self.rigid: set[int] = set()
         self.modules = dict(model.named_modules())
         self.state = dict(model.state_dict(keep_vars=True))
         self.parent: list[int] = []
@@ -322,7 +325,27 @@ class Tracer:
         if key in _GRAPHS:
             return _GRAPHS[key]
         _propagate_shapes(gm, example_input)
+        tracer = self
+        while True:
+            try:
+                graph = tracer.walk(gm)
+                break
+            except _UnitsInPlace as found:
+                tracer = Tracer(self.model, {**found.reasons, **tracer.in_place})
+        if len(_GRAPHS) >= _GRAPHS_KEPT:
+            del _GRAPHS[next(iter(_GRAPHS))]
+        _GRAPHS[key] = graph
+        return graph
+
+    def walk(self, gm: fx.GraphModule) -> AlignmentGraph:
+        """The graph of the traced ``gm``, node by node. A node that refuses units
+        within heads (slices them, rotates pairs of them, scales them with one table for
+        every head: rotary position embeddings, a per-head norm) raises
+        :class:`_UnitsInPlace`: the walk is then made again with those heads' units kept
+        in place, where they are plain positions and only whole heads move."""
         layouts: dict[fx.Node, object] = {}
+        found: dict[str, tuple[str, str]] = {}  # heads kept in place next time: why
+        guessed: set[fx.Node] = set()  # nodes that depend on a refused node's stand-in
         for node in gm.graph.nodes:
             if node.op == "output":
                 for layout in _output_layouts(node.args[0], layouts):
@@ -331,14 +354,47 @@ class Tracer:
                             self.fix(spec.group)
                             self.outputs.add(spec.group)
                 continue
-            layouts[node] = self.visit(node, layouts)
+            if guessed.intersection(node.all_input_nodes):
+                guessed.add(node)
+            try:
+                layout = self.visit(node, layouts)
+            except UnsupportedModelError as error:
+                specs = [spec for n in node.all_input_nodes for spec in _specs(layouts[n])]
+                heads = {self.find(spec.group) for spec in specs if spec.part == "unit"}
+                if node not in guessed:
+                    if found and not heads:
+                        raise _UnitsInPlace(found) from None
+                    if not heads:
+                        raise self._explained(error, node, specs) from None
+                    found.update((self.labels[g], (node.name, str(error)))
+                                 for g in range(len(self.parent)) if self.find(g) in heads)
+                layout = plain(node)  # a stand-in, to find more such heads in this walk
+                guessed.add(node)
+            layouts[node] = _map_specs(layout, self.keep_in_place) if self.in_place else layout
             if node.op != "get_attr":
                 self.carried.update(spec.group for spec in _specs(layouts[node]))
-        graph = _Finisher(self).graph()
-        if len(_GRAPHS) >= _GRAPHS_KEPT:
-            del _GRAPHS[next(iter(_GRAPHS))]
-        _GRAPHS[key] = graph
-        return graph
+        if found:
+            raise _UnitsInPlace(found)
+        return _Finisher(self).graph()
+
+    def _explained(self, error: UnsupportedModelError, node: fx.Node, specs
+                   ) -> UnsupportedModelError:
+        """``error`` at ``node``, saying why the heads among ``specs`` keep their units in
+        place (when another node made them)."""
+        why = next((self.in_place[self.labels[g]] for spec in specs if spec.part == "block"
+                    for g in range(len(self.parent)) if self.find(g) == self.find(spec.group)
+                    and self.labels[g] in self.in_place), None)
+        if why is None or why[0] == node.name:
+            return error
+        return UnsupportedModelError(f"{error}; the units of those heads keep their places "
+                                     f"(only whole heads move), since {why[1]}")
+
+    def keep_in_place(self, spec: AxisSpec) -> AxisSpec | None:
+        """The units within a head whose places are kept are plain positions (None)."""
+        if spec.part != "unit" or self.labels[spec.group] not in self.in_place:
+            return spec
+        self.rigid.add(spec.group)
+        return None
 
     def visit(self, node: fx.Node, layouts: dict) -> object:
         if node.op == "placeholder":
@@ -466,6 +522,27 @@ def _leaves(value):
 def _specs(value):
     """Every axis spec in a (nested) layout value."""
     return (v for v in _leaves(value) if isinstance(v, AxisSpec))
+
+
+def _map_specs(value, fn):
+    """A (nested) layout value with every axis spec of its tuples, lists and dicts
+    mapped by ``fn`` (stacked and packed layouts hold recurrent units, never heads)."""
+    if isinstance(value, AxisSpec):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_specs(v, fn) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return type(value)(_map_specs(v, fn) for v in value)
+    return value
+
+
+class _UnitsInPlace(Exception):
+    """Nodes refused units within heads: the groups labelled in ``reasons`` keep their
+    units in place (:meth:`Tracer.walk`); ``reasons``: label -> (node, refusal)."""
+
+    def __init__(self, reasons: dict[str, tuple[str, str]]):
+        super().__init__(sorted(reasons))
+        self.reasons = reasons
 
 
 _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")
@@ -632,7 +709,8 @@ class _Finisher:
                 self.canonical[root], "+".join(labels.get(root, [t.labels[root]])),
                 root in self.fixed, count, None if source is None else self.canonical[source],
                 tuple((self.canonical.get(t.find(g)) if g is not None else None, size)
-                      for g, size in parts[root]) if root in parts else None))
+                      for g, size in parts[root]) if root in parts else None,
+                rigid=bool(self.members[root] & t.rigid)))
         tensors = self.tensors()
         sites: dict[int, list[ActivationSite]] = {}
         for g, site in t.sites:

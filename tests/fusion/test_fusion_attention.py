@@ -25,6 +25,8 @@ exact up to float32 summation order); weights 1e-6.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from attention_models import (
@@ -33,7 +35,9 @@ from attention_models import (
     build,
     make_inputs,
     permute,
+    position_buffers,
     relative_difference,
+    shared_by_heads,
 )
 
 EXACT_TOL = 1e-5
@@ -95,12 +99,11 @@ def test_sanity_permuted_copy_computes_the_same_function(name):
     assert_same_layout(permuted, original)
     changed = changed_keys(permuted, original)
     floating = [k for k, t in original.state_dict().items() if t.is_floating_point()]
-    masks = {name for name, _ in original.named_buffers()
-             if name.endswith(("mask", "attn.bias"))}
-    # every tensor moves except the classifier's output bias (classes are not permuted)
-    # and the causal masks (buffers over positions, which are not permuted)
-    assert set(floating) - set(changed) <= {"head.bias"} | masks
-    assert not masks & set(changed)
+    buffers = position_buffers(original)
+    # every tensor moves except the classifier's output bias (classes are not permuted),
+    # the buffers over positions (causal masks, rotary tables) and per-head Q/K norms
+    assert set(floating) - set(changed) <= {"head.bias"} | buffers | shared_by_heads(original)
+    assert not buffers & set(changed)
     assert permuted.training is False
 
 
@@ -176,3 +179,68 @@ def test_align_permuted_copy_gives_back_the_original(name, engine):
         else:
             assert torch.equal(got[key], tensor), key
     assert relative_difference(aligned, original, inputs) <= EXACT_TOL
+
+
+# ---------------------------------------------------------- rotary position embeddings
+
+ROTARY = [pytest.param(name, id=name) for name in MODEL_NAMES if name.startswith("llama")]
+
+
+@pytest.mark.parametrize("name", ROTARY)
+def test_sanity_rotary_embeddings_pair_units_by_place(name):
+    """Q and K sharing one within-head permutation keep plain attention's function, but
+    not under rotary embeddings: their units must stay in place."""
+    generator = torch.Generator().manual_seed(3000)
+    original = build(name, seed=0)
+    inputs = make_inputs(name, generator)
+    wrong = permute(original, generator, broken="rotary")
+    assert relative_difference(wrong, original, inputs) > BROKEN_MIN
+
+
+@pytest.mark.parametrize("name", ROTARY)
+def test_rotary_queries_and_keys_keep_their_units_in_place(name):
+    """The graph keeps the units of Q and K in place within every head, and only them:
+    the values' units, the MLP's and the residual stream's still move."""
+    from otfusion.fusion import build_alignment_graph
+
+    model = build(name)
+    graph = build_alignment_graph(model, make_inputs(name, torch.Generator().manual_seed(0)))
+    rigid = {group.label for group in graph.groups if group.rigid}
+    assert len(rigid) in (2, 4)  # Q and K together, or K following Q's heads
+    assert all(group.blocks == 2 for group in graph.groups if group.rigid)
+    assert all(".attn.q" in label or ".attn.k" in label for label in rigid)
+    assert not any("attn.v" in label for label in rigid)
+
+
+@pytest.mark.parametrize("name", ROTARY)
+def test_align_moves_rotary_heads_back_whole(name, engine):
+    """A copy whose heads are swapped in every layer (Q, K, V rows and the output
+    projection's columns, whole heads) is aligned back onto the original exactly."""
+    from reindex import take
+
+    config, _, align = engine
+    original = build(name, seed=5)
+    swapped = copy.deepcopy(original)
+    size = original.blocks[0].attn.head_dim
+    heads = torch.cat([torch.arange(size, 2 * size), torch.arange(size)])
+    with torch.no_grad():
+        for block in swapped.blocks:
+            for layer in (block.attn.q, block.attn.k, block.attn.v):
+                take(layer.weight, 0, heads)
+            take(block.attn.proj.weight, 1, heads)
+    inputs = make_inputs(name, torch.Generator().manual_seed(5))
+    assert relative_difference(swapped, original, inputs) <= EXACT_TOL
+    assert changed_keys(swapped, original, tol=STATE_TOL)
+    aligned = align(swapped, original, config=config, inputs=inputs)
+    assert not changed_keys(aligned, original, tol=STATE_TOL)
+
+
+def test_rotary_heads_need_one_width_in_every_model(engine):
+    """Units kept in place cannot be matched across heads of different sizes."""
+    config, fuse, _ = engine
+    from attention_models import Llama
+
+    narrow, wide = Llama(dim=8), Llama(dim=12)
+    inputs = make_inputs("llama", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="keeps its units at their places"):
+        fuse([narrow, wide], config=config, inputs=inputs)

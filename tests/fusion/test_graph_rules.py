@@ -269,19 +269,26 @@ def nanogpt_spec(block_sources: bool = True):
     return alignment_spec(axes, follows=follows, blocks=blocks, block_sources=sources)
 
 
-def test_an_explicit_attention_spec_with_block_sources_matches_the_traced_graph():
-    """Value heads that follow the query/key heads (``block_sources``) give the traced
-    fusion exactly; without them the heads of V and Q/K are matched apart."""
+@pytest.mark.parametrize(("name", "spec", "without"), [
+    ("nanogpt", "nanogpt_spec", {"block_sources": False}),
+    ("llama", "llama_spec", {"rigid": False}),
+])
+def test_an_explicit_attention_spec_matches_the_traced_graph(name, spec, without):
+    """Value heads that follow the query/key heads (``block_sources``), and rotary
+    queries and keys whose units keep their places (``rigid``), give the traced fusion
+    exactly; without them the fused model differs (the heads of V and Q/K matched
+    apart; Q/K units matched within heads, which rotary embeddings forbid)."""
     from attention_models import build
 
-    models = [build("nanogpt", seed=s) for s in range(3)]
+    spec = globals()[spec]
+    models = [build(name, seed=s) for s in range(3)]
     tokens = torch.randint(0, 12, (4, 5), generator=torch.Generator().manual_seed(0))
     traced = fuse(models, config=CONFIG, inputs=tokens).state_dict()
-    explicit = fuse(models, config=CONFIG, graph=nanogpt_spec()).state_dict()
-    for name, tensor in traced.items():
-        assert torch.equal(tensor, explicit[name]), name
-    apart = fuse(models, config=CONFIG, graph=nanogpt_spec(block_sources=False)).state_dict()
-    assert any(not torch.equal(tensor, apart[name]) for name, tensor in traced.items())
+    explicit = fuse(models, config=CONFIG, graph=spec()).state_dict()
+    for key, tensor in traced.items():
+        assert torch.equal(tensor, explicit[key]), key
+    other = fuse(models, config=CONFIG, graph=spec(**without)).state_dict()
+    assert any(not torch.equal(tensor, other[key]) for key, tensor in traced.items())
 
 
 @pytest.mark.parametrize(("blocks", "sources", "message"), [
@@ -337,3 +344,38 @@ def test_a_model_that_fails_is_named_without_fx_printing_its_traceback(capfd):
     with pytest.raises(UnsupportedModelError, match="example input of shape"):
         fuse([a, b], config=CONFIG, inputs=torch.randn(4, 6))
     assert capfd.readouterr().err == ""
+
+
+def llama_spec(rigid: bool = True):
+    """The axes of ``tests/attention_models.py``'s Llama (rotary Q/K, SwiGLU, RMSNorm)
+    written as data; ``rigid``: Q/K keep their units in place within heads, as the
+    tracer describes them."""
+    from otfusion.fusion import alignment_spec
+
+    axes = {"tok.weight": (None, "res")}
+    follows, blocks = set(), {}
+    for i in range(2):
+        block = f"blocks.{i}"
+        for name, group in (("q", f"qk{i}"), ("k", f"qk{i}"), ("v", f"vo{i}")):
+            axes[f"{block}.attn.{name}.weight"] = (group, "res")
+        axes[f"{block}.attn.proj.weight"] = ("res", f"vo{i}")
+        for name in ("gate", "up"):
+            axes[f"{block}.mlp.{name}.weight"] = (f"ff{i}", "res")
+        axes[f"{block}.mlp.down.weight"] = ("res", f"ff{i}")
+        for norm in ("ln1", "ln2"):
+            axes[f"{block}.{norm}.weight"] = ("res",)
+            follows.add(f"{block}.{norm}.weight")
+        blocks[f"qk{i}"] = blocks[f"vo{i}"] = 2
+    axes["norm.weight"], axes["head.weight"] = ("res",), ("vocab", "res")
+    follows.add("norm.weight")
+    return alignment_spec(axes, outputs={"vocab"}, follows=follows, blocks=blocks,
+                          block_sources={f"vo{i}": f"qk{i}" for i in range(2)},
+                          rigid={"qk0", "qk1"} if rigid else ())
+
+
+def test_rigid_groups_of_an_explicit_spec_need_blocks():
+    from otfusion.fusion import alignment_spec
+
+    with pytest.raises(ValueError, match=r"groups \['a'\] keep their units' places"):
+        alignment_spec({"fa.weight": ("a", None), "head.weight": ("classes", "a")},
+                       outputs={"classes"}, rigid={"a"})

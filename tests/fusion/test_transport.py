@@ -49,3 +49,44 @@ def test_costs_near_the_float64_limit_and_an_empty_cost():
     cost = np.array([[-1e308, -1e308], [1e308, 1e308]])
     assert sorted(assignment(cost).tolist()) == [0, 1]
     assert assignment(np.zeros((0, 0))).tolist() == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_blocks_whose_units_keep_their_places_are_matched_by_brute_force(seed):
+    """``block_plan(rigid=True)``: every unit goes to the unit at its own place in the
+    matched block, and the blocks are matched to minimise the sum of those pairs' costs
+    (brute force over every order of 3 blocks of 2 units)."""
+    import torch
+
+    from otfusion.fusion.config import TransportConfig
+    from otfusion.fusion.transport import block_plan
+
+    blocks, size = 3, 2
+    n = blocks * size
+    cost = torch.rand(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    plan = block_plan(cost, uniform, uniform, TransportConfig(), blocks, rigid=True)
+
+    def total(order):
+        return sum(float(cost[i * size + u, order[i] * size + u])
+                   for i in range(blocks) for u in range(size))
+
+    best = min(itertools.permutations(range(blocks)), key=total)
+    expected = torch.zeros(n, n, dtype=torch.float64)
+    for i, j in enumerate(best):
+        for u in range(size):
+            expected[i * size + u, j * size + u] = 1.0 / n
+    assert torch.equal(plan, expected)
+
+
+def test_blocks_whose_units_keep_their_places_need_one_size():
+    import torch
+
+    from otfusion.fusion.config import TransportConfig
+    from otfusion.fusion.transport import block_plan
+
+    cost = torch.zeros(4, 6, dtype=torch.float64)
+    with pytest.raises(ValueError, match="blocks of 2 and 3 units"):
+        block_plan(cost, torch.full((4,), 0.25, dtype=torch.float64),
+                   torch.full((6,), 1 / 6, dtype=torch.float64), TransportConfig(), 2,
+                   rigid=True)

@@ -9,7 +9,7 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..layouts import plain, refuse_heads, require_unaligned
 from ..spec import UnsupportedModelError
@@ -33,7 +33,7 @@ ELEMENTWISE_METHODS = (
     "relu", "relu_", "tanh", "sigmoid", "exp", "log", "abs", "sqrt", "rsqrt", "square",
     "neg", "clamp", "clamp_min", "clamp_max", "pow", "erf", "contiguous", "clone", "detach",
     "float", "double", "half", "bfloat16", "to", "type_as", "type", "requires_grad_",
-    "logical_not", "bool", "int", "long",
+    "logical_not", "bool", "int", "long", "sin", "cos",
 )
 
 
@@ -55,7 +55,11 @@ _TENSOR_ARGUMENTS_ALLOWED = {"to", "type_as", "type"}
 @method_rule_for(*ELEMENTWISE_METHODS)
 def elementwise(tracer, call):
     """The input's layout; a second tensor (``h.clamp(min=self.low)``, ``h.pow(self.p)``)
-    is refused, since it would be left unaligned while the units move."""
+    is refused, since it would be left unaligned while the units move. A number raised
+    to a tensor's power (``10.0 ** (torch.arange(0, d, 2) / d)``) takes its layout."""
+    if call.node.target in (operator.pow, torch.pow) and call.node.args \
+            and not isinstance(call.node.args[0], fx.Node):
+        return call.layout(1, "exponent")
     if call.node.target not in _TENSOR_ARGUMENTS_ALLOWED and any(
             size > 1 for shape in call.argument_shapes(1, skip=("input",)) for size in shape):
         raise UnsupportedModelError(

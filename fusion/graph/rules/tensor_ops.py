@@ -29,7 +29,9 @@ def _dims(call, index: int, name: str):
 def unify(tracer, specs, where: str) -> AxisSpec | None:
     """One dimension shared by several tensors (added, concatenated side by side): their
     groups become one; ``"data"`` (an unaligned dimension of size > 1) fixes it, and
-    the dimension stays unaligned."""
+    the dimension stays unaligned. Data that meets the units within heads is refused
+    here, so that the tracer keeps those units in place and the heads still move
+    (:meth:`~..tracer.Tracer.walk`)."""
     grouped = [s for s in specs if isinstance(s, AxisSpec)]
     if not grouped:
         return None
@@ -40,6 +42,8 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
                                         "differently")
         tracer.union(first.group, other.group)
     if "data" in specs:
+        if first.part == "unit":
+            raise UnsupportedModelError(f"{where} combines the units within heads with data")
         tracer.fix(first.group)
         return None
     return replace(first, kind="neuron")
@@ -64,7 +68,8 @@ def _operand_specs(operands, shapes, offset: int):
     return specs
 
 
-_OPERANDS = {torch.where: ("condition", "input", "other"),
+_OPERANDS = {torch.where: ("condition", "input", "other"), torch.polar: ("abs", "angle"),
+             torch.complex: ("real", "imag"),
              torch.masked_fill: ("input", "mask", "value"),
              "masked_fill": ("self", "mask", "value"), "masked_fill_": ("self", "mask", "value")}
 """The tensor operands of the elementwise ops that do not take ``(input, other)``, by
@@ -76,7 +81,8 @@ position and keyword."""
                    torch.mul, torch.div, torch.maximum, torch.minimum, torch.where,
                    torch.masked_fill, operator.eq, operator.ne, operator.lt, operator.le,
                    operator.gt, operator.ge, operator.and_, operator.or_, torch.eq, torch.ne,
-                   torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or)
+                   torch.lt, torch.le, torch.gt, torch.ge, torch.logical_and, torch.logical_or,
+                   torch.polar, torch.complex)
 @method_rule_for("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "masked_fill",
                  "masked_fill_", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
                  "logical_or")
@@ -168,6 +174,22 @@ def reshape(tracer, call):
     return L.reshape(call.layout(), source, result, _where(call), tracer)
 
 
+@function_rule_for(torch.view_as_complex)
+def view_as_complex(tracer, call):
+    """Pairs of entries read as complex numbers (rotary embeddings' ``(..., D / 2, 2)``):
+    the last dimension, of two, is gone, and may hold no aligned unit."""
+    layout = call.layout()
+    L.require_unaligned(tracer, layout, (-1,), _where(call), "reads pairs of aligned units "
+                        "as complex numbers")
+    return layout[:-1]
+
+
+@function_rule_for(torch.view_as_real)
+def view_as_real(tracer, call):
+    """Complex numbers as pairs of real ones, on a new last dimension of two."""
+    return (*call.layout(), None)
+
+
 def _batched(tracer, a, b, size: int, where: str):
     """One batch dimension of a batched product: pairing entry i with entry i ties the
     two sides' couplings, or, for heads of different groups, their head matching."""
@@ -238,6 +260,14 @@ def matmul(tracer, call):
     for index, neuron in ((0, 0), (1, 1)):
         _weight_operand(tracer, call, index, neuron)
     return (*_batch_dims(tracer, call, left, right, None), left[-2], right[-1])
+
+
+@function_rule_for(torch.outer, torch.ger)
+@method_rule_for("outer", "ger")
+def outer(tracer, call):
+    """``torch.outer(a, b)`` (a table of frequencies times positions): entry ``(i, j)``
+    is ``a[i] * b[j]``, so each vector's units stay on their own dimension."""
+    return (call.layout(0)[0], call.layout(1, "vec2")[0])
 
 
 def _weight_node(tracer, call, index: int) -> tuple[str, bool] | None:
