@@ -41,7 +41,7 @@ def model_kwargs(model: str, side: int) -> dict:
     """The zoo model's input size for square one-channel images of ``side`` pixels."""
     if model == "mlp":
         return {"in_features": side * side}
-    if model in ("rnn", "lstm", "gru", "transformer"):
+    if model in ("rnn", "lstm", "gru", "transformer", "llama"):
         return {"input_size": side, "seq_len": side}
     return {"image_size": side}
 

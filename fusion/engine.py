@@ -49,7 +49,7 @@ from .robust import (
     weighted_mean,
 )
 from .screening import screened_out
-from .transport import block_marginal
+from .transport import block_marginal, repeated_plan
 from .validation import (
     all_finite,
     check_models,
@@ -488,6 +488,15 @@ class _GroupSolver:
                 for k, maps in enumerate(self.couplings):
                     maps[group.id] = self.direct_sum(group, k)
                 continue
+            if group.heads_of is not None:
+                self.follow_heads(group)
+                continue
+            if group.repeats is not None:
+                source, count = group.repeats
+                for maps in self.couplings:
+                    maps[group.id] = Coupling.from_plan(repeated_plan(
+                        maps[source].plan, self.groups[source].blocks, count))
+                continue
             points = [self.static_points(group, k) for k in range(len(self.states))]
             if not all(points):
                 raise UnsupportedModelError(
@@ -525,6 +534,16 @@ class _GroupSolver:
             eye = torch.eye(group.blocks, dtype=like.dtype, device=like.device) / group.blocks
             return [eye] * len(self.states)
         return [block_marginal(maps[source].plan, group.blocks) for maps in self.couplings]
+
+    def follow_heads(self, group: Group) -> None:
+        """Values per head move as the heads they belong to (none move if those are
+        fixed)."""
+        heads = self.groups[group.heads_of]
+        if heads.fixed:
+            return
+        for maps in self.couplings:
+            maps[group.id] = Coupling.from_plan(block_marginal(maps[heads.id].plan,
+                                                               heads.blocks))
 
     def direct_sum(self, group: Group, k: int) -> Coupling:
         """Client ``k``'s coupling of a concatenation, from its parts' couplings."""

@@ -80,7 +80,8 @@ def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: Tra
     """OT restricted to plans that move whole blocks of units (``blocks`` contiguous
     blocks on each side) and units within blocks: a two-level problem, solved exactly
     level by level. Every pair of blocks is solved alone (``rigid``: the units keep
-    their places, each unit coupled to the one at its place); the blocks are then
+    their places, each unit coupled to the one at its place, which needs blocks of one
+    size and the same marginals within both); the blocks are then
     matched on those pairs' costs, unless ``block_coupling`` ((blocks, blocks), total
     mass one) prescribes how they are matched."""
     n, m = cost.shape
@@ -116,3 +117,13 @@ def block_marginal(plan: torch.Tensor, blocks: int) -> torch.Tensor:
     """The (blocks, blocks) mass a plan moves between blocks of units."""
     n, m = plan.shape
     return plan.reshape(blocks, n // blocks, blocks, m // blocks).sum(dim=(1, 3))
+
+
+def repeated_plan(plan: torch.Tensor, blocks: int, count: int) -> torch.Tensor:
+    """The plan of ``plan``'s units with each of its ``blocks`` blocks repeated ``count``
+    times in place: repeat ``r`` of block ``i`` is coupled to repeat ``r`` of block ``j``
+    as block ``i`` is to block ``j``."""
+    n, m = plan.shape
+    blocked = plan.reshape(blocks, n // blocks, blocks, m // blocks)
+    same = torch.eye(count, dtype=plan.dtype, device=plan.device) / count
+    return torch.einsum("xayb,rs->xraysb", blocked, same).reshape(n * count, m * count)

@@ -31,6 +31,7 @@ RECIPES = {
     "mobilenet": Recipe(lr=0.02),
     "vit": Recipe(lr=1e-3, optimizer="adam"),
     "transformer": Recipe(lr=1e-3, optimizer="adam"),
+    "llama": Recipe(lr=1e-3, optimizer="adam"),
 }
 
 

@@ -27,6 +27,7 @@ original (``index_select``).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import torch
@@ -254,13 +255,15 @@ class CausalSelfAttention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Q, K and V, each ``(B, heads, T, head_dim)``."""
+        B, T, C = x.shape
+        return tuple(layer(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                     for layer in (self.q, self.k, self.v))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        hd = C // self.n_head
-        q = self.q(x).view(B, T, self.n_head, hd).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_head, hd).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_head, hd).transpose(1, 2)
-        y = self.attend(q, k, v, T)
+        y = self.attend(*self.split_heads(x), T)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.proj(y)
 
@@ -317,8 +320,58 @@ class PackedCausalSelfAttention(nn.Module):
         return self.proj(y)
 
 
+class HeadValuedAttention(CausalSelfAttention):
+    """The attention written out with one learned value per head (``kind``):
+
+    * ``"logit-scale"``: Swin V2's cosine attention with a per-head temperature, a
+      Parameter of shape ``(H, 1, 1)``;
+    * ``"t5-bias"``: T5's relative position bias, an ``nn.Embedding(positions, H)`` read
+      at the distance between positions and added to the scores;
+    * ``"alibi"``: ALiBi's per-head slopes (a persistent buffer) times the distance;
+    * ``"head-gate"``: a sigmoid gate per head computed from the input
+      (``nn.Linear(dim, H)``), scaling each head's output.
+
+    A causal mask buffer is added to the scores."""
+
+    def __init__(self, dim: int, heads: int, kind: str, tokens: int = TOKENS) -> None:
+        super().__init__(dim, heads)
+        self.kind = kind
+        if kind == "logit-scale":
+            self.logit_scale = nn.Parameter(torch.log(1 + 10 * torch.rand(heads, 1, 1)))
+        elif kind == "t5-bias":
+            self.relative = nn.Embedding(2 * tokens - 1, heads)
+        elif kind == "alibi":
+            slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+            self.register_buffer("slopes", slopes * (1 + torch.rand(heads)))
+        else:
+            self.gate = nn.Linear(dim, heads)
+        self.register_buffer("mask", torch.full((tokens, tokens), float("-inf")).triu(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        hd = C // self.n_head
+        q, k, v = self.split_heads(x)
+        positions = torch.arange(T, device=x.device)
+        distance = positions[None, :] - positions[:, None]
+        if self.kind == "logit-scale":
+            scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            scores = scores * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(hd)
+        if self.kind == "t5-bias":
+            scores = scores + self.relative(distance + self.mask.shape[0] - 1).permute(2, 0, 1)
+        elif self.kind == "alibi":
+            scores = scores + self.slopes.view(-1, 1, 1) * -distance.abs()
+        y = (scores + self.mask[:T, :T]).softmax(dim=-1) @ v
+        if self.kind == "head-gate":
+            y = y * torch.sigmoid(self.gate(x)).transpose(1, 2).unsqueeze(-1)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
 _ATTENTION = {"separate": CausalSelfAttention, "packed": PackedCausalSelfAttention,
-              "mask-buffer": MaskedCausalSelfAttention, "tril": TrilCausalSelfAttention}
+              "mask-buffer": MaskedCausalSelfAttention, "tril": TrilCausalSelfAttention,
+              **{kind: functools.partial(HeadValuedAttention, kind=kind)
+                 for kind in ("logit-scale", "t5-bias", "alibi", "head-gate")}}
 
 
 class GPTBlock(nn.Module):
@@ -388,18 +441,24 @@ class RotaryAttention(nn.Module):
     * ``"complex"``: pairs of units as complex numbers (Meta's Llama,
       ``torch.view_as_complex``);
     * ``"gptj"``: interleaved pairs, rotating only the first half of each head (partial
-      rotary, GPT-J and GPT-NeoX).
+      rotary, GPT-J and GPT-NeoX);
+    * ``None``: no rotation.
 
     ``qk_norm``: an RMSNorm over each head's units of Q and K, one weight shared by every
-    head (Qwen3, OLMo 2)."""
+    head (Qwen3, OLMo 2). ``kv_heads`` fewer than ``heads``: grouped-query attention,
+    each key and value head serving ``heads // kv_heads`` query heads, repeated by
+    ``repeat``: ``"expand"`` (Hugging Face's ``repeat_kv``), ``"interleave"``
+    (``repeat_interleave``) or ``"sdpa"`` (``enable_gqa=True``)."""
 
-    def __init__(self, dim: int, heads: int, style: str = "half", qk_norm: bool = False,
-                 tokens: int = TOKENS) -> None:
+    def __init__(self, dim: int, heads: int, style: str | None = "half",
+                 qk_norm: bool = False, tokens: int = TOKENS, kv_heads: int | None = None,
+                 repeat: str = "expand") -> None:
         super().__init__()
         self.n_head, self.head_dim, self.style = heads, dim // heads, style
+        self.n_kv, self.repeat = kv_heads or heads, repeat
         self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
+        self.v = nn.Linear(dim, self.n_kv * self.head_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
@@ -414,6 +473,8 @@ class RotaryAttention(nn.Module):
             self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rotate(self, x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        if self.style is None:
+            return x
         if self.style == "cached":
             return x * self.cos_cached[:T] + _rotate_half(x) * self.sin_cached[:T]
         angles = torch.outer(torch.arange(T, device=x.device).float(), self.inv_freq)
@@ -430,19 +491,32 @@ class RotaryAttention(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)
         return x * emb.cos() + _rotate_half(x) * emb.sin()
 
+    def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
+        """Each key or value head repeated for the query heads it serves."""
+        times = self.n_head // self.n_kv
+        if self.repeat == "interleave":
+            return x.repeat_interleave(times, dim=1)
+        B, _, T, D = x.shape
+        return x[:, :, None, :, :].expand(B, self.n_kv, times, T, D).reshape(
+            B, self.n_head, T, D)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, B, T), self.rotate(k, B, T)
+        grouped = self.n_kv < self.n_head
+        if grouped and self.repeat != "sdpa":
+            k, v = self.repeat_kv(k), self.repeat_kv(v)
         if self.style == "cached":
             scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5 + self.mask[:T, :T]
             y = scores.softmax(dim=-1) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=grouped and self.repeat == "sdpa")
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -502,6 +576,8 @@ _BUILDERS = {
     "nanogpt-packed": lambda: NanoGPT(attention="packed"),
     "nanogpt-sliced": lambda: NanoGPT(attention="mask-buffer", sliced=True),
     "nanogpt-tril": lambda: NanoGPT(attention="tril"),
+    **{f"nanogpt-{kind}": functools.partial(NanoGPT, attention=kind, heads=4)
+       for kind in ("logit-scale", "t5-bias", "alibi", "head-gate")},
     "mha-causal-buffer": lambda: MHAClassifier(causal=True),
     "mha-keywords": lambda: MHAClassifier(keywords=True),
     "tutorial-lm": TutorialLM,
@@ -510,6 +586,11 @@ _BUILDERS = {
     "llama-complex": lambda: Llama(style="complex"),
     "llama-gptj": lambda: Llama(style="gptj"),
     "llama-qk-norm": lambda: Llama(qk_norm=True),
+    "llama-gqa": lambda: Llama(heads=4, kv_heads=2),
+    "llama-gqa-interleave": lambda: Llama(heads=4, kv_heads=2, repeat="interleave"),
+    "llama-gqa-sdpa": lambda: Llama(heads=4, kv_heads=2, repeat="sdpa"),
+    "llama-gqa-cached": lambda: Llama(heads=4, kv_heads=2, style="cached"),
+    "llama-gqa-no-rotary": lambda: Llama(heads=4, kv_heads=2, style=None),
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -558,9 +639,10 @@ BROKEN = ("qk", "layernorm", "heads")
 """Deliberately wrong variants of :func:`permute`, to show that the checks have teeth:
 ``qk``: K gets a within-head permutation different from Q's; ``layernorm``: LayerNorm
 parameters are left unpermuted; ``heads``: V and the output projection's columns use a
-head order different from Q/K's. One more, ``"rotary"``, for the models with rotary
-position embeddings only: Q and K share a within-head permutation, which would keep the
-function without the rotation."""
+head order different from Q/K's. Two more for some models only: ``"rotary"`` (rotary
+position embeddings): Q and K share a within-head permutation, which would keep the
+function without the rotation; ``"per-head"`` (one value per head): the values move in
+another head order than their heads."""
 
 
 
@@ -581,7 +663,7 @@ class Plan:
 
     def __init__(self, generator: torch.Generator, broken: str | None = None, dim: int = DIM,
                  heads: int = HEADS) -> None:
-        if broken not in (None, *BROKEN, "rotary"):
+        if broken not in (None, *BROKEN, "rotary", "per-head"):
             raise ValueError(f"unknown broken variant {broken!r}")
         self.generator = generator
         self.broken = broken
@@ -604,6 +686,9 @@ class Plan:
         broken on purpose) and V/out share another."""
         count, size = self.heads, self.dim // self.heads
         sigma = _perm(count, self.generator)
+        if torch.equal(sigma, torch.arange(count)):
+            sigma = sigma.roll(1)  # the heads always move, so that a wrong order shows
+        self.sigma = sigma.roll(1) if self.broken == "per-head" else sigma
         within_qk = [_perm(size, self.generator) for _ in range(count)]
         if rotary and self.broken != "rotary":
             within_qk = [torch.arange(size)] * count
@@ -622,6 +707,35 @@ class Plan:
             v = index(sigma.roll(1), within_v)
             out = index(sigma, within_v)
         return q, k, v, out
+
+    def grouped_attention(self, attn: nn.Module, rotary: bool) -> None:
+        """Grouped-query attention: the key/value heads move whole (``sigma``); each
+        query head moves with the key/value head it reads, keeping its place among that
+        head's query heads (their order is a symmetry the fusion does not use); the
+        units of a key head and of its query heads share one permutation (none under
+        rotary embeddings), those of a value head and of its query heads' output
+        columns another."""
+        kv, size = attn.n_kv, attn.head_dim
+        times = attn.n_head // kv
+        sigma = _perm(kv, self.generator)
+        if torch.equal(sigma, torch.arange(kv)):
+            sigma = sigma.roll(1)
+        within_qk = [torch.arange(size) if rotary and self.broken != "rotary"
+                     else _perm(size, self.generator) for _ in range(kv)]
+        within_v = [_perm(size, self.generator) for _ in range(kv)]
+        within_k = [w.roll(1) for w in within_qk] if self.broken == "qk" else within_qk
+        order_v = sigma.roll(1) if self.broken == "heads" else sigma
+
+        def heads(order, within, repeat=1):
+            return torch.cat([(order[j] * repeat + r) * size + within[j]
+                              for j in range(kv) for r in range(repeat)])
+
+        for layer, rows in ((attn.q, heads(sigma, within_qk, times)),
+                            (attn.k, heads(sigma, within_k)), (attn.v, heads(order_v, within_v))):
+            _rows(layer, rows)
+            _columns(layer, self.stream)
+        _columns(attn.proj, heads(sigma, within_v, times))
+        _rows(attn.proj, self.stream)
 
     def packed_attention(self, in_weight: torch.Tensor, in_bias: torch.Tensor | None,
                          out_proj: nn.Linear) -> None:
@@ -730,9 +844,24 @@ def _nanogpt(model: NanoGPT, plan: Plan) -> None:
             plan.packed_attention(attn.c_attn.weight, attn.c_attn.bias, attn.proj)
         else:
             plan.separate_attention(attn.q, attn.k, attn.v, attn.proj)
+        if isinstance(attn, HeadValuedAttention):
+            _per_head_values(attn, plan)
         plan.norm(block.ln2)
         plan.mlp(block.mlp.fc1, block.mlp.fc2)
     plan.norm(model.ln_f)
+
+
+def _per_head_values(attn: HeadValuedAttention, plan: Plan) -> None:
+    """One value per head moves with its head (the gate reads the residual stream)."""
+    if attn.kind == "logit-scale":
+        _take(attn.logit_scale, 0, plan.sigma)
+    elif attn.kind == "t5-bias":
+        _take(attn.relative.weight, 1, plan.sigma)
+    elif attn.kind == "alibi":
+        _take(attn.slopes, 0, plan.sigma)
+    else:
+        _rows(attn.gate, plan.sigma)
+        _columns(attn.gate, plan.stream)
 
 
 def _llama(model: Llama, plan: Plan) -> None:
@@ -740,7 +869,10 @@ def _llama(model: Llama, plan: Plan) -> None:
     for block in model.blocks:
         plan.norm(block.ln1)
         attn = block.attn
-        plan.separate_attention(attn.q, attn.k, attn.v, attn.proj, rotary=True)
+        if attn.n_kv < attn.n_head:
+            plan.grouped_attention(attn, rotary=attn.style is not None)
+        else:
+            plan.separate_attention(attn.q, attn.k, attn.v, attn.proj, rotary=True)
         plan.norm(block.ln2)
         plan.swiglu(block.mlp)
     plan.norm(model.norm)
@@ -764,7 +896,9 @@ def permute(model: nn.Module, generator: torch.Generator, broken: str | None = N
     (up to floating point summation order). ``broken`` (one of :data:`BROKEN`) makes a
     deliberately wrong copy instead."""
     permuted = copy.deepcopy(model)
-    plan = Plan(generator, broken)
+    heads = next((m.n_head for m in model.modules() if isinstance(m, CausalSelfAttention)),
+                 HEADS)
+    plan = Plan(generator, broken, heads=heads)
     with torch.no_grad():
         for family, rule in _RULES:
             if isinstance(permuted, family):

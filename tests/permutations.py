@@ -24,6 +24,7 @@ from otfusion.zoo import (
     MLP,
     VGG,
     GRUClassifier,
+    LlamaClassifier,
     LSTMClassifier,
     MobileNetV2,
     ResNet,
@@ -193,6 +194,23 @@ def _transformer(model: ViT | TransformerClassifier, generator: torch.Generator)
     _permute_inputs(model.head, plan.stream)
 
 
+def _llama(model: LlamaClassifier, generator: torch.Generator) -> None:
+    """The residual stream through the embedding, every block's norms, attention and
+    SwiGLU, the final norm and the head's inputs; the key/value heads whole, each with
+    its query heads, units within heads as in ``tests/attention_models.py`` (queries'
+    and keys' in place: rotary embeddings)."""
+    attn = model.blocks[0].attn
+    plan = attention_models.Plan(generator, dim=attn.q.in_features, heads=attn.n_head)
+    _permute_outputs(model.embed, plan.stream)
+    for block in model.blocks:
+        plan.norm(block.attn_norm)
+        plan.grouped_attention(block.attn, rotary=True)
+        plan.norm(block.mlp_norm)
+        plan.swiglu(block.mlp)
+    plan.norm(model.norm)
+    _permute_inputs(model.head, plan.stream)
+
+
 _RULES = (
     (MLP, _mlp),
     (CNN, _cnn),
@@ -201,6 +219,7 @@ _RULES = (
     (MobileNetV2, _mobilenet),
     ((RNNClassifier, LSTMClassifier, GRUClassifier), _recurrent),
     ((ViT, TransformerClassifier), _transformer),
+    (LlamaClassifier, _llama),
 )
 
 
@@ -235,20 +254,22 @@ def model_and_permuted_copies(name: str, kwargs: dict, count: int,
 
 def randomize_batchnorm_stats(model: nn.Module, generator: torch.Generator) -> nn.Module:
     """Random running statistics and affine parameters for every BatchNorm, random
-    affine parameters for every GroupNorm and LayerNorm, and random values for any other
+    affine parameters for every GroupNorm, LayerNorm and RMSNorm, and random values for any other
     all-zero parameter (attention biases, a class token), in place.
 
-    Fresh BatchNorms have mean 0 / var 1 / weight 1 / bias 0 (GroupNorms and LayerNorms
-    weight 1 / bias 0), which a wrong permutation leaves unchanged; random values make
+    Fresh BatchNorms have mean 0 / var 1 / weight 1 / bias 0 (GroupNorms, LayerNorms and
+    RMSNorms weight 1 / bias 0), which a wrong permutation leaves unchanged; random values make
     every entry matter. Returns ``model``.
     """
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.GroupNorm | nn.LayerNorm) and module.weight is not None:
+            norm = isinstance(module, nn.GroupNorm | nn.LayerNorm | nn.RMSNorm)
+            if norm and module.weight is not None:
                 shape, dtype = module.weight.shape, module.weight.dtype
                 module.weight.copy_((1.0 + 0.3 * torch.randn(shape, generator=generator)).to(
                     dtype))
-                module.bias.copy_((0.3 * torch.randn(shape, generator=generator)).to(dtype))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_((0.3 * torch.randn(shape, generator=generator)).to(dtype))
                 continue
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 n = module.num_features

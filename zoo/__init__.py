@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .cnn import CNN
+from .llama import LlamaClassifier
 from .mlp import MLP
 from .mobilenet import InvertedResidual, MobileNetV2
 from .recurrent import GRUClassifier, LSTMClassifier, RNNClassifier
@@ -36,6 +37,7 @@ __all__ = [
     "GRUClassifier",
     "InvertedResidual",
     "LSTMClassifier",
+    "LlamaClassifier",
     "MobileNetV2",
     "RNNClassifier",
     "ResNet",
@@ -58,6 +60,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "gru": GRUClassifier,
     "vit": ViT,
     "transformer": TransformerClassifier,
+    "llama": LlamaClassifier,
 }
 
 

@@ -28,7 +28,8 @@ from .spec import AlignmentGraph, AxisSpec, Group, TensorSpec
 def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable[str] = (),
                    follows: Iterable[str] = (), blocks: Mapping[str, int] | None = None,
                    block_sources: Mapping[str, str] | None = None,
-                   rigid: Iterable[str] = ()) -> AlignmentGraph:
+                   rigid: Iterable[str] = (),
+                   heads_of: Mapping[str, str] | None = None) -> AlignmentGraph:
     """The graph of ``axes`` (state_dict name -> one label or None per axis).
 
     ``outputs``: groups that are the model's outputs (classes), never permuted.
@@ -43,9 +44,12 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
     label of the group they follow, both in ``blocks`` with the same count.
     ``rigid``: groups in ``blocks`` whose units keep their places within their block
     (queries and keys under rotary position embeddings): only whole blocks move.
+    ``heads_of``: groups that hold one value per block of another group in ``blocks`` (a
+    bias, slope, temperature or gate per attention head): label -> label of that group.
     """
     blocks, block_sources = dict(blocks or {}), dict(block_sources or {})
-    follows, outputs, rigid = set(follows), set(outputs), set(rigid)
+    follows, outputs, rigid, heads_of = set(follows), set(outputs), set(rigid), dict(
+        heads_of or {})
     order: list[str] = []
     for labels in axes.values():
         own = next((label for label in labels if label is not None), None)
@@ -54,13 +58,23 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
     for labels in axes.values():
         order.extend(label for label in labels if label is not None and label not in order)
     unknown = (outputs | set(blocks) | set(block_sources) | set(block_sources.values())
-               ) - set(order)
+               | set(heads_of) | set(heads_of.values())) - set(order)
     if unknown:
         raise ValueError(f"alignment spec: groups {sorted(unknown)} label no axis")
-    unblocked = sorted(label for label in rigid if blocks.get(label, 1) == 1)
+    unblocked = sorted(label for label in rigid | set(heads_of.values())
+                       if blocks.get(label, 1) == 1)
     if unblocked:
         raise ValueError(f"alignment spec: groups {unblocked} keep their units' places "
-                         "within blocks (rigid=), but have no blocks= (> 1)")
+                         "within blocks (rigid=) or have values per block (heads_of=), "
+                         "but have no blocks= (> 1)")
+    linked = [*block_sources.items(), *heads_of.items()]
+    half_fixed = sorted({pair for pair in linked if (pair[0] in outputs) != (pair[1] in outputs)})
+    if half_fixed:
+        raise ValueError(f"alignment spec: groups {list(half_fixed[0])} move their blocks "
+                         "together (block_sources= or heads_of=), but only one of them is in "
+                         "outputs=, which keeps it as it is")
+    order = [label for label in order if label not in heads_of] + [
+        label for label in order if label in heads_of]  # derived from their heads
     for label, source in block_sources.items():
         if blocks.get(label, 1) == 1 or blocks.get(label) != blocks.get(source):
             raise ValueError(
@@ -79,6 +93,7 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
             ids[label], "neuron" if i == own else "input") for i, label in enumerate(labels))
         tensors[name] = TensorSpec(name, specs, own is not None and name not in follows)
     groups = tuple(Group(ids[label], label, label in outputs, blocks.get(label, 1),
-                         ids.get(block_sources.get(label)), rigid=label in rigid)
+                         ids.get(block_sources.get(label)), rigid=label in rigid,
+                         heads_of=ids.get(heads_of.get(label)))
                    for label in order)
     return AlignmentGraph(groups, tensors, {}, frozenset(ids[label] for label in outputs))

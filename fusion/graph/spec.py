@@ -96,7 +96,13 @@ class Group:
     ``None`` part is unaligned data, coupled by the identity), never solved itself.
     ``rigid``: the units keep their places within their block and only whole blocks
     move (the queries and keys of attention heads under rotary position embeddings,
-    which pair units by their place in the head).
+    which pair units by their place in the head). ``heads_of``: the group holds one
+    value per block (head) of that group (a per-head bias, slope, temperature or gate);
+    its coupling is that group's coupling of whole blocks, never solved itself.
+    ``repeats``: ``(group, count)``: the units are that group's, each block (head)
+    repeated ``count`` times in place (grouped-query attention's key and value heads,
+    each serving ``count`` query heads); its coupling repeats that group's, never solved
+    itself.
     """
 
     id: int
@@ -106,6 +112,8 @@ class Group:
     block_source: int | None = None
     parts: tuple[tuple[int | None, int], ...] | None = None
     rigid: bool = False
+    heads_of: int | None = None
+    repeats: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,8 @@ class AlignmentGraph:
                         f"{widths[a.group]} but '{spec.name}' axis {axis} implies {width}"
                     )
         for group in self.groups:
+            if group.repeats is not None and group.repeats[0] in widths:  # may hold no tensor
+                widths.setdefault(group.id, widths[group.repeats[0]] * group.repeats[1])
             if group.parts is not None:
                 total = sum(size if g is None else widths.get(g, 0) for g, size in group.parts)
                 if widths.setdefault(group.id, total) != total:
@@ -193,6 +203,9 @@ class AlignmentGraph:
                 (f"{group.blocks} blocks", group.blocks > 1),
                 (f"blocks follow group {group.block_source}", group.block_source is not None),
                 ("units keep their places in blocks", group.rigid),
+                (f"one per block of group {group.heads_of}", group.heads_of is not None),
+                (f"blocks of group {(group.repeats or (0, 0))[0]} repeated "
+                 f"{(group.repeats or (0, 0))[1]} times", group.repeats is not None),
                 ("concatenation of " + " ++ ".join(
                     "data" if g is None else f"group {g}" for g, _ in group.parts or ()),
                  group.parts is not None),

@@ -105,9 +105,9 @@ class Tracer:
 
     def __init__(self, model: nn.Module, in_place: dict[str, tuple[str, str]] | None = None):
         self.model = model
-        self.in_place = in_place or {}  # groups whose units keep their places in heads:
-        # label -> (node, refusal) that found them
-        self.rigid: set[int] = set()
+        self.in_place = dict(in_place or {})  # groups whose units keep their places in
+        # heads: label -> (node, refusal) that found them
+        self.rigid: set[int] = set()  # the groups whose units within heads were made plain
         self.modules = dict(model.named_modules())
         self.state = dict(model.state_dict(keep_vars=True))
         self.parent: list[int] = []
@@ -116,6 +116,8 @@ class Tracer:
         self.fixed: set[int] = set()
         self.outputs: set[int] = set()
         self.blocks: dict[int, tuple[int, int | None, str]] = {}
+        self.values_per_head: list[tuple[int, int, str]] = []
+        self.repeats: dict[int, tuple[int, int, str]] = {}
         self.parts: dict[int, tuple[tuple[int | None, int], ...]] = {}
         self.uses: dict[int, list[tuple[str, tuple, bool]]] = {}
         self.grouped: dict[int, int] = {}
@@ -180,6 +182,32 @@ class Tracer:
         """``group``'s coupling may only move whole blocks (and units within them)."""
         if blocks > 1:
             self.blocks[group] = _merge_blocks(self.blocks.get(group), (blocks, source, where))
+
+    def per_head(self, group: int, heads: int, where: str) -> None:
+        """``group``'s units are one value per head of the group ``heads`` (a per-head
+        bias, slope, temperature or gate): they move as its heads move."""
+        self.values_per_head.append((group, heads, where))
+
+    def repeat_heads(self, layout: Layout, dim: int, heads: int, count: int,
+                     where: str) -> Layout:
+        """``layout`` with its ``heads`` heads on ``dim`` each repeated ``count`` times in
+        place (the key and value heads of grouped-query attention, each serving ``count``
+        query heads): they and their units become a new group, whose coupling repeats
+        theirs."""
+        spec = layout[dim]
+        if spec is None or spec.part != "block":
+            raise UnsupportedModelError(f"{where} repeats entries along aligned units, "
+                                        "which is supported only for whole heads")
+        root = self.find(spec.group)
+        group = self.new_group(f"{self.labels[spec.group]}*{count}")
+        self.repeats[group] = (spec.group, count, where)
+        self.constrain_blocks(group, heads * count, where)
+        return tuple(replace(s, group=group) if s is not None and self.find(s.group) == root
+                     else s for s in layout)
+
+    def repeated(self, group: int) -> bool:
+        """Whether ``group``'s heads are repeated ones (:meth:`repeat_heads`)."""
+        return any(self.find(g) == self.find(group) for g in self.repeats)
 
     def heads(self, group: int, count: int, where: str) -> None:
         """``group`` is split into ``count`` heads: couplings move whole heads."""
@@ -338,14 +366,10 @@ class Tracer:
         return graph
 
     def walk(self, gm: fx.GraphModule) -> AlignmentGraph:
-        """The graph of the traced ``gm``, node by node. A node that refuses units
-        within heads (slices them, rotates pairs of them, scales them with one table for
-        every head: rotary position embeddings, a per-head norm) raises
-        :class:`_UnitsInPlace`: the walk is then made again with those heads' units kept
-        in place, where they are plain positions and only whole heads move."""
+        """The graph of the traced ``gm``, node by node (:meth:`visit_keeping_heads`)."""
         layouts: dict[fx.Node, object] = {}
-        found: dict[str, tuple[str, str]] = {}  # heads kept in place next time: why
-        guessed: set[fx.Node] = set()  # nodes that depend on a refused node's stand-in
+        found: dict[str, tuple[str, str]] = {}  # heads kept in place in this walk: why
+        with_units: list[fx.Node] = []  # the nodes whose layouts hold units within heads
         for node in gm.graph.nodes:
             if node.op == "output":
                 for layout in _output_layouts(node.args[0], layouts):
@@ -354,38 +378,56 @@ class Tracer:
                             self.fix(spec.group)
                             self.outputs.add(spec.group)
                 continue
-            if guessed.intersection(node.all_input_nodes):
-                guessed.add(node)
-            try:
-                layout = self.visit(node, layouts)
-            except UnsupportedModelError as error:
-                specs = [spec for n in node.all_input_nodes for spec in _specs(layouts[n])]
-                heads = {self.find(spec.group) for spec in specs if spec.part == "unit"}
-                if node not in guessed:
-                    if found and not heads:
-                        raise _UnitsInPlace(found) from None
-                    if not heads:
-                        raise self._explained(error, node, specs) from None
-                    found.update((self.labels[g], (node.name, str(error)))
-                                 for g in range(len(self.parent)) if self.find(g) in heads)
-                layout = plain(node)  # a stand-in, to find more such heads in this walk
-                guessed.add(node)
+            layout = self.visit_keeping_heads(node, layouts, found, with_units)
             layouts[node] = _map_specs(layout, self.keep_in_place) if self.in_place else layout
+            if any(spec.part == "unit" for spec in _specs(layouts[node])):
+                with_units.append(node)
             if node.op != "get_attr":
                 self.carried.update(spec.group for spec in _specs(layouts[node]))
         if found:
             raise _UnitsInPlace(found)
         return _Finisher(self).graph()
 
+    def visit_keeping_heads(self, node: fx.Node, layouts: dict, found: dict,
+                            with_units: list[fx.Node]) -> object:
+        """``node``'s layout. The units within heads that it refuses (it slices them,
+        rotates pairs of them, scales them with one table for every head: rotary position
+        embeddings, a per-head norm; or any refusal among whose inputs they are) are kept
+        in place: plain positions, so that only whole heads move. They are recorded in
+        ``found``, the layouts met so far (of the nodes ``with_units``) are made so, and
+        the node is visited again.
+        The walk goes on, to find every such head, and ends with :class:`_UnitsInPlace`,
+        to be made again from the start with all of them in place; a refusal of
+        anything else after one was found ends it at once."""
+        while True:
+            try:
+                return self.visit(node, layouts)
+            except UnsupportedModelError as error:
+                specs = [spec for n in node.all_input_nodes for spec in _specs(layouts[n])]
+                heads = {self.find(spec.group) for spec in specs if spec.part == "unit"}
+                if not heads:
+                    if found:  # perhaps a consequence of the heads just kept in place
+                        raise _UnitsInPlace(found) from None
+                    raise self._explained(error, node, specs) from None
+                new = {self.labels[g]: (node.name, str(error))
+                       for g in range(len(self.parent)) if self.find(g) in heads}
+                found.update(new)
+                self.in_place.update(new)
+                for n in with_units:
+                    layouts[n] = _map_specs(layouts[n], self.keep_in_place)
+
     def _explained(self, error: UnsupportedModelError, node: fx.Node, specs
                    ) -> UnsupportedModelError:
         """``error`` at ``node``, saying why the heads among ``specs`` keep their units in
-        place (when another node made them)."""
+        place; the first refusal, if ``node`` made them (keeping them in place did not
+        help)."""
         why = next((self.in_place[self.labels[g]] for spec in specs if spec.part == "block"
                     for g in range(len(self.parent)) if self.find(g) == self.find(spec.group)
                     and self.labels[g] in self.in_place), None)
-        if why is None or why[0] == node.name:
+        if why is None:
             return error
+        if why[0] == node.name:
+            return UnsupportedModelError(why[1])
         return UnsupportedModelError(f"{error}; the units of those heads keep their places "
                                      f"(only whole heads move), since {why[1]}")
 
@@ -393,7 +435,8 @@ class Tracer:
         """The units within a head whose places are kept are plain positions (None)."""
         if spec.part != "unit" or self.labels[spec.group] not in self.in_place:
             return spec
-        self.rigid.add(spec.group)
+        # a packed group's units are its pieces' (Q and K viewed (B, T, 2, H, D))
+        self.rigid.update(self.split_groups.get(spec.group, [spec.group]))
         return None
 
     def visit(self, node: fx.Node, layouts: dict) -> object:
@@ -620,13 +663,27 @@ class _Finisher:
     def __init__(self, tracer: Tracer):
         self.t = tracer
         find = tracer.find
+        derived = {find(g): find(source) for g, (source, _, _) in tracer.repeats.items()}
+        for g, heads, _ in tracer.values_per_head:
+            derived.setdefault(find(g), find(heads))
+        self.per_head = {find(g) for g, _, _ in tracer.values_per_head}
         active = {find(g) for g in range(len(tracer.parent)) if g not in tracer.passive}
+        active |= self.per_head
         self.members: dict[int, set[int]] = {}  # the groups merged into each root
         for g in range(len(tracer.parent)):
             self.members.setdefault(find(g), set()).add(g)
         roots = set(self.members) - set(tracer.split_groups)
         stateful = {find(g) for g in range(len(tracer.parent)) if g not in tracer.opaque_groups}
-        self.roots = sorted(roots & stateful)  # an opaque tensor's own axes: no width
+
+        def order(root: int, seen: tuple = ()) -> tuple:
+            """Groups in creation order, but repeated heads and values per head right
+            after the heads they are derived from."""
+            if root not in derived or root in seen:
+                return (root,)
+            return (*order(derived[root], (*seen, root)), 1, root)
+
+        self.roots = sorted(roots & stateful, key=order)  # an opaque tensor's own axes:
+        # no width
         parts = {find(g): [find(p) for p, _ in value if p is not None]
                  for g, value in tracer.parts.items()}
         explicit = _with_parts({find(g) for g in tracer.fixed}, parts)
@@ -668,6 +725,78 @@ class _Finisher:
                     "weight computed in forward as in F.linear(x, self.w * self.scale)), "
                     "cannot be aligned")
 
+    def _heads_of(self, blocks: dict, parts: dict) -> dict[int, int]:
+        """Per group of values per head, the heads it follows. Values met by the heads of
+        two groups (one table for every layer) make the later group's blocks follow the
+        earlier's (:meth:`_repeats` then matches repeated heads through what they
+        repeat)."""
+        t, find = self.t, self.t.find
+        heads_of: dict[int, int] = {}
+        for group, heads, where in t.values_per_head:
+            root, source = find(group), find(heads)
+            if root in blocks or root in parts:
+                raise UnsupportedModelError(
+                    f"{where}: '{t.labels[root]}' holds one value per head, and also meets "
+                    "other heads or a concatenation, which is not supported")
+            earlier = heads_of.setdefault(root, source)
+            if earlier != source:
+                first, later = sorted((earlier, source))
+                heads_of[root] = first
+                blocks[later] = _merge_blocks(blocks.get(later), (blocks[first][0], first, where))
+        return heads_of
+
+    def _repeats(self, blocks: dict, parts: dict) -> dict[int, tuple[int, int]]:
+        """Per group of repeated heads, the group it repeats and how many times. Repeated
+        heads matched to other repeated heads (the values' to the queries' and keys') are
+        matched through the heads they repeat."""
+        t, find = self.t, self.t.find
+        repeats: dict[int, tuple[int, int]] = {}
+        for group, (source, count, where) in t.repeats.items():
+            root, origin = find(group), (find(source), count)
+            if root in parts or repeats.setdefault(root, origin) != origin:
+                raise UnsupportedModelError(f"{where}: '{t.labels[root]}' repeats heads, and "
+                                            "also other heads or a concatenation, which is "
+                                            "not supported")
+        for root, (origin, _) in repeats.items():
+            if origin in repeats:
+                raise UnsupportedModelError(f"'{t.labels[root]}' repeats heads that are "
+                                            "themselves repeated, which is not supported")
+        for root, (origin, count) in repeats.items():
+            _, leader, where = blocks[root]
+            if leader is None:
+                continue
+            if leader not in repeats or repeats[leader][1] != count:
+                raise UnsupportedModelError(f"{where}: repeated heads are matched to heads "
+                                            "that are not repeated alike, which is not supported")
+            blocks[origin] = _merge_blocks(blocks.get(origin), (
+                blocks[origin][0], repeats[leader][0], where))
+            blocks[root] = (blocks[root][0], None, where)
+        for root, (_, leader, where) in blocks.items():
+            if leader in repeats or leader is not None and root in repeats:
+                raise UnsupportedModelError(f"{where}: heads are matched to repeated heads, "
+                                            "which is not supported")
+        return repeats
+
+    def _fix_linked(self, blocks: dict, heads_of: dict[int, int], parts: dict,
+                    repeats: dict[int, tuple[int, int]]) -> None:
+        """Groups whose heads move as one another's (a block source and the groups that
+        follow it, heads and their values, heads and their repeats) are fixed together:
+        one kept as it is (met by data, returned by the model) keeps the heads of the
+        others where they are."""
+        links: dict[int, set[int]] = {}
+        pairs = [*((root, value[1]) for root, value in blocks.items() if value[1] is not None),
+                 *heads_of.items(), *((root, origin) for root, (origin, _) in repeats.items())]
+        for a, b in pairs:
+            links.setdefault(a, set()).add(b)
+            links.setdefault(b, set()).add(a)
+        members = {root: [self.t.find(p) for p, _ in value if p is not None]
+                   for root, value in parts.items()}
+        fixed = set()
+        while fixed != self.fixed:
+            fixed = set(self.fixed)
+            self.fixed = _with_parts(fixed | {b for a in fixed for b in links.get(a, ())},
+                                     members)
+
     def canon(self, spec: AxisSpec | None) -> AxisSpec | None:
         if spec is None:
             return None
@@ -692,6 +821,16 @@ class _Finisher:
             raise UnsupportedModelError("two concatenations are added or otherwise combined "
                                         "unit by unit, which is not supported")
         _blocks_to_parts(t, blocks, parts)
+        heads_of = self._heads_of(blocks, parts)
+        repeats = self._repeats(blocks, parts)
+        self._fix_linked(blocks, heads_of, parts, repeats)
+        rigid = {t.find(g) for g in t.rigid}
+        rigid |= {origin for root, (origin, _) in repeats.items() if root in rigid}
+        for root in rigid - self.fixed:
+            if root in parts or blocks.get(root, (1,))[0] == 1:
+                raise UnsupportedModelError(
+                    f"'{t.labels[root]}' keeps its units in place within heads, but is a "
+                    "concatenation or has no heads, which is not supported")
         for root in parts:
             members = [g for g in range(len(t.parent)) if t.find(g) == root
                        and g not in t.passive and g not in t.parts]
@@ -710,7 +849,9 @@ class _Finisher:
                 root in self.fixed, count, None if source is None else self.canonical[source],
                 tuple((self.canonical.get(t.find(g)) if g is not None else None, size)
                       for g, size in parts[root]) if root in parts else None,
-                rigid=bool(self.members[root] & t.rigid)))
+                rigid=root in rigid, heads_of=self.canonical.get(heads_of.get(root)),
+                repeats=(self.canonical[repeats[root][0]], repeats[root][1])
+                if root in repeats else None))
         tensors = self.tensors()
         sites: dict[int, list[ActivationSite]] = {}
         for g, site in t.sites:

@@ -113,11 +113,19 @@ def test_sanity_permuted_copies_differ_from_each_other(name):
     assert changed_keys(first, second)
 
 
-@pytest.mark.parametrize("broken", BROKEN)
-@pytest.mark.parametrize("name", MODELS)
+_PER_HEAD_KINDS = ("logit-scale", "t5-bias", "alibi", "head-gate")
+ROTARY = [name for name in MODEL_NAMES if name.startswith("llama") and "no-rotary" not in name]
+PER_HEAD = [name for name in MODEL_NAMES if name.removeprefix("nanogpt-") in _PER_HEAD_KINDS]
+
+
+@pytest.mark.parametrize(("name", "broken"), [
+    *((name, broken) for name in MODEL_NAMES for broken in BROKEN),
+    *((name, "rotary") for name in ROTARY), *((name, "per-head") for name in PER_HEAD)])
 def test_sanity_broken_permutation_changes_the_function(name, broken):
     """The output check has teeth: coupling K differently from Q, leaving the LayerNorms
-    unpermuted, or giving V another head order all change the outputs."""
+    unpermuted, or giving V another head order all change the outputs; so do Q and K
+    sharing a within-head permutation under rotary embeddings (their units must stay in
+    place) and values per head moved in another order than their heads."""
     generator = torch.Generator().manual_seed(3000)
     original = build(name, seed=0)
     inputs = make_inputs(name, generator)
@@ -183,20 +191,6 @@ def test_align_permuted_copy_gives_back_the_original(name, engine):
 
 # ---------------------------------------------------------- rotary position embeddings
 
-ROTARY = [pytest.param(name, id=name) for name in MODEL_NAMES if name.startswith("llama")]
-
-
-@pytest.mark.parametrize("name", ROTARY)
-def test_sanity_rotary_embeddings_pair_units_by_place(name):
-    """Q and K sharing one within-head permutation keep plain attention's function, but
-    not under rotary embeddings: their units must stay in place."""
-    generator = torch.Generator().manual_seed(3000)
-    original = build(name, seed=0)
-    inputs = make_inputs(name, generator)
-    wrong = permute(original, generator, broken="rotary")
-    assert relative_difference(wrong, original, inputs) > BROKEN_MIN
-
-
 @pytest.mark.parametrize("name", ROTARY)
 def test_rotary_queries_and_keys_keep_their_units_in_place(name):
     """The graph keeps the units of Q and K in place within every head, and only them:
@@ -206,13 +200,13 @@ def test_rotary_queries_and_keys_keep_their_units_in_place(name):
     model = build(name)
     graph = build_alignment_graph(model, make_inputs(name, torch.Generator().manual_seed(0)))
     rigid = {group.label for group in graph.groups if group.rigid}
-    assert len(rigid) in (2, 4)  # Q and K together, or K following Q's heads
-    assert all(group.blocks == 2 for group in graph.groups if group.rigid)
+    assert len(rigid) in (2, 4)  # Q and K together, K following Q's heads, or repeated
+    assert all(group.blocks > 1 for group in graph.groups if group.rigid)
     assert all(".attn.q" in label or ".attn.k" in label for label in rigid)
     assert not any("attn.v" in label for label in rigid)
 
 
-@pytest.mark.parametrize("name", ROTARY)
+@pytest.mark.parametrize("name", [name for name in ROTARY if "gqa" not in name])
 def test_align_moves_rotary_heads_back_whole(name, engine):
     """A copy whose heads are swapped in every layer (Q, K, V rows and the output
     projection's columns, whole heads) is aligned back onto the original exactly."""
@@ -235,6 +229,27 @@ def test_align_moves_rotary_heads_back_whole(name, engine):
     assert not changed_keys(aligned, original, tol=STATE_TOL)
 
 
+@pytest.mark.parametrize("name", [name for name in MODEL_NAMES if "gqa" in name])
+def test_grouped_query_heads_repeat_the_key_and_value_heads(name):
+    """Under grouped-query attention, the query heads and the repeated key heads are one
+    group whose coupling repeats the key heads' (never solved itself), and so are the
+    repeated value heads, which the output projection reads; the value heads follow the
+    key heads."""
+    from otfusion.fusion import build_alignment_graph
+
+    model = build(name)
+    graph = build_alignment_graph(model, make_inputs(name, torch.Generator().manual_seed(0)))
+    groups = graph.groups_by_id
+    repeated = {groups[group.repeats[0]].label: group for group in graph.groups
+                if group.repeats is not None}
+    for i in range(2):
+        keys, values = repeated[f"blocks.{i}.attn.k"], repeated[f"blocks.{i}.attn.v"]
+        assert keys.repeats[1] == values.repeats[1] == 2
+        assert keys.blocks == values.blocks == 4
+        assert keys.label.startswith(f"blocks.{i}.attn.q")
+        assert groups[groups[values.repeats[0]].block_source].label == f"blocks.{i}.attn.k"
+
+
 def test_rotary_heads_need_one_width_in_every_model(engine):
     """Units kept in place cannot be matched across heads of different sizes."""
     config, fuse, _ = engine
@@ -244,3 +259,22 @@ def test_rotary_heads_need_one_width_in_every_model(engine):
     inputs = make_inputs("llama", torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="keeps its units at their places"):
         fuse([narrow, wide], config=config, inputs=inputs)
+
+
+# ------------------------------------------------------------------ one value per head
+
+@pytest.mark.parametrize("name", PER_HEAD)
+def test_values_per_head_follow_the_heads_they_meet(name):
+    """A temperature, bias or slopes per head follow the query/key heads whose scores
+    they meet; a gate per head, the value heads whose outputs it scales."""
+    from otfusion.fusion import build_alignment_graph
+
+    model = build(name)
+    graph = build_alignment_graph(model, make_inputs(name, torch.Generator().manual_seed(0)))
+    groups = graph.groups_by_id
+    followers = [group for group in graph.groups if group.heads_of is not None]
+    assert len(followers) == 2  # one per layer
+    for group in followers:
+        heads = groups[group.heads_of]
+        assert heads.blocks == 4
+        assert (".attn.v" in heads.label) == name.endswith("head-gate"), heads.label

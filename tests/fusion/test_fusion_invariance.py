@@ -45,6 +45,7 @@ VARIANTS: dict[str, tuple[dict, ...]] = {
     "mobilenet": ({"width_multiplier": 0.5, "expansion": 2},),
     "vit": ({"dim": 8, "heads": 2, "hidden": 12, "patch": 4},),
     "transformer": ({"dim": 8, "heads": 2, "hidden": 12},),
+    "llama": ({"dim": 8, "heads": 4, "kv_heads": 2, "hidden": 12},),
     "rnn": _RECURRENT,
     "lstm": _RECURRENT,
     "gru": _RECURRENT,

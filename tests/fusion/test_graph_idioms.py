@@ -20,7 +20,13 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import PackedSequence
 
-from otfusion.fusion import FusionConfig, UnsupportedModelError, align, fuse
+from otfusion.fusion import (
+    FusionConfig,
+    UnsupportedModelError,
+    align,
+    build_alignment_graph,
+    fuse,
+)
 from otfusion.fusion.graph import tracer
 
 EXACT = FusionConfig.from_options(distill_steps=0)
@@ -1321,13 +1327,15 @@ _SDPA_MASKS = {
     "none, every argument by keyword": lambda: None,
     "per head": lambda: torch.stack([torch.zeros(_T, _T), torch.randn(_T, _T)]),
     "per head, 4-D": lambda: torch.randn(1, 2, _T, _T),
+    "per head, from data": lambda: None,
 }
 
 
 class MaskedAttention(nn.Module):
     """``F.scaled_dot_product_attention`` over two heads of four units, with a mask from
-    ``_SDPA_MASKS``; a mask per head (ALiBi's) stayed where it was while the alignment
-    moved the heads (d = 0.43 of the output)."""
+    ``_SDPA_MASKS`` (a buffer); a mask per head (ALiBi's) moves with the heads (it once
+    stayed where it was while the alignment moved the heads, d = 0.43 of the output);
+    ``"per head, from data"`` is made in ``forward`` from positions alone."""
 
     def __init__(self, mask: str = "none"):
         super().__init__()
@@ -1341,6 +1349,9 @@ class MaskedAttention(nn.Module):
         q, k, v = self.qkv(h).chunk(3, dim=-1)
         q, k, v = (t.view(x.shape[0], _T, 2, 4).transpose(1, 2) for t in (q, k, v))
         mask = self.mask if self.kind != "padding" else (x[:, None, None, :, 0] > -1)
+        if self.kind == "per head, from data":
+            distance = torch.arange(_T, device=x.device).float()
+            mask = -torch.arange(1, 3, device=x.device)[:, None, None] * distance.abs()
         if self.kind.endswith("keyword"):  # crashed once
             o = F.scaled_dot_product_attention(query=q, key=k, value=v)
         else:
@@ -1359,22 +1370,260 @@ def _permute_masked_attention(model: MaskedAttention, generator: torch.Generator
     _columns(model.proj, p)
     _rows(model.proj, r)
     _columns(model.head, r)
+    if model.mask is not None and model.mask.dim() >= 3:  # a mask per head moves with it
+        with torch.no_grad():
+            model.mask.copy_(model.mask.index_select(-3, p.view(2, 4)[:, 0] // 4))
     return model
 
 
 @pytest.mark.parametrize("mask", ["none", "shared", "padding",
-                                  "none, every argument by keyword"])
-def test_an_attention_mask_shared_by_heads_keeps_the_function(mask):
+                                  "none, every argument by keyword", "per head",
+                                  "per head, 4-D"])
+def test_an_attention_mask_keeps_the_function(mask):
     x = torch.randn(16, _T, 6)
     model, other = (_built(lambda: MaskedAttention(mask), seed) for seed in (0, 1))
     _aligns_and_fuses_exactly(model, other, _permute_masked_attention, x, 4)
 
 
-@pytest.mark.parametrize("mask", ["per head", "per head, 4-D"])
-def test_an_attention_mask_per_head_is_refused(mask):
+class SharedSlopes(nn.Module):
+    """Two attention layers that read one table of ALiBi slopes, a buffer of the model
+    (BLOOM computes its biases once for every layer): both layers' heads move alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.qkv = nn.ModuleList(nn.Linear(8, 24) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(8, 8) for _ in range(2))
+        self.register_buffer("slopes", 0.5 + torch.rand(2))
+
+    def forward(self, x):
+        h = self.inp(x)
+        position = torch.arange(_T, device=x.device).float()
+        bias = -self.slopes[:, None, None] * (position[None, :] - position[:, None]).abs()
+        for qkv, proj in zip(self.qkv, self.proj, strict=True):
+            q, k, v = qkv(h).chunk(3, dim=-1)
+            q, k, v = (t.view(x.shape[0], _T, 2, 4).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            h = h + proj(o.transpose(1, 2).flatten(2))
+        return self.head(h.mean(1))
+
+
+def _permute_shared_slopes(model: SharedSlopes, generator: torch.Generator):
+    """The residual stream by one permutation; the heads of both layers swapped, with
+    the slopes; the units within each head by a permutation per layer."""
+    model = copy.deepcopy(model)
+    r, order = _perm(8, generator), torch.tensor([1, 0])
+    _rows(model.inp, r)
+    _columns(model.head, r)
+    for qkv, proj in zip(model.qkv, model.proj, strict=True):
+        p = torch.cat([int(b) * 4 + _perm(4, generator) for b in order])
+        _columns(qkv, r)
+        _rows(qkv, torch.cat([p, p + 8, p + 16]))
+        _columns(proj, p)
+        _rows(proj, r)
+    with torch.no_grad():
+        model.slopes.copy_(model.slopes[order])
+    return model
+
+
+def test_values_per_head_shared_by_two_layers_move_both_layers_heads_alike():
     x = torch.randn(16, _T, 6)
-    model, other = (_built(lambda: MaskedAttention(mask), seed) for seed in (0, 1))
-    with pytest.raises(UnsupportedModelError, match="attention mask per head"):
+    model, other = (_built(SharedSlopes, seed) for seed in (0, 1))
+    graph = build_alignment_graph(model, x)
+    second = next(g for g in graph.groups if g.label.startswith("qkv.1"))
+    assert graph.groups_by_id[second.block_source].label.startswith("qkv.0")
+    _aligns_and_fuses_exactly(model, other, _permute_shared_slopes, x, 4)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class RotaryQueries(nn.Module):
+    """Rotary embeddings on two heads of four units: ``"packed"``, on queries and keys
+    of one Linear viewed ``(B, T, 2, H, D)`` and rotated before ``unbind`` (flash-attn's
+    style; their units were once left free to move); ``"concatenated"``, on queries
+    made by concatenating two Linears (the concatenation's parts once moved freely)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how, self.inp, self.head = how, nn.Linear(6, 8), nn.Linear(8, 3)
+        if how == "packed":
+            self.qk = nn.Linear(8, 16)
+        else:
+            self.q1, self.q2, self.k = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 8)
+        self.v, self.proj = nn.Linear(8, 8), nn.Linear(8, 8)
+        angles = torch.outer(torch.arange(_T).float(), torch.tensor([1.0, 0.1])).repeat(1, 2)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def forward(self, x):
+        h, B = self.inp(x), x.shape[0]
+        if self.how == "packed":
+            qk = self.qk(h).view(B, _T, 2, 2, 4)
+            qk = _rotated(qk, self.cos[:, None, None], self.sin[:, None, None])
+            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = torch.cat([self.q1(h), self.q2(h)], -1).view(B, _T, 2, 4).transpose(1, 2)
+            k = self.k(h).view(B, _T, 2, 4).transpose(1, 2)
+            q, k = _rotated(q, self.cos, self.sin), _rotated(k, self.cos, self.sin)
+        v = self.v(h).view(B, _T, 2, 4).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.proj(o.transpose(1, 2).reshape(B, _T, 8)).mean(1))
+
+
+def _permute_rotary_queries(model: RotaryQueries, generator: torch.Generator):
+    """The heads swapped (queries' and keys' units in place, the values' permuted within
+    each head) and the residual stream permuted."""
+    model = copy.deepcopy(model)
+    r, heads = _perm(8, generator), torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    values = torch.cat([4 + _perm(4, generator), _perm(4, generator)])
+    _rows(model.inp, r)
+    _columns(model.head, r)
+    _columns(model.qk, r)
+    _rows(model.qk, torch.cat([heads, heads + 8]))
+    _columns(model.v, r)
+    _rows(model.v, values)
+    _columns(model.proj, values)
+    _rows(model.proj, r)
+    return model
+
+
+def test_rotary_embeddings_on_packed_queries_and_keys_keep_the_function():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: RotaryQueries("packed"), seed) for seed in (0, 1))
+    assert [g.rigid for g in build_alignment_graph(model, x).groups if g.blocks > 1] == [
+        True, False]
+    _aligns_and_fuses_exactly(model, other, _permute_rotary_queries, x, 4)
+
+
+def test_rotary_embeddings_on_concatenated_queries_are_refused():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: RotaryQueries("concatenated"), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="keeps its units in place .* concatenation"):
+        align(other, model, config=EXACT, inputs=x)
+
+
+class ReturnsHeads(nn.Module):
+    """Attention written out (``q @ k.T``, four heads of two units), with or without
+    rotary embeddings, that also returns its probabilities, its keys or its values (a
+    KV cache): the returned heads stay where they are, and so must the heads that move
+    with them (the queries', whose own group under rotary embeddings only follows the
+    keys' heads; the values' follow the queries'; once a wrong function, d = 0.05)."""
+
+    def __init__(self, returns: str, rotary: bool):
+        super().__init__()
+        self.returns, self.rotary = returns, rotary
+        self.inp, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.q, self.k, self.v, self.proj = (nn.Linear(8, 8) for _ in range(4))
+        angles = torch.arange(_T).float()[:, None].repeat(1, 2)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def forward(self, x):
+        h, B = self.inp(x), x.shape[0]
+        q, k, v = (layer(h).view(B, _T, 4, 2).transpose(1, 2)
+                   for layer in (self.q, self.k, self.v))
+        if self.rotary:
+            q, k = _rotated(q, self.cos, self.sin), _rotated(k, self.cos, self.sin)
+        probs = (q @ k.transpose(-2, -1) / 2).softmax(-1)
+        out = self.head(self.proj((probs @ v).transpose(1, 2).reshape(B, _T, 8)).mean(1))
+        return out, {"probs": probs, "keys": k, "values": v}[self.returns]
+
+
+@pytest.mark.parametrize("rotary", [True, False], ids=["rotary", "plain"])
+@pytest.mark.parametrize("returns", ["probs", "keys", "values"])
+def test_heads_the_model_returns_keep_the_heads_that_move_with_them(returns, rotary):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: ReturnsHeads(returns, rotary), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    with torch.no_grad():
+        for got, expected in zip(aligned(x), other(x), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class GroupedQuery(nn.Module):
+    """Grouped-query attention, four query heads of two units over two key and value
+    heads (Hugging Face's ``repeat_kv``), in the ways that once failed: ``"gate"``, a
+    gate per query head also read by a Linear of its own (solved before its heads: once
+    refused); ``"data bias"``, a bias per query head made from positions alone (its
+    repeated value heads held no tensor: once a KeyError); ``"bare"``, no residual
+    stream and an output projection without bias (once refused); ``"twice"``, key and
+    value heads repeated by ``repeat_kv`` and again by ``enable_gqa`` (refused)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant, self.inp, self.head = variant, nn.Linear(6, 8), nn.Linear(8, 3)
+        heads = 8 if variant == "twice" else 4
+        self.q, self.k, self.v = nn.Linear(8, 2 * heads), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.proj = nn.Linear(2 * heads, 8, bias=variant != "bare")
+        if variant == "gate":
+            self.gate, self.mix = nn.Linear(8, 4), nn.Linear(4, 8, bias=False)
+
+    def forward(self, x):
+        h, B = self.inp(x), x.shape[0]
+        heads = 8 if self.variant == "twice" else 4
+        q = self.q(h).view(B, _T, heads, 2).transpose(1, 2)
+        k, v = (layer(h).view(B, _T, 2, 2).transpose(1, 2) for layer in (self.k, self.v))
+        k, v = (t[:, :, None].expand(B, 2, 2, _T, 2).reshape(B, 4, _T, 2) for t in (k, v))
+        if self.variant == "twice":
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:
+            scores = q @ k.transpose(-2, -1)
+            if self.variant == "data bias":
+                position = torch.arange(_T, device=x.device).float()
+                distance = (position[None, :] - position[:, None]).abs()
+                scores = scores - torch.arange(1, 5, device=x.device)[:, None, None] * distance
+            y = scores.softmax(-1) @ v
+        if self.variant == "gate":
+            gate = torch.sigmoid(self.gate(h))
+            y = y * gate.transpose(1, 2).unsqueeze(-1)
+        out = self.proj(y.transpose(1, 2).reshape(B, _T, 2 * heads))
+        if self.variant == "gate":
+            out = out + self.mix(gate)
+        h = torch.tanh(out) if self.variant == "bare" else h + out
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("variant", ["gate", "data bias", "bare"])
+def test_grouped_query_attention_idioms_keep_the_function(variant):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: GroupedQuery(variant), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+class SegmentIds(nn.Module):
+    """``torch.repeat_interleave(counts)``, the one-argument form (segment ids from
+    data alone), added to the inputs; once refused for a missing argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        ids = torch.repeat_interleave(torch.ones(x.shape[1], dtype=torch.long, device=x.device))
+        return self.fc2(torch.relu(self.fc1(x + 0.1 * ids[None, :, None].float())))
+
+
+def test_segment_ids_from_repeat_interleave_keep_the_function():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(SegmentIds, seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+def test_heads_repeated_twice_are_refused():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: GroupedQuery("twice"), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="repeats heads that are themselves"):
+        align(other, model, config=EXACT, inputs=x)
+
+
+def test_an_attention_mask_per_head_made_from_data_is_refused():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: MaskedAttention("per head, from data"), seed)
+                    for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="mask per head .* from data alone"):
         align(other, model, config=EXACT, inputs=x)
 
 

@@ -241,14 +241,15 @@ def test_an_explicit_spec_matches_the_traced_graph():
         assert torch.equal(tensor, explicit.state_dict()[name]), name
 
 
-def nanogpt_spec(block_sources: bool = True):
+def nanogpt_spec(block_sources: bool = True, t5_bias: bool = False, heads_of: bool = True):
     """The axes of ``tests/attention_models.py``'s NanoGPT (separate Q/K/V, tied head)
-    written as data, as the tracer describes them."""
+    written as data, as the tracer describes them; ``t5_bias``: its variant with T5's
+    relative position bias (4 heads), one value per head (``heads_of``)."""
     from otfusion.fusion import alignment_spec
 
     axes = {"tok.weight": (None, "res"), "pos.weight": (None, "res"),
             "lm_head.weight": (None, "res")}
-    follows, blocks = {"lm_head.weight"}, {}
+    follows, blocks, values = {"lm_head.weight"}, {}, {}
     for i in range(2):
         block = f"blocks.{i}"
         for norm in ("ln1", "ln2"):
@@ -262,22 +263,29 @@ def nanogpt_spec(block_sources: bool = True):
             f"ff{i}",)
         axes[f"{block}.mlp.fc2.weight"], axes[f"{block}.mlp.fc2.bias"] = ("res", f"ff{i}"), (
             "res",)
-        blocks[f"qk{i}"] = blocks[f"vo{i}"] = 2
+        blocks[f"qk{i}"] = blocks[f"vo{i}"] = 4 if t5_bias else 2
+        if t5_bias:
+            axes[f"{block}.attn.relative.weight"] = (None, f"bias{i}")
+            axes[f"{block}.attn.mask"] = (None, None)
+            values[f"bias{i}"] = f"qk{i}"
     axes["ln_f.weight"] = axes["ln_f.bias"] = ("res",)
     follows |= {"ln_f.weight", "ln_f.bias"}
     sources = {f"vo{i}": f"qk{i}" for i in range(2)} if block_sources else None
-    return alignment_spec(axes, follows=follows, blocks=blocks, block_sources=sources)
+    return alignment_spec(axes, follows=follows, blocks=blocks, block_sources=sources,
+                          heads_of=values if heads_of else None)
 
 
 @pytest.mark.parametrize(("name", "spec", "without"), [
     ("nanogpt", "nanogpt_spec", {"block_sources": False}),
+    ("nanogpt-t5-bias", "t5_spec", {"heads_of": False}),
     ("llama", "llama_spec", {"rigid": False}),
 ])
 def test_an_explicit_attention_spec_matches_the_traced_graph(name, spec, without):
-    """Value heads that follow the query/key heads (``block_sources``), and rotary
-    queries and keys whose units keep their places (``rigid``), give the traced fusion
-    exactly; without them the fused model differs (the heads of V and Q/K matched
-    apart; Q/K units matched within heads, which rotary embeddings forbid)."""
+    """Value heads that follow the query/key heads (``block_sources``), a bias per head
+    that follows its heads (``heads_of``) and rotary queries and keys whose units keep
+    their places (``rigid``) give the traced fusion exactly; without them the fused
+    model differs (the heads of V and Q/K matched apart; the biases matched on their
+    own; Q/K units matched within heads, which rotary embeddings forbid)."""
     from attention_models import build
 
     spec = globals()[spec]
@@ -346,6 +354,10 @@ def test_a_model_that_fails_is_named_without_fx_printing_its_traceback(capfd):
     assert capfd.readouterr().err == ""
 
 
+def t5_spec(heads_of: bool = True):
+    return nanogpt_spec(t5_bias=True, heads_of=heads_of)
+
+
 def llama_spec(rigid: bool = True):
     """The axes of ``tests/attention_models.py``'s Llama (rotary Q/K, SwiGLU, RMSNorm)
     written as data; ``rigid``: Q/K keep their units in place within heads, as the
@@ -371,6 +383,19 @@ def llama_spec(rigid: bool = True):
     return alignment_spec(axes, outputs={"vocab"}, follows=follows, blocks=blocks,
                           block_sources={f"vo{i}": f"qk{i}" for i in range(2)},
                           rigid={"qk0", "qk1"} if rigid else ())
+
+
+@pytest.mark.parametrize("linked", [{"heads_of": {"t": "qk"}},
+                                    {"block_sources": {"t": "qk"}}])
+def test_groups_that_move_together_are_outputs_together_or_not_at_all(linked):
+    """An output is kept as it is: a group whose blocks move with it (values per head,
+    heads that follow) would move while it stays, so the spec is refused."""
+    from otfusion.fusion import alignment_spec
+
+    axes = {"fa.weight": ("qk", None), "fb.weight": ("t", None),
+            "head.weight": ("classes", "qk")}
+    with pytest.raises(ValueError, match=r"groups \['t', 'qk'\] move their blocks together"):
+        alignment_spec(axes, outputs={"classes", "t"}, blocks={"qk": 2, "t": 2}, **linked)
 
 
 def test_rigid_groups_of_an_explicit_spec_need_blocks():

@@ -11,7 +11,7 @@ from otfusion.zoo import available_models, build_model
 
 MODELS = [
     "mlp", "cnn", "vgg11", "resnet20", "resnet18", "resnet_gn", "mobilenet", "rnn", "lstm",
-    "gru", "vit", "transformer",
+    "gru", "vit", "transformer", "llama",
 ]
 
 #: A width keyword per model, and the parameter whose shape it changes.
@@ -28,6 +28,7 @@ WIDTH_KWARGS = {
     "gru": ({"hidden_size": 24}, "rnn.weight_hh_l0"),
     "vit": ({"dim": 16, "heads": 2}, "patch_embed.weight"),
     "transformer": ({"dim": 16, "heads": 2}, "embed.weight"),
+    "llama": ({"dim": 16, "heads": 4, "kv_heads": 2}, "embed.weight"),
 }
 
 

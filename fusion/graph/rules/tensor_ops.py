@@ -29,12 +29,19 @@ def _dims(call, index: int, name: str):
 def unify(tracer, specs, where: str) -> AxisSpec | None:
     """One dimension shared by several tensors (added, concatenated side by side): their
     groups become one; ``"data"`` (an unaligned dimension of size > 1) fixes it, and
-    the dimension stays unaligned. Data that meets the units within heads is refused
+    the dimension stays unaligned. A group met along heads holds one value per head
+    (:meth:`~..tracer.Tracer.per_head`). Data that meets the units within heads is refused
     here, so that the tracer keeps those units in place and the heads still move
     (:meth:`~..tracer.Tracer.walk`)."""
     grouped = [s for s in specs if isinstance(s, AxisSpec)]
     if not grouped:
         return None
+    heads = [s for s in grouped if s.part == "block"]
+    values = [s for s in grouped if (s.outer, s.inner, s.part) == (1, 1, None)]
+    if heads and values and len(heads) + len(values) == len(grouped):
+        for spec in values:  # one value per head: a bias, slope, temperature or gate
+            tracer.per_head(spec.group, heads[0].group, where)
+        grouped = heads
     first = grouped[0]
     for other in grouped[1:]:
         if (other.outer, other.inner, other.part) != (first.outer, first.inner, first.part):
@@ -171,7 +178,52 @@ def reshape(tracer, call):
     source, result = call.input_shape, call.shape
     if source is None or result is None:
         raise UnsupportedModelError(f"{_where(call)}: unknown shape")
-    return L.reshape(call.layout(), source, result, _where(call), tracer)
+    layout = call.layout()
+    for d in _expanded(call.value(0, "input", None)):
+        if 0 < d and layout[d - 1] is not None and layout[d - 1].part == "block" \
+                and layout[d] is None and source[d] > 1:
+            # heads, each expanded to the query heads it serves (Hugging Face's repeat_kv)
+            layout = tracer.repeat_heads(layout, d - 1, source[d - 1], source[d], _where(call))
+            layout = (*layout[:d], *layout[d + 1:])
+            source = (*source[:d - 1], source[d - 1] * source[d], *source[d + 1:])
+            break
+    return L.reshape(layout, source, result, _where(call), tracer)
+
+
+def _expanded(node) -> list[int]:
+    """The dimensions that ``node``, an ``expand``, filled from a size of one."""
+    if not (isinstance(node, fx.Node) and node.op == "call_method" and node.target == "expand"):
+        return []
+    before, after = L.shape_of(node.args[0]), L.shape_of(node)
+    if before is None or after is None:
+        return []
+    extra = len(after) - len(before)
+    return [d for d in range(extra, len(after)) if before[d - extra] == 1 and after[d] > 1]
+
+
+@function_rule_for(torch.repeat_interleave)
+@method_rule_for("repeat_interleave")
+def repeat_interleave(tracer, call):
+    """Every entry repeated in place ``repeats`` times along ``dim`` (GPT-J's table of
+    angles, each twice): a unit stays one unit, on more entries (its ``inner``); heads
+    repeated (the key and value heads of grouped-query attention) are repeated heads
+    (:meth:`~..tracer.Tracer.repeat_heads`); units within heads are refused."""
+    layout, dim = call.layout(), call.value(2, "dim", None)
+    repeats = call.value(1, "repeats", None)
+    if not isinstance(repeats, int) or dim is None:
+        if L.has_groups(layout):
+            raise UnsupportedModelError(f"{_where(call)} repeats aligned units by a tensor of "
+                                        "counts or flattened, which is not supported")
+        return L.plain(call.node)
+    spec = layout[dim]
+    if spec is not None and spec.part == "block":  # grouped-query attention's key heads
+        return tracer.repeat_heads(layout, dim, call.input_shape[dim], repeats, _where(call))
+    if spec is not None and spec.part is not None:
+        raise UnsupportedModelError(f"{_where(call)} repeats units within heads, which is "
+                                    "not supported")
+    if spec is not None:
+        spec = replace(spec, inner=spec.inner * repeats)
+    return (*layout[:dim % len(layout)], spec, *layout[dim % len(layout) + 1:])
 
 
 @function_rule_for(torch.view_as_complex)
@@ -192,9 +244,11 @@ def view_as_real(tracer, call):
 
 def _batched(tracer, a, b, size: int, where: str):
     """One batch dimension of a batched product: pairing entry i with entry i ties the
-    two sides' couplings, or, for heads of different groups, their head matching."""
+    two sides' couplings, or, for heads of different groups, their head matching (heads
+    repeated for grouped-query attention and the query heads they meet are one)."""
     if isinstance(a, AxisSpec) and isinstance(b, AxisSpec) and a.part == b.part == "block" \
-            and tracer.find(a.group) != tracer.find(b.group):
+            and tracer.find(a.group) != tracer.find(b.group) \
+            and tracer.repeated(a.group) == tracer.repeated(b.group):
         tracer.constrain_blocks(b.group, size, where, source=a.group)
         return b
     return unify(tracer, [a, b], where)
@@ -426,13 +480,20 @@ def _einsum_letters(equation: str, shapes, where: str) -> tuple[list[str], str]:
 @function_rule_for(torch.nn.functional.scaled_dot_product_attention)
 def scaled_dot_product_attention(tracer, call):
     """Queries and keys are multiplied (one coupling), each query head reads the value
-    head of its index (value heads follow query-key heads)."""
+    head of its index (value heads follow query-key heads); with ``enable_gqa``, fewer
+    key and value heads are repeated for the query heads they serve."""
     query, key, value = call.layout(0, "query"), call.layout(1, "key"), call.layout(2, "value")
     where = _where(call)
     for layout in (query, key, value):
         L.require_unaligned(tracer, layout, (-2,), where, "attends over a dimension that holds "
                             "aligned units")
-    _mask_shared_by_heads(query, call.value(3, "attn_mask", None), where)
+    _mask_per_head(tracer, call, query, where)
+    if call.value(7, "enable_gqa", False) and len(query) > 2:
+        heads, shape = L.shape_of(call.value(0, "query")), L.shape_of(call.value(1, "key"))
+        count = heads[-3] // shape[-3]
+        if count > 1:  # grouped-query attention: every key and value head serves count
+            key = tracer.repeat_heads(key, len(key) - 3, shape[-3], count, where)
+            value = tracer.repeat_heads(value, len(value) - 3, shape[-3], count, where)
     _contract(tracer, query[-1], key[-1], where)
     _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where),
                 ((0, "query"), (1, "key")))
@@ -440,15 +501,22 @@ def scaled_dot_product_attention(tracer, call):
     return (*batch, query[-2], value[-1])
 
 
-def _mask_shared_by_heads(query, mask, where: str) -> None:
-    """Refuse an attention mask that differs between heads (ALiBi's, one matrix per
-    head): the alignment moves whole heads, and the mask's rows would not move with
-    them."""
+def _mask_per_head(tracer, call, query, where: str) -> None:
+    """An attention mask that differs between heads (ALiBi's biases, one matrix per
+    head) holds one value per head, which moves with its head: it must be made from the
+    model's own tensors (slopes or a bias table in the state_dict); one made from data
+    alone could not move, and is refused."""
+    mask = call.value(3, "attn_mask", None)
     shape = L.shape_of(mask) or ()
-    if any(query[d] is not None and shape[m] > 1 for d in range(len(query) - 2)
-           if (m := d - len(query) + len(shape)) >= 0):
-        raise UnsupportedModelError(f"{where}: an attention mask per head ({shape}) is not "
-                                    "supported; heads move")
+    layout = call.layout(3, "attn_mask") if shape else None
+    for d in range(len(query) - 2):
+        m = d - len(query) + len(shape)
+        if m < 0 or query[d] is None or shape[m] == 1:
+            continue
+        if layout[m] is None:
+            raise UnsupportedModelError(f"{where}: an attention mask per head ({shape}) made "
+                                        "from data alone is not supported; heads move")
+        unify(tracer, [query[d], layout[m]], where)
 
 
 @register_rule(nn.Unflatten)
