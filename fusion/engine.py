@@ -460,6 +460,7 @@ class _GroupSolver:
         self.config = config
         self.widths = [graph.widths(s, f"model {k}") for k, s in enumerate(states)]
         self.target_widths = graph.widths(template_state, "target")
+        self.groups = graph.groups_by_id
         for group in graph.groups:
             sizes = {w[group.id] for w in [self.target_widths, *self.widths]}
             if group.fixed and len(sizes) > 1:
@@ -467,12 +468,16 @@ class _GroupSolver:
                     f"group '{group.label}' is an input or output of the model and cannot be "
                     f"aligned, but its width differs between models: {sorted(sizes)}"
                 )
+            heads = self.groups.get(group.heads_of)
+            if heads is not None and sizes != {heads.blocks}:
+                raise ValueError(f"group '{group.label}' holds one value per head of "
+                                 f"'{heads.label}' ({heads.blocks} heads), but has width "
+                                 f"{sorted(sizes)}")
             if group.rigid and len(sizes) > 1:
                 raise ValueError(
                     f"group '{group.label}' keeps its units at their places within each of "
                     "its blocks (queries and keys under rotary position embeddings), so its "
                     f"width must be the same in every model: {sorted(sizes)}")
-        self.groups = graph.groups_by_id
         self.couplings: list[dict[int, Coupling]] = [{} for _ in states]
         self.activations = (
             _record_activations(models, graph, inputs, config.max_activation_samples)

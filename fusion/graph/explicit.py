@@ -67,6 +67,10 @@ def alignment_spec(axes: Mapping[str, tuple[str | None, ...]], outputs: Iterable
         raise ValueError(f"alignment spec: groups {unblocked} keep their units' places "
                          "within blocks (rigid=) or have values per block (heads_of=), "
                          "but have no blocks= (> 1)")
+    chained = sorted(set(heads_of) & set(heads_of.values()))
+    if chained:
+        raise ValueError(f"alignment spec: groups {chained} hold values per block "
+                         "(heads_of=) and are also the blocks of others, which is not supported")
     linked = [*block_sources.items(), *heads_of.items()]
     half_fixed = sorted({pair for pair in linked if (pair[0] in outputs) != (pair[1] in outputs)})
     if half_fixed:

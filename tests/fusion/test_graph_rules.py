@@ -398,6 +398,37 @@ def test_groups_that_move_together_are_outputs_together_or_not_at_all(linked):
         alignment_spec(axes, outputs={"classes", "t"}, blocks={"qk": 2, "t": 2}, **linked)
 
 
+def test_values_per_head_of_values_per_head_are_refused():
+    from otfusion.fusion import alignment_spec
+
+    axes = {"fa.weight": ("qk", None), "fb.weight": ("t", None), "fc.weight": ("u", None),
+            "head.weight": ("classes", "qk")}
+    with pytest.raises(ValueError, match=r"groups \['t'\] hold values per block"):
+        alignment_spec(axes, outputs={"classes"}, blocks={"qk": 2, "t": 2},
+                       heads_of={"t": "qk", "u": "t"})
+
+
+def test_values_per_head_need_one_value_per_head():
+    """A spec that says a group holds one value per head of a group of 2 heads, for a
+    tensor of 3 values, is refused by name when it meets the models."""
+    from otfusion.fusion import alignment_spec
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scale, self.head = nn.Linear(4, 4), nn.Parameter(torch.ones(3)), \
+                nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(x)) * self.scale.sum()
+
+    spec = alignment_spec({"fc.weight": ("h", None), "fc.bias": ("h",), "scale": ("t",),
+                           "head.weight": ("classes", "h"), "head.bias": ("classes",)},
+                          outputs={"classes"}, blocks={"h": 2}, heads_of={"t": "h"})
+    with pytest.raises(ValueError, match="one value per head of 'h' .2 heads., but has width"):
+        fuse(_models(Scaled), config=CONFIG, graph=spec)
+
+
 def test_rigid_groups_of_an_explicit_spec_need_blocks():
     from otfusion.fusion import alignment_spec
 
