@@ -493,14 +493,8 @@ class _GroupSolver:
                 for k, maps in enumerate(self.couplings):
                     maps[group.id] = self.direct_sum(group, k)
                 continue
-            if group.heads_of is not None:
-                self.follow_heads(group)
-                continue
-            if group.repeats is not None:
-                source, count = group.repeats
-                for maps in self.couplings:
-                    maps[group.id] = Coupling.from_plan(repeated_plan(
-                        maps[source].plan, self.groups[source].blocks, count))
+            if group.heads_of is not None or group.repeats is not None:
+                self.derive_from_heads(group)
                 continue
             points = [self.static_points(group, k) for k in range(len(self.states))]
             if not all(points):
@@ -540,15 +534,18 @@ class _GroupSolver:
             return [eye] * len(self.states)
         return [block_marginal(maps[source].plan, group.blocks) for maps in self.couplings]
 
-    def follow_heads(self, group: Group) -> None:
-        """Values per head move as the heads they belong to (none move if those are
-        fixed)."""
-        heads = self.groups[group.heads_of]
+    def derive_from_heads(self, group: Group) -> None:
+        """The couplings of a group derived from another's heads: values per head move
+        as the heads they belong to, repeated heads as the heads they repeat (none move
+        if those are fixed)."""
+        heads = self.groups[group.heads_of if group.repeats is None else group.repeats[0]]
         if heads.fixed:
             return
         for maps in self.couplings:
-            maps[group.id] = Coupling.from_plan(block_marginal(maps[heads.id].plan,
-                                                               heads.blocks))
+            plan = maps[heads.id].plan
+            maps[group.id] = Coupling.from_plan(
+                block_marginal(plan, heads.blocks) if group.repeats is None
+                else repeated_plan(plan, heads.blocks, group.repeats[1]))
 
     def direct_sum(self, group: Group, k: int) -> Coupling:
         """Client ``k``'s coupling of a concatenation, from its parts' couplings."""

@@ -81,9 +81,9 @@ def block_plan(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, config: Tra
     blocks on each side) and units within blocks: a two-level problem, solved exactly
     level by level. Every pair of blocks is solved alone (``rigid``: the units keep
     their places, each unit coupled to the one at its place, which needs blocks of one
-    size and the same marginals within both); the blocks are then
-    matched on those pairs' costs, unless ``block_coupling`` ((blocks, blocks), total
-    mass one) prescribes how they are matched."""
+    size and the same marginals within both); the blocks are then matched on those
+    pairs' costs, unless ``block_coupling`` ((blocks, blocks), total mass one)
+    prescribes how they are matched."""
     n, m = cost.shape
     rows, cols = n // blocks, m // blocks
     if rigid and rows != cols:

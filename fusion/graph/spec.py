@@ -204,8 +204,8 @@ class AlignmentGraph:
                 (f"blocks follow group {group.block_source}", group.block_source is not None),
                 ("units keep their places in blocks", group.rigid),
                 (f"one per block of group {group.heads_of}", group.heads_of is not None),
-                (f"blocks of group {(group.repeats or (0, 0))[0]} repeated "
-                 f"{(group.repeats or (0, 0))[1]} times", group.repeats is not None),
+                ("blocks of group {} repeated {} times".format(*group.repeats or (0, 0)),
+                 group.repeats is not None),
                 ("concatenation of " + " ++ ".join(
                     "data" if g is None else f"group {g}" for g, _ in group.parts or ()),
                  group.parts is not None),

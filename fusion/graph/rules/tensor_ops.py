@@ -32,7 +32,7 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
     the dimension stays unaligned. A group met along heads holds one value per head
     (:meth:`~..tracer.Tracer.per_head`). Data that meets the units within heads is refused
     here, so that the tracer keeps those units in place and the heads still move
-    (:meth:`~..tracer.Tracer.walk`)."""
+    (:meth:`~..tracer.Tracer.visit_keeping_heads`)."""
     grouped = [s for s in specs if isinstance(s, AxisSpec)]
     if not grouped:
         return None
