@@ -1612,6 +1612,30 @@ def test_segment_ids_from_repeat_interleave_keep_the_function():
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
 
 
+class HeadsConcatenated(nn.Module):
+    """Attention whose output heads are concatenated with the value heads along the
+    heads (once a width error at fusion time, not a refusal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(6, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        q, k, v = (layer(x).view(B, _T, 4, 2).transpose(1, 2)
+                   for layer in (self.q, self.k, self.v))
+        y = torch.cat([(q @ k.transpose(-1, -2)).softmax(-1) @ v, v], dim=1)
+        return self.head(y.transpose(1, 2).reshape(B, _T, 16).mean(1))
+
+
+def test_heads_concatenated_along_the_heads_are_refused():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(HeadsConcatenated, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="concatenates reshaped aligned units, or"):
+        align(other, model, config=EXACT, inputs=x)
+
+
 def test_heads_repeated_twice_are_refused():
     x = torch.randn(16, _T, 6)
     model, other = (_built(lambda: GroupedQuery("twice"), seed) for seed in (0, 1))

@@ -131,8 +131,9 @@ def concatenate(tracer, call):
         if all(s is None for s in specs):
             result.append(None)
             continue
-        if any(s is not None and (s.outer, s.inner) != (1, 1) for s in specs):
-            raise UnsupportedModelError(f"{_where(call)} concatenates reshaped aligned units")
+        if any(s is not None and (s.outer, s.inner, s.part) != (1, 1, None) for s in specs):
+            raise UnsupportedModelError(f"{_where(call)} concatenates reshaped aligned units, "
+                                        "or heads")
         result.append(tracer.direct_sum(call.node.name, [
             (s, shape[d]) for s, shape in zip(specs, shapes, strict=True)]))
     return tuple(result)
