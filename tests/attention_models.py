@@ -1,8 +1,9 @@
 """Tiny attention models and hand-written, function-preserving permutations of them.
 
-Only ``torch`` is imported (nothing from ``otfusion``), so the symmetries written down
-here are a second, independent description against which the fusion engine's alignment
-graph is checked.
+Only ``torch`` and two building blocks of the zoo's Llama (``SwiGLU``, ``rotate_half``)
+are imported, nothing from the engine (``otfusion.fusion``), so the symmetries written
+down here are a second, independent description against which the fusion engine's
+alignment graph is checked.
 
 Symmetries of a Transformer, all drawn at random by :func:`permute`:
 
@@ -35,6 +36,8 @@ import torch.nn.functional as F
 from reindex import random_perm as _perm
 from reindex import take as _take
 from torch import nn
+
+from otfusion.zoo.llama import SwiGLU, rotate_half
 
 DIM = 8
 HEADS = 2
@@ -419,12 +422,6 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's ``rotate_half``: unit ``i`` of a head pairs with unit ``i + D/2``."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """GPT-J's interleaved rotation: unit ``2i`` of a head pairs with unit ``2i + 1``."""
     return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
@@ -476,7 +473,7 @@ class RotaryAttention(nn.Module):
         if self.style is None:
             return x
         if self.style == "cached":
-            return x * self.cos_cached[:T] + _rotate_half(x) * self.sin_cached[:T]
+            return x * self.cos_cached[:T] + rotate_half(x) * self.sin_cached[:T]
         angles = torch.outer(torch.arange(T, device=x.device).float(), self.inv_freq)
         if self.style == "complex":
             turns = torch.polar(torch.ones_like(angles), angles)
@@ -489,7 +486,7 @@ class RotaryAttention(nn.Module):
             part, rest = x[..., :rotated], x[..., rotated:]
             return torch.cat((part * cos + _rotate_pairs(part) * sin, rest), dim=-1)
         emb = torch.cat((angles, angles), dim=-1)
-        return x * emb.cos() + _rotate_half(x) * emb.sin()
+        return x * emb.cos() + rotate_half(x) * emb.sin()
 
     def repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
         """Each key or value head repeated for the query heads it serves."""
@@ -518,17 +515,6 @@ class RotaryAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=grouped and self.repeat == "sdpa")
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class LlamaBlock(nn.Module):

@@ -10,7 +10,8 @@ from torch import nn
 from ._common import positive_int
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's ``rotate_half``: unit ``i`` of a head pairs with unit ``i + D/2``."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -38,7 +39,7 @@ class RotarySelfAttention(nn.Module):
         angles = torch.outer(torch.arange(T, device=x.device).float(), self.inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

@@ -108,6 +108,7 @@ class Tracer:
         self.model = model
         self.in_place = dict(in_place or {})  # groups whose units keep their places in
         # heads: label -> (node, refusal) that found them
+        self.given_in_place = len(self.in_place)  # the rest were found by this walk
         self.rigid: set[int] = set()  # the groups whose units within heads were made plain
         self.modules = dict(model.named_modules())
         self.state = dict(model.state_dict(keep_vars=True))
@@ -359,8 +360,8 @@ class Tracer:
             try:
                 graph = tracer.walk(gm)
                 break
-            except _UnitsInPlace as found:
-                tracer = Tracer(self.model, {**found.reasons, **tracer.in_place})
+            except _UnitsInPlace:
+                tracer = Tracer(self.model, tracer.in_place)
         if len(_GRAPHS) >= _GRAPHS_KEPT:
             del _GRAPHS[next(iter(_GRAPHS))]
         _GRAPHS[key] = graph
@@ -369,7 +370,6 @@ class Tracer:
     def walk(self, gm: fx.GraphModule) -> AlignmentGraph:
         """The graph of the traced ``gm``, node by node (:meth:`visit_keeping_heads`)."""
         layouts: dict[fx.Node, object] = {}
-        found: dict[str, tuple[str, str]] = {}  # heads kept in place in this walk: why
         with_units: list[fx.Node] = []  # the nodes whose layouts hold units within heads
         for node in gm.graph.nodes:
             if node.op == "output":
@@ -379,23 +379,23 @@ class Tracer:
                             self.fix(spec.group)
                             self.outputs.add(spec.group)
                 continue
-            layout = self.visit_keeping_heads(node, layouts, found, with_units)
+            layout = self.visit_keeping_heads(node, layouts, with_units)
             layouts[node] = _map_specs(layout, self.keep_in_place) if self.in_place else layout
             if any(spec.part == "unit" for spec in _specs(layouts[node])):
                 with_units.append(node)
             if node.op != "get_attr":
                 self.carried.update(spec.group for spec in _specs(layouts[node]))
-        if found:
-            raise _UnitsInPlace(found)
+        if len(self.in_place) > self.given_in_place:
+            raise _UnitsInPlace
         return Finisher(self).graph()
 
-    def visit_keeping_heads(self, node: fx.Node, layouts: dict, found: dict,
+    def visit_keeping_heads(self, node: fx.Node, layouts: dict,
                             with_units: list[fx.Node]) -> object:
         """``node``'s layout. The units within heads that it refuses (it slices them,
         rotates pairs of them, scales them with one table for every head: rotary position
         embeddings, a per-head norm; or any refusal among whose inputs they are) are kept
-        in place: plain positions, so that only whole heads move. They are recorded in
-        ``found``, the layouts met so far (of the nodes ``with_units``) are made so, and
+        in place: plain positions, so that only whole heads move. They are added to
+        ``in_place``, the layouts met so far (of the nodes ``with_units``) are made so, and
         the node is visited again.
         The walk goes on, to find every such head, and ends with :class:`_UnitsInPlace`,
         to be made again from the start with all of them in place; a refusal of
@@ -407,12 +407,11 @@ class Tracer:
                 specs = [spec for n in node.all_input_nodes for spec in _specs(layouts[n])]
                 heads = {self.find(spec.group) for spec in specs if spec.part == "unit"}
                 if not heads:
-                    if found:  # perhaps a consequence of the heads just kept in place
-                        raise _UnitsInPlace(found) from None
+                    if len(self.in_place) > self.given_in_place:  # perhaps a consequence
+                        raise _UnitsInPlace from None  # of the heads just kept in place
                     raise self._explained(error, node, specs) from None
                 new = {self.labels[g]: (node.name, str(error))
                        for g in range(len(self.parent)) if self.find(g) in heads}
-                found.update(new)
                 self.in_place.update(new)
                 for n in with_units:
                     layouts[n] = _map_specs(layouts[n], self.keep_in_place)
@@ -581,12 +580,8 @@ def _map_specs(value, fn):
 
 
 class _UnitsInPlace(Exception):
-    """Nodes refused units within heads: the groups labelled in ``reasons`` keep their
-    units in place (:meth:`Tracer.walk`); ``reasons``: label -> (node, refusal)."""
-
-    def __init__(self, reasons: dict[str, tuple[str, str]]):
-        super().__init__(sorted(reasons))
-        self.reasons = reasons
+    """A walk found heads whose units must keep their places (added to its tracer's
+    ``in_place``): the graph is walked again from the start (:meth:`Tracer.walk`)."""
 
 
 _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")

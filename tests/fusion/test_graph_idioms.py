@@ -28,6 +28,7 @@ from otfusion.fusion import (
     fuse,
 )
 from otfusion.fusion.graph import tracer
+from otfusion.zoo.llama import rotate_half
 
 EXACT = FusionConfig.from_options(distill_steps=0)
 
@@ -1436,8 +1437,7 @@ def test_values_per_head_shared_by_two_layers_move_both_layers_heads_alike():
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class RotaryQueries(nn.Module):
