@@ -445,7 +445,9 @@ class RotaryAttention(nn.Module):
     head (Qwen3, OLMo 2). ``kv_heads`` fewer than ``heads``: grouped-query attention,
     each key and value head serving ``heads // kv_heads`` query heads, repeated by
     ``repeat``: ``"expand"`` (Hugging Face's ``repeat_kv``), ``"interleave"``
-    (``repeat_interleave``) or ``"sdpa"`` (``enable_gqa=True``)."""
+    (``repeat_interleave``), ``"sdpa"`` (``enable_gqa=True``) or ``"broadcast"`` (not
+    repeated: one key and value head broadcast over the query heads in ``q @ k.T``,
+    multi-query attention as GPT-BigCode writes it)."""
 
     def __init__(self, dim: int, heads: int, style: str | None = "half",
                  qk_norm: bool = False, tokens: int = TOKENS, kv_heads: int | None = None,
@@ -506,10 +508,12 @@ class RotaryAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotate(q, B, T), self.rotate(k, B, T)
         grouped = self.n_kv < self.n_head
-        if grouped and self.repeat != "sdpa":
+        if grouped and self.repeat not in ("sdpa", "broadcast"):
             k, v = self.repeat_kv(k), self.repeat_kv(v)
-        if self.style == "cached":
-            scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5 + self.mask[:T, :T]
+        if self.style == "cached" or self.repeat == "broadcast":
+            mask = (self.mask[:T, :T] if self.style == "cached"
+                    else torch.full((T, T), float("-inf"), device=x.device).triu(1))
+            scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5 + mask
             y = scores.softmax(dim=-1) @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
@@ -577,6 +581,9 @@ _BUILDERS = {
     "llama-gqa-sdpa": lambda: Llama(heads=4, kv_heads=2, repeat="sdpa"),
     "llama-gqa-cached": lambda: Llama(heads=4, kv_heads=2, style="cached"),
     "llama-gqa-no-rotary": lambda: Llama(heads=4, kv_heads=2, style=None),
+    **{f"llama-mqa-no-rotary-{repeat}": functools.partial(
+        Llama, heads=4, kv_heads=1, style=None, repeat=repeat)
+       for repeat in ("expand", "interleave", "sdpa", "broadcast")},
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -700,7 +707,8 @@ class Plan:
         head's query heads (their order is a symmetry the fusion does not use); the
         units of a key head and of its query heads share one permutation (none under
         rotary embeddings), those of a value head and of its query heads' output
-        columns another."""
+        columns another. With one key and value head (multi-query), no head moves; the
+        broken ``heads`` variant then gives the output columns another head order."""
         kv, size = attn.n_kv, attn.head_dim
         times = attn.n_head // kv
         sigma = _perm(kv, self.generator)
@@ -711,16 +719,18 @@ class Plan:
         within_v = [_perm(size, self.generator) for _ in range(kv)]
         within_k = [w.roll(1) for w in within_qk] if self.broken == "qk" else within_qk
         order_v = sigma.roll(1) if self.broken == "heads" else sigma
+        # one key and value head (multi-query): the output columns' heads are rolled
+        shift = 1 if self.broken == "heads" and kv == 1 else 0
 
-        def heads(order, within, repeat=1):
-            return torch.cat([(order[j] * repeat + r) * size + within[j]
+        def heads(order, within, repeat=1, shift=0):
+            return torch.cat([(order[j] * repeat + (r + shift) % repeat) * size + within[j]
                               for j in range(kv) for r in range(repeat)])
 
         for layer, rows in ((attn.q, heads(sigma, within_qk, times)),
                             (attn.k, heads(sigma, within_k)), (attn.v, heads(order_v, within_v))):
             _rows(layer, rows)
             _columns(layer, self.stream)
-        _columns(attn.proj, heads(sigma, within_v, times))
+        _columns(attn.proj, heads(sigma, within_v, times, shift))
         _rows(attn.proj, self.stream)
 
     def packed_attention(self, in_weight: torch.Tensor, in_bias: torch.Tensor | None,

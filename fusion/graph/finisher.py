@@ -173,8 +173,9 @@ class Finisher:
             if leader not in repeats or repeats[leader][1] != count:
                 raise UnsupportedModelError(f"{where}: repeated heads are matched to heads "
                                             "that are not repeated alike, which is not supported")
-            blocks[origin] = merge_blocks(blocks.get(origin), (
-                blocks[origin][0], repeats[leader][0], where))
+            if origin in blocks:  # one head shared by all (multi-query) matches trivially
+                blocks[origin] = merge_blocks(blocks[origin], (
+                    blocks[origin][0], repeats[leader][0], where))
             blocks[root] = (blocks[root][0], None, where)
         for root, (_, leader, where) in blocks.items():
             if leader in repeats or leader is not None and root in repeats:

@@ -207,6 +207,22 @@ class Tracer:
         return tuple(replace(s, group=group) if s is not None and self.find(s.group) == root
                      else s for s in layout)
 
+    def share_head(self, layout: Layout, dim: int, heads: int, where: str) -> Layout:
+        """``layout`` read by ``heads`` heads on ``dim``, where it has one entry for all
+        of them or unaligned data (multi-query attention: one key and one value head for
+        every query head). Its one group of units is then one head, repeated ``heads``
+        times (:meth:`repeat_heads`); any other layout is returned as it is."""
+        aligned = [d for d, spec in enumerate(layout) if spec is not None]
+        if len(aligned) != 1 or layout[dim] is not None:
+            return layout
+        spec = layout[aligned[0]]
+        if spec.part is not None or (spec.outer, spec.inner) != (1, 1):
+            return layout
+        one = tuple(replace(spec, part="block") if d == dim else
+                    replace(spec, part="unit") if d == aligned[0] else s
+                    for d, s in enumerate(layout))
+        return self.repeat_heads(one, dim, 1, heads, where)
+
     def repeated(self, group: int) -> bool:
         """Whether ``group``'s heads are repeated ones (:meth:`repeat_heads`)."""
         return any(self.find(g) == self.find(group) for g in self.repeats)

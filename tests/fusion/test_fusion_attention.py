@@ -250,6 +250,29 @@ def test_grouped_query_heads_repeat_the_key_and_value_heads(name):
         assert groups[groups[values.repeats[0]].block_source].label == f"blocks.{i}.attn.k"
 
 
+@pytest.mark.parametrize("name", [name for name in MODEL_NAMES if "mqa" in name])
+def test_multi_query_heads_repeat_the_one_key_and_value_head(name):
+    """Under multi-query attention (one key and one value head, repeated, or broadcast in
+    ``q @ k.T``), the query heads are the key head repeated for each of them, and the
+    output projection reads the value head repeated: the key's and the value's units
+    move, no head does, and no attention group is fixed."""
+    from otfusion.fusion import build_alignment_graph
+
+    model = build(name)
+    graph = build_alignment_graph(model, make_inputs(name, torch.Generator().manual_seed(0)))
+    groups = graph.groups_by_id
+    repeated = {groups[group.repeats[0]].label: group for group in graph.groups
+                if group.repeats is not None}
+    assert len(repeated) == 4
+    for i in range(2):
+        keys, values = repeated[f"blocks.{i}.attn.k"], repeated[f"blocks.{i}.attn.v"]
+        assert keys.repeats[1] == values.repeats[1] == keys.blocks == values.blocks == 4
+        assert keys.label.startswith(f"blocks.{i}.attn.q")
+        assert groups[keys.repeats[0]].blocks == groups[values.repeats[0]].blocks == 1
+    assert not any(group.fixed or group.rigid for group in graph.groups
+                   if ".attn." in group.label)
+
+
 def test_rotary_heads_need_one_width_in_every_model(engine):
     """Units kept in place cannot be matched across heads of different sizes."""
     config, fuse, _ = engine

@@ -1593,6 +1593,67 @@ def test_grouped_query_attention_idioms_keep_the_function(variant):
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
 
 
+class MultiQuery(nn.Module):
+    """Multi-query attention, four query heads of two units over one key and one value
+    head, in idioms the Llama-style test models do not write: ``"sdpa"``,
+    ``F.scaled_dot_product_attention`` broadcasting the key and value head without
+    ``enable_gqa``; ``"gate"``, a gate per query head on the output heads; ``"keys"``,
+    the keys also returned (a KV cache: they, and the query heads with them, stay
+    where they are); ``"rotary"``, rotary embeddings on the queries and keys (refused:
+    the one key head's units would have to stay in place); ``"einsum"``, the scores by
+    ``torch.einsum`` with the key head dropped (refused)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant, self.inp, self.head = variant, nn.Linear(6, 8), nn.Linear(8, 3)
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 2), nn.Linear(8, 2)
+        self.proj = nn.Linear(8, 8)
+        if variant == "gate":
+            self.gate = nn.Linear(8, 4)
+        angles = torch.arange(_T).float()[:, None]
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def forward(self, x):
+        h, B = self.inp(x), x.shape[0]
+        q = self.q(h).view(B, _T, 4, 2).transpose(1, 2)
+        k, v = (layer(h).view(B, _T, 1, 2).transpose(1, 2) for layer in (self.k, self.v))
+        if self.variant == "rotary":
+            q, k = _rotated(q, self.cos, self.sin), _rotated(k, self.cos, self.sin)
+        if self.variant == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif self.variant == "einsum":
+            y = torch.einsum("bhts,bsd->bhtd", torch.einsum("bhtd,bsd->bhts", q, k[:, 0])
+                             .softmax(-1), v[:, 0])
+        else:
+            y = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        if self.variant == "gate":
+            y = y * torch.sigmoid(self.gate(h)).transpose(1, 2).unsqueeze(-1)
+        out = self.head((h + self.proj(y.transpose(1, 2).reshape(B, _T, 8))).mean(1))
+        return (out, k) if self.variant == "keys" else out
+
+
+@pytest.mark.parametrize("variant", ["sdpa", "gate", "keys"])
+def test_multi_query_attention_idioms_keep_the_function(variant):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: MultiQuery(variant), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    with torch.no_grad():
+        for got, expected in zip(*(m(x) if variant == "keys" else (m(x),)
+                                   for m in (aligned, other)), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(aligned.v.weight, other.v.weight)  # the value head moved
+
+
+@pytest.mark.parametrize("variant, match", [
+    ("rotary", "indexes into aligned units"), ("einsum", "laid out differently")])
+def test_multi_query_attention_with_rotary_embeddings_or_einsum_is_refused(variant, match):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: MultiQuery(variant), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match=match):
+        align(other, model, config=EXACT, inputs=x)
+
+
 class SegmentIds(nn.Module):
     """``torch.repeat_interleave(counts)``, the one-argument form (segment ids from
     data alone), added to the inputs; once refused for a missing argument."""

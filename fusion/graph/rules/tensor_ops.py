@@ -291,6 +291,22 @@ def _batch_dims(tracer, call, left, right, keep, operands=((0, "input"), (1, "ot
     return out
 
 
+def _shared_heads(tracer, call, left, right, operands=((0, "input"), (1, "other"))):
+    """The layouts of a product's two ``operands``, where one holds heads on a batch
+    dimension that the other broadcasts or fills with unaligned data: that other's units
+    serve every head, one head shared by all (multi-query attention's keys and values,
+    :meth:`~..tracer.Tracer.share_head`)."""
+    shapes = [L.shape_of(call.value(i, name)) for i, name in operands]
+    layouts = [left, right]
+    for offset in range(3, min(len(left), len(right)) + 1):
+        for own, other in ((0, 1), (1, 0)):
+            spec = layouts[own][-offset]
+            if spec is not None and spec.part == "block" and shapes[own] is not None:
+                layouts[other] = tracer.share_head(layouts[other], len(layouts[other]) - offset,
+                                                   shapes[own][-offset], _where(call))
+    return tuple(layouts)
+
+
 def _batch_spec(layout, shape, offset: int):
     """An operand's spec at batch dimension ``-offset``: None where it has none or
     broadcasts it, ``"data"`` for an unaligned dimension of size > 1."""
@@ -311,6 +327,7 @@ def matmul(tracer, call):
             raise UnsupportedModelError(f"{_where(call)}: a product of vectors with aligned "
                                         "units is not supported")
         return L.plain(call.node)
+    left, right = _shared_heads(tracer, call, left, right)
     _contract(tracer, left[-1], right[-2], _where(call))
     for index, neuron in ((0, 0), (1, 1)):
         _weight_operand(tracer, call, index, neuron)
@@ -489,12 +506,14 @@ def scaled_dot_product_attention(tracer, call):
         L.require_unaligned(tracer, layout, (-2,), where, "attends over a dimension that holds "
                             "aligned units")
     _mask_per_head(tracer, call, query, where)
-    if call.value(7, "enable_gqa", False) and len(query) > 2:
+    if call.value(7, "enable_gqa", False) and len(query) > 2 and key[-3] is not None:
         heads, shape = L.shape_of(call.value(0, "query")), L.shape_of(call.value(1, "key"))
         count = heads[-3] // shape[-3]
         if count > 1:  # grouped-query attention: every key and value head serves count
             key = tracer.repeat_heads(key, len(key) - 3, shape[-3], count, where)
             value = tracer.repeat_heads(value, len(value) - 3, shape[-3], count, where)
+    _, key = _shared_heads(tracer, call, query, key, ((0, "query"), (1, "key")))
+    _, value = _shared_heads(tracer, call, query, value, ((0, "query"), (2, "value")))
     _contract(tracer, query[-1], key[-1], where)
     _batch_dims(tracer, call, query, key, lambda a, b: unify(tracer, [a, b], where),
                 ((0, "query"), (1, "key")))
