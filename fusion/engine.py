@@ -537,7 +537,8 @@ class _GroupSolver:
     def derive_from_heads(self, group: Group) -> None:
         """The couplings of a group derived from another's heads: values per head move
         as the heads they belong to, repeated heads as the heads they repeat (none move
-        if those are fixed)."""
+        if those are fixed; under multi-query attention one head is repeated, whatever
+        blocks, a GroupNorm's, its group holds)."""
         heads = self.groups[group.heads_of if group.repeats is None else group.repeats[0]]
         if heads.fixed:
             return
@@ -545,7 +546,7 @@ class _GroupSolver:
             plan = maps[heads.id].plan
             maps[group.id] = Coupling.from_plan(
                 block_marginal(plan, heads.blocks) if group.repeats is None
-                else repeated_plan(plan, heads.blocks, group.repeats[1]))
+                else repeated_plan(plan, group.blocks // group.repeats[1], group.repeats[1]))
 
     def direct_sum(self, group: Group, k: int) -> Coupling:
         """Client ``k``'s coupling of a concatenation, from its parts' couplings."""

@@ -173,7 +173,7 @@ class Finisher:
             if leader not in repeats or repeats[leader][1] != count:
                 raise UnsupportedModelError(f"{where}: repeated heads are matched to heads "
                                             "that are not repeated alike, which is not supported")
-            if origin in blocks:  # one head shared by all (multi-query) matches trivially
+            if blocks[root][0] // count > 1:  # one head shared by all (multi-query): no match
                 blocks[origin] = merge_blocks(blocks[origin], (
                     blocks[origin][0], repeats[leader][0], where))
             blocks[root] = (blocks[root][0], None, where)

@@ -164,7 +164,12 @@ class AlignmentGraph:
                     )
         for group in self.groups:
             if group.repeats is not None and group.repeats[0] in widths:  # may hold no tensor
-                widths.setdefault(group.id, widths[group.repeats[0]] * group.repeats[1])
+                repeated = widths[group.repeats[0]] * group.repeats[1]
+                if widths.setdefault(group.id, repeated) != repeated:
+                    raise ValueError(f"{who}: group '{group.label}' repeats "
+                                     f"'{self.groups_by_id[group.repeats[0]].label}' "
+                                     f"{group.repeats[1]} times, so its width must be "
+                                     f"{repeated}, not {widths[group.id]}")
             if group.parts is not None:
                 total = sum(size if g is None else widths.get(g, 0) for g, size in group.parts)
                 if widths.setdefault(group.id, total) != total:

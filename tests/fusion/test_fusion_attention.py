@@ -273,6 +273,19 @@ def test_multi_query_heads_repeat_the_one_key_and_value_head(name):
                    if ".attn." in group.label)
 
 
+def test_repeated_heads_need_as_many_query_heads_in_every_model(engine):
+    """A client with twice the query heads over one key and value head of the same size
+    is refused by name (once a RuntimeError deep in the averaging)."""
+    config, fuse, _ = engine
+    from attention_models import Llama
+
+    narrow, wide = (Llama(dim=2 * heads, heads=heads, kv_heads=1, style=None,
+                          repeat="broadcast").eval() for heads in (4, 8))
+    inputs = make_inputs("llama", torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="repeats 'blocks.0.attn.k' 4 times, so its width"):
+        fuse([narrow, wide], config=config, inputs=inputs)
+
+
 def test_rotary_heads_need_one_width_in_every_model(engine):
     """Units kept in place cannot be matched across heads of different sizes."""
     config, fuse, _ = engine

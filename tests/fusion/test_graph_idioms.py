@@ -1599,25 +1599,36 @@ class MultiQuery(nn.Module):
     ``F.scaled_dot_product_attention`` broadcasting the key and value head without
     ``enable_gqa``; ``"gate"``, a gate per query head on the output heads; ``"keys"``,
     the keys also returned (a KV cache: they, and the query heads with them, stay
-    where they are); ``"rotary"``, rotary embeddings on the queries and keys (refused:
-    the one key head's units would have to stay in place); ``"einsum"``, the scores by
-    ``torch.einsum`` with the key head dropped (refused)."""
+    where they are); ``"key norm"`` and ``"value norm"``, a GroupNorm of two groups
+    over the key's or the value's units (their blocks are not heads: once a wrong
+    function, d = 0.04 and 0.31); ``"rotary"``, rotary embeddings on the queries and
+    keys (refused: the one key head's units would have to stay in place); ``"einsum"``,
+    the scores by ``torch.einsum`` with the key head dropped (refused)."""
 
     def __init__(self, variant: str):
         super().__init__()
         self.variant, self.inp, self.head = variant, nn.Linear(6, 8), nn.Linear(8, 3)
-        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 2), nn.Linear(8, 2)
-        self.proj = nn.Linear(8, 8)
+        self.size = 4 if variant.endswith("norm") else 2
+        self.q, self.k, self.v = (nn.Linear(8, n) for n in (4 * self.size, self.size,
+                                                            self.size))
+        self.proj = nn.Linear(4 * self.size, 8)
         if variant == "gate":
             self.gate = nn.Linear(8, 4)
+        if variant.endswith("norm"):
+            self.norm = nn.GroupNorm(2, self.size)
         angles = torch.arange(_T).float()[:, None]
         self.register_buffer("cos", angles.cos())
         self.register_buffer("sin", angles.sin())
 
     def forward(self, x):
         h, B = self.inp(x), x.shape[0]
-        q = self.q(h).view(B, _T, 4, 2).transpose(1, 2)
-        k, v = (layer(h).view(B, _T, 1, 2).transpose(1, 2) for layer in (self.k, self.v))
+        q = self.q(h).view(B, _T, 4, self.size).transpose(1, 2)
+        k, v = self.k(h), self.v(h)
+        if self.variant == "key norm":
+            k = self.norm(k.transpose(1, 2)).transpose(1, 2)
+        elif self.variant == "value norm":
+            v = self.norm(v.transpose(1, 2)).transpose(1, 2)
+        k, v = (t.view(B, _T, 1, self.size).transpose(1, 2) for t in (k, v))
         if self.variant == "rotary":
             q, k = _rotated(q, self.cos, self.sin), _rotated(k, self.cos, self.sin)
         if self.variant == "sdpa":
@@ -1629,11 +1640,12 @@ class MultiQuery(nn.Module):
             y = (q @ k.transpose(-2, -1)).softmax(-1) @ v
         if self.variant == "gate":
             y = y * torch.sigmoid(self.gate(h)).transpose(1, 2).unsqueeze(-1)
-        out = self.head((h + self.proj(y.transpose(1, 2).reshape(B, _T, 8))).mean(1))
+        out = self.proj(y.transpose(1, 2).reshape(B, _T, 4 * self.size))
+        out = self.head((h + out).mean(1))
         return (out, k) if self.variant == "keys" else out
 
 
-@pytest.mark.parametrize("variant", ["sdpa", "gate", "keys"])
+@pytest.mark.parametrize("variant", ["sdpa", "gate", "keys", "key norm", "value norm"])
 def test_multi_query_attention_idioms_keep_the_function(variant):
     x = torch.randn(16, _T, 6)
     model, other = (_built(lambda: MultiQuery(variant), seed) for seed in (0, 1))
@@ -1652,6 +1664,31 @@ def test_multi_query_attention_with_rotary_embeddings_or_einsum_is_refused(varia
     model, other = (_built(lambda: MultiQuery(variant), seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match=match):
         align(other, model, config=EXACT, inputs=x)
+
+
+class BlocksTimesData(nn.Module):
+    """Channels viewed as two blocks of four, ``(B, 2, 4, N)``, times a matrix made from
+    the input, ``(B, 1, N, E)``, broadcast over the blocks: not attention, so the
+    matrix's units are no head shared by the blocks (once refused, or a RuntimeError
+    with ``E = 3``, since multi-query attention was recognised)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width, self.inp, self.mix = width, nn.Linear(6, 8), nn.Linear(6, width)
+        self.fc, self.head = nn.Linear(width, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        blocks = self.inp(x).transpose(1, 2).reshape(B, 2, 4, _T)
+        y = (blocks @ self.mix(x).unsqueeze(1)).reshape(B, 8, self.width)
+        return self.head(self.fc(y).mean(1))
+
+
+@pytest.mark.parametrize("width", [3, 4])
+def test_blocks_times_a_broadcast_matrix_keep_the_function(width):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: BlocksTimesData(width), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
 
 
 class SegmentIds(nn.Module):

@@ -292,16 +292,21 @@ def _batch_dims(tracer, call, left, right, keep, operands=((0, "input"), (1, "ot
 
 
 def _shared_heads(tracer, call, left, right, operands=((0, "input"), (1, "other"))):
-    """The layouts of a product's two ``operands``, where one holds heads on a batch
-    dimension that the other broadcasts or fills with unaligned data: that other's units
-    serve every head, one head shared by all (multi-query attention's keys and values,
-    :meth:`~..tracer.Tracer.share_head`)."""
+    """The layouts of a product's two ``operands``, where one holds attention heads on a
+    batch dimension that the other broadcasts or fills with unaligned data: that other's
+    units serve every head, one head shared by all (multi-query attention's keys and
+    values, :meth:`~..tracer.Tracer.share_head`). Attention heads: queries, whose units
+    are summed over, or scores, which hold no units."""
     shapes = [L.shape_of(call.value(i, name)) for i, name in operands]
     layouts = [left, right]
-    for offset in range(3, min(len(left), len(right)) + 1):
-        for own, other in ((0, 1), (1, 0)):
+    for own, other in ((0, 1), (1, 0)):
+        summed = layouts[own][-1 if own == 0 else -2]
+        if any(s is not None and s.part == "unit" for s in layouts[own]) and (
+                summed is None or summed.part != "unit") or shapes[own] is None:
+            continue
+        for offset in range(3, min(len(left), len(right)) + 1):
             spec = layouts[own][-offset]
-            if spec is not None and spec.part == "block" and shapes[own] is not None:
+            if spec is not None and spec.part == "block":
                 layouts[other] = tracer.share_head(layouts[other], len(layouts[other]) - offset,
                                                    shapes[own][-offset], _where(call))
     return tuple(layouts)
