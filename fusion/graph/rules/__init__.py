@@ -12,7 +12,9 @@ method rules are ``rule(tracer, call) -> layout``. One module per layer family:
 - :mod:`.attention`: MultiheadAttention and the Transformer layers;
 - :mod:`.pointwise`: activations, dropout, pooling, resampling;
 - :mod:`.tensor_ops`: arithmetic, comparisons, concatenation, reshapes, transposes,
-  indexing, reductions, products (``@``, ``einsum``, ``F.linear``), GLUs.
+  indexing, reductions, GLUs;
+- :mod:`.products`: ``@``, ``einsum``, ``F.linear`` and ``F.embedding`` on state
+  tensors, ``F.scaled_dot_product_attention``.
 
 A module under ``torch.nn.utils.parametrizations`` has its layer's rule; its weight is
 recorded through the tensors it is computed from (``Tracer.record``). Users add a rule
@@ -100,4 +102,4 @@ def method_rule(name: str) -> FunctionRule | None:
     return _METHODS.get(name)
 
 
-from . import attention, layers, norms, pointwise, recurrent, tensor_ops  # noqa: E402, F401
+from . import attention, layers, norms, pointwise, products, recurrent, tensor_ops  # noqa: E402, F401
