@@ -408,16 +408,16 @@ def _example_input(template: nn.Module, inputs: torch.Tensor | None) -> torch.Te
             f"{type(template).__name__} has no 'input_shape' attribute: pass a batch of "
             "inputs with fuse(..., inputs=x) so the model can be traced"
         )
-    parameter = next(template.parameters())
-    return torch.zeros(2, *shape, dtype=parameter.dtype, device=parameter.device)
+    return _like_parameters(torch.zeros(2, *shape), template)
 
 
 def _like_parameters(inputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``inputs`` on the model's device, floating inputs in its dtype."""
-    parameter = next(model.parameters())
-    if inputs.is_floating_point():
-        return inputs.to(parameter.device, parameter.dtype)
-    return inputs.to(parameter.device)
+    """``inputs`` on the model's device, floating inputs in the dtype of its floating
+    parameters (an integer parameter, a frozen table of offsets, says nothing of it)."""
+    floating = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if inputs.is_floating_point() and floating is not None:
+        return inputs.to(floating.device, floating.dtype)
+    return inputs.to(next(model.parameters()).device)
 
 
 def _check_unaligned_axes(graph: AlignmentGraph, states: list[dict[str, torch.Tensor]],
@@ -462,7 +462,7 @@ class _GroupSolver:
         self.target_widths = graph.widths(template_state, "target")
         self.groups = graph.groups_by_id
         for group in graph.groups:
-            sizes = {w[group.id] for w in [self.target_widths, *self.widths]}
+            sizes = {w[group.id] for w in [self.target_widths, *self.widths] if group.id in w}
             if group.fixed and len(sizes) > 1:
                 raise ValueError(
                     f"group '{group.label}' is an input or output of the model and cannot be "

@@ -1691,6 +1691,57 @@ def test_blocks_times_a_broadcast_matrix_keep_the_function(width):
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
 
 
+class SteppedGatedCell(nn.Module):
+    """A gated recurrence written out (a GRU without a reset gate, gates from ``chunk``)
+    stepped twice from zeros: every group is fixed, so nothing moves (once a KeyError
+    on a group that no tensor uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wx, self.wh = nn.Linear(6, 16), nn.Linear(8, 16, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x.new_zeros((x.shape[0], 8))
+        for t in range(2):
+            xz, xn = self.wx(x[:, t]).chunk(2, -1)
+            hz, hn = self.wh(h).chunk(2, -1)
+            z = torch.sigmoid(xz + hz)
+            h = (1 - z) * torch.tanh(xn + hn) + z * h
+        return self.head(h)
+
+
+def test_a_gated_cell_stepped_from_zeros_keeps_the_function():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(SteppedGatedCell, seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+class OffsetCodes(nn.Module):
+    """Category codes moved into one shared table by offsets kept as a frozen integer
+    Parameter, the model's first (tabular code), beside numeric columns: the example
+    input keeps the float dtype of the model's floating parameters (it was once cast to
+    int64, and the model refused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.offsets = nn.Parameter(torch.tensor([0, 5, 12]), requires_grad=False)
+        self.table, self.norm = nn.Embedding(20, 4), nn.LayerNorm(2)
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        codes = self.table(x[:, :3].long() + self.offsets).mean(1)
+        return self.head(torch.relu(self.fc(torch.cat([codes, self.norm(x[:, 3:])], 1))))
+
+
+def test_an_integer_parameter_first_leaves_float_inputs_float():
+    x = torch.cat([torch.randint(0, 5, (16, 3)).float(), torch.randn(16, 2)], 1)
+    model, other = (_built(OffsetCodes, seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    _same_function(aligned, other, x)
+    assert not torch.allclose(aligned.fc.weight, other.fc.weight)
+
+
 class SegmentIds(nn.Module):
     """``torch.repeat_interleave(counts)``, the one-argument form (segment ids from
     data alone), added to the inputs; once refused for a missing argument."""
