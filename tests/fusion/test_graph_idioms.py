@@ -1742,6 +1742,80 @@ def test_an_integer_parameter_first_leaves_float_inputs_float():
     assert not torch.allclose(aligned.fc.weight, other.fc.weight)
 
 
+class PaddedResidual(nn.Module):
+    """CycleGAN's residual block: a padding module, then a convolution without padding,
+    twice, with instance norms (once refused: no rule for the padding modules)."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.stem, self.pad = nn.Conv2d(3, 6, 3, padding=1), pad
+        self.conv1, self.conv2 = nn.Conv2d(6, 6, 3), nn.Conv2d(6, 6, 3)
+        self.norm1 = nn.InstanceNorm2d(6, affine=True)
+        self.norm2 = nn.InstanceNorm2d(6, affine=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = torch.relu(self.norm1(self.conv1(self.pad(h))))
+        h = h + self.norm2(self.conv2(self.pad(y)))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("pad", [nn.ReflectionPad2d(1), nn.ReplicationPad2d(1),
+                                 nn.ZeroPad2d(1), nn.ConstantPad2d(1, 0.5),
+                                 nn.CircularPad2d(1)], ids=lambda pad: type(pad).__name__)
+def test_padding_modules_keep_the_function(pad):
+    model, other = (_built(lambda: PaddedResidual(pad), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=_images()), other, _images())
+
+
+def test_padding_the_units_is_refused():
+    class PadsChannels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.pad, self.fc2 = nn.Linear(6, 8), nn.ZeroPad1d(2), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc2(self.pad(torch.relu(self.fc1(x))))
+
+    model, other = (_built(PadsChannels, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="would pad the units themselves"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 6))
+
+
+class StatisticsPooling(nn.Module):
+    """Statistics over time or space, as reductions: ``"x-vector"``, the mean and the
+    standard deviation of frame features over time side by side (speaker embeddings);
+    ``"adain"``, features whitened by their mean and standard deviation over space
+    (style transfer); ``"var_mean"``, ``torch.var_mean`` over space, both kept. Once
+    refused: ``std`` and ``var`` had no rule."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.frames = nn.Conv1d(6, 8, 3) if kind == "x-vector" else nn.Conv2d(3, 8, 3)
+        self.head = nn.Linear(16 if kind != "adain" else 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.frames(x))
+        if self.kind == "x-vector":
+            return self.head(torch.cat([h.mean(-1), h.std(-1)], 1))
+        if self.kind == "adain":
+            h = (h - h.mean((2, 3), keepdim=True)) / (h.std((2, 3), keepdim=True) + 1e-5)
+            return self.head(h.amax((2, 3)))
+        var, mean = torch.var_mean(h, (2, 3), correction=0)
+        return self.head(torch.cat([mean, var.sqrt()], 1))
+
+
+@pytest.mark.parametrize("kind", ["x-vector", "adain", "var_mean"])
+def test_statistics_over_time_or_space_keep_the_function(kind):
+    x = torch.randn(16, 6, 9) if kind == "x-vector" else _images()
+    model, other = (_built(lambda: StatisticsPooling(kind), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    _same_function(aligned, other, x)
+    assert not torch.allclose(aligned.frames.weight, other.frames.weight)
+
+
 class SegmentIds(nn.Module):
     """``torch.repeat_interleave(counts)``, the one-argument form (segment ids from
     data alone), added to the inputs; once refused for a missing argument."""

@@ -146,6 +146,23 @@ def pool_function(tracer, call):
                    f"node '{call.node.name}'")
 
 
+_PADS = {pad: int(pad.__name__[-2]) for pad in (
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+    nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.CircularPad1d,
+    nn.CircularPad2d, nn.CircularPad3d)}
+
+
+@register_rule(*_PADS)
+def pad_module(tracer, call, name, module):
+    """Padding modules (CycleGAN's and style transfer's ``nn.ReflectionPad2d``) pad the
+    last one to three dimensions, time or space; padding units would add units."""
+    layout = call.layout()
+    require_unaligned(tracer, layout, range(-_PADS[type(module)], 0), f"module '{name}'",
+                      "would pad the units themselves")
+    return layout
+
+
 _RESAMPLERS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 
 

@@ -344,6 +344,24 @@ def reduction(tracer, call):
                     _where(call))
 
 
+@function_rule_for(torch.std, torch.var)
+@method_rule_for("std", "var")
+def spread(tracer, call):
+    """Standard deviation and variance, reductions like the mean (AdaIN's statistics
+    over space, an x-vector's statistics pooling over time); ``keepdim`` comes after
+    ``unbiased``, and ``h.std(False)`` (unbiased given alone) reduces everything."""
+    dim = call.value(1, "dim", None)
+    return L.reduce(call.layout(), None if isinstance(dim, bool) else dim,
+                    call.value(3, "keepdim", False), _where(call))
+
+
+@function_rule_for(torch.std_mean, torch.var_mean)
+def spread_and_mean(tracer, call):
+    """``torch.std_mean`` and ``torch.var_mean``: both reduced alike."""
+    reduced = spread(tracer, call)
+    return (reduced, reduced)
+
+
 @function_rule_for(torch.flip)
 @method_rule_for("flip")
 def flip(tracer, call):
