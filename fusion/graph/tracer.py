@@ -522,7 +522,10 @@ class Tracer:
     def visit_module(self, call: Call) -> object:
         name = call.node.target
         module = self.modules[name]
-        for value in (*call.args, *call.kwargs.values()):
+        given = (*call.args, *call.kwargs.values())
+        if isinstance(module, nn.RNNBase):  # its initial state may stack layers (an h_n)
+            given = (call.layout(0, "input"),)
+        for value in given:
             if isinstance(value, Stacked):
                 raise UnsupportedModelError(f"module '{name}' consumes {value.why}")
         rule = rules.module_rule(module)

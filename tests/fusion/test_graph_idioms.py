@@ -1816,6 +1816,46 @@ def test_statistics_over_time_or_space_keep_the_function(kind):
     assert not torch.allclose(aligned.frames.weight, other.frames.weight)
 
 
+class Seq2Seq(nn.Module):
+    """An encoder-decoder of recurrent layers (forecasting, translation): the decoder
+    starts from the encoder's final state, ``(h_n, c_n)`` or ``h_n``, stacked over
+    layers and directions, or one layer's state repeated for every decoder layer (once
+    refused: an initial state with aligned units)."""
+
+    def __init__(self, kind: str = "lstm", layers: int = 2, bidirectional: bool = False,
+                 proj: int = 0, repeated: bool = False):
+        super().__init__()
+        self.kind, self.repeated = kind, repeated
+        layer = nn.LSTM if kind == "lstm" else nn.GRU
+        extra = {"proj_size": proj} if proj else {}
+        self.encoder = layer(6, 8, 1 if repeated else layers, batch_first=True,
+                             bidirectional=bidirectional, **extra)
+        self.decoder = layer(6, 8, layers * (2 if bidirectional else 1), batch_first=True,
+                             **extra)
+        self.head = nn.Linear(proj or 8, 3)
+
+    def forward(self, x):
+        _, state = self.encoder(x)
+        if self.repeated and self.kind == "lstm":
+            h, c = state
+            state = (h.repeat(2, 1, 1), c.repeat(2, 1, 1))
+        elif self.repeated:
+            state = state.repeat(2, 1, 1)
+        out, _ = self.decoder(x.flip(1), state)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"kind": "gru"}, {"layers": 1}, {"bidirectional": True}, {"proj": 4},
+    {"repeated": True}, {"kind": "gru", "repeated": True}], ids=str)
+def test_a_decoder_started_from_its_encoders_state_keeps_the_function(options):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: Seq2Seq(**options), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    _same_function(aligned, other, x)
+    assert not torch.allclose(aligned.decoder.weight_hh_l0, other.decoder.weight_hh_l0)
+
+
 class SegmentIds(nn.Module):
     """``torch.repeat_interleave(counts)``, the one-argument form (segment ids from
     data alone), added to the inputs; once refused for a missing argument."""

@@ -28,11 +28,6 @@ def recurrent(tracer, call, name, module):
                                     "than by pack_padded_sequence, which is not supported")
     require_unaligned(tracer, source, range(len(source) - 1), where,
                       "runs over a time or batch dimension that holds aligned units")
-    for layout, node in _given_states(call, isinstance(module, nn.LSTM)):
-        if has_groups(layout):
-            raise UnsupportedModelError(f"{where}: an initial state with aligned units is "
-                                        "not supported")
-        _refuse_data(node, where)
     gates = _gates(GATES, module)
     proj = getattr(module, "proj_size", 0)
     directions = ("", "_reverse") if module.bidirectional else ("",)
@@ -73,9 +68,32 @@ def recurrent(tracer, call, name, module):
         return Stacked(tuple((*batch, s) for s in specs),
                        f"the stacked {what} of '{name}' (index one layer, e.g. h_n[-1])")
 
+    lstm = isinstance(module, nn.LSTM)
+    for (layout, node), rows in zip(_given_states(call, lstm), (outputs, cells), strict=False):
+        if has_groups(layout):
+            _join_initial_state(tracer, layout, rows, where)
+        else:
+            _refuse_data(node, where)
     hidden = stacked(outputs, "hidden states")
-    state = (hidden, stacked(cells, "cell states")) if isinstance(module, nn.LSTM) else hidden
+    state = (hidden, stacked(cells, "cell states")) if lstm else hidden
     return (output, state)
+
+
+def _join_initial_state(tracer, layout, rows: list[AxisSpec], where: str) -> None:
+    """A layer's initial state with aligned units (a decoder started from its encoder's
+    ``h_n``): row ``i`` (layer ``i // directions``, direction ``i % directions``) holds
+    the units of ``rows[i]``, the layer's own; a state whose rows all hold one group (one
+    layer's ``h_n`` repeated) gives every row that group."""
+    if isinstance(layout, Stacked):
+        if len(layout.items) != len(rows):
+            raise UnsupportedModelError(f"{where}: an initial state of {len(layout.items)} "
+                                        f"stacked states for {len(rows)} layers and "
+                                        "directions is not supported")
+        specs = [_state_spec(item, where) for item in layout.items]
+    else:
+        specs = [_state_spec(layout, where)] * len(rows)
+    for row, spec in zip(rows, specs, strict=True):
+        tracer.union(row.group, spec.group)
 
 
 @function_rule_for(rnn_utils.pack_padded_sequence)
