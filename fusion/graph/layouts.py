@@ -15,6 +15,7 @@ import operator
 from collections.abc import Callable
 from dataclasses import replace
 
+import torch
 from torch import fx
 
 from .spec import AxisSpec, UnsupportedModelError
@@ -235,6 +236,8 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
         at = items.index(Ellipsis)
         fill = len(value) - (len(items) - 1 - sum(i is None for i in items))
         items = (*items[:at], *(slice(None),) * fill, *items[at + 1:])
+    if any(isinstance(i, fx.Node) for i in items):
+        return _indexed_by_tensors(value, items, where, shape, cut)
     value = list(value)
     out: list[AxisSpec | None] = []
     dim = 0
@@ -258,6 +261,40 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
             raise UnsupportedModelError(f"{where}: unsupported index {entry!r}")
         dim += 1
     return (*out, *value[dim:])
+
+
+def _indexed_by_tensors(layout: Layout, items: tuple, where: str,
+                        shape: tuple[int, ...] | None,
+                        cut: Callable[[AxisSpec, str], bool]) -> Layout:
+    """``h[torch.arange(B), last]`` (the last token of each sequence), ``table[ids]``:
+    tensors index dimensions that hold no aligned units (or a parameter's own axis that
+    ``cut`` allows), which become the index's dimensions, in their place when the
+    tensors are side by side, else first; the other dimensions are sliced whole or
+    partly (unaligned ones), and keep their layouts."""
+    if shape is None or any(i is None or isinstance(i, int | list | tuple) for i in items):
+        raise UnsupportedModelError(f"{where}: indexing by tensors mixed with integers, "
+                                    "lists or new axes is not supported")
+    kept: list[AxisSpec | None] = []
+    indexed, dim = [], 0
+    for position, entry in enumerate(items):
+        ndim = len(shape_of(entry) or ()) if isinstance(entry, fx.Node) and (
+            getattr(entry.meta.get("tensor_meta"), "dtype", None) == torch.bool) else 1
+        specs = layout[dim:dim + ndim]
+        dim += ndim
+        if isinstance(entry, fx.Node):
+            indexed.append(position)
+            if any(s is not None and not cut(s, where) for s in specs):
+                raise UnsupportedModelError(f"{where} indexes aligned units by a tensor")
+        elif entry != slice(None) and specs[0] is not None and not cut(specs[0], where):
+            raise UnsupportedModelError(f"{where} indexes into aligned units (dimension "
+                                        f"{dim - 1})")
+        else:
+            kept.append(specs[0])
+    kept.extend(layout[dim:])
+    new = (None,) * (len(shape) - len(kept))
+    if indexed != list(range(indexed[0], indexed[-1] + 1)):
+        return (*new, *kept)
+    return (*kept[:indexed[0]], *new, *kept[indexed[0]:])
 
 
 def _one_list(items: tuple) -> bool:

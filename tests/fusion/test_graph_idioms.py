@@ -1856,6 +1856,50 @@ def test_a_decoder_started_from_its_encoders_state_keeps_the_function(options):
     assert not torch.allclose(aligned.decoder.weight_hh_l0, other.decoder.weight_hh_l0)
 
 
+class PickedByTensors(nn.Module):
+    """Entries picked by tensors along dimensions without aligned units: ``"last"``, the
+    last real token of each sequence, ``h[torch.arange(B), last]`` (a GRU classifier's
+    or CLIP's pooling); ``"table"``, a positional table indexed by positions,
+    ``self.pos[torch.arange(T)]``; ``"mask"``, the tokens a boolean mask keeps,
+    ``h[mask]``; ``"units"``, units picked by a tensor (refused). The first three were
+    refused: no tensor index was supported."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.embed = kind, nn.Linear(6, 8)
+        self.pos = nn.Parameter(torch.randn(_T, 8)) if kind == "table" else None
+        self.rnn, self.head = nn.GRU(8, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        B, T = x.shape[0], x.shape[1]
+        h = self.embed(x)
+        if self.kind == "table":
+            h = h + self.pos[torch.arange(T, device=x.device)]
+        h, _ = self.rnn(h)
+        if self.kind == "mask":
+            return self.head(h[x[..., 0] > 0].sum(0, keepdim=True) + h.mean(1))
+        if self.kind == "units":
+            return self.head(h[:, :, torch.arange(8, device=x.device)].mean(1))
+        last = (x[..., 0] > 0).long().sum(1).clamp(min=1) - 1
+        return self.head(h[torch.arange(B, device=x.device), last])
+
+
+@pytest.mark.parametrize("kind", ["last", "table", "mask"])
+def test_entries_picked_by_tensors_keep_the_function(kind):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: PickedByTensors(kind), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    _same_function(aligned, other, x)
+    assert not torch.allclose(aligned.embed.weight, other.embed.weight)
+
+
+def test_units_picked_by_a_tensor_are_refused():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: PickedByTensors("units"), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="indexes aligned units by a tensor"):
+        align(other, model, config=EXACT, inputs=x)
+
+
 class SegmentIds(nn.Module):
     """``torch.repeat_interleave(counts)``, the one-argument form (segment ids from
     data alone), added to the inputs; once refused for a missing argument."""
