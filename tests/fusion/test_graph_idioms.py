@@ -1769,6 +1769,26 @@ def test_padding_modules_keep_the_function(pad):
     _same_function(align(other, model, config=EXACT, inputs=_images()), other, _images())
 
 
+class CausalTimePadding(nn.Module):
+    """Features ``(B, T, C)`` padded before in time only by a padding module (a causal
+    window): the units' dimension is not padded (once refused: the module's rule looked
+    at every dimension it could pad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.pad, self.fc2 = nn.Linear(6, 8), nn.ZeroPad2d((0, 0, 2, 0)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.pad(torch.relu(self.fc1(x)))
+        return self.fc2((h[:, :-2] + h[:, 1:-1] + h[:, 2:]).mean(1))
+
+
+def test_a_padding_module_along_time_only_keeps_the_function():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(CausalTimePadding, seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
 def test_padding_the_units_is_refused():
     class PadsChannels(nn.Module):
         def __init__(self):
@@ -1819,24 +1839,30 @@ def test_statistics_over_time_or_space_keep_the_function(kind):
 class Seq2Seq(nn.Module):
     """An encoder-decoder of recurrent layers (forecasting, translation): the decoder
     starts from the encoder's final state, ``(h_n, c_n)`` or ``h_n``, stacked over
-    layers and directions, or one layer's state repeated for every decoder layer (once
-    refused: an initial state with aligned units)."""
+    layers and directions, or one layer's state repeated for every decoder layer, or
+    detached, or a GRU's with a cell state of zeros (once refused: an initial state with
+    aligned units)."""
 
     def __init__(self, kind: str = "lstm", layers: int = 2, bidirectional: bool = False,
-                 proj: int = 0, repeated: bool = False):
+                 proj: int = 0, repeated: bool = False, detached: bool = False):
         super().__init__()
-        self.kind, self.repeated = kind, repeated
+        self.kind, self.repeated, self.detached = kind, repeated, detached
         layer = nn.LSTM if kind == "lstm" else nn.GRU
         extra = {"proj_size": proj} if proj else {}
-        self.encoder = layer(6, 8, 1 if repeated else layers, batch_first=True,
-                             bidirectional=bidirectional, **extra)
-        self.decoder = layer(6, 8, layers * (2 if bidirectional else 1), batch_first=True,
-                             **extra)
+        self.encoder = (nn.GRU if kind == "gru-lstm" else layer)(
+            6, 8, 1 if repeated else layers, batch_first=True, bidirectional=bidirectional,
+            **extra)
+        self.decoder = (nn.LSTM if kind == "gru-lstm" else layer)(
+            6, 8, layers * (2 if bidirectional else 1), batch_first=True, **extra)
         self.head = nn.Linear(proj or 8, 3)
 
     def forward(self, x):
         _, state = self.encoder(x)
-        if self.repeated and self.kind == "lstm":
+        if self.detached:  # truncated backpropagation through time
+            state = state.detach()
+        if self.kind == "gru-lstm":  # a GRU's h_n, and a cell state of zeros
+            state = (state, torch.zeros_like(state))
+        elif self.repeated and self.kind == "lstm":
             h, c = state
             state = (h.repeat(2, 1, 1), c.repeat(2, 1, 1))
         elif self.repeated:
@@ -1847,7 +1873,8 @@ class Seq2Seq(nn.Module):
 
 @pytest.mark.parametrize("options", [
     {}, {"kind": "gru"}, {"layers": 1}, {"bidirectional": True}, {"proj": 4},
-    {"repeated": True}, {"kind": "gru", "repeated": True}], ids=str)
+    {"repeated": True}, {"kind": "gru", "repeated": True}, {"kind": "gru", "detached": True},
+    {"kind": "gru-lstm"}], ids=str)
 def test_a_decoder_started_from_its_encoders_state_keeps_the_function(options):
     x = torch.randn(16, _T, 6)
     model, other = (_built(lambda: Seq2Seq(**options), seed) for seed in (0, 1))
@@ -1898,6 +1925,38 @@ def test_units_picked_by_a_tensor_are_refused():
     model, other = (_built(lambda: PickedByTensors("units"), seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="indexes aligned units by a tensor"):
         align(other, model, config=EXACT, inputs=x)
+
+
+class CrossAttention(nn.Module):
+    """``nn.MultiheadAttention`` from queries to a memory of another width (``kdim`` and
+    ``vdim``: its projections are kept apart, ``q_proj_weight``...) and with a learned
+    key and value more (``add_bias_kv``); both were refused."""
+
+    def __init__(self, memory: int, bias_kv: bool):
+        super().__init__()
+        self.query, self.memory = nn.Linear(6, 8), nn.Linear(6, memory)
+        options = {"kdim": memory, "vdim": memory} if memory != 8 else {}
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True,
+                                               add_bias_kv=bias_kv, **options)
+        self.head = nn.Linear(8, 3)
+        if bias_kv:
+            with torch.no_grad():
+                self.attention.bias_k.normal_()
+                self.attention.bias_v.normal_()
+
+    def forward(self, x):
+        h, memory = self.query(x), torch.relu(self.memory(x))
+        y, _ = self.attention(h, memory, memory, need_weights=False)
+        return self.head((h + y).mean(1))
+
+
+@pytest.mark.parametrize("memory, bias_kv", [(5, False), (8, True), (5, True)])
+def test_multihead_attention_with_kdim_or_bias_kv_keeps_the_function(memory, bias_kv):
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: CrossAttention(memory, bias_kv), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=x)
+    _same_function(aligned, other, x)
+    assert not torch.allclose(aligned.memory.weight, other.memory.weight)
 
 
 class SegmentIds(nn.Module):

@@ -24,18 +24,22 @@ def attention(tracer, name: str, module: nn.MultiheadAttention, query, key, valu
     """Records ``module`` attending from ``query`` to ``key``/``value`` features (specs of
     the last dimension); returns the spec of its output features."""
     where = f"module '{name}'"
-    if not module._qkv_same_embed_dim or module.bias_k is not None:
-        raise UnsupportedModelError(f"{where}: MultiheadAttention with kdim/vdim or "
-                                    "add_bias_kv is not supported")
     heads = module.num_heads
     qk = tracer.new_group(f"{name}.qk")
     tracer.constrain_blocks(qk, heads, where)
     vo = tracer.new_group(f"{name}.vo")
     tracer.constrain_blocks(vo, heads, where, source=qk)
     q_rows, v_rows = AxisSpec(qk, "neuron"), AxisSpec(vo, "neuron")
-    tracer.record_packed(name, "in_proj_weight", 0, [
-        (q_rows, as_input(query)), (q_rows, as_input(key)), (v_rows, as_input(value))],
-        cost=True)
+    projections = [(q_rows, as_input(query)), (q_rows, as_input(key)),
+                   (v_rows, as_input(value))]
+    if module._qkv_same_embed_dim:
+        tracer.record_packed(name, "in_proj_weight", 0, projections, cost=True)
+    else:  # kdim or vdim: the projections are kept apart
+        for part, axes in zip(("q", "k", "v"), projections, strict=True):
+            tracer.record(name, f"{part}_proj_weight", axes, cost=True)
+    if module.bias_k is not None:  # add_bias_kv: one learned key and value more
+        tracer.record(name, "bias_k", (None, None, q_rows), cost=False)
+        tracer.record(name, "bias_v", (None, None, v_rows), cost=False)
     if module.in_proj_bias is not None:
         tracer.record_packed(name, "in_proj_bias", 0, [(q_rows,), (q_rows,), (v_rows,)],
                              cost=True)

@@ -155,10 +155,17 @@ _PADS = {pad: int(pad.__name__[-2]) for pad in (
 
 @register_rule(*_PADS)
 def pad_module(tracer, call, name, module):
-    """Padding modules (CycleGAN's and style transfer's ``nn.ReflectionPad2d``) pad the
-    last one to three dimensions, time or space; padding units would add units."""
-    layout = call.layout()
-    require_unaligned(tracer, layout, range(-_PADS[type(module)], 0), f"module '{name}'",
+    """Padding modules (CycleGAN's and style transfer's ``nn.ReflectionPad2d``) pad some
+    of the last one to three dimensions, as ``F.pad`` does with their amounts."""
+    return padded(tracer, call.layout(), module.padding, f"module '{name}'")
+
+
+def padded(tracer, layout, amounts, where: str):
+    """``layout`` padded by ``amounts`` (before, after) from the last dimension backwards,
+    as ``F.pad`` takes them: the dimensions padded must hold no units (time, space)."""
+    ndim = len(layout)
+    require_unaligned(tracer, layout, [ndim - 1 - i for i in range(len(amounts) // 2)
+                                       if amounts[2 * i] or amounts[2 * i + 1]], where,
                       "would pad the units themselves")
     return layout
 

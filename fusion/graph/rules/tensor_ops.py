@@ -12,6 +12,7 @@ from torch import fx, nn
 from .. import layouts as L
 from ..spec import AxisSpec, UnsupportedModelError
 from . import function_rule_for, method_rule_for, register_rule
+from .pointwise import padded
 
 
 def _where(call) -> str:
@@ -385,18 +386,14 @@ def cumulative(tracer, call):
 
 @function_rule_for(F.pad)
 def pad(tracer, call):
-    """``F.pad``'s (before, after) amounts run from the last dimension backwards; only
-    the dimensions it pads count."""
-    amounts, ndim = call.value(1, "pad"), len(call.layout())
-    return _along(tracer, call, [ndim - 1 - i for i in range(len(amounts) // 2)
-                                 if amounts[2 * i] or amounts[2 * i + 1]], "pad")
+    return padded(tracer, call.layout(), call.value(1, "pad"), _where(call))
 
 
 def _along(tracer, call, dims, verb: str):
     """Ops that move or combine entries along ``dims`` and keep every other dimension
-    (``flip``, ``roll``, ``cumsum``, ``F.pad``): along unaligned ones (time, space:
-    test-time flips, Swin's shifted windows, a causal padding) the layout stays; along
-    aligned units they would reorder, mix or add units, and are refused."""
+    (``flip``, ``roll``, ``cumsum``): along unaligned ones (time, space: test-time
+    flips, Swin's shifted windows) the layout stays; along
+    aligned units they would reorder or mix units, and are refused."""
     layout = call.layout()
     L.require_unaligned(tracer, layout, dims, _where(call), f"would {verb} the units themselves")
     return layout
