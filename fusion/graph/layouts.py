@@ -234,7 +234,7 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
     items = item if isinstance(item, tuple) else (item,)
     if Ellipsis in items:
         at = items.index(Ellipsis)
-        fill = len(value) - (len(items) - 1 - sum(i is None for i in items))
+        fill = len(value) - sum(_dims_indexed(i) for i in items if i is not Ellipsis)
         items = (*items[:at], *(slice(None),) * fill, *items[at + 1:])
     if any(isinstance(i, fx.Node) for i in items):
         return _indexed_by_tensors(value, items, where, shape, cut)
@@ -263,34 +263,52 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
     return (*out, *value[dim:])
 
 
+def _dims_indexed(entry) -> int:
+    """How many dimensions an index entry consumes: none for a new axis, a boolean
+    mask's rank for a mask, else one."""
+    if entry is None:
+        return 0
+    return len(shape_of(entry) or ()) if _is_mask(entry) else 1
+
+
+def _is_mask(entry) -> bool:
+    meta = entry.meta.get("tensor_meta") if isinstance(entry, fx.Node) else None
+    return getattr(meta, "dtype", None) in (torch.bool, torch.uint8)
+
+
 def _indexed_by_tensors(layout: Layout, items: tuple, where: str,
                         shape: tuple[int, ...] | None,
                         cut: Callable[[AxisSpec, str], bool]) -> Layout:
-    """``h[torch.arange(B), last]`` (the last token of each sequence), ``table[ids]``:
-    tensors index dimensions that hold no aligned units (or a parameter's own axis that
-    ``cut`` allows), which become the index's dimensions, in their place when the
-    tensors are side by side, else first; the other dimensions are sliced whole or
-    partly (unaligned ones), and keep their layouts."""
+    """``h[torch.arange(B), last]`` (the last token of each sequence), ``table[ids]``,
+    ``h[mask]``: tensors index dimensions that hold no aligned units (or a parameter's
+    own axis that ``cut`` allows), which become the index's dimensions, in their place
+    when the tensors are side by side, else first; an integer computed in ``forward``
+    (``n.item()``, a 0-d integer tensor) picks one entry as an integer does; the other
+    dimensions are sliced whole or partly (unaligned ones), and keep their layouts."""
     if shape is None or any(i is None or isinstance(i, int | list | tuple) for i in items):
         raise UnsupportedModelError(f"{where}: indexing by tensors mixed with integers, "
                                     "lists or new axes is not supported")
     kept: list[AxisSpec | None] = []
     indexed, dim = [], 0
-    for position, entry in enumerate(items):
-        ndim = len(shape_of(entry) or ()) if isinstance(entry, fx.Node) and (
-            getattr(entry.meta.get("tensor_meta"), "dtype", None) == torch.bool) else 1
-        specs = layout[dim:dim + ndim]
-        dim += ndim
-        if isinstance(entry, fx.Node):
-            indexed.append(position)
+    for entry in items:
+        tensor = isinstance(entry, fx.Node) and (_is_mask(entry) or bool(shape_of(entry)))
+        specs = layout[dim:dim + _dims_indexed(entry)]
+        dim += _dims_indexed(entry)
+        if dim > len(layout):
+            raise UnsupportedModelError(f"{where} indexes more dimensions than it has")
+        if isinstance(entry, fx.Node):  # a tensor, or an integer (no place of its own)
             if any(s is not None and not cut(s, where) for s in specs):
                 raise UnsupportedModelError(f"{where} indexes aligned units by a tensor")
+            if tensor:
+                indexed.append(len(kept) + len(indexed))
         elif entry != slice(None) and specs[0] is not None and not cut(specs[0], where):
             raise UnsupportedModelError(f"{where} indexes into aligned units (dimension "
                                         f"{dim - 1})")
         else:
             kept.append(specs[0])
     kept.extend(layout[dim:])
+    if not indexed:
+        return tuple(kept)
     new = (None,) * (len(shape) - len(kept))
     if indexed != list(range(indexed[0], indexed[-1] + 1)):
         return (*new, *kept)
