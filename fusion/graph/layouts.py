@@ -213,12 +213,14 @@ def transpose(layout: Layout, a: int, b: int) -> Layout:
 
 
 def index(value, item, where: str, shape: tuple[int, ...] | None,
-          pieces: dict[int, list[int]], cut: Callable[[AxisSpec, str], bool]):
+          pieces: dict[int, list[int]], cut: Callable[[AxisSpec, str], bool],
+          source: tuple[int, ...] | None = None):
     """``value[item]``: tuples of outputs are picked from; a stacked tensor gives the
     layout of the entry an integer picks (then indexed by the rest of ``item``,
-    ``h_n[-1, :, :]``); a tensor keeps the dimensions sliced whole, and one piece of a
-    packed group may be picked by an integer. Any other index of an axis needs
-    ``cut(axis, where)`` to allow it (a state tensor's own axis, see
+    ``h_n[-1, :, :]``); a tensor keeps the dimensions sliced whole (``:``, or a slice
+    covering all of its ``source`` shape's size: GhostNet's ``out[:, :self.oup]``), and
+    one piece of a packed group may be picked by an integer. Any other index of an axis
+    needs ``cut(axis, where)`` to allow it (a state tensor's own axis, see
     :meth:`~.tracer.Tracer.cut`)."""
     if isinstance(value, Stacked):
         first, rest = (item[0], item[1:]) if isinstance(item, tuple) and item else (item, ())
@@ -250,7 +252,8 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
             value = list(pick(tuple(value), dim, entry, pieces))
             out = list(pick((*out, spec), len(out), entry, pieces))
             continue
-        whole = isinstance(entry, slice) and entry == slice(None)
+        whole = isinstance(entry, slice) and (entry == slice(None) or source is not None
+                                              and _covers(entry, source[dim]))
         if spec is not None and not whole and not cut(spec, where):
             raise UnsupportedModelError(f"{where} indexes into aligned units (dimension {dim})")
         if isinstance(entry, slice):
@@ -261,6 +264,14 @@ def index(value, item, where: str, shape: tuple[int, ...] | None,
             raise UnsupportedModelError(f"{where}: unsupported index {entry!r}")
         dim += 1
     return (*out, *value[dim:])
+
+
+def _covers(entry: slice, size: int) -> bool:
+    """Whether the slice ``entry`` (of plain integers) takes all ``size`` entries, in
+    order."""
+    ends = (entry.start, entry.stop, entry.step)
+    return all(e is None or isinstance(e, int) for e in ends) and entry.indices(size) == (
+        0, size, 1)
 
 
 def _dims_indexed(entry) -> int:

@@ -907,7 +907,12 @@ class ClampByParameter(_Pair):
 
 class SlicedScale(_Pair):
     """A per-unit scale cut from a longer parameter: its entries are picked by position,
-    so they cannot follow the units."""
+    so they cannot follow the units. (Its parameter was once as long as the cut, which
+    a cut that keeps every entry now fuses.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.low = nn.Parameter(torch.zeros(10))
 
     def forward(self, x):
         return self.head(torch.cat([self.a(x), self.b(x)], dim=1) * self.low[:x.size(1) + 2])
@@ -1978,6 +1983,40 @@ def test_multihead_attention_with_kdim_or_bias_kv_keeps_the_function(memory, bia
     aligned = align(other, model, config=EXACT, inputs=x)
     _same_function(aligned, other, x)
     assert not torch.allclose(aligned.memory.weight, other.memory.weight)
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module: a primary convolution and a cheap depthwise one on its output,
+    concatenated and cut to ``out`` channels, ``[:, :out]``: a cut that keeps every
+    channel fuses (once refused as an index into units), one that drops some is
+    refused."""
+
+    def __init__(self, out: int):
+        super().__init__()
+        self.out, half = out, (out + 1) // 2
+        self.primary = nn.Sequential(nn.Conv2d(3, half, 1, bias=False), nn.BatchNorm2d(half),
+                                     nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(half, half, 3, padding=1, groups=half,
+                                             bias=False), nn.BatchNorm2d(half), nn.ReLU())
+        self.head = nn.Linear(out, 3)
+
+    def forward(self, x):
+        primary = self.primary(x)
+        ghost = torch.cat([primary, self.cheap(primary)], dim=1)[:, :self.out, :, :]
+        return self.head(ghost.mean((2, 3)))
+
+
+def test_a_cut_that_keeps_every_channel_keeps_the_function():
+    model, other = (_built(lambda: GhostModule(8), seed) for seed in (0, 1))
+    aligned = align(other, model, config=EXACT, inputs=_images())
+    _same_function(aligned, other, _images())
+    assert not torch.allclose(aligned.primary[0].weight, other.primary[0].weight)
+
+
+def test_a_cut_that_drops_channels_is_refused():
+    model, other = (_built(lambda: GhostModule(7), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="indexes into aligned units"):
+        align(other, model, config=EXACT, inputs=_images())
 
 
 class SegmentIds(nn.Module):

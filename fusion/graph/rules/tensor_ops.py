@@ -309,7 +309,7 @@ def attribute(tracer, call):
 @function_rule_for(operator.getitem)
 def getitem(tracer, call):
     return L.index(call.layout(), call.value(1, "index"), _where(call), call.shape,
-                   tracer.split_groups, tracer.cut)
+                   tracer.split_groups, tracer.cut, call.input_shape)
 
 
 @function_rule_for(torch.squeeze)
