@@ -283,6 +283,7 @@ def _dims_indexed(entry) -> int:
 
 
 def _is_mask(entry) -> bool:
+    """Whether the index entry is a boolean (or uint8) mask tensor."""
     meta = entry.meta.get("tensor_meta") if isinstance(entry, fx.Node) else None
     return getattr(meta, "dtype", None) in (torch.bool, torch.uint8)
 
@@ -303,8 +304,8 @@ def _indexed_by_tensors(layout: Layout, items: tuple, where: str,
     indexed, dim = [], 0
     for entry in items:
         tensor = isinstance(entry, fx.Node) and (_is_mask(entry) or bool(shape_of(entry)))
-        specs = layout[dim:dim + _dims_indexed(entry)]
-        dim += _dims_indexed(entry)
+        count = _dims_indexed(entry)
+        specs, dim = layout[dim:dim + count], dim + count
         if dim > len(layout):
             raise UnsupportedModelError(f"{where} indexes more dimensions than it has")
         if isinstance(entry, fx.Node):  # a tensor, or an integer (no place of its own)

@@ -78,9 +78,10 @@ def _shared_heads(tracer, call, left, right, operands=((0, "input"), (1, "other"
     layouts = [left, right]
     for own, other in ((0, 1), (1, 0)):
         summed = layouts[own][-1 if own == 0 else -2]
-        if any(s is not None and s.part == "unit" for s in layouts[own]) and (
-                summed is None or summed.part != "unit") or shapes[own] is None:
-            continue
+        has_units = any(s is not None and s.part == "unit" for s in layouts[own])
+        queries = summed is not None and summed.part == "unit"
+        if shapes[own] is None or has_units and not queries:
+            continue  # neither queries nor scores
         for offset in range(3, min(len(left), len(right)) + 1):
             spec = layouts[own][-offset]
             if spec is not None and spec.part == "block":
