@@ -28,6 +28,7 @@ from ..validation import check_initialised
 from . import rules
 from .finisher import Finisher, merge_blocks
 from .layouts import Layout, Packed, Stacked, is_layout, plain, shape_of
+from .rules.recurrent import FILLS_LIKE, KEEPS_ROWS
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, UnsupportedModelError
 
 _MISSING = object()
@@ -472,9 +473,9 @@ class Tracer:
         stacked = next((v for v in _leaves([*call.args, *call.kwargs.values()])
                         if isinstance(v, Stacked)), None)  # also in a list: cat([h_n, c_n])
         if stacked is not None and node.target not in _READS_STACKED:
-            if node.target in _KEEPS_STACKED and call.args and call.args[0] is stacked:
+            if node.target in KEEPS_ROWS and call.args and call.args[0] is stacked:
                 return stacked  # h_n.detach(), h_n.contiguous()
-            if node.target in _FILLS_LIKE:
+            if node.target in FILLS_LIKE:
                 return plain(node)  # torch.zeros_like(h_n): a fill of its shape
             raise UnsupportedModelError(f"node '{node.name}' uses {stacked.why}")
         if rule is not None:
@@ -609,11 +610,8 @@ class _UnitsInPlace(Exception):
 
 _READS_STACKED = (operator.getitem, getattr, "size", "dim", "numel")
 """What may be done to a stacked tensor (``h_n``): index one entry, or read its shape;
-also keep it as it is (:data:`_KEEPS_STACKED`) or fill a tensor of its shape
-(:data:`_FILLS_LIKE`)."""
-_KEEPS_STACKED = ("detach", "contiguous", "clone", "to", "cpu", "cuda", "float", "type_as")
-_FILLS_LIKE = (torch.zeros_like, torch.ones_like, torch.full_like, "new_zeros", "new_ones",
-               "new_full")
+also keep it as it is (:data:`~.rules.recurrent.KEEPS_ROWS`) or fill a tensor of its
+shape (:data:`~.rules.recurrent.FILLS_LIKE`)."""
 
 
 def _takes_packed(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -182,13 +182,16 @@ def _state_spec(layout, where: str) -> AxisSpec:
     return spec
 
 
-_FILLS = {torch.zeros, torch.ones, torch.full, torch.zeros_like, torch.ones_like,
-          torch.full_like, "new_zeros", "new_ones", "new_full", "zero_", "fill_"}
+FILLS_LIKE = (torch.zeros_like, torch.ones_like, torch.full_like, "new_zeros", "new_ones",
+              "new_full")
+"""Fills of another tensor's shape (also of a stacked ``h_n``, see the tracer)."""
+_FILLS = {torch.zeros, torch.ones, torch.full, *FILLS_LIKE, "zero_", "fill_"}
 
 
-_KEEPING = {"to", "cuda", "cpu", "float", "double", "half", "bfloat16", "type", "type_as",
-            "detach", "clone", "contiguous", "expand", "expand_as", "repeat",
-            "requires_grad_"}
+KEEPS_ROWS = ("detach", "contiguous", "clone", "to", "cpu", "cuda", "float", "type_as")
+"""Methods that keep a tensor as it is, rows too (also a stacked ``h_n``'s)."""
+_KEEPING = {*KEEPS_ROWS, "double", "half", "bfloat16", "type", "expand", "expand_as",
+            "repeat", "requires_grad_"}
 """Methods whose result is filled with one value when the tensor they are called on is."""
 
 
