@@ -554,7 +554,7 @@ class _GroupSolver:
         parts = []
         for part, size in group.parts:
             if part is None or self.groups[part].fixed:
-                width = size if part is None else self.widths[k][part]
+                width = self.widths[k].get(part, size)  # no tensor: as traced
                 parts.append(Coupling.identity(width, like))
             else:
                 parts.append(self.couplings[k][part])

@@ -128,8 +128,9 @@ def dense_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
     dense = {}
     for name, tensor in state.items():
         if name in graph.packed:
-            axis, count = graph.packed[name]
-            for i, piece in enumerate(tensor.chunk(count, dim=axis)):
+            axis, shares = graph.packed[name]
+            for i, piece in enumerate(tensor.split(_piece_sizes(name, tensor, axis, shares),
+                                                   dim=axis)):
                 dense[f"{name}#{i}"] = piece
         else:
             dense[name] = tensor
@@ -151,8 +152,8 @@ def stored_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
     if graph is None or not (graph.packed or _grouped(graph)):
         return state
     stored = {name: t for name, t in state.items() if "#" not in name}
-    for name, (axis, count) in graph.packed.items():
-        stored[name] = torch.cat([state[f"{name}#{i}"] for i in range(count)], dim=axis)
+    for name, (axis, shares) in graph.packed.items():
+        stored[name] = torch.cat([state[f"{name}#{i}"] for i in range(len(shares))], dim=axis)
     for name, groups in _grouped(graph).items():
         full = state[name]
         out_per_group, in_per_group = full.shape[0] // groups, full.shape[1] // groups
@@ -160,6 +161,16 @@ def stored_state(graph: AlignmentGraph | None, state: dict[str, torch.Tensor]
             full[g * out_per_group:(g + 1) * out_per_group,
                  g * in_per_group:(g + 1) * in_per_group] for g in range(groups)])
     return stored
+
+
+def _piece_sizes(name: str, tensor: torch.Tensor, axis: int, shares: tuple[int, ...]
+                 ) -> list[int]:
+    """The sizes of a packed tensor's pieces along ``axis``, in proportion to ``shares``."""
+    unit, rest = divmod(tensor.shape[axis], sum(shares))
+    if rest:
+        raise ValueError(f"'{name}' axis {axis} has size {tensor.shape[axis]}, which does not "
+                         f"split into pieces in the proportions {shares}")
+    return [unit * share for share in shares]
 
 
 def _grouped(graph: AlignmentGraph) -> dict[str, int]:

@@ -80,17 +80,26 @@ class Finisher:
         roots = set(self.members) - set(tracer.split_groups)
         stateful = {find(g) for g in range(len(tracer.parent)) if g not in tracer.opaque_groups}
 
+        parts = {find(g): [find(p) for p, _ in value if p is not None]
+                 for g, value in tracer.parts.items()}
+        made = {root: min((g for g in members if g not in tracer.passive), default=root)
+                for root, members in self.members.items()}
+
         def order(root: int, seen: tuple = ()) -> tuple:
-            """Groups in creation order, but repeated heads and values per head right
-            after the heads they are derived from."""
-            if root not in derived or root in seen:
-                return (root,)
-            return (*order(derived[root], (*seen, root)), 1, root)
+            """Groups in the order layers made them (a parameter's axis read before
+            does not count: a pad's new channels, a bias added), but repeated heads
+            and values per head right after the heads they are derived from, and a
+            concatenation right after its last part."""
+            if root in seen:
+                return (made[root],)
+            if root in derived:
+                return (*order(derived[root], (*seen, root)), 1, root)
+            if parts.get(root):
+                return (*max(order(p, (*seen, root)) for p in parts[root]), 1, root)
+            return (made[root],)
 
         # an opaque tensor's own axes have no width
         self.roots = sorted(roots & stateful, key=order)
-        parts = {find(g): [find(p) for p, _ in value if p is not None]
-                 for g, value in tracer.parts.items()}
         explicit = _with_parts({find(g) for g in tracer.fixed}, parts)
         self.fixed = _with_parts(explicit | (roots - active), parts)
         self.canonical = {root: i for i, root in enumerate(self.roots)}
@@ -104,7 +113,8 @@ class Finisher:
                     or any(find(f) == find(group) for f in tracer.fixed) \
                     or find(group) in concatenated:
                 raise UnsupportedModelError(
-                    f"'{tracer.labels[group]}' is split into pieces (chunk, GLU) and also used "
+                    f"'{tracer.labels[group]}' is split into pieces (chunk, GLU, or added to a "
+                    "concatenation) and also used "
                     "whole, which is not supported")
         self._refuse_units_of_parameters_alone(roots - active - explicit, parts)
 
@@ -118,8 +128,8 @@ class Finisher:
         table of frequencies) and what ops without a rule compute stay as they are."""
         t, find, members = self.t, self.t.find, self.members
         used = {find(g) for g in t.carried} | {p for ps in parts.values() for p in ps}
-        for uses in (*t.uses.values(), *([(name, axes, cost) for axes in pieces]
-                                         for name, (_, pieces, cost) in t.packed.items())):
+        for uses in (*t.uses.values(), *([(name, axes, packed.cost) for axes in packed.pieces]
+                                         for name, packed in t.packed.items())):
             used |= {find(a.group) for _, axes, _ in uses for a in axes
                      if a is not None and a.kind == "input"}
         for root in sorted(unmet & used):
@@ -267,8 +277,8 @@ class Finisher:
                             if t.find(g) in self.canonical)
         return AlignmentGraph(tuple(groups), tensors,
                               {g: tuple(s) for g, s in sites.items()}, outputs,
-                              {name: (axis, len(pieces))
-                               for name, (axis, pieces, _) in t.packed.items()})
+                              {name: (packed.axis, packed.shares)
+                               for name, packed in t.packed.items()})
 
     def tensors(self) -> dict[str, TensorSpec]:
         """Every state_dict entry: tied names share their tensor's merged axes; entries
@@ -293,10 +303,10 @@ class Finisher:
         for name, tensor in self.t.state.items():
             key = id(tensor)
             if name in self.t.packed:
-                _, pieces, cost = self.t.packed[name]
-                for i, axes in enumerate(pieces):
+                packed = self.t.packed[name]
+                for i, axes in enumerate(packed.pieces):
                     tensors[f"{name}#{i}"] = TensorSpec(f"{name}#{i}", self.canon_axes(axes),
-                                                        cost)
+                                                        packed.cost)
             elif key in merged and merged[key] is None:
                 raise UnsupportedModelError(f"'{name}' is another name of a packed tensor, "
                                             "which is not supported")

@@ -123,7 +123,7 @@ def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
     """The layout of dimensions of ``sizes`` made by splitting one of ``spec``: its
     units stay on one dimension; or a plain group is split into blocks (heads) on one
     dimension and their units on the next (``splitter.heads(group, count)``), possibly
-    after a dimension of pieces (a packed ``qkv``: ``splitter.pieces(group, count)``)."""
+    after a dimension of pieces (a packed ``qkv``: ``splitter.pieces(group, (1,) * count)``)."""
     if spec is None:
         return (None,) * len(sizes)
     if spec.part is None:
@@ -138,7 +138,7 @@ def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
         if ((spec.outer, spec.inner) == (1, 1) and splitter is not None and parts
                 and big == list(range(big[0], big[0] + len(big)))):
             if len(big) == 3:
-                for piece in splitter.pieces(spec.group, sizes[big[0]], where):
+                for piece in splitter.pieces(spec.group, (1,) * sizes[big[0]], where):
                     splitter.heads(piece, sizes[big[1]], where)
             else:
                 splitter.heads(spec.group, sizes[big[0]], where)

@@ -93,7 +93,8 @@ class Group:
     coupling this one must repeat (a grouped convolution's output blocks follow its
     input blocks). ``parts``: the group is a concatenation, ``(group or None, width)``
     per part in order; its coupling is the block-diagonal of the parts' couplings (a
-    ``None`` part is unaligned data, coupled by the identity), never solved itself.
+    ``None`` part is unaligned data, coupled by the identity; a part no tensor
+    describes is as wide as traced), never solved itself.
     ``rigid``: the units keep their places within their block and only whole blocks
     move (the queries and keys of attention heads under rotary position embeddings,
     which pair units by their place in the head). ``heads_of``: the group holds one
@@ -125,9 +126,10 @@ class AlignmentGraph:
     activation_sites: dict[int, tuple[ActivationSite, ...]]
     outputs: frozenset[int] = frozenset()
     """Groups that reach the model's output (its classes): fixed, identity coupling."""
-    packed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    packed: dict[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     """State entries that pack several tensors (``nn.MultiheadAttention``'s Q, K and V
-    rows): name -> (axis, count); each piece is described as ``name#i``
+    rows, in equal shares; a layer's outputs added to a concatenation, in its parts'
+    proportions): name -> (axis, shares); each piece is described as ``name#i``
     (:func:`~otfusion.fusion.projection.dense_state`)."""
 
     def widths(self, state_dict: dict[str, torch.Tensor], who: str = "model") -> dict[int, int]:
@@ -171,7 +173,7 @@ class AlignmentGraph:
                                      f"{group.repeats[1]} times, so its width must be "
                                      f"{repeated}, not {widths[group.id]}")
             if group.parts is not None:
-                total = sum(size if g is None else widths.get(g, 0) for g, size in group.parts)
+                total = sum(widths.get(g, size) for g, size in group.parts)
                 if widths.setdefault(group.id, total) != total:
                     raise ValueError(f"{who}: concatenation '{group.label}' has width "
                                      f"{widths[group.id]}, but its parts add up to {total}")

@@ -17,6 +17,7 @@ import io
 import math
 import operator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 from torch import fx, nn
@@ -102,6 +103,17 @@ class _LeafTracer(fx.Tracer):
             module, qualified_name)
 
 
+class PackedTensor(NamedTuple):
+    """A state tensor that packs the tensors of several groups along ``axis`` (Q, K and
+    V rows; a layer's outputs added to a concatenation): each piece's axes, whether
+    they define their groups' costs, and the pieces' proportions along ``axis``."""
+
+    axis: int
+    pieces: list[tuple]
+    cost: bool
+    shares: tuple[int, ...]
+
+
 class Tracer:
     """Union-find over groups, the axes recorded for every tensor, and the traversal."""
 
@@ -124,8 +136,9 @@ class Tracer:
         self.parts: dict[int, tuple[tuple[int | None, int], ...]] = {}
         self.uses: dict[int, list[tuple[str, tuple, bool]]] = {}
         self.grouped: dict[int, int] = {}
-        self.packed: dict[str, tuple[int, list[tuple], bool]] = {}
+        self.packed: dict[str, PackedTensor] = {}
         self.split_groups: dict[int, list[int]] = {}
+        self.shares: dict[int, tuple[int, ...]] = {}  # a split group's pieces' proportions
         self.sites: list[tuple[int, ActivationSite]] = []
         self.unaligned_required: list[tuple[int, str]] = []
         self.opaque_groups: set[int] = set()
@@ -232,16 +245,22 @@ class Tracer:
         """``group`` is split into ``count`` heads: couplings move whole heads."""
         self.constrain_blocks(group, count, where)
 
-    def pieces(self, group: int, count: int, where: str) -> list[int]:
-        """``group`` turns out to pack ``count`` groups (a ``qkv`` Linear's output split
-        into query, key and value): its tensors become packed, one new group a piece."""
+    def pieces(self, group: int, shares: tuple[int, ...], where: str) -> list[int]:
+        """``group`` turns out to pack groups in those proportions (a ``qkv`` Linear's
+        output split into query, key and value, ``(1, 1, 1)``): its tensors become packed,
+        one new group a piece."""
+        divisor = math.gcd(*shares)
+        shares = tuple(share // divisor for share in shares)
         if group in self.split_groups:
+            if self.shares[group] != shares:
+                raise UnsupportedModelError(f"{where} splits '{self.labels[group]}' into "
+                                            "other pieces than before")
             return self.split_groups[group]
         merged = [g for g in range(len(self.parent)) if g != group and self.find(g) == group]
         if self.find(group) != group or merged or group in self.fixed or group in self.blocks:
             raise UnsupportedModelError(f"{where} splits units that are tied to others into "
-                                        f"{count} pieces")
-        new = [self.new_group(f"{self.labels[group]}#{i}") for i in range(count)]
+                                        f"{len(shares)} pieces")
+        new = [self.new_group(f"{self.labels[group]}#{i}") for i in range(len(shares))]
         for key, uses in list(self.uses.items()):
             found = [(use, d) for use in uses for d, a in enumerate(use[1])
                      if a is not None and a.group == group]
@@ -255,12 +274,44 @@ class Tracer:
                                             "pieces, which is supported only for a layer's "
                                             "own outputs")
             self.uses[key] = []
-            self.packed[name] = (axis, [
+            self.packed[name] = PackedTensor(axis, [
                 tuple(replace(a, group=g) if d == axis else a for d, a in enumerate(axes))
-                for g in new], cost)
+                for g in new], cost, shares)
         self.sites = [(g, site) for g, site in self.sites if g != group]
         self.split_groups[group] = new
+        self.shares[group] = shares
         return new
+
+    def concatenation(self, group: int) -> tuple[tuple[int | None, int], ...] | None:
+        """The parts of ``group``'s concatenation, if it is one."""
+        root = self.find(group)
+        return next((value for g, value in self.parts.items() if self.find(g) == root), None)
+
+    def add_to_concatenation(self, group: int, concatenation: int, where: str) -> None:
+        """A layer's units added to a concatenation (a CIFAR ResNet's residual sum with a
+        shortcut padded with channels of zeros): the layer's tensors are split into
+        pieces as wide as the concatenation's parts, nested ones flattened, and each
+        piece joins its part (a part of unaligned data stays in place)."""
+        if any(self.find(g) == self.find(group) for g in range(len(self.parent))
+               if g != group) or group in self.fixed or group in self.blocks:
+            raise UnsupportedModelError(
+                f"{where} adds the units of '{self.labels[group]}', tied to others (a scale, "
+                "a norm's groups of channels, another layer's units), to a concatenation, "
+                "which is not supported")
+        leaves = self._leaves(self.concatenation(concatenation))
+        pieces = self.pieces(group, tuple(size for _, size in leaves), where)
+        for piece, (part, _) in zip(pieces, leaves, strict=True):
+            if part is None:
+                self.fix(piece)
+            else:
+                self.union(part, piece)
+
+    def _leaves(self, parts) -> list[tuple[int | None, int]]:
+        leaves = []
+        for part, size in parts:
+            nested = None if part is None else self.concatenation(part)
+            leaves += [(part, size)] if nested is None else self._leaves(nested)
+        return leaves
 
     def direct_sum(self, label: str, parts: list[tuple[AxisSpec | None, int]]) -> AxisSpec:
         """A group whose coupling is the block-diagonal of its parts' couplings (a
@@ -348,7 +399,8 @@ class Tracer:
             raise UnsupportedModelError(f"'{name}': a packed tensor used in several places "
                                         "is not supported")
         self.uses[id(tensor)] = []
-        self.packed[name] = (axis, [tuple(axes) for axes in pieces], cost)
+        self.packed[name] = PackedTensor(axis, [tuple(axes) for axes in pieces], cost,
+                                         (1,) * len(pieces))
 
     def _tie(self, name: str, first: AxisSpec | None, other: AxisSpec | None) -> None:
         if first is None and other is None:

@@ -1012,15 +1012,109 @@ class VectorWeight(nn.Module):
 
 
 class ComputedWeight(nn.Module):
-    """StyleGAN's equalised learning rate: ``F.linear(x, self.w * self.scale)``."""
+    """Layers that compute their weight in ``forward`` from one parameter of its shape,
+    unit by unit (once refused: units that only parameters define): ``"gain"``,
+    StyleGAN's equalised learning rate, ``F.linear(x, self.w * self.scale)``;
+    ``"weight-norm"``, a weight norm by hand; ``"standardized"``, a weight-standardized
+    convolution (with GroupNorm, a recipe for non-IID federated learning); ``"masked"``,
+    a convolution masked by a buffer of its shape (PixelCNN's); ``"direct"``,
+    ``F.conv2d`` on a parameter; ``"subclass"``, an ``nn.Conv2d`` subclass whose own
+    ``forward`` calls its parent's (fx traces it down to ``F.conv2d``)."""
 
-    def __init__(self):
+    def __init__(self, kind: str):
         super().__init__()
-        self.w, self.scale = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.ones(8, 1))
+        self.kind = kind
+        if kind in ("gain", "weight-norm"):
+            self.w, self.scale = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.rand(8, 1))
+        else:
+            self.w = nn.Parameter(torch.randn(8, 3, 3, 3) / 3)
+            self.register_buffer("mask", (torch.rand(8, 3, 3, 3) > 0.3).float())
+            self.conv = _SubclassConv(8, 5, 3, padding=1)
+            self.norm = nn.GroupNorm(4, 8)
+        self.head = nn.Linear(8 if kind in ("gain", "weight-norm") else 5, 3)
+
+    def forward(self, x):
+        if self.kind == "gain":
+            return self.head(F.relu(F.linear(x, self.w * self.scale)))
+        if self.kind == "weight-norm":
+            w = self.scale * self.w / self.w.norm(dim=1, keepdim=True)
+            return self.head(F.relu(F.linear(x, w)))
+        w = {"standardized": lambda w: (w - w.mean((1, 2, 3), keepdim=True))
+             / (w.std((1, 2, 3), keepdim=True) + 1e-5),
+             "masked": lambda w: w * self.mask, "direct": lambda w: w,
+             "subclass": lambda w: w}[self.kind](self.w)
+        h = F.relu(self.norm(F.conv2d(x, w, None, 1, 1)))
+        return self.head(F.relu(self.conv(h)).mean((2, 3)))
+
+
+class _SubclassConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _permute_computed_weight(model: ComputedWeight, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        if model.kind in ("gain", "weight-norm"):
+            p = _perm(8, generator)
+            model.w.copy_(model.w[p])
+            model.scale.copy_(model.scale[p])
+            _columns(model.head, p)
+            return model
+        p = _within_blocks(4, 2, generator)  # GroupNorm(4, 8) moves groups of two
+        model.w.copy_(model.w[p])
+        model.mask.copy_(model.mask[p])
+        _rows(model.norm, p)
+        _columns(model.conv, p)
+        q = _perm(5, generator)
+        _rows(model.conv, q)
+        _columns(model.head, q)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gain", "weight-norm", "standardized", "masked", "direct",
+                                  "subclass"])
+def test_weights_computed_in_forward_keep_the_function(kind):
+    x = torch.randn(16, 6) if kind in ("gain", "weight-norm") else _images()
+    model, other = (_built(lambda: ComputedWeight(kind), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_computed_weight, x, 6)
+
+
+class MixedWeight(nn.Module):
+    """A weight computed from two parameters of its shape, or with its units reordered:
+    refused."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.w, self.v = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8, 6))
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.head(F.relu(F.linear(x, self.w * self.scale)))
+        w = self.w + self.v if self.kind == "sum" else self.w.flip(0)
+        return self.head(F.relu(F.linear(x, w)))
+
+
+@pytest.mark.parametrize("kind, match", [("sum", "units that only parameters define"),
+                                         ("flip", "would flip the units themselves")])
+def test_weights_computed_otherwise_are_refused(kind, match):
+    model = _built(lambda: MixedWeight(kind), 0)
+    with pytest.raises(UnsupportedModelError, match=match):
+        fuse([model, model], config=EXACT, inputs=torch.randn(16, 6))
+
+
+def test_a_grouped_convolution_called_as_a_function_is_refused():
+    class Grouped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.head = nn.Parameter(torch.randn(8, 1, 3, 3)), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(F.conv2d(x, self.w, groups=2).mean((2, 3)))
+
+    model = _built(Grouped, 0)
+    with pytest.raises(UnsupportedModelError, match="grouped convolution called as a function"):
+        fuse([model, model], config=EXACT, inputs=torch.randn(16, 2, 8, 8))
 
 
 class LearnedMemory(nn.Module):
@@ -1054,7 +1148,6 @@ class GateAndWhole(nn.Module):
     *((lambda v=v: NonStateScale(v), "outside the model's state_dict")
       for v in ("type_as", "expand_as", "times-parameter")),
     (Latents, "units that only parameters define"),
-    (ComputedWeight, "units that only parameters define"),
     (LearnedMemory, "units that only parameters define"),
     (GateAndWhole, "split into pieces .* and also used whole"),
     (Orthogonal, "type ParametrizedLinear is not supported"),
@@ -1066,7 +1159,7 @@ class GateAndWhole(nn.Module):
     (SlicedScale, "picks entries of a parameter or buffer by position"),
     (SlicedTable, "outside the model's state_dict"),
 ], ids=["non-state-type-as", "non-state-expand-as", "non-state-times-parameter", "latents",
-        "computed-weight", "learned-memory", "gate-and-whole", "orthogonal",
+        "learned-memory", "gate-and-whole", "orthogonal",
         "spectral-norm-transposed", "concatenated-and-split", "vector-weight", "cat-plus-cat",
         "clamp-by-parameter", "sliced-scale", "sliced-table"])
 def test_ops_that_would_leave_units_unaligned_are_refused(factory, match):
@@ -1794,18 +1887,231 @@ def test_a_padding_module_along_time_only_keeps_the_function():
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
 
 
-def test_padding_the_units_is_refused():
-    class PadsChannels(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.pad, self.fc2 = nn.Linear(6, 8), nn.ZeroPad1d(2), nn.Linear(12, 3)
+class _Lambda(nn.Module):
+    """The ``LambdaLayer`` of CIFAR ResNet code, which wraps the option-A shortcut."""
 
-        def forward(self, x):
-            return self.fc2(self.pad(torch.relu(self.fc1(x))))
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
 
-    model, other = (_built(PadsChannels, seed) for seed in (0, 1))
+    def forward(self, x):
+        return self.fn(x)
+
+
+class OptionABlock(nn.Module):
+    def __init__(self, width: int, planes: int, stride: int, shortcut_first: bool):
+        super().__init__()
+        self.shortcut_first = shortcut_first
+        self.conv1 = nn.Conv2d(width, planes, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn1, self.bn2 = nn.BatchNorm2d(planes), nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or width != planes:
+            pad = (planes - width) // 2
+            self.shortcut = _Lambda(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad),
+                                                    "constant", 0))
+
+    def forward(self, x):
+        if self.shortcut_first:  # the pad's new channels made before the block's own
+            shortcut = self.shortcut(x)
+            return F.relu(shortcut + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class OptionAResNet(nn.Module):
+    """The CIFAR ResNet-20 family as its widely copied code writes it (He et al.'s
+    option A): a stage's first block halves the resolution, and its shortcut pads the
+    channels it adds with zeros, half before and half after (once refused: padding the
+    units)."""
+
+    def __init__(self, blocks: int = 2, shortcut_first: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4)
+        layers, width = [], 4
+        for planes, stride in ((4, 1), (8, 2), (16, 2)):
+            for i in range(blocks):
+                layers.append(OptionABlock(width, planes, stride if i == 0 else 1,
+                                           shortcut_first))
+                width = planes
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.linear(F.avg_pool2d(out, out.size()[3]).view(out.size(0), -1))
+
+
+def _option_a_resnet(seed: int, shortcut_first: bool = False) -> OptionAResNet:
+    torch.manual_seed(seed)
+    model = OptionAResNet(shortcut_first=shortcut_first)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for tensor in (module.weight, module.running_var):
+                    tensor.uniform_(0.5, 2)
+                for tensor in (module.bias, module.running_mean):
+                    tensor.uniform_(-1, 1)
+    return model.eval()
+
+
+def _permute_option_a(model: OptionAResNet, generator: torch.Generator) -> OptionAResNet:
+    """The residual stream's channels: a stage's are the zero channels padded before,
+    the previous stage's (as they were permuted) and those padded after, each padded
+    side permuted on its own; every block's hidden channels freely."""
+    model = copy.deepcopy(model)
+
+    def rows(conv, bn, p):
+        _rows(conv, p)
+        with torch.no_grad():
+            for tensor in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                tensor.copy_(tensor[p])
+
+    stream = _perm(4, generator)
+    rows(model.conv1, model.bn1, stream)
+    for block in model.layers:
+        _columns(block.conv1, stream)
+        planes = block.conv2.out_channels
+        if planes != len(stream):
+            pad = (planes - len(stream)) // 2
+            stream = torch.cat([_perm(pad, generator), pad + stream,
+                                pad + len(stream) + _perm(pad, generator)])
+        hidden = _perm(planes, generator)
+        rows(block.conv1, block.bn1, hidden)
+        _columns(block.conv2, hidden)
+        rows(block.conv2, block.bn2, stream)
+    _columns(model.linear, stream)
+    return model
+
+
+@pytest.mark.parametrize("shortcut_first", [False, True], ids=["residual-first",
+                                                          "shortcut-first"])
+def test_option_a_resnet_keeps_the_function(shortcut_first):
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    model, other = (_option_a_resnet(seed, shortcut_first) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_option_a, x, 5)
+    graph = build_alignment_graph(model, x)
+    padded = [g for g in graph.groups if "[before]" in g.label or "[after]" in g.label]
+    assert len(padded) == 4 and not any(g.fixed for g in padded)  # aligned, not left
+
+
+class PadsUnits(nn.Module):
+    """Hidden units padded by ``pad`` before the head reads them."""
+
+    def __init__(self, pad):
+        super().__init__()
+        self.fc1, self.pad, self.head = nn.Linear(6, 8), pad, nn.Linear(8 + 3, 3)
+
+    def forward(self, x):
+        return self.head(self.pad(torch.relu(self.fc1(x))))
+
+
+def _permute_padded_units(model: PadsUnits, generator: torch.Generator) -> PadsUnits:
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    _rows(model.fc1, p)
+    _columns(model.head, torch.cat([torch.arange(2), 2 + p, torch.arange(10, 11)]))
+    return model
+
+
+@pytest.mark.parametrize("pad", [nn.ZeroPad1d((2, 1)), nn.ConstantPad1d((2, 1), 0.5),
+                                 _Lambda(lambda h: F.pad(h, (2, 1), value=-1.0))],
+                         ids=["ZeroPad1d", "ConstantPad1d", "F.pad"])
+def test_units_padded_with_a_constant_keep_the_function(pad):
+    """The new units only a constant fills stay in place."""
+    model, other = (_built(lambda: PadsUnits(pad), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_padded_units, torch.randn(16, 6), 2)
+
+
+@pytest.mark.parametrize("pad", [nn.ReplicationPad1d((2, 1)), nn.ReflectionPad1d((2, 1)),
+                                 _Lambda(lambda h: F.pad(h, (4, -1)))],
+                         ids=["replicate", "reflect", "cropped"])
+def test_units_padded_with_copies_of_units_or_cropped_are_refused(pad):
+    model = _built(lambda: PadsUnits(pad), 0)
     with pytest.raises(UnsupportedModelError, match="would pad the units themselves"):
-        align(other, model, config=EXACT, inputs=torch.randn(16, 6))
+        fuse([model, model], config=EXACT, inputs=torch.randn(16, 6))
+
+
+class ScaledPad(nn.Module):
+    """A per-unit scale read before the units it scales are padded (once a KeyError:
+    the concatenation was solved before its parts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 4), nn.Linear(7, 3)
+        self.gamma = nn.Parameter(torch.rand(7) + 0.5)
+
+    def forward(self, x):
+        return self.head(self.gamma * F.pad(torch.relu(self.a(x)), (1, 2)))
+
+
+def _permute_scaled_pad(model: ScaledPad, generator: torch.Generator) -> ScaledPad:
+    model = copy.deepcopy(model)
+    p = _perm(4, generator)
+    padded = torch.cat([torch.arange(1), 1 + p, torch.arange(5, 7)])
+    _rows(model.a, p)
+    _columns(model.head, padded)
+    with torch.no_grad():
+        model.gamma.copy_(model.gamma[padded])
+    return model
+
+
+def test_a_scale_read_before_a_padding_keeps_the_function():
+    model, other = (_built(ScaledPad, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_scaled_pad, torch.randn(16, 6), 4)
+
+
+class PadPlusChunkedLayer(nn.Module):
+    """A layer added to a padding as wide on each side, and also split in halves: one
+    split, in equal proportions (once refused as two different splits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Linear(6, 4), nn.Linear(6, 8)
+        self.head, self.head2 = nn.Linear(4, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = self.fc(x)
+        s = F.pad(torch.relu(self.a(x)), (4, 0)) + f
+        u, v = f.chunk(2, 1)
+        return self.head(torch.relu(u) * v) + self.head2(torch.relu(s))
+
+
+def test_a_padding_and_a_chunk_of_one_layer_keep_the_function():
+    x = torch.randn(16, 6)
+    model, other = (_built(PadPlusChunkedLayer, seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+class CatPlusLayer(nn.Module):
+    """Two branches concatenated, plus a third layer's output as wide as both (once
+    refused: a concatenation added to a layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 5), nn.Linear(6, 3), nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(torch.cat([self.a(x), self.b(x)], 1) + self.c(x)))
+
+
+def _permute_cat_plus_layer(model: CatPlusLayer, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    pa, pb = _perm(5, generator), _perm(3, generator)
+    _rows(model.a, pa)
+    _rows(model.b, pb)
+    both = torch.cat([pa, 5 + pb])
+    _rows(model.c, both)
+    _columns(model.head, both)
+    return model
+
+
+def test_a_layer_added_to_a_concatenation_keeps_the_function():
+    model, other = (_built(CatPlusLayer, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_cat_plus_layer, torch.randn(16, 6), 3)
 
 
 class StatisticsPooling(nn.Module):
@@ -2289,7 +2595,7 @@ _ALONG_THE_UNITS = {
     "h.flip(1)": lambda h: h.flip(1),
     "torch.roll(h, 1)": lambda h: torch.roll(h, 1),  # the flattened tensor
     "h.cumsum(1)": lambda h: h.cumsum(1),
-    "F.pad(h, (0, 0, 1, 1))": lambda h: F.pad(h, (0, 0, 1, 1))[:, 1:-1],
+    "F.pad(h, (0, 0, 1, 1))": lambda h: F.pad(h, (0, 0, 1, 1), mode="replicate")[:, 1:-1],
 }
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..layouts import plain, refuse_heads, require_unaligned
-from ..spec import UnsupportedModelError
+from ..spec import AxisSpec, UnsupportedModelError
 from . import function_rule_for, function_rule_named, method_rule_for, register_rule
 
 ELEMENTWISE_MODULES = (
@@ -146,28 +146,46 @@ def pool_function(tracer, call):
                    f"node '{call.node.name}'")
 
 
-_PADS = {pad: int(pad.__name__[-2]) for pad in (
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
-    nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.CircularPad1d,
-    nn.CircularPad2d, nn.CircularPad3d)}
+_PADS = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+         nn.ReplicationPad2d, nn.ReplicationPad3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+         nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.CircularPad1d,
+         nn.CircularPad2d, nn.CircularPad3d)
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)  # ZeroPad's bases
 
 
 @register_rule(*_PADS)
 def pad_module(tracer, call, name, module):
     """Padding modules (CycleGAN's and style transfer's ``nn.ReflectionPad2d``) pad some
     of the last one to three dimensions, as ``F.pad`` does with their amounts."""
-    return padded(tracer, call.layout(), module.padding, f"module '{name}'")
+    return padded(tracer, call, module.padding, isinstance(module, _CONSTANT_PADS),
+                  f"module '{name}'")
 
 
-def padded(tracer, layout, amounts, where: str):
-    """``layout`` padded by ``amounts`` (before, after) from the last dimension backwards,
-    as ``F.pad`` takes them: the dimensions padded must hold no units (time, space)."""
-    ndim = len(layout)
-    require_unaligned(tracer, layout, [ndim - 1 - i for i in range(len(amounts) // 2)
-                                       if amounts[2 * i] or amounts[2 * i + 1]], where,
-                      "would pad the units themselves")
-    return layout
+def padded(tracer, call, amounts, constant: bool, where: str):
+    """``call``'s input padded by ``amounts`` (before, after) from the last dimension
+    backwards, as ``F.pad`` takes them. Time and space may be padded in any mode. Units
+    padded with a constant (a CIFAR ResNet's option-A shortcut, ``F.pad(x[:, :, ::2,
+    ::2], (0, 0, 0, 0, p, p))``, puts channels of zeros around them) are concatenated
+    with new units, which layers that add to them define and align (or, if none does,
+    stay in place); units padded otherwise, or cropped, are refused."""
+    layout, shape = call.layout(), call.input_shape
+    result, refused = list(layout), []
+    for i in range(len(amounts) // 2):
+        d, before, after = len(layout) - 1 - i, amounts[2 * i], amounts[2 * i + 1]
+        spec = layout[d]
+        if spec is None or not before and not after:
+            continue
+        if not constant or min(before, after) < 0 or (spec.outer, spec.inner,
+                                                      spec.part) != (1, 1, None):
+            refused.append(d)
+            continue
+        parts = [(AxisSpec(tracer.new_group(f"{call.node.name}[{side}]", passive=True),
+                           "neuron"), size) for side, size in (("before", before),
+                                                               ("after", after)) if size]
+        parts.insert(1 if before else 0, (spec, shape[d]))
+        result[d] = tracer.direct_sum(call.node.name, parts)
+    require_unaligned(tracer, layout, refused, where, "would pad the units themselves")
+    return tuple(result)
 
 
 _RESAMPLERS = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)

@@ -1,5 +1,6 @@
-"""Products: ``@``/``matmul``, ``torch.outer``, ``torch.einsum``, ``F.linear`` and
-``F.embedding`` on tensors of the state, and ``F.scaled_dot_product_attention``.
+"""Products: ``@``/``matmul``, ``torch.outer``, ``torch.einsum``, ``F.linear``,
+``F.conv*d`` and ``F.embedding`` on tensors of the state, and
+``F.scaled_dot_product_attention``.
 
 A dimension summed over in a product joins its two sides in one coupling; a batch
 dimension pairs its entries (heads with heads, or the heads a shared key or value
@@ -157,16 +158,17 @@ def _weight_operand(tracer, call, index: int, neuron: int) -> None:
 
 
 def _as_layer_weight(tracer, label: str, name: str, stored, unit: int) -> None:
-    """The state matrix ``name``, read with the axes ``stored``, is a layer's weight:
-    its axis ``unit`` defines new units (aligned like any layer's outputs), the other is
-    its input axis."""
+    """The state tensor ``name``, read with the axes ``stored``, is a layer's weight:
+    its axis ``unit`` defines new units (aligned like any layer's outputs), the next
+    one (of a matrix: the other) is its input axis, and any after it (a convolution's
+    kernel) are positions."""
     tracer.union(tracer.new_group(label), stored[unit].group)
     uses = tracer.uses[id(tracer.state[name])]
     at = next((i for i, use in enumerate(uses)
                if all(a is b for a, b in zip(use[1], stored, strict=True))), None)
     if at is None:  # read before through another node: no weight to describe
         return
-    weight = [L.as_input(a) for a in stored]
+    weight = [L.as_input(a) if d < 2 else None for d, a in enumerate(stored)]
     weight[unit] = stored[unit]
     uses[at] = (uses[at][0], tuple(weight), True)
 
@@ -179,6 +181,49 @@ def _state_matrix(tracer, node) -> str | None:
     return None
 
 
+def _as_layer_weight_source(tracer, call, weight) -> None:
+    """The weight of ``F.linear`` or ``F.conv*d`` (argument 1, of layout ``weight``) is
+    a layer's weight: the state tensor read directly, or, if the weight's output units
+    are so far a parameter's own axis, the one it is computed from unit by unit in
+    ``forward`` (weight standardization, a mask or a gain multiplied in, a weight norm
+    written by hand): the only tensor of its shape it is computed from (the only
+    parameter, if buffers of that shape are too), read with the weight's first two
+    axes. Ops on the way that mixed its units are refused when the graph is finished."""
+    node = call.node.args[1] if len(call.node.args) > 1 else call.node.kwargs.get("weight")
+    if not L.is_layout(weight) or not isinstance(weight[0], AxisSpec):
+        return
+    if not isinstance(node, fx.Node):
+        return
+    if node.op == "get_attr" and node.target in tracer.state:
+        _as_layer_weight(tracer, call.node.name, node.target, weight, 0)
+        return
+    if not isinstance(weight[1], AxisSpec) or not tracer.passive_only(
+            tracer.find(weight[0].group)):
+        return
+    shape, found, seen, todo = L.shape_of(node), set(), set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            if n.op == "get_attr" and n.target in tracer.state \
+                    and tuple(tracer.state[n.target].shape) == shape:
+                found.add(n.target)
+            todo.extend(n.all_input_nodes)
+    parameters = {name for name in found if isinstance(tracer.state[name], torch.nn.Parameter)}
+    if len(found) > 1 and len(parameters) == 1:
+        found = parameters
+    if len(found) != 1:
+        return
+    name = found.pop()
+    roots = [tracer.find(a.group) for a in weight[:2]]
+    stored = next((axes for _, axes, cost in tracer.uses.get(id(tracer.state[name]), [])
+                   if not cost and all(a is not None and tracer.find(a.group) == root
+                                       for a, root in zip(axes[:2], roots, strict=True))),
+                  None)
+    if stored is not None:
+        _as_layer_weight(tracer, call.node.name, name, stored, 0)
+
+
 @function_rule_for(F.linear)
 def functional_linear(tracer, call):
     """``F.linear(h, self.weight, self.bias)``, i.e. ``h @ weight.T + bias``: a weight
@@ -187,15 +232,37 @@ def functional_linear(tracer, call):
     if not L.is_layout(weight) or len(weight) != 2:
         raise UnsupportedModelError(f"{where}: F.linear with a weight that is not a matrix "
                                     "is not supported")
-    name = _state_matrix(tracer, call.value(1, "weight"))
-    if name is not None and isinstance(weight[0], AxisSpec):
-        _as_layer_weight(tracer, call.node.name, name, weight, 0)
+    _as_layer_weight_source(tracer, call, weight)
     _contract(tracer, source[-1], weight[1], where)
     out = weight[0]
     bias = call.layout(2, "bias")
     if L.is_layout(bias) and bias:
         out = unify(tracer, [out, bias[-1]], where)
     return (*source[:-1], out)
+
+
+@function_rule_for(F.conv1d, F.conv2d, F.conv3d)
+def functional_convolution(tracer, call):
+    """``F.conv2d(x, self.weight, self.bias, ...)``: what a convolution's subclass with
+    its own ``forward`` (timm's ``Conv2dSame``, a masked convolution) or a custom layer
+    calls. A weight read directly is a layer's weight, whose output channels are new
+    units, as in ``nn.Conv2d``; grouped convolutions are refused."""
+    source, weight, where = call.layout(0, "input"), call.layout(1, "weight"), _where(call)
+    k = len(weight) - 2
+    if call.value(6, "groups", 1) != 1:
+        raise UnsupportedModelError(f"{where}: a grouped convolution called as a function "
+                                    "is not supported")
+    L.require_unaligned(tracer, source, range(-k, 0), where, "convolves over aligned units")
+    _as_layer_weight_source(tracer, call, weight)
+    for position in weight[2:]:  # the kernel's, never permuted
+        if position is not None:
+            tracer.fix(position.group)
+    _contract(tracer, source[-k - 1], weight[1], where)
+    out = weight[0]
+    bias = call.layout(2, "bias")
+    if L.is_layout(bias) and bias:
+        out = unify(tracer, [out, bias[-1]], where)
+    return (*source[:-k - 1], out, *source[-k:])
 
 
 @function_rule_for(F.embedding)

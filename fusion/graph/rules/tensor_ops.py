@@ -43,6 +43,7 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
         for spec in values:  # one value per head: a bias, slope, temperature or gate
             tracer.per_head(spec.group, heads[0].group, where)
         grouped = heads
+    grouped = _added_to_concatenation(tracer, grouped, where)
     first = grouped[0]
     for other in grouped[1:]:
         if (other.outer, other.inner, other.part) != (first.outer, first.inner, first.part):
@@ -55,6 +56,26 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
         tracer.fix(first.group)
         return None
     return replace(first, kind="neuron")
+
+
+def _added_to_concatenation(tracer, grouped: list[AxisSpec], where: str) -> list[AxisSpec]:
+    """``grouped`` without the layers' units met by a concatenation's: those are split
+    into its parts (:meth:`~..tracer.Tracer.add_to_concatenation`). A parameter's own
+    axis (a bias added) joins the concatenation whole, and so does, to be refused, a
+    layer's output already split otherwise."""
+    concatenation = next((s for s in grouped if tracer.concatenation(s.group)), None)
+    if concatenation is None:
+        return grouped
+    kept = []
+    for spec in grouped:
+        if (spec is concatenation or tracer.concatenation(spec.group)
+                or spec.group in tracer.split_groups
+                or tracer.passive_only(tracer.find(spec.group))
+                or (spec.outer, spec.inner, spec.part) != (1, 1, None)):
+            kept.append(spec)
+        else:
+            tracer.add_to_concatenation(spec.group, concatenation.group, where)
+    return kept
 
 
 def _operand_specs(operands, shapes, offset: int):
@@ -386,7 +407,8 @@ def cumulative(tracer, call):
 
 @function_rule_for(F.pad)
 def pad(tracer, call):
-    return padded(tracer, call.layout(), call.value(1, "pad"), _where(call))
+    return padded(tracer, call, call.value(1, "pad"),
+                  call.value(2, "mode", "constant") == "constant", _where(call))
 
 
 def _along(tracer, call, dims, verb: str):
@@ -497,7 +519,7 @@ def _gated_halves(tracer, layout, dim: int, where: str):
         return layout
     if spec.part is not None or (spec.outer, spec.inner) != (1, 1):
         raise UnsupportedModelError(f"{where} splits aligned units apart unevenly")
-    halves = [replace(spec, group=g) for g in tracer.pieces(spec.group, 2, where)]
+    halves = [replace(spec, group=g) for g in tracer.pieces(spec.group, (1, 1), where)]
     return (*layout[:dim], unify(tracer, halves, where), *layout[dim + 1:])
 
 
@@ -521,6 +543,6 @@ def split(tracer, call):
     shapes = {tuple(meta.shape)[dim] for meta in call.node.meta["tensor_meta"]}
     if spec.part is not None or (spec.outer, spec.inner) != (1, 1) or len(shapes) != 1:
         raise UnsupportedModelError(f"{_where(call)} splits aligned units apart unevenly")
-    groups = tracer.pieces(spec.group, count, _where(call))
+    groups = tracer.pieces(spec.group, (1,) * count, _where(call))
     return tuple(tuple(replace(spec, group=g) if d == dim else s for d, s in enumerate(layout))
                  for g in groups)
