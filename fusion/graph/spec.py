@@ -133,7 +133,9 @@ class AlignmentGraph:
     (:func:`~otfusion.fusion.projection.dense_state`)."""
 
     def widths(self, state_dict: dict[str, torch.Tensor], who: str = "model") -> dict[int, int]:
-        """Width of every group in ``state_dict``, checked for consistency."""
+        """Width of every group in ``state_dict``, checked for consistency. A tensor of
+        integers or booleans on aligned units is refused: it can be neither averaged nor
+        moved with them."""
         undescribed = [name for name, tensor in state_dict.items()
                        if name not in self.tensors and tensor.is_floating_point()]
         if undescribed:
@@ -145,6 +147,12 @@ class AlignmentGraph:
             if spec.name not in state_dict:
                 raise ValueError(f"{who}: the state_dict has no '{spec.name}'")
             shape = state_dict[spec.name].shape
+            if not state_dict[spec.name].is_floating_point() and any(
+                    a is not None and not self.groups_by_id[a.group].fixed for a in spec.axes):
+                raise UnsupportedModelError(
+                    f"'{spec.name}' ({state_dict[spec.name].dtype}) meets aligned units, but a "
+                    "tensor of integers or booleans can be neither averaged nor permuted with "
+                    "them; store it as floats (a mask as 0.0 and 1.0)")
             if len(shape) != len(spec.axes):
                 raise ValueError(
                     f"{who}: '{spec.name}' has {len(shape)} dims, expected {len(spec.axes)}"

@@ -1080,6 +1080,72 @@ def test_weights_computed_in_forward_keep_the_function(kind):
     _aligns_and_fuses_exactly(model, other, _permute_computed_weight, x, 6)
 
 
+class StandardizedGrayscale(nn.Module):
+    """A weight-standardized first convolution on one input channel (once refused: the
+    input axis of size one was taken for a computed axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(8, 1, 3, 3)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        w = (self.w - self.w.mean((1, 2, 3), keepdim=True)) / (
+            self.w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self.head(F.relu(F.conv2d(x, w, padding=1)).mean((2, 3)))
+
+
+class KernelAxisElsewhere(nn.Module):
+    """A convolution's weight computed from ``v`` with its kernel axis reduced away,
+    while that axis of ``v`` meets hidden units elsewhere (once a wrong function: the
+    axis was dropped from ``v``'s description, so it was not permuted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(16, 3)
+        self.v = nn.Parameter(torch.randn(8, 8, 8, 1) / 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        w = self.v.amax(2, keepdim=True).expand_as(self.v)
+        y = torch.relu(F.conv2d(h, w, None, padding=(4, 0))).mean((2, 3))
+        return self.head(torch.cat([y, h.mean((2, 3)) + self.v.sum((0, 1, 3))], 1))
+
+
+@pytest.mark.parametrize("factory, x", [
+    (StandardizedGrayscale, torch.randn(16, 1, 8, 8)), (KernelAxisElsewhere, _images())],
+    ids=["grayscale", "kernel-axis-elsewhere"])
+def test_odd_computed_weights_keep_the_function(factory, x):
+    model, other = (_built(factory, seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+class BooleanMask(nn.Module):
+    """A buffer of booleans on hidden units: a mask of them, or of a weight computed
+    from a parameter (once a wrong function: the mask was neither averaged nor
+    permuted, the template's was kept)."""
+
+    def __init__(self, on_weight: bool):
+        super().__init__()
+        self.on_weight = on_weight
+        self.fc1, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        if on_weight:
+            self.w = nn.Parameter(torch.randn(8, 8) / 3)
+        self.register_buffer("m", torch.rand(*(8, 8)[:1 + on_weight]) > 0.5)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.on_weight:
+            return self.head(F.relu(F.linear(h, self.w.masked_fill(self.m, 0.0))))
+        return self.head(h.masked_fill(self.m, 0.0))
+
+
+@pytest.mark.parametrize("on_weight", [False, True], ids=["units", "weight"])
+def test_a_boolean_buffer_on_aligned_units_is_refused(on_weight):
+    model, other = (_built(lambda: BooleanMask(on_weight), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="'m' .*bool.* meets aligned units"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 6))
+
+
 class MixedWeight(nn.Module):
     """A weight computed from two parameters of its shape, or with its units reordered:
     refused."""

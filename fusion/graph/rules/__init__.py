@@ -13,8 +13,8 @@ method rules are ``rule(tracer, call) -> layout``. One module per layer family:
 - :mod:`.pointwise`: activations, dropout, pooling, resampling;
 - :mod:`.tensor_ops`: arithmetic, comparisons, concatenation, reshapes, transposes,
   indexing, reductions, GLUs;
-- :mod:`.products`: ``@``, ``einsum``, ``F.linear`` and ``F.embedding`` on state
-  tensors, ``F.scaled_dot_product_attention``.
+- :mod:`.products`: ``@``, ``einsum``, ``F.linear``, ``F.conv*d`` and ``F.embedding``
+  on state tensors, ``F.scaled_dot_product_attention``.
 
 A module under ``torch.nn.utils.parametrizations`` has its layer's rule; its weight is
 recorded through the tensors it is computed from (``Tracer.record``). Users add a rule

@@ -161,14 +161,17 @@ def _as_layer_weight(tracer, label: str, name: str, stored, unit: int) -> None:
     """The state tensor ``name``, read with the axes ``stored``, is a layer's weight:
     its axis ``unit`` defines new units (aligned like any layer's outputs), the next
     one (of a matrix: the other) is its input axis, and any after it (a convolution's
-    kernel) are positions."""
+    kernel) are positions, never permuted."""
     tracer.union(tracer.new_group(label), stored[unit].group)
+    for position in stored[2:]:
+        if position is not None:
+            tracer.fix(position.group)
     uses = tracer.uses[id(tracer.state[name])]
     at = next((i for i, use in enumerate(uses)
                if all(a is b for a, b in zip(use[1], stored, strict=True))), None)
     if at is None:  # read before through another node: no weight to describe
         return
-    weight = [L.as_input(a) if d < 2 else None for d, a in enumerate(stored)]
+    weight = [L.as_input(a) for a in stored]
     weight[unit] = stored[unit]
     uses[at] = (uses[at][0], tuple(weight), True)
 
@@ -186,20 +189,27 @@ def _as_layer_weight_source(tracer, call, weight) -> None:
     a layer's weight: the state tensor read directly, or, if the weight's output units
     are so far a parameter's own axis, the one it is computed from unit by unit in
     ``forward`` (weight standardization, a mask or a gain multiplied in, a weight norm
-    written by hand): the only tensor of its shape it is computed from (the only
-    parameter, if buffers of that shape are too), read with the weight's first two
-    axes. Ops on the way that mixed its units are refused when the graph is finished."""
+    written by hand; :func:`_computed_from`), read with the weight's first two axes.
+    Ops on the way that mixed its units are refused when the graph is finished."""
     node = call.node.args[1] if len(call.node.args) > 1 else call.node.kwargs.get("weight")
-    if not L.is_layout(weight) or not isinstance(weight[0], AxisSpec):
-        return
-    if not isinstance(node, fx.Node):
+    if not isinstance(node, fx.Node) or not L.is_layout(weight) \
+            or not isinstance(weight[0], AxisSpec):
         return
     if node.op == "get_attr" and node.target in tracer.state:
         _as_layer_weight(tracer, call.node.name, node.target, weight, 0)
         return
-    if not isinstance(weight[1], AxisSpec) or not tracer.passive_only(
-            tracer.find(weight[0].group)):
+    if not tracer.passive_only(tracer.find(weight[0].group)):
         return
+    name = _computed_from(tracer, node)
+    stored = None if name is None else _read_with(tracer, name, weight[:2])
+    if stored is not None:
+        _as_layer_weight(tracer, call.node.name, name, stored, 0)
+
+
+def _computed_from(tracer, node: fx.Node) -> str | None:
+    """The state tensor of ``node``'s shape that ``node`` is computed from: the only
+    one, or the only parameter among them (a mask buffer beside it). Another read of
+    such a tensor on the way, even of its shape alone (``zeros_like``), leaves none."""
     shape, found, seen, todo = L.shape_of(node), set(), set(), [node]
     while todo:
         n = todo.pop()
@@ -210,18 +220,19 @@ def _as_layer_weight_source(tracer, call, weight) -> None:
                 found.add(n.target)
             todo.extend(n.all_input_nodes)
     parameters = {name for name in found if isinstance(tracer.state[name], torch.nn.Parameter)}
-    if len(found) > 1 and len(parameters) == 1:
-        found = parameters
-    if len(found) != 1:
-        return
-    name = found.pop()
-    roots = [tracer.find(a.group) for a in weight[:2]]
-    stored = next((axes for _, axes, cost in tracer.uses.get(id(tracer.state[name]), [])
-                   if not cost and all(a is not None and tracer.find(a.group) == root
-                                       for a, root in zip(axes[:2], roots, strict=True))),
-                  None)
-    if stored is not None:
-        _as_layer_weight(tracer, call.node.name, name, stored, 0)
+    candidates = parameters if len(parameters) == 1 else found
+    return next(iter(candidates)) if len(candidates) == 1 else None
+
+
+def _read_with(tracer, name: str, axes) -> tuple | None:
+    """The axes of a read of ``name`` (not yet a layer's weight) whose first ones are in
+    the groups of ``axes``, if there is one."""
+    def roots(specs):
+        return [None if a is None else tracer.find(a.group) for a in specs]
+
+    wanted = roots(axes)
+    return next((stored for _, stored, cost in tracer.uses.get(id(tracer.state[name]), [])
+                 if not cost and roots(stored[:len(wanted)]) == wanted), None)
 
 
 @function_rule_for(F.linear)
@@ -248,6 +259,9 @@ def functional_convolution(tracer, call):
     calls. A weight read directly is a layer's weight, whose output channels are new
     units, as in ``nn.Conv2d``; grouped convolutions are refused."""
     source, weight, where = call.layout(0, "input"), call.layout(1, "weight"), _where(call)
+    if not L.is_layout(weight) or len(weight) < 3:
+        raise UnsupportedModelError(f"{where}: a convolution whose weight is not a tensor "
+                                    "of three dimensions or more is not supported")
     k = len(weight) - 2
     if call.value(6, "groups", 1) != 1:
         raise UnsupportedModelError(f"{where}: a grouped convolution called as a function "
