@@ -274,13 +274,28 @@ class Tracer:
                                             "pieces, which is supported only for a layer's "
                                             "own outputs")
             self.uses[key] = []
-            self.packed[name] = PackedTensor(axis, [
-                tuple(replace(a, group=g) if d == axis else a for d, a in enumerate(axes))
-                for g in new], cost, shares)
+            previous = self.packed.get(name)
+            if previous is None:
+                self.packed[name] = PackedTensor(axis, [
+                    tuple(replace(a, group=g) if d == axis else a for d, a in enumerate(axes))
+                    for g in new], cost, shares)
+            else:
+                self._split_again(name, previous, axes, axis, shares, new, where)
         self.sites = [(g, site) for g, site in self.sites if g != group]
         self.split_groups[group] = new
         self.shares[group] = shares
         return new
+
+    def _split_again(self, name: str, previous: PackedTensor, axes, axis: int,
+                     shares: tuple[int, ...], new: list[int], where: str) -> None:
+        """A packed tensor used again (a layer called at every step of a hand-written
+        recurrent cell) and split again, as before: its new pieces join the old ones."""
+        if (axis, shares) != (previous.axis, previous.shares):
+            raise UnsupportedModelError(f"{where} splits '{name}' into other pieces than "
+                                        "at its first use")
+        for group, old in zip(new, previous.pieces, strict=True):
+            for d, (first, other) in enumerate(zip(old, axes, strict=True)):
+                self._tie(name, first, replace(other, group=group) if d == axis else other)
 
     def concatenation(self, group: int) -> tuple[tuple[int | None, int], ...] | None:
         """The parts of ``group``'s concatenation, if it is one."""

@@ -2175,6 +2175,37 @@ def _permute_cat_plus_layer(model: CatPlusLayer, generator: torch.Generator):
     return model
 
 
+class SplitThenCalledAgain(nn.Module):
+    """A layer split into pieces (added to a concatenation, or into query, key and value),
+    then called again and added whole to another layer (once a wrong function, d =
+    0.3-0.5: the second call's units were not tied to the pieces)."""
+
+    def __init__(self, split: str):
+        super().__init__()
+        self.split = split
+        if split == "concatenation":
+            self.a, self.b = nn.Linear(5, 4), nn.Linear(5, 8)
+        self.sc, self.other = nn.Linear(5, 12), nn.Linear(5, 12)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x):
+        if self.split == "concatenation":
+            y = torch.cat([self.a(x), self.b(x)], 1) + self.sc(x)
+        else:
+            q, k, v = self.sc(x).split(4, -1)
+            y = torch.cat([torch.tanh(q) * torch.sigmoid(k) + v] * 3, 1)
+        z = self.sc(x.flip(-1)) + self.other(x)
+        return self.head(torch.cat([torch.relu(y), torch.relu(z)], 1))
+
+
+@pytest.mark.parametrize("split", ["concatenation", "qkv"])
+def test_a_layer_split_then_used_whole_is_refused(split):
+    model, other = (_built(lambda: SplitThenCalledAgain(split), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="'sc.weight' is split into pieces at "
+                                                    "one use and used whole at another"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 5))
+
+
 def test_a_layer_added_to_a_concatenation_keeps_the_function():
     model, other = (_built(CatPlusLayer, seed) for seed in (0, 1))
     _aligns_and_fuses_exactly(model, other, _permute_cat_plus_layer, torch.randn(16, 6), 3)
