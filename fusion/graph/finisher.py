@@ -305,7 +305,8 @@ class Finisher:
             if name in self.t.packed:
                 if merged.get(key) is not None:
                     raise UnsupportedModelError(f"'{name}' is split into pieces at one use and "
-                                                "used whole at another, which is not supported")
+                                                "used whole at another (a layer called again), "
+                                                "which is not supported")
                 packed = self.t.packed[name]
                 for i, axes in enumerate(packed.pieces):
                     tensors[f"{name}#{i}"] = TensorSpec(f"{name}#{i}", self.canon_axes(axes),

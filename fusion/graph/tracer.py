@@ -274,7 +274,8 @@ class Tracer:
                                             "pieces, which is supported only for a layer's "
                                             "own outputs")
             self.uses[key] = []
-            previous = self.packed.get(name)
+            previous = next((packed for other, packed in self.packed.items()
+                             if self.state[other] is self.state[name]), None)
             if previous is None:
                 self.packed[name] = PackedTensor(axis, [
                     tuple(replace(a, group=g) if d == axis else a for d, a in enumerate(axes))
@@ -286,13 +287,15 @@ class Tracer:
         self.shares[group] = shares
         return new
 
-    def _split_again(self, name: str, previous: PackedTensor, axes, axis: int,
+    def _split_again(self, name: str, previous: PackedTensor, axes: tuple, axis: int,
                      shares: tuple[int, ...], new: list[int], where: str) -> None:
         """A packed tensor used again (a layer called at every step of a hand-written
-        recurrent cell) and split again, as before: its new pieces join the old ones."""
+        recurrent cell), read with ``axes``, and split again along the same axis in the
+        same proportions: piece ``i`` of this use (group ``new[i]``) joins piece ``i`` of
+        the first, and its other axes join theirs."""
         if (axis, shares) != (previous.axis, previous.shares):
             raise UnsupportedModelError(f"{where} splits '{name}' into other pieces than "
-                                        "at its first use")
+                                        "before")
         for group, old in zip(new, previous.pieces, strict=True):
             for d, (first, other) in enumerate(zip(old, axes, strict=True)):
                 self._tie(name, first, replace(other, group=group) if d == axis else other)
@@ -631,6 +634,8 @@ class Tracer:
             for d, size in enumerate(tensor.shape))
         if isinstance(tensor, nn.Parameter):
             self.parameter_axes.update(a.group for a in axes if a is not None)
+        if id(tensor) in self.uses and node.users and all(map(_reads_shape, node.users)):
+            return axes  # read again for its shape alone: no use of its values
         self.record("", node.target, axes, cost=False)
         return axes
 

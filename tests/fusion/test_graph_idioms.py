@@ -1130,7 +1130,7 @@ class BooleanMask(nn.Module):
         self.fc1, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
         if on_weight:
             self.w = nn.Parameter(torch.randn(8, 8) / 3)
-        self.register_buffer("m", torch.rand(*(8, 8)[:1 + on_weight]) > 0.5)
+        self.register_buffer("m", torch.rand((8, 8) if on_weight else (8,)) > 0.5)
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
@@ -2203,6 +2203,63 @@ def test_a_layer_split_then_used_whole_is_refused(split):
     model, other = (_built(lambda: SplitThenCalledAgain(split), seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="'sc.weight' is split into pieces at "
                                                     "one use and used whole at another"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 5))
+
+
+class UnrolledLSTMCell(nn.Module):
+    """An LSTM cell written out and stepped three times: the input's and the state's
+    projections chunked into four gates at every step (once a wrong function, d = 0.014:
+    each step's split replaced the one before); the hidden size read from a split weight
+    afterwards (once refused as a whole use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.init, self.x2h = nn.Linear(4, 6), nn.Linear(4, 24)
+        self.h2h, self.out = nn.Linear(6, 24), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.init(x[:, 0]))
+        c = torch.zeros_like(h)
+        for t in range(3):
+            a, b = self.x2h(x[:, t]).chunk(4, 1), self.h2h(h).chunk(4, 1)
+            i, f, g, o = a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+        return self.out(h.view(-1, self.x2h.weight.shape[0] // 4))
+
+
+def _permute_unrolled_cell(model: UnrolledLSTMCell, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    p = _perm(6, generator)
+    gates = torch.cat([k * 6 + p for k in range(4)])
+    _rows(model.init, p)
+    _rows(model.x2h, gates)
+    _rows(model.h2h, gates)
+    _columns(model.h2h, p)
+    _columns(model.out, p)
+    return model
+
+
+def test_a_layer_split_again_at_every_step_keeps_the_function():
+    x = torch.randn(16, 3, 4)
+    model, other = (_built(UnrolledLSTMCell, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_unrolled_cell, x, 7)
+
+
+def test_a_weight_split_under_two_names_is_refused():
+    class TwoNames(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(4, 3)
+            self.fc2.weight = self.fc1.weight  # tied by assignment
+
+        def forward(self, x):
+            a, b = self.fc1(x).chunk(2, 1)
+            c, d = self.fc2(x.flip(-1)).chunk(2, 1)
+            return self.head(torch.relu(a) * b + torch.tanh(c) + d)
+
+    model, other = (_built(TwoNames, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="another name of a packed tensor"):
         align(other, model, config=EXACT, inputs=torch.randn(16, 5))
 
 
