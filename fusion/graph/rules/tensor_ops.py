@@ -59,10 +59,11 @@ def unify(tracer, specs, where: str) -> AxisSpec | None:
 
 
 def _added_to_concatenation(tracer, grouped: list[AxisSpec], where: str) -> list[AxisSpec]:
-    """``grouped`` without the layers' units met by a concatenation's: those are split
-    into its parts (:meth:`~..tracer.Tracer.add_to_concatenation`). A parameter's own
-    axis (a bias added) joins the concatenation whole, and so does, to be refused, a
-    layer's output already split otherwise."""
+    """The specs of ``grouped`` left to join as one group. Where one of them is a
+    concatenation, a layer's output units among the others are split into its parts
+    instead (:meth:`~..tracer.Tracer.add_to_concatenation`); a parameter's own axis (a
+    bias added) stays, to join the concatenation whole, and so does a layer's output
+    already split otherwise (refused when the graph is finished)."""
     concatenation = next((s for s in grouped if tracer.concatenation(s.group)), None)
     if concatenation is None:
         return grouped
