@@ -256,8 +256,7 @@ class Tracer:
                 raise UnsupportedModelError(f"{where} splits '{self.labels[group]}' into "
                                             "other pieces than before")
             return self.split_groups[group]
-        merged = [g for g in range(len(self.parent)) if g != group and self.find(g) == group]
-        if self.find(group) != group or merged or group in self.fixed or group in self.blocks:
+        if self._tied_to_others(group):
             raise UnsupportedModelError(f"{where} splits units that are tied to others into "
                                         f"{len(shares)} pieces")
         new = [self.new_group(f"{self.labels[group]}#{i}") for i in range(len(shares))]
@@ -287,6 +286,12 @@ class Tracer:
         self.shares[group] = shares
         return new
 
+    def _tied_to_others(self, group: int) -> bool:
+        """Whether ``group`` was joined with another group, fixed, or given blocks."""
+        return (group in self.fixed or group in self.blocks
+                or any(g != group and self.find(g) == self.find(group)
+                       for g in range(len(self.parent))))
+
     def _split_again(self, name: str, previous: PackedTensor, axes: tuple, axis: int,
                      shares: tuple[int, ...], new: list[int], where: str) -> None:
         """A packed tensor used again (a layer called at every step of a hand-written
@@ -310,8 +315,7 @@ class Tracer:
         shortcut padded with channels of zeros): the layer's tensors are split into
         pieces as wide as the concatenation's parts, nested ones flattened, and each
         piece joins its part (a part of unaligned data stays in place)."""
-        if any(self.find(g) == self.find(group) for g in range(len(self.parent))
-               if g != group) or group in self.fixed or group in self.blocks:
+        if self._tied_to_others(group):
             raise UnsupportedModelError(
                 f"{where} adds the units of '{self.labels[group]}', tied to others (a scale, "
                 "a norm's groups of channels, another layer's units), to a concatenation, "
@@ -575,7 +579,7 @@ class Tracer:
         """Whether the group of ``root`` is a concatenation of the data's positions with
         parameters' or buffers' own axes alone (DeiT's class and distillation tokens,
         register or prompt tokens before an attention)."""
-        parts = next((value for g, value in self.parts.items() if self.find(g) == root), None)
+        parts = self.concatenation(root)
         return parts is not None and any(g is None for g, _ in parts) and all(
             g is None or self.passive_only(self.find(g)) for g, _ in parts)
 
