@@ -109,7 +109,7 @@ class Finisher:
         concatenated = {find(p) for value in tracer.parts.values() for p, _ in value
                         if p is not None}
         for group in tracer.split_groups:
-            if self.members[find(group)] != {group} \
+            if self.members[find(group)] != tracer.split_members[group] \
                     or any(find(f) == find(group) for f in tracer.fixed) \
                     or find(group) in concatenated:
                 raise UnsupportedModelError(

@@ -139,6 +139,7 @@ class Tracer:
         self.packed: dict[str, PackedTensor] = {}
         self.split_groups: dict[int, list[int]] = {}
         self.shares: dict[int, tuple[int, ...]] = {}  # a split group's pieces' proportions
+        self.split_members: dict[int, frozenset[int]] = {}  # the groups joined when split
         self.sites: list[tuple[int, ActivationSite]] = []
         self.unaligned_required: list[tuple[int, str]] = []
         self.opaque_groups: set[int] = set()
@@ -247,7 +248,8 @@ class Tracer:
 
     def pieces(self, group: int, shares: tuple[int, ...], where: str) -> list[int]:
         """``group`` turns out to pack groups in those proportions (a ``qkv`` Linear's
-        output split into query, key and value, ``(1, 1, 1)``): its tensors become packed,
+        output split into query, key and value, ``(1, 1, 1)``): the tensors of every
+        group joined with it (a per-unit scale, another layer added to it) become packed,
         one new group a piece."""
         divisor = math.gcd(*shares)
         shares = tuple(share // divisor for share in shares)
@@ -259,10 +261,12 @@ class Tracer:
         if self._tied_to_others(group):
             raise UnsupportedModelError(f"{where} splits units that are tied to others into "
                                         f"{len(shares)} pieces")
+        root = self.find(group)
+        members = frozenset(g for g in range(len(self.parent)) if self.find(g) == root)
         new = [self.new_group(f"{self.labels[group]}#{i}") for i in range(len(shares))]
         for key, uses in list(self.uses.items()):
             found = [(use, d) for use in uses for d, a in enumerate(use[1])
-                     if a is not None and a.group == group]
+                     if a is not None and self.find(a.group) == root]
             if not found:
                 continue
             (name, axes, cost), axis = found[0]
@@ -281,16 +285,24 @@ class Tracer:
                     for g in new], cost, shares)
             else:
                 self._split_again(name, previous, axes, axis, shares, new, where)
-        self.sites = [(g, site) for g, site in self.sites if g != group]
-        self.split_groups[group] = new
-        self.shares[group] = shares
+        self.sites = [(g, site) for g, site in self.sites if self.find(g) != root]
+        for member in members:
+            self.split_groups[member] = new
+            self.shares[member] = shares
+            self.split_members[member] = members
         return new
 
     def _tied_to_others(self, group: int) -> bool:
-        """Whether ``group`` was joined with another group, fixed, or given blocks."""
-        return (group in self.fixed or group in self.blocks
-                or any(g != group and self.find(g) == self.find(group)
-                       for g in range(len(self.parent))))
+        """Whether ``group``'s units are tied in a way that pieces cannot follow: fixed,
+        moved in blocks, values per head or repeated heads, or a concatenation or a part
+        of one, itself or a group joined with it."""
+        root = self.find(group)
+        tied = (self.fixed | set(self.blocks) | set(self.parts) | set(self.repeats)
+                | {g for g, _, _ in self.values_per_head}
+                | {g for _, g, _ in self.values_per_head}
+                | {p for parts in self.parts.values() for p, _ in parts if p is not None}
+                | {source for source, _, _ in self.repeats.values()})
+        return any(self.find(g) == root for g in tied)
 
     def _split_again(self, name: str, previous: PackedTensor, axes: tuple, axis: int,
                      shares: tuple[int, ...], new: list[int], where: str) -> None:

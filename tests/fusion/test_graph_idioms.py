@@ -3152,3 +3152,89 @@ def _permute_classic_bilstm(model: ClassicBiLSTM, generator: torch.Generator):
 def test_the_last_layers_states_indexed_with_slices_keep_the_function():
     model, other = (_built(ClassicBiLSTM, seed) for seed in (0, 1))
     _aligns_and_fuses_exactly(model, other, _permute_classic_bilstm, torch.randn(8, 5, 4), 3)
+
+
+class SplitAfterTies(nn.Module):
+    """Units joined with others before they are split into halves by a GLU or added to
+    a concatenation: a per-unit scale, a second layer added, a weight read by
+    ``F.linear`` (each once refused: "splits units that are tied to others")."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        if variant == "functional":
+            self.w, self.b = nn.Parameter(torch.randn(10, 6)), nn.Parameter(torch.randn(10))
+        else:
+            self.fc = nn.Linear(6, 10)
+        if variant in ("scale", "concatenation"):
+            self.scale = nn.Parameter(torch.rand(10) + 0.5)
+        if variant == "sum":
+            self.other = nn.Linear(6, 10)
+        if variant == "concatenation":
+            self.a, self.c = nn.Linear(6, 4), nn.Linear(6, 6)
+        self.head = nn.Linear(10 if variant == "concatenation" else 5, 3)
+
+    def forward(self, x):
+        if self.variant == "concatenation":
+            h = torch.cat([self.a(x), self.c(x)], 1) + self.fc(x) * self.scale
+            return self.head(torch.relu(h))
+        if self.variant == "functional":
+            h = F.linear(x, self.w, self.b)
+        elif self.variant == "scale":
+            h = self.fc(x) * self.scale
+        else:
+            h = self.fc(x) + self.other(x)
+        return self.head(F.glu(h, -1))
+
+
+def _permute_split_after_ties(model: SplitAfterTies, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    if model.variant == "concatenation":
+        pa, pc = _perm(4, generator), _perm(6, generator)
+        _rows(model.a, pa)
+        _rows(model.c, pc)
+        units = torch.cat([pa, 4 + pc])
+        head = units
+    else:
+        p = _perm(5, generator)
+        units, head = torch.cat([p, 5 + p]), p  # a value and its gate move together
+    with torch.no_grad():
+        if model.variant == "functional":
+            model.w.copy_(model.w[units])
+            model.b.copy_(model.b[units])
+        else:
+            _rows(model.fc, units)
+        if model.variant in ("scale", "concatenation"):
+            model.scale.copy_(model.scale[units])
+        if model.variant == "sum":
+            _rows(model.other, units)
+    _columns(model.head, head)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["functional", "scale", "sum", "concatenation"])
+def test_units_joined_with_others_then_split_keep_the_function(variant):
+    x = torch.randn(16, 6)
+    model, other = (_built(lambda: SplitAfterTies(variant), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_split_after_ties, x, 3)
+
+
+class ScaleSplitThenReused(nn.Module):
+    """A per-unit scale whose units are split by a GLU, and which also scales another
+    layer's units whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.other = nn.Linear(6, 10), nn.Linear(6, 10)
+        self.scale = nn.Parameter(torch.rand(10) + 0.5)
+        self.head, self.head2 = nn.Linear(5, 3), nn.Linear(10, 3)
+
+    def forward(self, x):
+        gated = F.glu(self.fc(x) * self.scale, -1)
+        return self.head(gated) + self.head2(self.other(x) * self.scale)
+
+
+def test_a_scale_split_with_its_units_and_used_whole_is_refused():
+    model, other = (_built(ScaleSplitThenReused, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="split into pieces .* and also used"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 6))
