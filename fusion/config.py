@@ -307,7 +307,8 @@ class FusionConfig(BaseModel):
     cost : "weights" | "activations"
         Ground cost between neurons: squared distance of their incoming weights in the
         fused model's coordinates, or of their activations on a batch of inputs passed
-        to :func:`~otfusion.fusion.fuse`.
+        to :func:`~otfusion.fusion.fuse` (by their weights still where those activations
+        also carry other hidden units: MLP-Mixer's token mixing over channels).
     max_activation_samples : int
         Columns kept per neuron when ``cost="activations"`` (samples x positions).
     transport, barycenter, averaging, distillation, robust

@@ -448,8 +448,14 @@ class Tracer:
         self.union(first.group, other.group)
 
     def add_site(self, group: int, module: str, output_index: int | None, dim: int,
-                 spec: AxisSpec) -> None:
-        self.sites.append((group, ActivationSite(module, output_index, dim, spec)))
+                 layout: tuple) -> None:
+        """``module``'s output (its item ``output_index`` if a tuple), of ``layout``,
+        carries ``group``'s units on ``dim``: a site whose activations can define them
+        (``cost="activations"``), unless another dimension carries units too (a token
+        mixer's hidden units over channels): its samples would come in each client's
+        own order of those units, so the group's weights define it instead."""
+        if all(spec is None for d, spec in enumerate(layout) if d != dim):
+            self.sites.append((group, ActivationSite(module, output_index, dim, layout[dim])))
 
     # -- traversal
     def run(self, example_input: torch.Tensor) -> AlignmentGraph:

@@ -3238,3 +3238,42 @@ def test_a_scale_split_with_its_units_and_used_whole_is_refused():
     model, other = (_built(ScaleSplitThenReused, seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="split into pieces .* and also used"):
         align(other, model, config=EXACT, inputs=torch.randn(16, 6))
+
+
+class TokenMixer(nn.Module):
+    """MLP-Mixer's token mixing: a Linear over the tokens of a (batch, channels, tokens)
+    tensor whose channels are hidden units too."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.tokens, self.back = nn.Linear(6, 5), nn.Linear(5, 6)
+
+    def forward(self, x):
+        h = F.relu(self.channels(x))
+        mixed = self.back(F.relu(self.tokens(h.transpose(1, 2)))).transpose(1, 2)
+        return self.head((h + mixed).mean(1))
+
+
+def _permute_token_mixer(model: TokenMixer, generator: torch.Generator) -> TokenMixer:
+    model = copy.deepcopy(model)
+    channels, hidden = _perm(8, generator), _perm(5, generator)
+    _rows(model.channels, channels)
+    _columns(model.head, channels)
+    _rows(model.tokens, hidden)
+    _columns(model.back, hidden)
+    return model
+
+
+def test_activations_of_units_carried_beside_other_units_are_not_their_cost():
+    """The token mixer's activations come with the channels in each client's own order:
+    their rows are not the same samples in two clients (a wrong function once, d = 0.17,
+    with ``cost="activations"``), so the weights define those units."""
+    x = torch.randn(32, 6, 4)
+    model = _built(TokenMixer, 0)
+    config = FusionConfig.from_options(distill_steps=0, cost="activations")
+    copies = [model, _permute_token_mixer(model, torch.Generator().manual_seed(1))]
+    _same_function(copies[1], model, x)
+    _same_function(fuse(copies, config=config, inputs=x), model, x)
+    other = _built(TokenMixer, 1)
+    _same_function(align(other, model, config=config, inputs=x), other, x)

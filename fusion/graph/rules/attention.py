@@ -44,7 +44,7 @@ def attention(tracer, name: str, module: nn.MultiheadAttention, query, key, valu
         tracer.record_packed(name, "in_proj_bias", 0, [(q_rows,), (q_rows,), (v_rows,)],
                              cost=True)
     return dense_layer(tracer, f"{name}.out_proj", module.out_proj, AxisSpec(vo, "input"),
-                       ndim)
+                       (None,) * (ndim - 1))
 
 
 def _masks_shared_by_heads(call, features: tuple[str, ...], where: str) -> None:
@@ -90,8 +90,9 @@ def _norm(tracer, name: str, module: nn.Module, spec) -> None:
 
 
 def _feed_forward(tracer, name: str, layer, spec, ndim: int) -> AxisSpec:
-    hidden = dense_layer(tracer, f"{name}.linear1", layer.linear1, spec, ndim)
-    return dense_layer(tracer, f"{name}.linear2", layer.linear2, hidden, ndim)
+    batch = (None,) * (ndim - 1)  # tokens, required unaligned by the attention
+    hidden = dense_layer(tracer, f"{name}.linear1", layer.linear1, spec, batch)
+    return dense_layer(tracer, f"{name}.linear2", layer.linear2, hidden, batch)
 
 
 _PARTS = {"self_attn": nn.MultiheadAttention, "multihead_attn": nn.MultiheadAttention,

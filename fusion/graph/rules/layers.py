@@ -13,19 +13,19 @@ from . import register_rule
 def linear(tracer, call, name, module):
     """New neurons on the last dimension, fed by the input's last dimension."""
     source = call.layout()
-    return (*source[:-1], dense_layer(tracer, name, module, source[-1], len(source)))
+    return (*source[:-1], dense_layer(tracer, name, module, source[-1], source[:-1]))
 
 
 def dense_layer(tracer, name: str, module: nn.Linear, features: AxisSpec | None,
-                ndim: int) -> AxisSpec:
-    """Records the Linear ``name`` applied to ``features`` (the last of ``ndim``
-    dimensions); returns the spec of its output features."""
+                batch: tuple) -> AxisSpec:
+    """Records the Linear ``name`` applied to ``features`` (the last dimension, after
+    dimensions of layout ``batch``); returns the spec of its output features."""
     group = tracer.new_group(name)
     out = AxisSpec(group, "neuron")
     tracer.record(name, "weight", (out, as_input(features)), cost=True)
     if module.bias is not None:
         tracer.record(name, "bias", (out,), cost=True)
-    tracer.add_site(group, name, None, ndim - 1, out)
+    tracer.add_site(group, name, None, len(batch), (*batch, out))
     return out
 
 
@@ -45,7 +45,8 @@ def convolution(tracer, call, name, module):
         tracer.record(name, "weight", (out, as_input(channel), *kernel), cost=True)
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=True)
-        tracer.add_site(group, name, None, len(source) - k - 1, out)
+        tracer.add_site(group, name, None, len(source) - k - 1,
+                        (*source[:-k - 1], out, *source[-k:]))
     elif module.groups == module.in_channels:
         multiplier = module.out_channels // module.in_channels
         if channel is None and multiplier == 1:
@@ -71,7 +72,8 @@ def convolution(tracer, call, name, module):
                       groups=module.groups)
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=True)
-        tracer.add_site(group, name, None, len(source) - k - 1, out)
+        tracer.add_site(group, name, None, len(source) - k - 1,
+                        (*source[:-k - 1], out, *source[-k:]))
     return (*source[:-k - 1], out, *source[-k:])
 
 
@@ -91,8 +93,9 @@ def transposed_convolution(tracer, call, name, module):
     tracer.record(name, "weight", (as_input(source[-k - 1]), out, *(None,) * k), cost=True)
     if module.bias is not None:
         tracer.record(name, "bias", (out,), cost=True)
-    tracer.add_site(group, name, None, len(source) - k - 1, out)
-    return (*source[:-k - 1], out, *source[-k:])
+    output = (*source[:-k - 1], out, *source[-k:])
+    tracer.add_site(group, name, None, len(source) - k - 1, output)
+    return output
 
 
 @register_rule(nn.EmbeddingBag)
@@ -103,8 +106,9 @@ def embedding_bag(tracer, call, name, module):
     group = tracer.new_group(name)
     out = AxisSpec(group, "neuron")
     tracer.record(name, "weight", (None, out), cost=True)
-    tracer.add_site(group, name, None, len(shape) - 1, out)
-    return (*(None,) * (len(shape) - 1), out)
+    output = (*(None,) * (len(shape) - 1), out)
+    tracer.add_site(group, name, None, len(shape) - 1, output)
+    return output
 
 
 @register_rule(nn.Embedding)
@@ -114,5 +118,5 @@ def embedding(tracer, call, name, module):
     group = tracer.new_group(name)
     out = AxisSpec(group, "neuron")
     tracer.record(name, "weight", (None, out), cost=True)
-    tracer.add_site(group, name, None, len(source), out)
+    tracer.add_site(group, name, None, len(source), (*source, out))
     return (*source, out)

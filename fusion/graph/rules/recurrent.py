@@ -59,7 +59,7 @@ def recurrent(tracer, call, name, module):
         previous = as_input(merged)
     output = Packed(merged) if packed else (*source[:-1], merged)
     if len(outputs) == 1 and not proj and not packed:
-        tracer.add_site(merged.group, name, 0, len(source) - 1, merged)
+        tracer.add_site(merged.group, name, 0, len(source) - 1, output)
     batch = (None,) if packed else (None,) * (len(source) - 2)
 
     def stacked(specs, what):
@@ -142,9 +142,9 @@ def recurrent_cell(tracer, call, name, module):
             _refuse_data(node, where)
     step = (*source[:-1], out)
     if lstm:
-        tracer.add_site(cell, name, 0, len(source) - 1, out)
+        tracer.add_site(cell, name, 0, len(source) - 1, step)
         return step, step
-    tracer.add_site(cell, name, None, len(source) - 1, out)
+    tracer.add_site(cell, name, None, len(source) - 1, step)
     return step
 
 
