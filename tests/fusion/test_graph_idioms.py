@@ -3277,3 +3277,68 @@ def test_activations_of_units_carried_beside_other_units_are_not_their_cost():
     _same_function(fuse(copies, config=config, inputs=x), model, x)
     other = _built(TokenMixer, 1)
     _same_function(align(other, model, config=config, inputs=x), other, x)
+
+
+class PairedEncoder(nn.Module):
+    """One encoder applied to two inputs, compared by a cosine similarity or a pairwise
+    distance (a siamese network), or its features compared with learned prototypes by
+    ``torch.cdist`` (FedProto); each once refused as acting on aligned units."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.first, self.second = nn.Linear(6, 10), nn.Linear(10, 8)
+        if variant == "prototypes":
+            self.prototypes = nn.Parameter(torch.randn(4, 8))
+        self.compare = (nn.CosineSimilarity(dim=1) if variant == "cosine-module" else
+                        nn.PairwiseDistance(keepdim=True) if variant == "distance-module"
+                        else None)
+
+    def encode(self, x):
+        return self.second(F.relu(self.first(x)))
+
+    def forward(self, x):
+        a = self.encode(x[:, 0])
+        if self.variant == "prototypes":
+            return -torch.cdist(a, self.prototypes)
+        b = self.encode(x[:, 1])
+        if self.compare is not None:
+            return self.compare(a, b)
+        if self.variant == "cosine":
+            return F.cosine_similarity(a, b, dim=-1)
+        return F.pairwise_distance(a, b, keepdim=True)
+
+
+def _permute_paired_encoder(model: PairedEncoder, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    hidden, features = _perm(10, generator), _perm(8, generator)
+    _rows(model.first, hidden)
+    _columns(model.second, hidden)
+    _rows(model.second, features)
+    if model.variant == "prototypes":
+        with torch.no_grad():
+            model.prototypes.copy_(model.prototypes[:, features])
+    return model
+
+
+@pytest.mark.parametrize("variant", ["cosine", "cosine-module", "distance",
+                                     "distance-module", "prototypes"])
+def test_similarities_and_distances_of_aligned_features_keep_the_function(variant):
+    x = torch.randn(16, 2, 6)
+    model, other = (_built(lambda: PairedEncoder(variant), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_paired_encoder, x, 5)
+
+
+def test_distances_between_aligned_units_themselves_are_refused():
+    class UnitDistances(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 8)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return torch.cdist(h.T, h.T).sum(1)
+
+    model, other = (_built(UnitDistances, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="pairs rows that hold aligned units"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 6))

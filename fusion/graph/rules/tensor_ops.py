@@ -483,6 +483,55 @@ def norm(tracer, call):
                     _where(call))
 
 
+@function_rule_for(F.cosine_similarity, F.pairwise_distance, torch.cdist)
+def distance(tracer, call):
+    """Similarities and distances between two tensors' vectors (a siamese network's
+    cosine similarity or pairwise distance; ``torch.cdist`` to prototypes, FedProto's):
+    the vectors' units share one coupling, which any permutation of them keeps, and are
+    reduced away; ``cdist`` pairs the rows of the first with those of the second."""
+    if call.node.target is F.cosine_similarity:
+        return _between_vectors(tracer, call, call.value(2, "dim", 1), False)
+    if call.node.target is F.pairwise_distance:
+        return _between_vectors(tracer, call, -1, call.value(4, "keepdim", False))
+    (first, one), (second, two) = _vectors(call)
+    unify(tracer, _operand_specs([first, second], [one, two], 1), _where(call))
+    L.require_unaligned(tracer, (first[-2], second[-2]), range(2), _where(call),
+                        "pairs rows that hold aligned units")
+    return (*_broadcast_layout(tracer, [(first[:-2], one[:-2]), (second[:-2], two[:-2])],
+                               call), None, None)
+
+
+@register_rule(nn.CosineSimilarity, nn.PairwiseDistance)
+def distance_module(tracer, call, name, module):
+    if isinstance(module, nn.CosineSimilarity):
+        return _between_vectors(tracer, call, module.dim, False)
+    return _between_vectors(tracer, call, -1, module.keepdim)
+
+
+def _vectors(call) -> list[tuple]:
+    """The layouts and shapes of the two tensors ``x1`` and ``x2``."""
+    pairs = [(call.layout(i, name), L.shape_of(call.value(i, name)))
+             for i, name in enumerate(("x1", "x2"))]
+    if not all(L.is_layout(layout) and shape is not None for layout, shape in pairs):
+        raise UnsupportedModelError(f"{_where(call)}: unknown input shapes")
+    return pairs
+
+
+def _between_vectors(tracer, call, dim: int, keepdim: bool):
+    """A similarity or distance of ``x1`` and ``x2``, broadcast, along ``dim``."""
+    return L.reduce(_broadcast_layout(tracer, _vectors(call), call), dim, keepdim,
+                    _where(call))
+
+
+def _broadcast_layout(tracer, pairs, call) -> tuple:
+    """The layout of tensors (``(layout, shape)`` pairs) broadcast together: dimensions
+    that meet share one coupling (as in :func:`broadcast`)."""
+    ndim = max(len(shape) for _, shape in pairs)
+    return tuple(unify(tracer, _operand_specs([p[0] for p in pairs], [p[1] for p in pairs],
+                                              offset), _where(call))
+                 for offset in range(ndim, 0, -1))
+
+
 @method_rule_for("expand", "expand_as", "repeat", "tile")
 def expand(tracer, call):
     """Repeats along dimensions of size one (``expand``) keep the layout; ``repeat``
