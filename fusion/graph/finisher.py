@@ -106,12 +106,9 @@ class Finisher:
         for group, problem in tracer.unaligned_required:
             if find(group) not in self.fixed:
                 raise UnsupportedModelError(problem)
-        concatenated = {find(p) for value in tracer.parts.values() for p, _ in value
-                        if p is not None}
         for group in tracer.split_groups:
             if self.members[find(group)] != tracer.split_members[group] \
-                    or any(find(f) == find(group) for f in tracer.fixed) \
-                    or find(group) in concatenated:
+                    or tracer.tied_to_others(group):
                 raise UnsupportedModelError(
                     f"'{tracer.labels[group]}' is split into pieces (chunk, GLU, or added to a "
                     "concatenation) and also used "

@@ -258,7 +258,7 @@ class Tracer:
                 raise UnsupportedModelError(f"{where} splits '{self.labels[group]}' into "
                                             "other pieces than before")
             return self.split_groups[group]
-        if self._tied_to_others(group):
+        if self.tied_to_others(group):
             raise UnsupportedModelError(f"{where} splits units that are tied to others into "
                                         f"{len(shares)} pieces")
         root = self.find(group)
@@ -292,12 +292,15 @@ class Tracer:
             self.split_members[member] = members
         return new
 
-    def _tied_to_others(self, group: int) -> bool:
+    def tied_to_others(self, group: int) -> bool:
         """Whether ``group``'s units are tied in a way that pieces cannot follow: fixed,
-        moved in blocks, values per head or repeated heads, or a concatenation or a part
-        of one, itself or a group joined with it."""
+        moved in blocks or the source of another group's blocks, kept in place within
+        heads, values per head or repeated heads, or a concatenation or a part of one,
+        itself or a group joined with it."""
         root = self.find(group)
         tied = (self.fixed | set(self.blocks) | set(self.parts) | set(self.repeats)
+                | self.rigid
+                | {source for _, source, _ in self.blocks.values() if source is not None}
                 | {g for g, _, _ in self.values_per_head}
                 | {g for _, g, _ in self.values_per_head}
                 | {p for parts in self.parts.values() for p, _ in parts if p is not None}
@@ -327,7 +330,7 @@ class Tracer:
         shortcut padded with channels of zeros): the layer's tensors are split into
         pieces as wide as the concatenation's parts, nested ones flattened, and each
         piece joins its part (a part of unaligned data stays in place)."""
-        if self._tied_to_others(group):
+        if self.tied_to_others(group):
             raise UnsupportedModelError(
                 f"{where} adds the units of '{self.labels[group]}', tied to others (a scale, "
                 "a norm's groups of channels, another layer's units), to a concatenation, "

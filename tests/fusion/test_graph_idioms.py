@@ -3342,3 +3342,48 @@ def test_distances_between_aligned_units_themselves_are_refused():
     model, other = (_built(UnitDistances, seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="pairs rows that hold aligned units"):
         align(other, model, config=EXACT, inputs=torch.randn(16, 6))
+
+
+class SplitThenConstrained(nn.Module):
+    """Units split into pieces, then used whole where a constraint ties them: a
+    GroupNorm's groups, a grouped convolution's blocks, heads of one temperature each
+    (wrong functions once, d = 0.04-0.87, or a KeyError; the GroupNorm case predates
+    the split of units joined with others)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.conv, self.head = nn.Conv2d(3, 8, 1), nn.Linear(4, 3)
+        if variant == "heads":
+            self.scale = nn.Parameter(torch.rand(8) + 0.5)
+            self.q, self.k, self.v = (nn.Linear(3, 16) for _ in range(3))
+            self.out = nn.Linear(16, 3)
+        else:
+            self.other = nn.Conv2d(3, 8, 1)
+        if variant == "grouped-convolution":
+            self.grouped = nn.Conv2d(8, 4, 1, groups=2)
+
+    def forward(self, x):
+        if self.variant == "heads":
+            a, b = (self.conv(x) * self.scale.view(1, 8, 1, 1)).chunk(2, 1)
+        else:
+            other = self.other(x)
+            a, b = (self.conv(x) + other).chunk(2, 1)
+        gated = self.head((a * b).mean((2, 3)))
+        if self.variant == "group-norm":
+            return gated + F.group_norm(other, 2).mean((1, 2, 3))[:, None]
+        if self.variant == "grouped-convolution":
+            return gated + self.grouped(other).mean((1, 2, 3))[:, None]
+        tokens = x.flatten(2).transpose(1, 2)
+        q, k, v = (f(tokens).unflatten(-1, (8, 2)).transpose(1, 2)
+                   for f in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-1, -2)) * self.scale.view(1, 8, 1, 1)
+        attended = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        return gated + self.out(attended).mean(1)
+
+
+@pytest.mark.parametrize("variant", ["group-norm", "grouped-convolution", "heads"])
+def test_pieces_whose_units_are_constrained_after_the_split_are_refused(variant):
+    model, other = (_built(lambda: SplitThenConstrained(variant), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="split into pieces|tied to others"):
+        align(other, model, config=EXACT, inputs=torch.randn(4, 3, 5, 5))
