@@ -123,7 +123,9 @@ def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
     """The layout of dimensions of ``sizes`` made by splitting one of ``spec``: its
     units stay on one dimension; or a plain group is split into blocks (heads) on one
     dimension and their units on the next (``splitter.heads(group, count)``), possibly
-    after a dimension of pieces (a packed ``qkv``: ``splitter.pieces(group, (1,) * count)``)."""
+    after a dimension of pieces (a packed ``qkv``: ``splitter.pieces(group, (1,) * count)``);
+    or, into more dimensions or by a split the splitter reads so (``splitter.spatial``),
+    into channels whose units become positions (``splitter.spatial_split``)."""
     if spec is None:
         return (None,) * len(sizes)
     if spec.part is None:
@@ -135,9 +137,16 @@ def split(spec: AxisSpec | None, size: int, sizes: tuple[int, ...], where: str,
                     if i == d else None for i in range(len(sizes)))
         big = [d for d, n in enumerate(sizes) if n > 1]
         parts = {2: ("block", "unit"), 3: ("piece", "block", "unit")}.get(len(big))
+        consecutive = big == list(range(big[0], big[0] + len(big))) if big else False
+        if (spec.outer, spec.inner) == (1, 1) and splitter is not None and consecutive and (
+                len(big) > 3 or len(big) == 3 and where in splitter.spatial):
+            splitter.spatial_split(spec.group, sizes[big[0]], where)  # channels x positions
+            return tuple(replace(spec, part="block") if d == big[0] else None
+                         for d in range(len(sizes)))
         if ((spec.outer, spec.inner) == (1, 1) and splitter is not None and parts
-                and big == list(range(big[0], big[0] + len(big)))):
+                and consecutive):
             if len(big) == 3:
+                splitter.piece_origins[spec.group] = where
                 for piece in splitter.pieces(spec.group, (1,) * sizes[big[0]], where):
                     splitter.heads(piece, sizes[big[1]], where)
             else:

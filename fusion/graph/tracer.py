@@ -117,8 +117,11 @@ class PackedTensor(NamedTuple):
 class Tracer:
     """Union-find over groups, the axes recorded for every tensor, and the traversal."""
 
-    def __init__(self, model: nn.Module, in_place: dict[str, tuple[str, str]] | None = None):
+    def __init__(self, model: nn.Module, in_place: dict[str, tuple[str, str]] | None = None,
+                 spatial: set[str] | None = None):
         self.model = model
+        self.spatial = set(spatial or ())  # splits read as channels and positions
+        self.piece_origins: dict[int, str] = {}  # group -> the split that made pieces of it
         self.in_place = dict(in_place or {})  # groups whose units keep their places in
         # heads: label -> (node, refusal) that found them
         self.given_in_place = len(self.in_place)  # the rest were found by this walk
@@ -237,6 +240,26 @@ class Tracer:
                     replace(spec, part="unit") if d == aligned[0] else s
                     for d, s in enumerate(layout))
         return self.repeat_heads(one, dim, 1, heads, where)
+
+    def per_head_axis(self, name: str, spec: AxisSpec) -> AxisSpec:
+        """An axis of the state tensor ``name`` along the heads of ``spec`` (a norm's or a
+        convolution's channels that are heads: a generator's ``fc(z).view(-1, C, H, W)``):
+        a group of one value per head, which moves with its head."""
+        values = self.new_group(name)
+        self.per_head(values, spec.group, f"'{name}'")
+        return AxisSpec(values, spec.kind)
+
+    def kept_in_place(self, group: int) -> bool:
+        """Whether ``group``'s units keep their places within its heads (only whole
+        heads move)."""
+        return any(self.find(g) == self.find(group) for g in self.rigid)
+
+    def spatial_split(self, group: int, heads: int, where: str) -> None:
+        """``group`` split by ``where`` into ``heads`` channels whose units become
+        positions (a generator's ``fc(z).view(-1, C, H, W)``): its couplings move whole
+        channels and keep the units within them in place."""
+        self.heads(group, heads, where)
+        self.rigid.add(group)
 
     def repeated(self, group: int) -> bool:
         """Whether ``group``'s heads are repeated ones (:meth:`repeat_heads`)."""
@@ -410,7 +433,8 @@ class Tracer:
     def record_tensor(self, name: str, axes, cost: bool, groups: int = 1) -> None:
         """The axes of the state entry ``name`` at one of its uses."""
         tensor = self.state[name]
-        axes = tuple(axes)
+        axes = tuple(self.per_head_axis(name, a) if a is not None and a.part == "block"
+                     and self.kept_in_place(a.group) else a for a in axes)
         if any(a is not None and a.part is not None for a in axes):
             raise UnsupportedModelError(f"'{name}' is used on units split into heads")
         if len(axes) != tensor.dim():
@@ -473,7 +497,7 @@ class Tracer:
                 graph = tracer.walk(gm)
                 break
             except _UnitsInPlace:
-                tracer = Tracer(self.model, tracer.in_place)
+                tracer = Tracer(self.model, tracer.in_place, tracer.spatial)
         if len(_GRAPHS) >= _GRAPHS_KEPT:
             del _GRAPHS[next(iter(_GRAPHS))]
         _GRAPHS[key] = graph
@@ -511,7 +535,10 @@ class Tracer:
         the node is visited again.
         The walk goes on, to find every such head, and ends with :class:`_UnitsInPlace`,
         to be made again from the start with all of them in place; a refusal of
-        anything else after one was found ends it at once."""
+        anything else after one was found ends it at once. A refusal of the pieces that a
+        split into three dimensions made (read as a packed ``qkv``, ``(3, H, D)``) walks
+        again at once with that split read as channels and positions (``spatial``: a
+        generator's ``fc(z).view(-1, C, H, W)`` before a BatchNorm)."""
         while True:
             try:
                 return self.visit(node, layouts)
@@ -519,6 +546,11 @@ class Tracer:
                 specs = [spec for n in node.all_input_nodes for spec in _specs(layouts[n])]
                 heads = {self.find(spec.group) for spec in specs if spec.part == "unit"}
                 if not heads:
+                    splits = {self.piece_origins[spec.group] for spec in specs
+                              if spec.part == "piece" and spec.group in self.piece_origins}
+                    if splits - self.spatial:  # a (C, H, W) split read as packed pieces
+                        self.spatial |= splits
+                        raise _UnitsInPlace from None
                     if len(self.in_place) > self.given_in_place:  # perhaps a consequence
                         raise _UnitsInPlace from None  # of the heads just kept in place
                     raise self._explained(error, node, specs) from None

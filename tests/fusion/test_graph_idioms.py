@@ -12,6 +12,7 @@ The permutations here are written by hand for each model, independently of the e
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -3387,3 +3388,67 @@ def test_pieces_whose_units_are_constrained_after_the_split_are_refused(variant)
     model, other = (_built(lambda: SplitThenConstrained(variant), seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="split into pieces|tied to others"):
         align(other, model, config=EXACT, inputs=torch.randn(4, 3, 5, 5))
+
+
+class Generator(nn.Module):
+    """A DCGAN-style generator: a Linear's units viewed as channels of an image
+    (``fc(z).view(-1, C, H, W)``, ``nn.Unflatten``, or ``(C, L)`` for a signal), then
+    BatchNorm and transposed convolutions (once refused: "'bn.weight' is used on units
+    split into heads", or "splits aligned units across dimensions")."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        shape = (8, 6) if variant == "signal" else (8, 2, 2)
+        self.shape = shape
+        self.fc = nn.Linear(5, math.prod(shape))
+        self.unflatten = nn.Unflatten(1, shape) if variant == "unflatten" else None
+        norm, up = ((nn.BatchNorm1d, nn.ConvTranspose1d) if variant == "signal"
+                    else (nn.BatchNorm2d, nn.ConvTranspose2d))
+        self.bn, self.up, self.bn2 = norm(8), up(8, 6, 4, 2, 1), norm(6)
+        self.out = up(6, 1, 4, 2, 1)
+
+    def forward(self, z):
+        h = self.fc(z)
+        h = self.unflatten(h) if self.unflatten is not None else h.view(-1, *self.shape)
+        h = F.relu(self.bn2(self.up(F.relu(self.bn(h)))))
+        return torch.tanh(self.out(h)).flatten(1)
+
+
+def _permute_generator(model: Generator, generator: torch.Generator) -> Generator:
+    """Whole channels of the Linear's units (their positions kept), then the channels of
+    the transposed convolution."""
+    model = copy.deepcopy(model)
+    channels, hidden = _perm(8, generator), _perm(6, generator)
+    size = math.prod(model.shape[1:])
+    _rows(model.fc, torch.cat([int(c) * size + torch.arange(size) for c in channels]))
+    with torch.no_grad():  # transposed convolutions: weight (in, out, kernel)
+        model.up.weight.copy_(model.up.weight[channels][:, hidden])
+        model.up.bias.copy_(model.up.bias[hidden])
+        model.out.weight.copy_(model.out.weight[hidden])
+        for norm, order in ((model.bn, channels), (model.bn2, hidden)):
+            for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
+                tensor.copy_(tensor[order])
+    return model
+
+
+def _random_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for tensor in (module.weight, module.bias, module.running_mean):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(module.running_var.shape,
+                                                          generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["view", "unflatten", "signal"])
+def test_a_layer_viewed_as_channels_of_an_image_keeps_the_function(variant):
+    x = torch.randn(16, 5)
+    model, other = (_random_batch_norms(_built(lambda: Generator(variant), seed), seed)
+                    for seed in (0, 1))
+    graph = build_alignment_graph(model, x)
+    assert next(g for g in graph.groups if g.label == "fc").rigid
+    _aligns_and_fuses_exactly(model, other, _permute_generator, x, 6)

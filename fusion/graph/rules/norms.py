@@ -14,10 +14,22 @@ from .tensor_ops import unify
 
 def follow(tracer, name: str, module: nn.Module, axes) -> None:
     """Record every own parameter/buffer of ``module``: a scalar has no axes, the rest
-    have ``axes`` (their channels' specs, as neurons)."""
+    have ``axes`` (their channels' specs, as neurons). Channels that are whole heads of
+    a layer's units (a generator's ``fc(z).view(-1, C, H, W)``) hold one value per
+    head, which moves with its head."""
+    axes = tuple(_per_head(tracer, name, spec) for spec in axes)
     for param, tensor in [*module.named_parameters(recurse=False),
                           *module.named_buffers(recurse=False)]:
         tracer.record(name, param, () if tensor.dim() == 0 else axes, cost=False)
+
+
+def _per_head(tracer, name: str, spec):
+    """``spec`` as the neurons of a norm's parameters; along whole heads, a group of one
+    value per head (:meth:`~..tracer.Tracer.per_head_axis`): a norm treats every channel
+    alone, whatever the order of the units within it."""
+    if spec is None or spec.part != "block":
+        return as_neuron(spec)
+    return tracer.per_head_axis(name, as_neuron(spec))
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,

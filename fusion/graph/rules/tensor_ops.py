@@ -268,8 +268,7 @@ def view_as_real(tracer, call):
 
 @register_rule(nn.Unflatten)
 def unflatten_module(tracer, call, name, module):
-    return L.reshape(call.layout(), call.input_shape, call.shape,
-                     f"module '{name}'")
+    return L.reshape(call.layout(), call.input_shape, call.shape, f"module '{name}'", tracer)
 
 
 @function_rule_for(torch.transpose, torch.swapaxes)
