@@ -3452,3 +3452,46 @@ def test_a_layer_viewed_as_channels_of_an_image_keeps_the_function(variant):
     graph = build_alignment_graph(model, x)
     assert next(g for g in graph.groups if g.label == "fc").rigid
     _aligns_and_fuses_exactly(model, other, _permute_generator, x, 6)
+
+
+class KimTextCNN(nn.Module):
+    """Kim's text CNN: ``Conv2d(1, n, (h, embedding_dim))`` over the embeddings as one
+    image channel, so each kernel spans the embedding's units whole (once refused:
+    "convolves over aligned units")."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(30, 8)
+        self.convs = nn.ModuleList(nn.Conv2d(1, 4, (h, 8)) for h in (2, 3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        e = self.embedding(ids).unsqueeze(1)
+        pooled = [F.relu(conv(e)).amax((2, 3)) for conv in self.convs]
+        return self.head(torch.cat(pooled, 1))
+
+
+def _permute_kim_text_cnn(model: KimTextCNN, generator: torch.Generator) -> KimTextCNN:
+    model = copy.deepcopy(model)
+    units, filters = _perm(8, generator), [_perm(4, generator) for _ in model.convs]
+    with torch.no_grad():
+        model.embedding.weight.copy_(model.embedding.weight[:, units])
+        for conv, order in zip(model.convs, filters, strict=True):
+            conv.weight.copy_(conv.weight[order][..., units])
+            conv.bias.copy_(conv.bias[order])
+    _columns(model.head, torch.cat([filters[0], 4 + filters[1]]))
+    return model
+
+
+def test_a_kernel_spanning_the_embedding_whole_keeps_the_function():
+    ids = torch.randint(0, 30, (16, 7))
+    model, other = (_built(KimTextCNN, seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_kim_text_cnn, ids, 7)
+
+
+def test_a_kernel_spanning_units_with_padding_is_refused():
+    model, other = (_built(KimTextCNN, seed) for seed in (0, 1))
+    for m in (model, other):
+        m.convs[0].padding = (0, 1)
+    with pytest.raises(UnsupportedModelError, match="convolves over aligned units"):
+        align(other, model, config=EXACT, inputs=torch.randint(0, 30, (16, 7)))

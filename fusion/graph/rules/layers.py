@@ -32,21 +32,29 @@ def dense_layer(tracer, name: str, module: nn.Linear, features: AxisSpec | None,
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def convolution(tracer, call, name, module):
     """New channels from the input channels; a depthwise convolution (one group per
-    input channel) keeps its input's channels, each repeated ``out/in`` times."""
+    input channel) keeps its input's channels, each repeated ``out/in`` times. A dense
+    convolution whose kernel spans aligned units whole, without padding (Kim's text
+    CNN: ``Conv2d(1, n, (h, embedding_dim))`` over ``embedding(x).unsqueeze(1)``), reads
+    them as input features of its kernel's axis, which leaves one position."""
     source = call.layout()
     k = module.weight.dim() - 2
     where = f"module '{name}'"
-    require_unaligned(tracer, source, range(-k, 0), where, "convolves over aligned units")
+    spanned = _spanned(call, module, source) if module.groups == 1 else set()
+    require_unaligned(tracer, source, [d for d in range(-k, 0) if d not in spanned], where,
+                      "convolves over aligned units")
     channel = source[-k - 1]
     kernel = (None,) * k
     if module.groups == 1:
         group = tracer.new_group(name)
         out = AxisSpec(group, "neuron")
+        kernel = tuple(as_input(source[d]) if d in spanned else None for d in range(-k, 0))
         tracer.record(name, "weight", (out, as_input(channel), *kernel), cost=True)
         if module.bias is not None:
             tracer.record(name, "bias", (out,), cost=True)
-        tracer.add_site(group, name, None, len(source) - k - 1,
-                        (*source[:-k - 1], out, *source[-k:]))
+        positions = tuple(None if d in spanned else source[d] for d in range(-k, 0))
+        output = (*source[:-k - 1], out, *positions)
+        tracer.add_site(group, name, None, len(source) - k - 1, output)
+        return output
     elif module.groups == module.in_channels:
         multiplier = module.out_channels // module.in_channels
         if channel is None and multiplier == 1:
@@ -75,6 +83,19 @@ def convolution(tracer, call, name, module):
         tracer.add_site(group, name, None, len(source) - k - 1,
                         (*source[:-k - 1], out, *source[-k:]))
     return (*source[:-k - 1], out, *source[-k:])
+
+
+def _spanned(call, module: nn.Module, source) -> set[int]:
+    """The spatial dimensions (negative) of aligned units that ``module``'s kernel covers
+    whole, without padding or dilation: each position of the kernel meets one unit."""
+    k = module.weight.dim() - 2
+    shape = call.input_shape
+    padding = (0,) * k if module.padding == "valid" else module.padding
+    if shape is None or isinstance(padding, str):
+        return set()
+    return {d for i, d in enumerate(range(-k, 0))
+            if source[d] is not None and module.kernel_size[i] == shape[d]
+            and padding[i] == 0 and module.dilation[i] == 1}
 
 
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
