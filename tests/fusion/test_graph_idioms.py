@@ -3495,3 +3495,44 @@ def test_a_kernel_spanning_units_with_padding_is_refused():
         m.convs[0].padding = (0, 1)
     with pytest.raises(UnsupportedModelError, match="convolves over aligned units"):
         align(other, model, config=EXACT, inputs=torch.randint(0, 30, (16, 7)))
+
+
+class SpatialGatingMLP(nn.Module):
+    """gMLP: the spatial gating unit mixes the tokens with ``Conv1d(T, T, 1)`` over
+    ``(B, T, D)``, a kernel of one over the units (once refused: "convolves over aligned
+    units")."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.head = nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3)
+        self.up, self.gate_norm = nn.Linear(8, 24), nn.LayerNorm(12)
+        self.spatial, self.down = nn.Conv1d(_T, _T, 1), nn.Linear(12, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        u, v = F.gelu(self.up(self.norm(h))).chunk(2, -1)
+        return self.head((h + self.down(u * self.spatial(self.gate_norm(v)))).mean(1))
+
+
+def _permute_spatial_gating(model: SpatialGatingMLP, generator: torch.Generator):
+    model = copy.deepcopy(model)
+    stream, hidden = _perm(8, generator), _perm(12, generator)
+    for layer in (model.inp, model.norm, model.down):
+        _rows(layer, stream)
+    _columns(model.head, stream)
+    _columns(model.up, stream)
+    _rows(model.up, torch.cat([hidden, 12 + hidden]))
+    _rows(model.gate_norm, hidden)
+    _columns(model.down, hidden)
+    return model
+
+
+def test_a_kernel_of_one_over_units_keeps_the_function():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(SpatialGatingMLP, seed) for seed in (0, 1))
+    for m in (model, other):
+        with torch.no_grad():
+            for norm in (m.norm, m.gate_norm):
+                norm.weight.normal_()
+                norm.bias.normal_()
+    _aligns_and_fuses_exactly(model, other, _permute_spatial_gating, x, 8)

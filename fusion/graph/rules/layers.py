@@ -35,12 +35,15 @@ def convolution(tracer, call, name, module):
     input channel) keeps its input's channels, each repeated ``out/in`` times. A dense
     convolution whose kernel spans aligned units whole, without padding (Kim's text
     CNN: ``Conv2d(1, n, (h, embedding_dim))`` over ``embedding(x).unsqueeze(1)``), reads
-    them as input features of its kernel's axis, which leaves one position."""
+    them as input features of its kernel's axis, which leaves one position; along a
+    dimension of kernel size and stride one without padding (gMLP's ``Conv1d(T, T, 1)``
+    over ``(B, T, D)``) it treats every unit alone, and they stay where they are."""
     source = call.layout()
     k = module.weight.dim() - 2
     where = f"module '{name}'"
     spanned = _spanned(call, module, source) if module.groups == 1 else set()
-    require_unaligned(tracer, source, [d for d in range(-k, 0) if d not in spanned], where,
+    require_unaligned(tracer, source, [d for d in range(-k, 0) if d not in spanned
+                                       and d not in _pointwise(module)], where,
                       "convolves over aligned units")
     channel = source[-k - 1]
     kernel = (None,) * k
@@ -96,6 +99,17 @@ def _spanned(call, module: nn.Module, source) -> set[int]:
     return {d for i, d in enumerate(range(-k, 0))
             if source[d] is not None and module.kernel_size[i] == shape[d]
             and padding[i] == 0 and module.dilation[i] == 1}
+
+
+def _pointwise(module: nn.Module) -> set[int]:
+    """The spatial dimensions (negative) along which ``module`` treats every position
+    alone: kernel size and stride one, no padding."""
+    k = module.weight.dim() - 2
+    padding = (0,) * k if module.padding == "valid" else module.padding
+    if isinstance(padding, str):
+        return set()
+    return {d for i, d in enumerate(range(-k, 0))
+            if module.kernel_size[i] == 1 and module.stride[i] == 1 and padding[i] == 0}
 
 
 @register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
