@@ -3536,3 +3536,32 @@ def test_a_kernel_of_one_over_units_keeps_the_function():
                 norm.weight.normal_()
                 norm.bias.normal_()
     _aligns_and_fuses_exactly(model, other, _permute_spatial_gating, x, 8)
+
+
+class ImageViewThen(nn.Module):
+    """A Linear's units viewed as channels of an image, then a norm without parameters
+    (a ValueError once: a group of one value per channel with no tensor) or a depthwise
+    convolution (a ValueError once: its channels taken for the Linear's units)."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.fc, self.out = nn.Linear(5, 8 * 2 * 2), nn.Conv2d(8, 3, 3, padding=1)
+        self.after = (nn.InstanceNorm2d(8) if variant == "instance-norm"
+                      else nn.Conv2d(8, 8, 3, padding=1, groups=8))
+
+    def forward(self, z):
+        return self.out(F.relu(self.after(self.fc(z).view(-1, 8, 2, 2)))).flatten(1)
+
+
+def test_a_norm_without_parameters_over_image_channels_keeps_the_function():
+    x = torch.randn(16, 5)
+    model, other = (_built(lambda: ImageViewThen("instance-norm"), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+def test_a_depthwise_convolution_over_image_channels_of_a_layer_is_refused():
+    model, other = (_built(lambda: ImageViewThen("depthwise"), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="depthwise convolution on channels that "
+                                                    "are heads|convolves over aligned units"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 5))

@@ -62,10 +62,10 @@ def convolution(tracer, call, name, module):
         multiplier = module.out_channels // module.in_channels
         if channel is None and multiplier == 1:
             out = None
-        elif channel is None or (channel.outer, channel.inner) != (1, 1):
-            raise UnsupportedModelError(f"{where}: a depthwise convolution with a channel "
-                                        "multiplier on unaligned or reshaped channels is not "
-                                        "supported")
+        elif channel is None or (channel.outer, channel.inner, channel.part) != (1, 1, None):
+            raise UnsupportedModelError(f"{where}: a depthwise convolution on channels that "
+                                        "are heads, or with a channel multiplier on "
+                                        "unaligned or reshaped channels, is not supported")
         else:
             out = AxisSpec(channel.group, "neuron", inner=multiplier)
         tracer.record(name, "weight", (out, None, *kernel), cost=False)

@@ -17,16 +17,18 @@ def follow(tracer, name: str, module: nn.Module, axes) -> None:
     have ``axes`` (their channels' specs, as neurons). Channels that are whole heads of
     a layer's units (a generator's ``fc(z).view(-1, C, H, W)``) hold one value per
     head, which moves with its head."""
-    axes = tuple(_per_head(tracer, name, spec) for spec in axes)
-    for param, tensor in [*module.named_parameters(recurse=False),
-                          *module.named_buffers(recurse=False)]:
+    tensors = [(param, tensor) for param, tensor in [*module.named_parameters(recurse=False),
+                                                     *module.named_buffers(recurse=False)]]
+    if any(tensor.dim() > 0 for _, tensor in tensors):
+        axes = tuple(_per_head(tracer, name, spec) for spec in axes)
+    for param, tensor in tensors:
         tracer.record(name, param, () if tensor.dim() == 0 else axes, cost=False)
 
 
 def _per_head(tracer, name: str, spec):
     """``spec`` as the neurons of a norm's parameters; along whole heads, a group of one
-    value per head (:meth:`~..tracer.Tracer.per_head_axis`): a norm treats every channel
-    alone, whatever the order of the units within it."""
+    value per head (:meth:`~..tracer.Tracer.per_head_axis`): its statistics over the
+    units within a head, or over every unit, do not depend on their order."""
     if spec is None or spec.part != "block":
         return as_neuron(spec)
     return tracer.per_head_axis(name, as_neuron(spec))
