@@ -3565,3 +3565,24 @@ def test_a_depthwise_convolution_over_image_channels_of_a_layer_is_refused():
     with pytest.raises(UnsupportedModelError, match="depthwise convolution on channels that "
                                                     "are heads|convolves over aligned units"):
         align(other, model, config=EXACT, inputs=torch.randn(16, 5))
+
+
+class KernelOverFlattenedPositions(nn.Module):
+    """A kernel as long as channels x positions flattened, at the traced length only: at
+    another length it slides across the units (a wrong function once, d = 0.41, at a
+    longer input)."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels, self.conv = nn.Conv1d(3, 4, 1), nn.Conv1d(1, 5, 4 * 6)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = F.relu(self.channels(x)).flatten(1).unsqueeze(1)
+        return self.head(F.relu(self.conv(h)).amax(-1))
+
+
+def test_a_kernel_spanning_units_merged_with_positions_is_refused():
+    model, other = (_built(KernelOverFlattenedPositions, seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="convolves over aligned units"):
+        align(other, model, config=EXACT, inputs=torch.randn(16, 3, 6))

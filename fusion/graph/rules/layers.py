@@ -89,16 +89,19 @@ def convolution(tracer, call, name, module):
 
 
 def _spanned(call, module: nn.Module, source) -> set[int]:
-    """The spatial dimensions (negative) of aligned units that ``module``'s kernel covers
-    whole, without padding or dilation: each position of the kernel meets one unit."""
+    """The spatial dimensions (negative) of aligned units alone (not units merged with
+    positions, whose number changes with the input's length) that ``module``'s kernel
+    covers whole, without padding or dilation: each position of the kernel meets one
+    unit."""
     k = module.weight.dim() - 2
     shape = call.input_shape
     padding = (0,) * k if module.padding == "valid" else module.padding
     if shape is None or isinstance(padding, str):
         return set()
     return {d for i, d in enumerate(range(-k, 0))
-            if source[d] is not None and module.kernel_size[i] == shape[d]
-            and padding[i] == 0 and module.dilation[i] == 1}
+            if source[d] is not None and (source[d].outer, source[d].inner) == (1, 1)
+            and module.kernel_size[i] == shape[d] and padding[i] == 0
+            and module.dilation[i] == 1}
 
 
 def _pointwise(module: nn.Module) -> set[int]:
