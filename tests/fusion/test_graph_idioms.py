@@ -3586,3 +3586,28 @@ def test_a_kernel_spanning_units_merged_with_positions_is_refused():
     model, other = (_built(KernelOverFlattenedPositions, seed) for seed in (0, 1))
     with pytest.raises(UnsupportedModelError, match="convolves over aligned units"):
         align(other, model, config=EXACT, inputs=torch.randn(16, 3, 6))
+
+
+class UnsortedTopK(nn.Module):
+    """``topk(..., sorted=False)``: over hidden units its values come in an order that
+    moves with them (a wrong function once, d = 0.13); over time they do not."""
+
+    def __init__(self, over_units: bool):
+        super().__init__()
+        self.over_units = over_units
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(3 if over_units else 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        if self.over_units:
+            return self.head(h.mean(1).topk(3, dim=1, sorted=False).values)
+        return self.head(torch.topk(h, 2, 1, True, False)[0].mean(1))
+
+
+def test_unsorted_topk_over_units_is_refused_and_over_time_keeps_the_function():
+    x = torch.randn(16, _T, 6)
+    model, other = (_built(lambda: UnsortedTopK(True), seed) for seed in (0, 1))
+    with pytest.raises(UnsupportedModelError, match="unsorted"):
+        align(other, model, config=EXACT, inputs=x)
+    model, other = (_built(lambda: UnsortedTopK(False), seed) for seed in (0, 1))
+    _same_function(align(other, model, config=EXACT, inputs=x), other, x)

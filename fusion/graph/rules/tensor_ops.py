@@ -448,7 +448,14 @@ def sort(tracer, call):
 @function_rule_for(torch.topk)
 @method_rule_for("topk")
 def topk(tracer, call):
-    return _ranked(tracer, call, call.value(2, "dim", -1))
+    """As :func:`_ranked`; unsorted (``sorted=False``), the largest of aligned units come
+    in an order that moves with the units: refused."""
+    dim = call.value(2, "dim", -1)
+    if not call.value(4, "sorted", True):
+        L.require_unaligned(tracer, call.layout(), (dim,), _where(call),
+                            "takes the largest of aligned units unsorted (sorted=False), "
+                            "in an order that moves with them")
+    return _ranked(tracer, call, dim)
 
 
 def _ranked(tracer, call, dim: int):
