@@ -3611,3 +3611,50 @@ def test_unsorted_topk_over_units_is_refused_and_over_time_keeps_the_function():
         align(other, model, config=EXACT, inputs=x)
     model, other = (_built(lambda: UnsortedTopK(False), seed) for seed in (0, 1))
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+class SlicedUnits(nn.Module):
+    """A layer's units split by slices: a GLU written ``h[:, :n] * sigmoid(h[:, n:])``,
+    an LSTM cell's four gates sliced out, two uneven slices read by two layers (each
+    once refused: "indexes into aligned units")."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.fc = nn.Linear(6, 10 if variant == "uneven" else 16)
+        if variant == "uneven":
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(7, 3)
+        else:
+            self.head = nn.Linear(8 if variant == "glu" else 4, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.variant == "glu":
+            return self.head(h[:, :8] * torch.sigmoid(h[:, 8:]))
+        if self.variant == "uneven":
+            h = torch.relu(h)
+            return self.a(h[..., :3]) + self.b(h[..., 3:])
+        i, f, o = (torch.sigmoid(h[:, 4 * k:4 * (k + 1)]) for k in range(3))
+        return self.head(o * torch.tanh(f * torch.tanh(h[:, 12:]) + i))
+
+
+def _permute_sliced_units(model: SlicedUnits, generator: torch.Generator) -> SlicedUnits:
+    model = copy.deepcopy(model)
+    if model.variant == "uneven":
+        first, second = _perm(3, generator), _perm(7, generator)
+        _rows(model.fc, torch.cat([first, 3 + second]))
+        _columns(model.a, first)
+        _columns(model.b, second)
+        return model
+    width = 8 if model.variant == "glu" else 4
+    p = _perm(width, generator)
+    _rows(model.fc, torch.cat([k * width + p for k in range(16 // width)]))  # gates alike
+    _columns(model.head, p)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["glu", "gates", "uneven"])
+def test_units_split_by_slices_keep_the_function(variant):
+    x = torch.randn(16, 6)
+    model, other = (_built(lambda: SlicedUnits(variant), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_sliced_units, x, 9)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import replace
 
@@ -329,8 +330,69 @@ def attribute(tracer, call):
 
 @function_rule_for(operator.getitem)
 def getitem(tracer, call):
-    return L.index(call.layout(), call.value(1, "index"), _where(call), call.shape,
-                   tracer.split_groups, tracer.cut, call.input_shape)
+    layout, item = call.layout(), call.value(1, "index")
+    sliced = _slice_of_units(tracer, call.node, layout, item)
+    if sliced is not None:
+        return sliced
+    return L.index(layout, item, _where(call), call.shape, tracer.split_groups, tracer.cut,
+                   call.input_shape)
+
+
+def _slice_of_units(tracer, node: fx.Node, layout, item):
+    """``h[..., a:b]``, a slice of a layer's own output units (a GLU or an LSTM cell's
+    gates written with slices, ``h[:, :n] * torch.sigmoid(h[:, n:])``): the units are
+    split into pieces at every bound that the slices of ``h`` along that dimension use
+    (:meth:`~..tracer.Tracer.pieces`), and the slice holds its pieces, concatenated.
+    None for any other index."""
+    found = _plain_slice(layout, item)
+    if found is None:
+        return None
+    dim, entry = found
+    spec, size = layout[dim], L.shape_of(node.args[0])[dim]
+    root = tracer.find(spec.group)
+    if (spec.outer, spec.inner, spec.part) != (1, 1, None) or tracer.passive_only(root) \
+            or tracer.learned_positions(root) or tracer.tied_to_others(root):
+        return None  # a table's own axis, learned tokens, tied units: as any index
+    bounds = {0, size}
+    for user in node.args[0].users:
+        other = (_plain_slice(layout, user.args[1])
+                 if user.target is operator.getitem and len(user.args) > 1 else None)
+        if other is not None and other[0] == dim:
+            bounds |= set(other[1].indices(size)[:2])
+    bounds = sorted(bounds)
+    start, stop, _ = entry.indices(size)
+    if start >= stop:
+        return None
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    pieces = tracer.pieces(spec.group, tuple(sizes), f"node '{node.name}'")
+    held = [(AxisSpec(piece, "neuron"), n) for piece, n, a in zip(pieces, sizes, bounds[:-1],
+                                                                    strict=True)
+            if start <= a < stop]
+    picked = held[0][0] if len(held) == 1 else tracer.direct_sum(node.name, held)
+    return tuple(picked if d == dim else s for d, s in enumerate(layout))
+
+
+def _plain_slice(layout, item) -> tuple[int, slice] | None:
+    """The dimension and the slice, if ``item`` takes one part of one dimension of
+    aligned units by a slice of integers (step one) and every other dimension whole."""
+    if not L.is_layout(layout):
+        return None
+    items = item if isinstance(item, tuple) else (item,)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = (*items[:at], *(slice(None),) * (len(layout) - len(items) + 1),
+                 *items[at + 1:])
+    if len(items) > len(layout) or not all(isinstance(i, slice) for i in items):
+        return None
+    cut = [(d, i) for d, i in enumerate(items) if i != slice(None)]
+    if len(cut) != 1:
+        return None
+    dim, entry = cut[0]
+    ends = (entry.start, entry.stop)
+    if layout[dim] is None or entry.step not in (None, 1) or not all(
+            e is None or isinstance(e, int) for e in ends):
+        return None
+    return dim, entry
 
 
 @function_rule_for(torch.squeeze)
