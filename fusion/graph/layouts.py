@@ -20,6 +20,13 @@ from torch import fx
 
 from .spec import AxisSpec, UnsupportedModelError
 
+NUMBER = "otfusion_number"  # node.meta key: the number a node computed from shapes
+
+
+def known(value):
+    """``value`` with every node computed from shapes replaced by its number."""
+    return fx.node.map_arg(value, lambda n: n.meta.get(NUMBER, n))
+
 Layout = tuple  # per-dim AxisSpec | None, for one tensor value
 
 

@@ -28,13 +28,12 @@ from ..modes import left_as_it_was, temporary_mode
 from ..validation import check_initialised
 from . import rules
 from .finisher import Finisher, merge_blocks
-from .layouts import Layout, Packed, Stacked, is_layout, plain, shape_of
+from .layouts import NUMBER, Layout, Packed, Stacked, is_layout, known, plain, shape_of
 from .rules.recurrent import FILLS_LIKE, KEEPS_ROWS
 from .spec import ActivationSite, AlignmentGraph, AxisSpec, UnsupportedModelError
 
 _MISSING = object()
 _NUMPY_ALIASES = {"dim": "axis", "keepdim": "keepdims"}
-_NUMBER = "otfusion_number"  # node.meta key: the number a node computed from shapes
 
 
 @dataclass(frozen=True)
@@ -50,10 +49,10 @@ class Call:
         ``axis`` for ``dim``, ``keepdims`` for ``keepdim``), a number computed from shapes
         (``h.dim() - 1``) as its number."""
         if index < len(self.node.args):
-            return _known(self.node.args[index])
+            return known(self.node.args[index])
         for key in (name, _NUMPY_ALIASES.get(name)):
             if key in self.node.kwargs:
-                return _known(self.node.kwargs[key])
+                return known(self.node.kwargs[key])
         if default is _MISSING:
             raise UnsupportedModelError(f"node '{self.node.name}': missing argument '{name}'")
         return default
@@ -889,8 +888,8 @@ class _ShapeProp(ShapeProp):
         result = super().run_node(n)
         if (isinstance(result, int | float) or (
                 isinstance(result, tuple) and all(isinstance(v, int) for v in result))) and (
-                _reads_shape(n) or all(_NUMBER in m.meta for m in n.all_input_nodes)):
-            n.meta[_NUMBER] = result
+                _reads_shape(n) or all(NUMBER in m.meta for m in n.all_input_nodes)):
+            n.meta[NUMBER] = result
         return result
 
     def call_function(self, target, args, kwargs):
@@ -926,11 +925,6 @@ def _reads_shape(node: fx.Node) -> bool:
     return (node.op == "call_method" and node.target in _SHAPE_METHODS
             or node.op == "call_function" and node.target is getattr
             and node.args[1] in ("shape", "ndim"))
-
-
-def _known(value):
-    """``value`` with every node computed from shapes replaced by its number."""
-    return fx.node.map_arg(value, lambda n: n.meta.get(_NUMBER, n))
 
 
 def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:

@@ -355,8 +355,11 @@ def _slice_of_units(tracer, node: fx.Node, layout, item):
         return None  # a table's own axis, learned tokens, tied units: as any index
     bounds = {0, size}
     for user in node.args[0].users:
-        other = (_plain_slice(layout, user.args[1])
-                 if user.target is operator.getitem and len(user.args) > 1 else None)
+        if user.target is not operator.getitem or len(user.args) < 2:
+            continue
+        other = _plain_slice(layout, L.known(user.args[1]))
+        if other is None and _cuts(layout, L.known(user.args[1]), dim):
+            return None  # cut there otherwise (a bound not known, a step): as any index
         if other is not None and other[0] == dim:
             bounds |= set(other[1].indices(size)[:2])
     bounds = sorted(bounds)
@@ -368,8 +371,22 @@ def _slice_of_units(tracer, node: fx.Node, layout, item):
     held = [(AxisSpec(piece, "neuron"), n) for piece, n, a in zip(pieces, sizes, bounds[:-1],
                                                                     strict=True)
             if start <= a < stop]
+    if sum(n for _, n in held) != stop - start:
+        raise UnsupportedModelError(f"node '{node.name}': a slice of aligned units that "
+                                    "its pieces do not cover")
     picked = held[0][0] if len(held) == 1 else tracer.direct_sum(node.name, held)
     return tuple(picked if d == dim else s for d, s in enumerate(layout))
+
+
+def _cuts(layout, item, dim: int) -> bool:
+    """Whether the index ``item`` does anything but take dimension ``dim`` whole."""
+    items = item if isinstance(item, tuple) else (item,)
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        items = (*items[:at], *(slice(None),) * (len(layout) - len(items) + 1),
+                 *items[at + 1:])
+    return any(i is None for i in items[:dim + 1]) or (
+        dim < len(items) and items[dim] != slice(None))
 
 
 def _plain_slice(layout, item) -> tuple[int, slice] | None:
