@@ -110,8 +110,8 @@ class Finisher:
             if self.members[find(group)] != tracer.split_members[group] \
                     or tracer.tied_to_others(group):
                 raise UnsupportedModelError(
-                    f"'{tracer.labels[group]}' is split into pieces (chunk, GLU, or added to a "
-                    "concatenation) and also used "
+                    f"'{tracer.labels[group]}' is split into pieces (chunk, slices, a GLU, or "
+                    "added to a concatenation) and also used "
                     "whole, which is not supported")
         self._refuse_units_of_parameters_alone(roots - active - explicit, parts)
 

@@ -354,8 +354,8 @@ class Tracer:
         piece joins its part (a part of unaligned data stays in place)."""
         if self.tied_to_others(group):
             raise UnsupportedModelError(
-                f"{where} adds the units of '{self.labels[group]}', tied to others (a scale, "
-                "a norm's groups of channels, another layer's units), to a concatenation, "
+                f"{where} adds the units of '{self.labels[group]}', tied to others (a norm's "
+                "groups of channels, heads, fixed data), to a concatenation, "
                 "which is not supported")
         leaves = self._leaves(self.concatenation(concatenation))
         pieces = self.pieces(group, tuple(size for _, size in leaves), where)

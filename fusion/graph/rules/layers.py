@@ -93,10 +93,8 @@ def _spanned(call, module: nn.Module, source) -> set[int]:
     positions, whose number changes with the input's length) that ``module``'s kernel
     covers whole, without padding or dilation: each position of the kernel meets one
     unit."""
-    k = module.weight.dim() - 2
-    shape = call.input_shape
-    padding = (0,) * k if module.padding == "valid" else module.padding
-    if shape is None or isinstance(padding, str):
+    k, shape, padding = module.weight.dim() - 2, call.input_shape, _padding(module)
+    if shape is None or padding is None:
         return set()
     return {d for i, d in enumerate(range(-k, 0))
             if source[d] is not None and (source[d].outer, source[d].inner) == (1, 1)
@@ -104,12 +102,19 @@ def _spanned(call, module: nn.Module, source) -> set[int]:
             and module.dilation[i] == 1}
 
 
+def _padding(module: nn.Module) -> tuple[int, ...] | None:
+    """A convolution's padding per spatial dimension, or None for ``"same"`` (sizes
+    that depend on the kernel)."""
+    if module.padding == "valid":
+        return (0,) * (module.weight.dim() - 2)
+    return None if isinstance(module.padding, str) else module.padding
+
+
 def _pointwise(module: nn.Module) -> set[int]:
     """The spatial dimensions (negative) along which ``module`` treats every position
     alone: kernel size and stride one, no padding."""
-    k = module.weight.dim() - 2
-    padding = (0,) * k if module.padding == "valid" else module.padding
-    if isinstance(padding, str):
+    k, padding = module.weight.dim() - 2, _padding(module)
+    if padding is None:
         return set()
     return {d for i, d in enumerate(range(-k, 0))
             if module.kernel_size[i] == 1 and module.stride[i] == 1 and padding[i] == 0}

@@ -17,8 +17,7 @@ def follow(tracer, name: str, module: nn.Module, axes) -> None:
     have ``axes`` (their channels' specs, as neurons). Channels that are whole heads of
     a layer's units (a generator's ``fc(z).view(-1, C, H, W)``) hold one value per
     head, which moves with its head."""
-    tensors = [(param, tensor) for param, tensor in [*module.named_parameters(recurse=False),
-                                                     *module.named_buffers(recurse=False)]]
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
     if any(tensor.dim() > 0 for _, tensor in tensors):
         axes = tuple(_per_head(tracer, name, spec) for spec in axes)
     for param, tensor in tensors:
