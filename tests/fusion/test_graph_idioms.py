@@ -3616,13 +3616,14 @@ def test_unsorted_topk_over_units_is_refused_and_over_time_keeps_the_function():
 class SlicedUnits(nn.Module):
     """A layer's units split by slices: a GLU written ``h[:, :n] * sigmoid(h[:, n:])``,
     an LSTM cell's four gates sliced out, two uneven slices read by two layers (each
-    once refused: "indexes into aligned units")."""
+    once refused: "indexes into aligned units"), or by ``split([3, 7])`` (once refused:
+    "splits aligned units apart unevenly")."""
 
     def __init__(self, variant: str):
         super().__init__()
         self.variant = variant
-        self.fc = nn.Linear(6, 10 if variant == "uneven" else 16)
-        if variant == "uneven":
+        self.fc = nn.Linear(6, 10 if variant in ("uneven", "split") else 16)
+        if variant in ("uneven", "split"):
             self.a, self.b = nn.Linear(3, 3), nn.Linear(7, 3)
         else:
             self.head = nn.Linear(4 if variant == "gates" else 8, 3)
@@ -3640,13 +3641,16 @@ class SlicedUnits(nn.Module):
         if self.variant == "uneven":
             h = torch.relu(h)
             return self.a(h[..., :3]) + self.b(h[..., 3:])
+        if self.variant == "split":  # torch.split into uneven sizes
+            first, second = torch.relu(h).split([3, 7], -1)
+            return self.a(first) + self.b(second)
         i, f, o = (torch.sigmoid(h[:, 4 * k:4 * (k + 1)]) for k in range(3))
         return self.head(o * torch.tanh(f * torch.tanh(h[:, 12:]) + i))
 
 
 def _permute_sliced_units(model: SlicedUnits, generator: torch.Generator) -> SlicedUnits:
     model = copy.deepcopy(model)
-    if model.variant == "uneven":
+    if model.variant in ("uneven", "split"):
         first, second = _perm(3, generator), _perm(7, generator)
         _rows(model.fc, torch.cat([first, 3 + second]))
         _columns(model.a, first)
@@ -3659,7 +3663,7 @@ def _permute_sliced_units(model: SlicedUnits, generator: torch.Generator) -> Sli
     return model
 
 
-@pytest.mark.parametrize("variant", ["glu", "gates", "uneven"])
+@pytest.mark.parametrize("variant", ["glu", "gates", "uneven", "split"])
 def test_units_split_by_slices_keep_the_function(variant):
     x = torch.randn(16, 6)
     model, other = (_built(lambda: SlicedUnits(variant), seed) for seed in (0, 1))

@@ -661,8 +661,8 @@ def _gated_halves(tracer, layout, dim: int, where: str):
 @function_rule_for(torch.chunk, torch.split, torch.unbind)
 @method_rule_for("chunk", "split", "unbind")
 def split(tracer, call):
-    """Pieces along an unaligned dimension keep the other dimensions' layout; equal
-    pieces of a layer's own outputs (a packed ``qkv``) become groups of their own;
+    """Pieces along an unaligned dimension keep the other dimensions' layout; pieces of
+    a layer's own outputs (a packed ``qkv``, ``split([3, 5])``) become groups of their own;
     unbinding a dimension of pieces gives each piece's layout."""
     layout = call.layout()
     unbind = call.node.target in ("unbind", torch.unbind)
@@ -675,9 +675,9 @@ def split(tracer, call):
         return tuple(L.pick(layout, dim, i, tracer.split_groups) for i in range(count))
     if spec is None:
         return tuple(layout for _ in range(count))
-    shapes = {tuple(meta.shape)[dim] for meta in call.node.meta["tensor_meta"]}
-    if spec.part is not None or (spec.outer, spec.inner) != (1, 1) or len(shapes) != 1:
+    sizes = tuple(tuple(meta.shape)[dim] for meta in call.node.meta["tensor_meta"])
+    if spec.part is not None or (spec.outer, spec.inner) != (1, 1):
         raise UnsupportedModelError(f"{_where(call)} splits aligned units apart unevenly")
-    groups = tracer.pieces(spec.group, (1,) * count, _where(call))
+    groups = tracer.pieces(spec.group, sizes, _where(call))
     return tuple(tuple(replace(spec, group=g) if d == dim else s for d, s in enumerate(layout))
                  for g in groups)
