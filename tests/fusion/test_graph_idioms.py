@@ -3676,3 +3676,40 @@ def test_slices_with_bounds_computed_from_the_shape_keep_the_function():
     x = torch.randn(16, 6)
     model, other = (_built(lambda: SlicedUnits("traced-bounds"), seed) for seed in (0, 1))
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
+
+
+class MixtureOfExperts(nn.Module):
+    """MMoE: experts stacked, mixed by a softmax gate of one unit per expert, summed in a
+    product, ``einsum("be,beh->bh")`` or ``bmm`` (once refused: "multiplies aligned units
+    with unaligned ones"); the gate's units keep their places, as in the elementwise
+    ``(g.unsqueeze(-1) * e).sum(1)``."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.experts = nn.ModuleList(nn.Linear(6, 8) for _ in range(3))
+        self.gate, self.tower = nn.Linear(6, 3), nn.Linear(8, 2)
+
+    def forward(self, x):
+        experts = torch.stack([F.relu(expert(x)) for expert in self.experts], 1)
+        gates = F.softmax(self.gate(x), -1)
+        if self.variant == "einsum":
+            return self.tower(torch.einsum("be,beh->bh", gates, experts))
+        return self.tower(torch.bmm(gates.unsqueeze(1), experts).squeeze(1))
+
+
+def _permute_mixture_of_experts(model: MixtureOfExperts, generator: torch.Generator):
+    """The experts' units alike (they are mixed unit by unit); the gate's in place."""
+    model = copy.deepcopy(model)
+    p = _perm(8, generator)
+    for expert in model.experts:
+        _rows(expert, p)
+    _columns(model.tower, p)
+    return model
+
+
+@pytest.mark.parametrize("variant", ["einsum", "bmm"])
+def test_experts_mixed_by_a_gate_in_a_product_keep_the_function(variant):
+    x = torch.randn(16, 6)
+    model, other = (_built(lambda: MixtureOfExperts(variant), seed) for seed in (0, 1))
+    _aligns_and_fuses_exactly(model, other, _permute_mixture_of_experts, x, 10)

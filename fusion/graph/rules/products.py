@@ -34,11 +34,13 @@ def _batched(tracer, a, b, size: int, where: str):
 
 
 def _contract(tracer, a, b, where: str) -> None:
-    """The summed-over dimension of a product: its two sides share one coupling. A
-    parameter's or buffer's own axis summed against unaligned data (``x @ self.W`` on
-    the input) stays unaligned."""
+    """The summed-over dimension of a product: its two sides share one coupling. Units
+    summed against unaligned data, entry by entry (a parameter's own axis in ``x @
+    self.W`` on the input; MMoE's gates, one per expert, in ``einsum("be,beh->bh", g,
+    torch.stack(experts, 1))``), keep their places, as when multiplied elementwise."""
     for own, other in ((a, b), (b, a)):
-        if other is None and own is not None and tracer.passive_only(tracer.find(own.group)):
+        if other is None and own is not None and (
+                own.part is None or tracer.passive_only(tracer.find(own.group))):
             tracer.fix(own.group)
             return
     if (a is None) != (b is None):
