@@ -42,8 +42,8 @@ def convolution(tracer, call, name, module):
     k = module.weight.dim() - 2
     where = f"module '{name}'"
     spanned = _spanned(call, module, source) if module.groups == 1 else set()
-    require_unaligned(tracer, source, [d for d in range(-k, 0) if d not in spanned
-                                       and d not in _pointwise(module)], where,
+    free = spanned | _pointwise(module)
+    require_unaligned(tracer, source, [d for d in range(-k, 0) if d not in free], where,
                       "convolves over aligned units")
     channel = source[-k - 1]
     kernel = (None,) * k

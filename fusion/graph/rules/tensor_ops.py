@@ -129,11 +129,7 @@ def broadcast(tracer, call):
     operands = [(call.layout(i, name), call.value(i, name, None))
                 for i, name in enumerate(names)]
     pairs = [(layout, L.shape_of(arg)) for layout, arg in operands if L.is_layout(layout)]
-    result = [None] * len(shape)
-    for offset in range(1, len(shape) + 1):
-        result[-offset] = unify(tracer, _operand_specs(
-            [p[0] for p in pairs], [p[1] for p in pairs], offset), _where(call))
-    return tuple(result)
+    return _broadcast_layout(tracer, pairs, len(shape), _where(call))
 
 
 @function_rule_for(torch.cat, torch.concat, torch.concatenate)
@@ -357,8 +353,9 @@ def _slice_of_units(tracer, node: fx.Node, layout, item):
     for user in node.args[0].users:
         if user.target is not operator.getitem or len(user.args) < 2:
             continue
-        other = _plain_slice(layout, L.known(user.args[1]))
-        if other is None and _cuts(layout, L.known(user.args[1]), dim):
+        index = L.known(user.args[1])
+        other = _plain_slice(layout, index)
+        if other is None and _cuts(layout, index, dim):
             return None  # cut there otherwise (a bound not known, a step): as any index
         if other is not None and other[0] == dim:
             bounds |= set(other[1].indices(size)[:2])
@@ -378,13 +375,18 @@ def _slice_of_units(tracer, node: fx.Node, layout, item):
     return tuple(picked if d == dim else s for d, s in enumerate(layout))
 
 
+def _index_items(layout, item) -> tuple:
+    """The entries of the index ``item``, an ``...`` spelled out as whole slices."""
+    items = item if isinstance(item, tuple) else (item,)
+    if Ellipsis not in items:
+        return items
+    at = items.index(Ellipsis)
+    return (*items[:at], *(slice(None),) * (len(layout) - len(items) + 1), *items[at + 1:])
+
+
 def _cuts(layout, item, dim: int) -> bool:
     """Whether the index ``item`` does anything but take dimension ``dim`` whole."""
-    items = item if isinstance(item, tuple) else (item,)
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items = (*items[:at], *(slice(None),) * (len(layout) - len(items) + 1),
-                 *items[at + 1:])
+    items = _index_items(layout, item)
     return any(i is None for i in items[:dim + 1]) or (
         dim < len(items) and items[dim] != slice(None))
 
@@ -394,11 +396,7 @@ def _plain_slice(layout, item) -> tuple[int, slice] | None:
     aligned units by a slice of integers (step one) and every other dimension whole."""
     if not L.is_layout(layout):
         return None
-    items = item if isinstance(item, tuple) else (item,)
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        items = (*items[:at], *(slice(None),) * (len(layout) - len(items) + 1),
-                 *items[at + 1:])
+    items = _index_items(layout, item)
     if len(items) > len(layout) or not all(isinstance(i, slice) for i in items):
         return None
     cut = [(d, i) for d, i in enumerate(items) if i != slice(None)]
@@ -582,8 +580,9 @@ def distance(tracer, call):
     unify(tracer, _operand_specs([first, second], [one, two], 1), _where(call))
     L.require_unaligned(tracer, (first[-2], second[-2]), range(2), _where(call),
                         "pairs rows that hold aligned units")
-    return (*_broadcast_layout(tracer, [(first[:-2], one[:-2]), (second[:-2], two[:-2])],
-                               call), None, None)
+    batch = [(first[:-2], one[:-2]), (second[:-2], two[:-2])]
+    return (*_broadcast_layout(tracer, batch, max(len(one), len(two)) - 2, _where(call)),
+            None, None)
 
 
 @register_rule(nn.CosineSimilarity, nn.PairwiseDistance)
@@ -604,17 +603,20 @@ def _vectors(call) -> list[tuple]:
 
 def _between_vectors(tracer, call, dim: int, keepdim: bool):
     """A similarity or distance of ``x1`` and ``x2``, broadcast, along ``dim``."""
-    return L.reduce(_broadcast_layout(tracer, _vectors(call), call), dim, keepdim,
+    pairs = _vectors(call)
+    ndim = max(len(shape) for _, shape in pairs)
+    return L.reduce(_broadcast_layout(tracer, pairs, ndim, _where(call)), dim, keepdim,
                     _where(call))
 
 
-def _broadcast_layout(tracer, pairs, call) -> tuple:
-    """The layout of tensors (``(layout, shape)`` pairs) broadcast together: dimensions
-    that meet share one coupling (as in :func:`broadcast`)."""
-    ndim = max(len(shape) for _, shape in pairs)
-    return tuple(unify(tracer, _operand_specs([p[0] for p in pairs], [p[1] for p in pairs],
-                                              offset), _where(call))
-                 for offset in range(ndim, 0, -1))
+def _broadcast_layout(tracer, pairs, ndim: int, where: str) -> tuple:
+    """The ``ndim`` dimensions of tensors (``(layout, shape)`` pairs) broadcast together
+    (right-aligned): dimensions that meet share one coupling."""
+    layouts, shapes = [p[0] for p in pairs], [p[1] for p in pairs]
+    result = [None] * ndim
+    for offset in range(1, ndim + 1):
+        result[-offset] = unify(tracer, _operand_specs(layouts, shapes, offset), where)
+    return tuple(result)
 
 
 @method_rule_for("expand", "expand_as", "repeat", "tile")
