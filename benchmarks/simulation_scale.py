@@ -57,7 +57,8 @@ def run(num_clients: int, client_init: str, extra: list[str]) -> dict:
     metrics = data["train_metrics"]["1"]
     return {"clients": num_clients, "client_init": client_init, "wall_seconds": wall,
             "fusion_seconds": metrics["fusion-seconds"],
-            "distill_seconds": metrics.get("distill-seconds", 0.0), "peak_rss_mib": peak,
+            "distill_seconds": metrics.get("distill-seconds", 0.0),
+            "screen_seconds": metrics.get("screen-seconds", 0.0), "peak_rss_mib": peak,
             "accepted": metrics["accepted-replies"],
             "excluded": metrics.get("excluded-replies", 0), "comparison": data["comparison"]}
 
@@ -71,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     print(f"{'clients':>8} {'client init':>11} {'wall (s)':>9} {'fusion (s)':>11} "
-          f"{'fusion share':>13} {'distil share':>13} {'peak RSS (MiB)':>15} "
+          f"{'fusion share':>13} {'screen share':>13} {'distil share':>13} "
+          f"{'peak RSS (MiB)':>15} "
           f"{'screened out':>13} {'global model acc':>17}")
     for init in args.client_init:
         for n in args.clients:
@@ -81,6 +83,7 @@ def main() -> None:
             print(f"{n:>8} {init:>11} {row['wall_seconds']:>9.1f} "
                   f"{row['fusion_seconds']:>11.1f} "
                   f"{row['fusion_seconds'] / row['wall_seconds']:>13.1%} "
+                  f"{row['screen_seconds'] / row['wall_seconds']:>13.1%} "
                   f"{row['distill_seconds'] / row['wall_seconds']:>13.1%} "
                   f"{row['peak_rss_mib']:>15.0f} {row['excluded']:>13.0f} "
                   f"{accuracy:>17.1%}", flush=True)

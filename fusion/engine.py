@@ -69,8 +69,9 @@ class FusionResult:
     clients whose weight or label counts were capped (``robust.max_weight_ratio``) and
     those excluded by the screening, with the reason (indices into the models given);
     the seconds spent distilling; the clients whose tensors were clipped
-    (``robust.max_norm_ratio``), with their largest norm over the median's; and the
-    number of quiet input features folded (``robust.quiet_inputs``)."""
+    (``robust.max_norm_ratio``), with their largest norm over the median's; the number
+    of quiet input features folded (``robust.quiet_inputs``); and the seconds spent
+    screening (``robust.screen``)."""
 
     model: nn.Module
     group_costs: dict[str, float]
@@ -81,6 +82,7 @@ class FusionResult:
     distill_seconds: float = 0.0
     clipped: dict[int, float] = field(default_factory=dict)
     quiet_inputs: int = 0
+    screen_seconds: float = 0.0
 
 
 def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
@@ -152,8 +154,12 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                                                          config.robust.max_weight_ratio)
         capped = sorted(set(capped) | set(counts_capped))
     per_client = _per_client_moments(input_moments, len(models))
-    excluded = (screened_out(models, _pooled(per_client, weights, input_moments), inputs,
-                             config, class_weights) if config.robust.screen else {})
+    excluded, screen_seconds = {}, 0.0
+    if config.robust.screen:
+        start = time.perf_counter()
+        excluded = screened_out(models, _pooled(per_client, weights, input_moments), inputs,
+                                config, class_weights)
+        screen_seconds = time.perf_counter() - start
     kept = [k for k in range(len(models)) if k not in excluded]
     if excluded:
         models, weights = [models[k] for k in kept], [weights[k] for k in kept]
@@ -202,7 +208,8 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                                config.robust.quiet_inputs) if config.robust.quiet_inputs else 0)
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
                         capped, excluded, distill_seconds,
-                        {kept[k]: ratio for k, ratio in sorted(clipped.items())}, quiet)
+                        {kept[k]: ratio for k, ratio in sorted(clipped.items())}, quiet,
+                        screen_seconds)
 
 
 def _per_client_moments(input_moments: ClientMoments, count: int

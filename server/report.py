@@ -60,16 +60,19 @@ def versions() -> dict[str, str]:
 
 def phase_seconds(result) -> dict[str, dict[str, float]]:
     """Per round, the wall time of each phase: client training (mean over the clients),
-    fusion (without the distillation), distillation and central evaluation; a phase that
-    did not run is left out."""
+    screening, fusion (without the screening and the distillation), distillation and
+    central evaluation; a phase that did not run is left out."""
     phases: dict[str, dict[str, float]] = {}
     for server_round, metrics in result.train_metrics_clientapp.items():
         row = phases.setdefault(str(server_round), {})
         if "train-seconds" in metrics:
             row["client training"] = float(metrics["train-seconds"])
         distill = float(metrics.get("distill-seconds", 0.0))
+        screen = float(metrics.get("screen-seconds", 0.0))
+        if "screen-seconds" in metrics:
+            row["screening"] = screen
         if "fusion-seconds" in metrics:
-            row["fusion"] = float(metrics["fusion-seconds"]) - distill
+            row["fusion"] = float(metrics["fusion-seconds"]) - distill - screen
         if "distill-seconds" in metrics:
             row["distillation"] = distill
     for server_round, metrics in result.evaluate_metrics_serverapp.items():

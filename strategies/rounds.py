@@ -53,8 +53,9 @@ def fuse_round(updates: Sequence[ClientUpdate], settings: FusionSettings, server
     always hold ``accepted-replies`` and ``rejected-replies``; after a fusion also
     ``fusion-seconds`` (distillation included), one ``transport-cost/<group>`` per aligned
     group, ``capped-replies``, ``clipped-replies``, ``excluded-replies`` and
-    ``quiet-inputs`` (see ``FusionConfig.robust``) and, when the fused model was
-    distilled, ``distill-kl`` and ``distill-seconds``.
+    ``quiet-inputs`` (see ``FusionConfig.robust``), ``screen-seconds`` when the clients
+    were screened and, when the fused model was distilled, ``distill-kl`` and
+    ``distill-seconds``.
     """
     counts = {"accepted-replies": len(updates), "rejected-replies": rejected}
     needed = max(1, min_updates)
@@ -112,6 +113,8 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
                "clipped-replies": float(len(result.clipped)),
                "excluded-replies": float(len(result.excluded)),
                "quiet-inputs": float(result.quiet_inputs)}
+    if config.robust.screen:
+        metrics["screen-seconds"] = result.screen_seconds
     if result.distill_loss is not None:
         metrics["distill-kl"] = result.distill_loss
         metrics["distill-seconds"] = result.distill_seconds

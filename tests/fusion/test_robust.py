@@ -502,6 +502,7 @@ def test_strategy_logs_and_counts_excluded_and_capped_replies(flwr_logs):
     arrays, metrics = OTFusion(lambda: build_model("mlp", seed=0, widths=(16, 12)),
                                config).aggregate_train(1, replies)
     assert metrics["excluded-replies"] == 1 and metrics["capped-replies"] == 1
+    assert 0 < metrics["screen-seconds"] < metrics["fusion-seconds"]
     assert "node 24 excluded: it misclassifies 90% of the class probes" in flwr_logs.text
     assert "the weight or label counts of node 24 (5000 examples claimed) are capped" in \
         flwr_logs.text
@@ -521,3 +522,6 @@ def test_default_screening_without_moments_is_silent():
         result = fuse_result([original, *permuted, hostile(*MLP, 5)],
                              config=FusionConfig.from_options(**PLAIN))
     assert result.excluded == {}
+    unscreened = fuse_result([original, *permuted],
+                             config=FusionConfig.from_options(robust_screen=False, **PLAIN))
+    assert unscreened.screen_seconds == 0.0

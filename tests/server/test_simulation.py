@@ -43,7 +43,8 @@ def test_one_shot_simulation_with_20_clients_beats_fedavg(tmp_path, capsys):
     assert (run / "report.png").stat().st_size > 0
     assert set(report["versions"]) == {"flwr-otfusion", "flwr", "torch"}
     phases = report["phase_seconds"]["1"]
-    assert set(phases) == {"client training", "fusion", "distillation", "central evaluation"}
+    assert set(phases) == {"client training", "screening", "fusion", "distillation",
+                           "central evaluation"}
     assert all(seconds > 0 for seconds in phases.values()) and report["total_seconds"] > 0
 
 

@@ -579,8 +579,8 @@ def rejected_labels(messages: list[str], api: str = "train") -> Counter[str]:
 
 def stable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Metrics that depend on the accepted replies only (not on time or rejections)."""
-    return {k: v for k, v in metrics.items()
-            if k not in ("fusion-seconds", "accepted-replies", "rejected-replies")}
+    return {k: v for k, v in metrics.items() if not k.endswith("-seconds")
+            and k not in ("accepted-replies", "rejected-replies")}
 
 
 def assert_identical(got: ArrayRecord, expected: ArrayRecord) -> None:
