@@ -52,6 +52,7 @@ from .screening import screened_out
 from .transport import block_marginal, repeated_plan
 from .validation import (
     all_finite,
+    check_inputs,
     check_models,
     check_same_architecture,
     check_same_shapes,
@@ -147,6 +148,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
     :data:`~otfusion.fusion.distillation.Progress`), e.g. to move a progress bar."""
     config = config or FusionConfig()
     models = check_models(models)
+    check_inputs(inputs)
     weights, capped = cap_weights(normalize_weights(weights, len(models)),
                                   config.robust.max_weight_ratio)
     if class_weights is not None:
@@ -250,6 +252,7 @@ def traced_graph(model: nn.Module, inputs: torch.Tensor | None = None
     ``input_shape``), to pass to every fusion of that architecture; None when it cannot
     be traced (:func:`fuse` then says why)."""
     try:
+        check_inputs(inputs)
         return build_alignment_graph(model, _example_input(model, inputs))
     except ValueError:
         return None
@@ -289,6 +292,7 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
     if config.method == "average":
         raise ValueError("align needs an optimal-transport method, not method='average'")
     models, template = _working_precision(check_models([reference, model]), reference)
+    check_inputs(inputs)
     names = ["reference", "model"]
     check_same_architecture(models, names)
     graph = graph or _trace(template, config, inputs)

@@ -37,6 +37,16 @@ def check_models(models: Sequence[nn.Module]) -> list[nn.Module]:
     return models
 
 
+def check_inputs(inputs: object) -> None:
+    """A ValueError unless ``inputs`` is None or one batch tensor: the fusion runs the
+    models on one input tensor (a tuple, list or dict of several is not a batch)."""
+    if inputs is not None and not isinstance(inputs, torch.Tensor):
+        raise ValueError(f"inputs must be one batch tensor, got a {type(inputs).__name__}: "
+                         "the fusion runs models on one input tensor (a model whose "
+                         "forward takes several can be wrapped in one that takes them "
+                         "stacked or concatenated)")
+
+
 def check_initialised(model: nn.Module, label: str) -> None:
     """A ValueError naming the first parameter or buffer of ``model`` that a lazy module
     (``nn.LazyLinear``) has not initialised yet: it has no weights to fuse."""

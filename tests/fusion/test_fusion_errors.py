@@ -167,6 +167,30 @@ def test_average_needs_identical_shapes():
         fuse([mlp(widths=(8, 6)), mlp(widths=(10, 6))], config=FusionConfig(method="average"))
 
 
+class _TwoInputs(nn.Module):
+    """Token ids and dense features, as a Wide&Deep model takes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(20, 8), nn.Linear(11, 3)
+
+    def forward(self, ids, dense):
+        return self.fc(torch.cat([self.embed(ids).mean(1), dense], 1))
+
+
+@pytest.mark.parametrize("pack", [tuple, list, lambda x: dict(enumerate(x))])
+def test_several_inputs_are_refused_by_name(pack):
+    """A model fed several tensors gets the refusal, not a crash inside the engine."""
+    from otfusion.fusion import align, traced_graph
+
+    a, b = _TwoInputs(), _TwoInputs()
+    inputs = pack([torch.randint(0, 20, (4, 5)), torch.randn(4, 3)])
+    for run in (lambda: fuse([a, b], inputs=inputs), lambda: align(b, a, inputs=inputs)):
+        with pytest.raises(ValueError, match="inputs must be one batch tensor, got a"):
+            run()
+    assert traced_graph(a, inputs) is None
+
+
 def test_model_without_input_shape_needs_inputs():
     class Plain(nn.Module):
         def __init__(self):
