@@ -512,6 +512,8 @@ class _GroupSolver:
                 raise UnsupportedModelError(
                     f"group '{group.label}': no tensor defines its units from already "
                     "aligned inputs, so it cannot be aligned")
+            if any(_has_tied_units(p) for p in points):
+                points = [{**p, **self.tie_breakers(group, k)} for k, p in enumerate(points)]
 
             def points_fn(k, self_plan, group=group, points=points):
                 if self_plan is None or self.config.method != "gromov-wasserstein":
@@ -582,6 +584,18 @@ class _GroupSolver:
             if not is_recurrent(spec) and self.inputs_solved(spec, k)
         }
 
+    def tie_breakers(self, group: Group, k: int) -> dict[str, Points]:
+        """The group's members that do not define its units (a norm's parameters and
+        statistics, a depthwise kernel), as points: what tells apart units that the
+        defining members cannot (:func:`_has_tied_units`)."""
+        return {
+            spec.name: self.weight_points(spec, k, self.couplings[k])
+            for spec in self.graph.tensors.values()
+            if not spec.cost and spec.neuron_axis is not None
+            and spec.axes[spec.neuron_axis].group == group.id
+            and not is_recurrent(spec) and self.inputs_solved(spec, k)
+        }
+
     def inputs_solved(self, spec, k: int) -> bool:
         """Whether every other group on ``spec``'s axes has its coupling already (a
         residual stream is first solved from the members whose inputs are known)."""
@@ -623,6 +637,21 @@ class _GroupSolver:
             return {name: p.rows for name, p in points.items()}
         index = torch.linspace(0, m - 1, n).round().long()
         return {name: p.rows[index.to(p.rows.device)] for name, p in points.items()}
+
+
+def _has_tied_units(points: dict[str, Points]) -> bool:
+    """Whether two of a client's units have the same rows in every member (units pruned
+    to zeros, or duplicated): the cost cannot tell them apart, and a tie broken at
+    random would average one unit's norm parameters with another's. Rows are compared
+    only among units of equal squared norm (none, in trained models)."""
+    norms = sum(p.sq_norms for p in points.values())
+    values, counts = torch.unique(norms, return_counts=True)
+    for value in values[counts > 1]:
+        index = torch.nonzero(norms == value).flatten()
+        rows = torch.cat([p.rows[index] for p in points.values()], dim=1)
+        if len(torch.unique(rows, dim=0)) < len(index):
+            return True
+    return False
 
 
 def _record_activations(models, graph: AlignmentGraph, inputs: torch.Tensor,

@@ -1,0 +1,130 @@
+"""Units that the layer defining them cannot tell apart: filters pruned to zeros in place
+(``torch.nn.utils.prune.ln_structured``, then ``prune.remove``) or units duplicated
+(Net2Wider), each followed by a norm whose parameters differ from unit to unit. A model
+fused with permuted copies of itself must still compute its own function: the norm's
+parameters tell the tied units apart. The permutations are written by hand here,
+independently of the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from otfusion.fusion import FusionConfig, align, fuse
+
+CONFIGS = {
+    "weights": FusionConfig.from_options(distill_steps=0),
+    "activations": FusionConfig.from_options(distill_steps=0, cost="activations"),
+}
+
+
+class PrunedCNN(nn.Module):
+    """A convolution with some filters zeroed, BatchNorm, and a second convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.input_shape = (2, 5, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.head(torch.relu(self.conv2(h)).mean(dim=(2, 3)))
+
+
+class DuplicatedMLP(nn.Module):
+    """A Linear with two pairs of identical units, LayerNorm, and an output Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+        self.input_shape = (5,)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.fc(x))))
+
+
+def _pruned_cnn(seed: int) -> PrunedCNN:
+    torch.manual_seed(seed)
+    model = PrunedCNN()
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        model.conv.weight[[1, 4]] = 0.0  # pruned filters, bias included
+        model.conv.bias[[1, 4]] = 0.0
+        bn = model.bn
+        for tensor in (bn.weight, bn.bias, bn.running_mean):
+            tensor.copy_(torch.randn(6, generator=generator))
+        bn.running_var.copy_(0.5 + torch.rand(6, generator=generator))
+    return model.eval()
+
+
+def _duplicated_mlp(seed: int) -> DuplicatedMLP:
+    torch.manual_seed(seed)
+    model = DuplicatedMLP()
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for copy_, original in ((3, 0), (5, 2)):
+            model.fc.weight[copy_] = model.fc.weight[original]
+            model.fc.bias[copy_] = model.fc.bias[original]
+        model.norm.weight.copy_(1 + 0.5 * torch.randn(6, generator=generator))
+        model.norm.bias.copy_(0.5 * torch.randn(6, generator=generator))
+    return model.eval()
+
+
+def _permute_cnn(model: PrunedCNN, index: torch.Tensor) -> PrunedCNN:
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted.conv.weight.copy_(model.conv.weight[index])
+        permuted.conv.bias.copy_(model.conv.bias[index])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(permuted.bn, name).copy_(getattr(model.bn, name)[index])
+        permuted.conv2.weight.copy_(model.conv2.weight[:, index])
+    return permuted
+
+
+def _permute_mlp(model: DuplicatedMLP, index: torch.Tensor) -> DuplicatedMLP:
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted.fc.weight.copy_(model.fc.weight[index])
+        permuted.fc.bias.copy_(model.fc.bias[index])
+        permuted.norm.weight.copy_(model.norm.weight[index])
+        permuted.norm.bias.copy_(model.norm.bias[index])
+        permuted.head.weight.copy_(model.head.weight[:, index])
+    return permuted
+
+
+CASES = {
+    "pruned-cnn": (_pruned_cnn, _permute_cnn, (2, 5, 5)),
+    "duplicated-mlp": (_duplicated_mlp, _permute_mlp, (5,)),
+}
+
+
+def _same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        expected = b(x)
+        torch.testing.assert_close(a(x), expected, rtol=1e-4,
+                                   atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("cost", CONFIGS)
+@pytest.mark.parametrize("case", CASES)
+def test_a_model_fused_with_permuted_copies_keeps_its_tied_units_apart(case, cost):
+    build, permute, shape = CASES[case]
+    model, other = build(0), build(1)
+    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(3)
+    copies = [permute(model, torch.randperm(6, generator=generator)) for _ in range(2)]
+    swapped = permute(model, torch.tensor([0, 4, 2, 3, 1, 5]))  # the tied units alone
+    config = CONFIGS[cost]
+    _same_function(align(other, model, config=config, inputs=x), other, x)
+    _same_function(fuse([model, swapped], config=config, inputs=x), model, x)
+    _same_function(fuse([copies[0], model, copies[1]], [3.0, 1.0, 2.0], config=config,
+                        inputs=x), model, x)
