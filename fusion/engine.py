@@ -645,13 +645,12 @@ def _has_tied_units(points: dict[str, Points]) -> bool:
     random would average one unit's norm parameters with another's. Rows are compared
     only among units of equal squared norm (none, in trained models)."""
     norms = sum(p.sq_norms for p in points.values())
-    values, counts = torch.unique(norms, return_counts=True)
-    for value in values[counts > 1]:
-        index = torch.nonzero(norms == value).flatten()
-        rows = torch.cat([p.rows[index] for p in points.values()], dim=1)
-        if len(torch.unique(rows, dim=0)) < len(index):
-            return True
-    return False
+    _, inverse, counts = torch.unique(norms, return_inverse=True, return_counts=True)
+    index = torch.nonzero(counts[inverse] > 1).flatten()
+    if len(index) == 0:
+        return False
+    rows = torch.cat([p.rows[index] for p in points.values()], dim=1)
+    return len(torch.unique(rows, dim=0)) < len(index)
 
 
 def _record_activations(models, graph: AlignmentGraph, inputs: torch.Tensor,
