@@ -45,10 +45,12 @@ CONFIGS = {
     "default": FusionConfig.from_options(robust_screen=False),
     "screen": FusionConfig(),
     "screen+trim": FusionConfig.from_options(robust_aggregate="trimmed-mean"),
+    "screen+quiet": FusionConfig.from_options(robust_quiet_inputs=0.1),
 }
 """The fusions compared: the weight and norm caps and moment shrinking alone
 (``default``, the baseline of the ``loss`` columns), with the function-space screening
-(today's default), and with the screening and the trimmed mean in aligned coordinates."""
+(today's default), with the screening and the trimmed mean in aligned coordinates, and
+with the screening and the quiet inputs ignored (``robust.quiet_inputs``)."""
 
 
 @dataclass(frozen=True)

@@ -215,13 +215,14 @@ class RobustConfig(_Part):
     trim : float
         Share of the weight removed from each end by ``trimmed-mean``.
     quiet_inputs : float or None
-        After the fusion, fold the first ``nn.Linear``'s weights on the input features
-        that more than half of the clients vary at most this multiple of the median
-        feature's variance into its bias (:mod:`~otfusion.fusion.quiet_inputs`): a
-        backdoor's trigger on pixels the clients' data leaves blank then reaches
-        nothing, and an honest minority whose data uses them loses them. Needs the
-        clients' own input moments (three or more; pooled ones fold nothing) and a model
-        that reads its input with a Linear first. None (the default): not folded.
+        The input features that more than half of the clients vary at most this
+        multiple of the median feature's variance are quiet
+        (:mod:`~otfusion.fusion.quiet_inputs`): the distillation teaches the fused
+        model to ignore them (any architecture), and a first ``nn.Linear``'s weights on
+        them are folded into its bias. A backdoor's trigger on pixels the clients' data
+        leaves blank then reaches little or nothing, and an honest minority whose data
+        uses them loses them. Needs the clients' own input moments (three or more;
+        pooled ones give none). None (the default): off.
     """
 
     max_weight_ratio: float | None = Field(default=2.0, gt=1)

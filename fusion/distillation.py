@@ -17,6 +17,7 @@ from .averaging import normalize_class_weights
 from .config import DistillationConfig
 from .modes import class_logits, temporary_mode
 from .moments import InputMoments, synthetic_inputs
+from .quiet_inputs import QuietInputs, scramble_quiet
 
 
 def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
@@ -72,7 +73,7 @@ otherwise its mean training loss since the last call."""
 def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
             moments: InputMoments, config: DistillationConfig,
             class_weights: Sequence[Sequence[float]] | None = None,
-            progress: Progress | None = None) -> float:
+            progress: Progress | None = None, quiet: QuietInputs | None = None) -> float:
     """Train ``student`` in place to match the teachers' ensemble (KL divergence) on
     synthetic inputs drawn from ``moments``: their weighted mean class probabilities,
     with ``class_weights`` (the teachers' label counts) and ``config.teacher`` each
@@ -83,7 +84,8 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     (learning rate ``lr``, ``schedule``, ``temperature``) on random batches of
     ``batch_size`` follow, stopped early on held-out inputs when ``config.patience`` is
     set. With more teachers than ``config.max_teachers``, a random sample of them
-    teaches (:func:`teacher_sample`).
+    teaches (:func:`teacher_sample`). With ``quiet`` input features, the student sees
+    them scrambled and learns to ignore them (:func:`~.quiet_inputs.scramble_quiet`).
     The inputs, the batches and any dropout masks come from ``seed``, so the
     result is deterministic. Normalisation layers keep their running statistics (those
     are the fusion's, not the noise's). A student whose divergence on all the inputs is
@@ -121,7 +123,7 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
                                     config.correlated).to(
             parameter.device, parameter.dtype)
         stopping = _EarlyStopping(student, held_out, teach(held_out), config.patience)
-    _train(student, inputs, soft_targets, config, generator, stopping, progress)
+    _train(student, inputs, soft_targets, config, generator, stopping, progress, quiet)
     if stopping is not None:
         stopping.restore_best()
     return _full_divergence(student, inputs, targets)
@@ -129,23 +131,28 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
 
 def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
            config: DistillationConfig, generator: torch.Generator,
-           stopping: _EarlyStopping | None, progress: Progress | None) -> None:
+           stopping: _EarlyStopping | None, progress: Progress | None,
+           quiet: QuietInputs | None = None) -> None:
     """The Adam steps of :func:`distill` on batches of ``inputs`` drawn from
-    ``generator``; every ``config.eval_every`` steps, ``stopping`` measures the student
-    (and may end the training) and ``progress`` is told."""
+    ``generator``, their ``quiet`` features scrambled (from a generator of their own);
+    every ``config.eval_every`` steps, ``stopping`` measures the student (and may end
+    the training) and ``progress`` is told."""
     parameter = next(student.parameters())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
                 if config.schedule == "cosine" else None)
     devices = [parameter.device] if parameter.device.type == "cuda" else []
     running = 0.0
+    scrambling = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=devices), temporary_mode(student, training=True):
         torch.manual_seed(config.seed)  # dropout masks
         for step in range(1, config.steps + 1):
             index = torch.randint(0, len(inputs), (config.batch_size,),
                                   generator=generator).to(inputs.device)
-            loss = _soft_loss(class_logits(student, inputs[index]), targets[index],
-                              config.temperature)
+            batch = inputs[index]
+            if quiet is not None:
+                batch = scramble_quiet(batch, quiet, scrambling)
+            loss = _soft_loss(class_logits(student, batch), targets[index], config.temperature)
             if not bool(torch.isfinite(loss)):
                 return
             optimizer.zero_grad(set_to_none=True)

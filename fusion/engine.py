@@ -39,7 +39,7 @@ from .graph.tracer import ExampleRunError
 from .modes import temporary_mode
 from .moments import InputMoments, pool_moments
 from .projection import Coupling, as_rows, dense_state, project, stored_state
-from .quiet_inputs import fold_quiet_inputs
+from .quiet_inputs import QuietInputs, fold_quiet_inputs, quiet_inputs
 from .robust import (
     Combine,
     cap_class_weights,
@@ -71,7 +71,8 @@ class FusionResult:
     those excluded by the screening, with the reason (indices into the models given);
     the seconds spent distilling; the clients whose tensors were clipped
     (``robust.max_norm_ratio``), with their largest norm over the median's; the number
-    of quiet input features folded (``robust.quiet_inputs``); and the seconds spent
+    of quiet input features the fusion found and used (``robust.quiet_inputs``: scrambled
+    in the distillation, folded into a first Linear); and the seconds spent
     screening (``robust.screen``)."""
 
     model: nn.Module
@@ -202,15 +203,18 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                            combine=_combiner(config))
     fused = stored_state(graph, fused)
     model = model_with_state(template, fused)
+    quiet = (quiet_inputs([m for m in per_client or () if m is not None],
+                          config.robust.quiet_inputs) if config.robust.quiet_inputs else None)
     start = time.perf_counter()
     distill_loss = (_distilled(model, models, weights, moments, config, class_weights,
-                               progress) if moments is not None and config.distils else None)
+                               progress, quiet)
+                    if moments is not None and config.distils else None)
     distill_seconds = time.perf_counter() - start
-    quiet = (fold_quiet_inputs(model, [m for m in per_client or () if m is not None],
-                               config.robust.quiet_inputs) if config.robust.quiet_inputs else 0)
+    used = quiet is not None and (fold_quiet_inputs(model, quiet) or distill_loss is not None)
+    quiet_count = quiet.count if used else 0
     return FusionResult(_in_dtype_of(model, original), costs, iterations, distill_loss,
                         capped, excluded, distill_seconds,
-                        {kept[k]: ratio for k, ratio in sorted(clipped.items())}, quiet,
+                        {kept[k]: ratio for k, ratio in sorted(clipped.items())}, quiet_count,
                         screen_seconds)
 
 
@@ -307,14 +311,15 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
 def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
                moments: InputMoments, config: FusionConfig,
                class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-               progress: Progress | None = None) -> float | None:
+               progress: Progress | None = None, quiet: QuietInputs | None = None
+               ) -> float | None:
     """Distil ``model`` in place (:func:`~.distillation.distill`); its final divergence,
     or None, with a warning and ``model`` unchanged, when the distillation fails or
     diverges: it is an improvement and never costs the fusion its result."""
     before = copy.deepcopy(model.state_dict())
     try:
         loss = distill(model, teachers, weights, moments, config.distillation, class_weights,
-                       progress)
+                       progress, quiet)
         problem = None if math.isfinite(loss) else "diverged (the KL divergence is not finite)"
     except Exception as exc:  # noqa: BLE001 - keep the undistilled fusion
         problem = f"failed ({type(exc).__name__}: {exc})"

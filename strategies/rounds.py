@@ -103,8 +103,8 @@ def _fuse(updates: Sequence[ClientUpdate], settings: FusionSettings, server_roun
             "times the median client's, capped at %g)", server_round, updates[k].source,
             ratio, config.robust.max_norm_ratio)
     if result.quiet_inputs:
-        log(INFO, "fuse_round (round %d): %d quiet input features folded", server_round,
-            result.quiet_inputs)
+        log(INFO, "fuse_round (round %d): the fused model ignores %d quiet input features",
+            server_round, result.quiet_inputs)
     for k, reason in result.excluded.items():
         log(WARNING, "fuse_round (round %d): %s excluded: %s", server_round,
             updates[k].source, reason)

@@ -114,9 +114,10 @@ class RunConfig(BaseModel):
     fusion_robust_trim: float = Field(default=0.25, ge=0, lt=0.5, description=(
         "share of the weight removed from each end by the trimmed mean"))
     fusion_robust_quiet_inputs: float = Field(default=0.0, ge=0, lt=1, description=(
-        "fold the first Linear's weights on input features whose variance is at most "
-        "this multiple of the median feature's into its bias (a trigger on pixels the "
-        "data leaves blank reaches nothing); 0: not folded"))
+        "input features whose variance is at most this multiple of the median "
+        "feature's are quiet: the distillation teaches the fused model to ignore them "
+        "and a first Linear's weights on them fold into its bias (a trigger on pixels "
+        "the data leaves blank reaches little); 0: off"))
     send_input_moments: bool = Field(default=True, description=(
         "clients send the per-feature mean and variance of their training inputs, "
         "which the server's distillation needs"))

@@ -1,4 +1,5 @@
-"""Folding a first Linear's weights on quiet input features into its bias."""
+"""Quiet input features: found from the clients' moments, folded from a first Linear's
+weights into its bias, and scrambled in the distillation for any model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from otfusion.fusion import FusionConfig, InputMoments, fuse_result
 from otfusion.fusion.graph.tracer import input_linear
-from otfusion.fusion.quiet_inputs import fold_quiet_inputs
+from otfusion.fusion.quiet_inputs import fold_quiet_inputs, quiet_inputs, scramble_quiet
 from otfusion.zoo import build_model
 
 
@@ -23,6 +24,12 @@ def _mlp(seed: int = 0) -> nn.Module:
     return build_model("mlp", in_features=6, widths=(5,), num_classes=3, seed=seed).eval()
 
 
+def _fold(model: nn.Module, moments: list[InputMoments]) -> int:
+    """The number of quiet features (ratio 0.1) folded into ``model``'s first Linear."""
+    quiet = quiet_inputs(moments, 0.1)
+    return quiet.count if quiet is not None and fold_quiet_inputs(model, quiet) else 0
+
+
 LIVE = torch.tensor([1.0, 2.0, 0.5, 1.5, 1.0, 0.0])  # the last feature never varies
 MEAN = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.7])
 
@@ -30,7 +37,7 @@ MEAN = torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.7])
 def test_a_quiet_feature_is_folded_at_its_mean():
     model = _mlp()
     folded = copy.deepcopy(model)
-    assert fold_quiet_inputs(folded, [_moments(LIVE, MEAN)] * 3, 0.1) == 1
+    assert _fold(folded, [_moments(LIVE, MEAN)] * 3) == 1
     x = torch.randn(8, 6)
     x[:, 5] = 0.7  # the clients' data: the quiet feature at its mean
     with torch.no_grad():
@@ -45,7 +52,7 @@ def test_a_minority_cannot_make_a_feature_varied_or_quiet():
     honest = [_moments(LIVE, MEAN)] * 3
     liars = [_moments(torch.tensor([1.0, 0.0, 0.5, 1.5, 1.0, 9.0]), MEAN)] * 2
     model = _mlp()
-    assert fold_quiet_inputs(model, honest + liars, 0.1) == 1
+    assert _fold(model, honest + liars) == 1
     assert torch.all(model.layers[0].weight[:, 5] == 0)  # quiet, whatever two claim
     assert torch.all(model.layers[0].weight[:, 1] != 0)  # loud, whatever two claim
 
@@ -54,6 +61,7 @@ class _ConvFirst(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.fc = nn.Conv1d(1, 2, 3, padding=1), nn.Linear(12, 3)
+        self.input_shape = (6,)
 
     def forward(self, x):
         return self.fc(self.conv(x.unsqueeze(1)).flatten(1))
@@ -75,7 +83,7 @@ class _Standardised(nn.Module):
 def test_nothing_is_folded_unless_a_linear_reads_the_input_first(factory):
     model = factory()
     before = copy.deepcopy(model.state_dict())
-    assert fold_quiet_inputs(model, [_moments(LIVE)] * 3, 0.1) == 0
+    assert _fold(model, [_moments(LIVE)] * 3) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -113,7 +121,7 @@ def test_input_linear_follows_flattening_only():
 def test_half_of_the_clients_cannot_make_a_feature_quiet():
     honest = [_moments(torch.ones(6))] * 2
     liars = [_moments(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]))] * 2
-    assert fold_quiet_inputs(_mlp(), honest + liars, 0.1) == 0
+    assert _fold(_mlp(), honest + liars) == 0
 
 
 class _Counting(nn.Module):
@@ -131,12 +139,12 @@ class _Counting(nn.Module):
 
 def test_the_folded_model_still_runs():
     model = _Counting()
-    assert fold_quiet_inputs(model, [_moments(LIVE, MEAN)] * 3, 0.1) == 1
+    assert _fold(model, [_moments(LIVE, MEAN)] * 3) == 1
     assert isinstance(model.calls, torch.Tensor) and model(torch.randn(2, 6)).shape == (2, 3)
 
 
 def test_fewer_than_three_clients_fold_nothing():
-    assert fold_quiet_inputs(_mlp(), [_moments(LIVE)] * 2, 0.1) == 0
+    assert _fold(_mlp(), [_moments(LIVE)] * 2) == 0
 
 
 def test_the_fusion_folds_with_the_clients_moments_and_counts_them():
@@ -149,3 +157,49 @@ def test_the_fusion_folds_with_the_clients_moments_and_counts_them():
     assert (on.quiet_inputs, off.quiet_inputs) == (1, 0)
     assert torch.all(on.model.layers[0].weight[:, 5] == 0)
     assert torch.equal(on.model.layers[0].weight[:, :5], off.model.layers[0].weight[:, :5])
+
+
+def test_scrambling_draws_half_of_the_quiet_features_across_the_range():
+    quiet = quiet_inputs([_moments(LIVE, MEAN)] * 3, 0.1)
+    assert quiet.mask.tolist() == [False] * 5 + [True]
+    spread = 3 * LIVE.sqrt()
+    assert (quiet.low, quiet.high) == pytest.approx(
+        (float((MEAN - spread).min()), float((MEAN + spread).max())))
+    x = torch.randn(4000, 6)
+    scrambled = scramble_quiet(x, quiet, torch.Generator().manual_seed(0))
+    assert torch.equal(scrambled[:, :5], x[:, :5])
+    changed = scrambled[:, 5] != x[:, 5]
+    assert 0.45 < changed.double().mean() < 0.55
+    values = scrambled[changed, 5]
+    assert quiet.low <= values.min() and values.max() <= quiet.high
+    assert values.std() > 0.25 * (quiet.high - quiet.low)  # spread across the range
+
+
+def _sensitivity(model: nn.Module, feature: int, value: float) -> float:
+    """How far ``model``'s probabilities move when a trigger sets ``feature`` to ``value``
+    on inputs like the clients' data."""
+    x = MEAN + LIVE.sqrt() * torch.randn(512, 6, generator=torch.Generator().manual_seed(1))
+    triggered = x.clone()
+    triggered[:, feature] = value
+    with torch.no_grad():
+        return float((F.softmax(model(triggered), 1) - F.softmax(model(x), 1)).abs().mean())
+
+
+def test_the_distillation_teaches_a_convolution_to_ignore_quiet_features():
+    """A convolution cannot be folded; its distillation on scrambled quiet features
+    leaves it nearly blind to a trigger there."""
+    teachers = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        teachers.append(_ConvFirst().eval())
+    moments = [_moments(LIVE, MEAN)] * 3
+
+    def fused(**options):
+        return fuse_result(teachers, config=FusionConfig.from_options(
+            robust_screen=False, **options), input_moments=moments)
+
+    on, off = fused(robust_quiet_inputs=0.1), fused()
+    assert (on.quiet_inputs, off.quiet_inputs) == (1, 0)
+    high = float(quiet_inputs(moments, 0.1).high)
+    assert _sensitivity(on.model, 5, high) < 0.2 * _sensitivity(off.model, 5, high)
+    assert _sensitivity(on.model, 1, 4.0) > 0.5 * _sensitivity(off.model, 1, 4.0)
