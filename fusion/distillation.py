@@ -85,14 +85,16 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     ``batch_size`` follow, stopped early on held-out inputs when ``config.patience`` is
     set. With more teachers than ``config.max_teachers``, a random sample of them
     teaches (:func:`teacher_sample`). With ``quiet`` input features, the student sees
-    them scrambled and learns to ignore them (:func:`~.quiet_inputs.scramble_quiet`).
+    them scrambled, in its batches and its held-out inputs, against the teachers'
+    targets on the inputs as drawn, and learns to ignore them
+    (:func:`~.quiet_inputs.scramble_quiet`).
     The inputs, the batches and any dropout masks come from ``seed``, so the
     result is deterministic. Normalisation layers keep their running statistics (those
-    are the fusion's, not the noise's). A student whose divergence on all the inputs is
-    at most ``tol`` is left unchanged (Adam's normalised steps would only move
-    it at random). Returns the student's divergence on all the inputs (eval mode) after
-    training, NaN when it is not finite (the caller, :func:`~.engine.fuse_result`, then
-    restores the undistilled model)."""
+    are the fusion's, not the noise's). Without quiet features, a student whose
+    divergence on all the inputs is at most ``tol`` is left unchanged (Adam's normalised
+    steps would only move it at random). Returns the student's divergence on all the
+    inputs (eval mode) after training, NaN when it is not finite (the caller,
+    :func:`~.engine.fuse_result`, then restores the undistilled model)."""
     shape = getattr(student, "input_shape", None)
     if shape is not None and tuple(moments.mean.shape) != tuple(shape):
         raise ValueError(f"input moments have shape {tuple(moments.mean.shape)}, but the "
@@ -114,16 +116,24 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
 
     targets = teach(inputs)
     initial_loss = _full_divergence(student, inputs, targets)
-    if initial_loss <= config.tol:
+    if initial_loss <= config.tol and quiet is None:
         return initial_loss  # already the ensemble: Adam would only add noise
     soft_targets = targets if config.temperature == 1 else teach(inputs, config.temperature)
+    scramble = None
+    if quiet is not None:
+        scrambling = torch.Generator().manual_seed(config.seed)
+
+        def scramble(x: torch.Tensor) -> torch.Tensor:
+            return scramble_quiet(x, quiet, scrambling)
+
     stopping = None
     if config.patience is not None:
         held_out = synthetic_inputs(moments, max(1, config.samples // 4), generator,
                                     config.correlated).to(
             parameter.device, parameter.dtype)
-        stopping = _EarlyStopping(student, held_out, teach(held_out), config.patience)
-    _train(student, inputs, soft_targets, config, generator, stopping, progress, quiet)
+        stopping = _EarlyStopping(student, held_out if scramble is None else scramble(held_out),
+                                  teach(held_out), config.patience)
+    _train(student, inputs, soft_targets, config, generator, stopping, progress, scramble)
     if stopping is not None:
         stopping.restore_best()
     return _full_divergence(student, inputs, targets)
@@ -132,26 +142,23 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
 def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
            config: DistillationConfig, generator: torch.Generator,
            stopping: _EarlyStopping | None, progress: Progress | None,
-           quiet: QuietInputs | None = None) -> None:
+           scramble: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """The Adam steps of :func:`distill` on batches of ``inputs`` drawn from
-    ``generator``, their ``quiet`` features scrambled (from a generator of their own);
-    every ``config.eval_every`` steps, ``stopping`` measures the student (and may end
-    the training) and ``progress`` is told."""
+    ``generator``, each passed through ``scramble`` first, if given; every
+    ``config.eval_every`` steps, ``stopping`` measures the student (and may end the
+    training) and ``progress`` is told."""
     parameter = next(student.parameters())
     optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
     schedule = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
                 if config.schedule == "cosine" else None)
     devices = [parameter.device] if parameter.device.type == "cuda" else []
     running = 0.0
-    scrambling = torch.Generator().manual_seed(config.seed)
     with torch.random.fork_rng(devices=devices), temporary_mode(student, training=True):
         torch.manual_seed(config.seed)  # dropout masks
         for step in range(1, config.steps + 1):
             index = torch.randint(0, len(inputs), (config.batch_size,),
                                   generator=generator).to(inputs.device)
-            batch = inputs[index]
-            if quiet is not None:
-                batch = scramble_quiet(batch, quiet, scrambling)
+            batch = inputs[index] if scramble is None else scramble(inputs[index])
             loss = _soft_loss(class_logits(student, batch), targets[index], config.temperature)
             if not bool(torch.isfinite(loss)):
                 return

@@ -48,7 +48,8 @@ def quiet_inputs(moments: Sequence[InputMoments], ratio: float) -> QuietInputs |
     """The features that more than half of the clients vary at most ``ratio`` times the
     median feature's variance (their variance's upper median over the clients, compared
     with its median over the features); None without three clients' moments or without
-    a quiet feature. A minority of clients moves neither the features nor the range."""
+    a quiet feature. Both are order statistics over the clients: a minority can move
+    them only within what honest clients report."""
     if len(moments) < 3:
         return None
     variances = torch.stack([m.var for m in moments]).sort(dim=0).values

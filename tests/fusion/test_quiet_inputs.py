@@ -203,3 +203,18 @@ def test_the_distillation_teaches_a_convolution_to_ignore_quiet_features():
     high = float(quiet_inputs(moments, 0.1).high)
     assert _sensitivity(on.model, 5, high) < 0.2 * _sensitivity(off.model, 5, high)
     assert _sensitivity(on.model, 1, 4.0) > 0.5 * _sensitivity(off.model, 1, 4.0)
+
+
+@pytest.mark.parametrize("patience", [None, 1])
+def test_agreeing_clients_still_teach_the_fused_model_to_ignore_quiet_features(patience):
+    """Clients that agree leave nothing to distil on the data's inputs; the scrambled
+    quiet features still are (and early stopping measures them scrambled too)."""
+    torch.manual_seed(0)
+    client = _ConvFirst().eval()
+    moments = [_moments(LIVE, MEAN)] * 3
+    result = fuse_result([client] * 3, config=FusionConfig.from_options(
+        robust_screen=False, robust_quiet_inputs=0.1, distill_patience=patience),
+        input_moments=moments)
+    high = float(quiet_inputs(moments, 0.1).high)
+    assert result.quiet_inputs == 1
+    assert _sensitivity(result.model, 5, high) < 0.2 * _sensitivity(client, 5, high)
