@@ -13,7 +13,7 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -590,16 +590,34 @@ class _GroupSolver:
         }
 
     def tie_breakers(self, group: Group, k: int) -> dict[str, Points]:
-        """The group's members that do not define its units (a norm's parameters and
-        statistics, a depthwise kernel), as points: what tells apart units that the
-        defining members cannot (:func:`_has_tied_units`)."""
-        return {
-            spec.name: self.weight_points(spec, k, self.couplings[k])
-            for spec in self.graph.tensors.values()
-            if not spec.cost and spec.neuron_axis is not None
-            and spec.axes[spec.neuron_axis].group == group.id
-            and not is_recurrent(spec) and self.inputs_solved(spec, k)
-        }
+        """The members that do not define the group's units (a norm's parameters and
+        statistics, a depthwise kernel), its own and those of the concatenations it is
+        part of (a DenseNet's norm) at its place there, as points: what tells apart
+        units that the defining members cannot (:func:`_has_tied_units`)."""
+        width = self.widths[k][group.id]
+        points = {}
+        for i, (target, offset) in enumerate(self.enclosing(group.id, k)):
+            for spec in self.graph.tensors.values():
+                if (spec.cost or spec.neuron_axis is None or is_recurrent(spec)
+                        or spec.axes[spec.neuron_axis].group != target
+                        or not self.inputs_solved(spec, k)):
+                    continue
+                p = self.weight_points(spec, k, self.couplings[k])
+                rows = slice(offset, offset + width)
+                points[f"{spec.name}#{i}"] = Points(p.rows[rows], p.sq_norms[rows],
+                                                    p.support_weights, p.scale)
+        return points
+
+    def enclosing(self, group: int, k: int, offset: int = 0) -> Iterator[tuple[int, int]]:
+        """``group`` and every concatenation holding it, directly or not, each with the
+        offset of ``group``'s units in it on client ``k``."""
+        yield group, offset
+        for outer in self.graph.groups:
+            start = 0
+            for part, size in outer.parts or ():
+                if part == group:
+                    yield from self.enclosing(outer.id, k, offset + start)
+                start += self.widths[k].get(part, size)
 
     def inputs_solved(self, spec, k: int) -> bool:
         """Whether every other group on ``spec``'s axes has its coupling already (a

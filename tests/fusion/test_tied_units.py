@@ -128,3 +128,73 @@ def test_a_model_fused_with_permuted_copies_keeps_its_tied_units_apart(case, cos
     _same_function(fuse([model, swapped], config=config, inputs=x), model, x)
     _same_function(fuse([copies[0], model, copies[1]], [3.0, 1.0, 2.0], config=config,
                         inputs=x), model, x)
+
+
+class PrunedDenseNet(nn.Module):
+    """Two DenseNet layers (features concatenated, then normalised), pruned filters in
+    both: only the norms over the concatenations tell their units apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv1, self.bn1 = nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(10)
+        self.conv2, self.bn2 = nn.Conv2d(10, 6, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 3)
+        self.input_shape = (2, 5, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.cat([h, self.conv1(h)], 1)
+        h = torch.cat([h, self.conv2(torch.relu(self.bn1(h)))], 1)
+        return self.head(torch.relu(self.bn2(h)).mean(dim=(2, 3)))
+
+
+def _pruned_densenet(seed: int) -> PrunedDenseNet:
+    torch.manual_seed(seed)
+    model = PrunedDenseNet()
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for conv in (model.conv1, model.conv2):
+            conv.weight[[1, 4]] = 0.0
+            conv.bias[[1, 4]] = 0.0
+        for bn in (model.bn1, model.bn2):
+            for tensor in (bn.weight, bn.bias, bn.running_mean):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=generator))
+    return model.eval()
+
+
+def _permute_densenet(model: PrunedDenseNet, first: torch.Tensor, second: torch.Tensor
+                      ) -> PrunedDenseNet:
+    """``conv1``'s units reordered by ``first``, ``conv2``'s by ``second``, and every
+    tensor over the concatenations with them."""
+    joined1 = torch.cat([torch.arange(4), 4 + first])
+    joined2 = torch.cat([joined1, 10 + second])
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        permuted.conv1.weight.copy_(model.conv1.weight[first])
+        permuted.conv1.bias.copy_(model.conv1.bias[first])
+        permuted.conv2.weight.copy_(model.conv2.weight[second][:, joined1])
+        permuted.conv2.bias.copy_(model.conv2.bias[second])
+        for name, index in (("bn1", joined1), ("bn2", joined2)):
+            for tensor in ("weight", "bias", "running_mean", "running_var"):
+                getattr(getattr(permuted, name), tensor).copy_(
+                    getattr(getattr(model, name), tensor)[index])
+        permuted.head.weight.copy_(model.head.weight[:, joined2])
+    return permuted
+
+
+@pytest.mark.parametrize("cost", CONFIGS)
+def test_norms_over_concatenations_keep_tied_units_apart(cost):
+    model, other = _pruned_densenet(0), _pruned_densenet(1)
+    x = torch.randn(32, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(3)
+    copies = [_permute_densenet(model, torch.randperm(6, generator=generator),
+                                torch.randperm(6, generator=generator)) for _ in range(2)]
+    swapped = torch.tensor([0, 4, 2, 3, 1, 5])  # the tied units alone
+    config = CONFIGS[cost]
+    _same_function(align(other, model, config=config, inputs=x), other, x)
+    _same_function(fuse([model, _permute_densenet(model, swapped, swapped)], config=config,
+                        inputs=x), model, x)
+    _same_function(fuse([copies[0], model, copies[1]], [3.0, 1.0, 2.0], config=config,
+                        inputs=x), model, x)
