@@ -597,13 +597,13 @@ class _GroupSolver:
         width = self.widths[k][group.id]
         points = {}
         for i, (target, offset) in enumerate(self.enclosing(group.id, k)):
+            rows = slice(offset, offset + width)
             for spec in self.graph.tensors.values():
                 if (spec.cost or spec.neuron_axis is None or is_recurrent(spec)
                         or spec.axes[spec.neuron_axis].group != target
                         or not self.inputs_solved(spec, k)):
                     continue
                 p = self.weight_points(spec, k, self.couplings[k])
-                rows = slice(offset, offset + width)
                 points[f"{spec.name}#{i}"] = Points(p.rows[rows], p.sq_norms[rows],
                                                     p.support_weights, p.scale)
         return points
@@ -666,7 +666,7 @@ def _has_tied_units(points: dict[str, Points]) -> bool:
     """Whether two of a client's units have the same rows in every member (units pruned
     to zeros, or duplicated): the cost cannot tell them apart, and a tie broken at
     random would average one unit's norm parameters with another's. Rows are compared
-    only among units of equal squared norm (none, in trained models)."""
+    only among units of equal squared norm (in trained models, rarely any)."""
     norms = sum(p.sq_norms for p in points.values())
     _, inverse, counts = torch.unique(norms, return_inverse=True, return_counts=True)
     index = torch.nonzero(counts[inverse] > 1).flatten()

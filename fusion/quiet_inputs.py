@@ -32,7 +32,8 @@ from .moments import InputMoments
 class QuietInputs:
     """The quiet input features of a fusion's clients (``mask``, the input's shape), the
     median of the clients' means of every feature, and the range of the inputs: the
-    lowest and highest feature mean -/+ 3 standard deviations of the median client."""
+    lowest and highest of those medians -/+ 3 times the square root of the feature's
+    upper-median variance over the clients."""
 
     mask: torch.Tensor
     mean: torch.Tensor
