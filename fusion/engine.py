@@ -590,22 +590,27 @@ class _GroupSolver:
         }
 
     def tie_breakers(self, group: Group, k: int) -> dict[str, Points]:
-        """The members that do not define the group's units (a norm's parameters and
-        statistics, a depthwise kernel), its own and those of the concatenations it is
-        part of (a DenseNet's norm) at its place there, as points: what tells apart
-        units that the defining members cannot (:func:`_has_tied_units`)."""
+        """The members that do not define the group's units, as points: its own (a
+        norm's parameters and statistics, a depthwise kernel, a layer whose inputs are
+        not aligned yet: a residual branch's output, a recurrent matrix) and those of
+        the concatenations it is part of (a DenseNet's norm) at its place there. They
+        tell apart units that the defining members cannot (:func:`_has_tied_units`); a
+        member with unaligned inputs by its rows' sorted values, which do not depend on
+        the order of those inputs."""
         width = self.widths[k][group.id]
         points = {}
         for i, (target, offset) in enumerate(self.enclosing(group.id, k)):
             rows = slice(offset, offset + width)
             for spec in self.graph.tensors.values():
-                if (spec.cost or spec.neuron_axis is None or is_recurrent(spec)
-                        or spec.axes[spec.neuron_axis].group != target
-                        or not self.inputs_solved(spec, k)):
+                if spec.neuron_axis is None or spec.axes[spec.neuron_axis].group != target:
                     continue
+                aligned = not is_recurrent(spec) and self.inputs_solved(spec, k)
+                if spec.cost and aligned:
+                    continue  # a defining member
                 p = self.weight_points(spec, k, self.couplings[k])
-                points[f"{spec.name}#{i}"] = Points(p.rows[rows], p.sq_norms[rows],
-                                                    p.support_weights, p.scale)
+                points[f"{spec.name}#{i}"] = (
+                    Points(p.rows[rows], p.sq_norms[rows], p.support_weights, p.scale)
+                    if aligned else Points.euclidean(p.rows[rows].sort(dim=1).values))
         return points
 
     def enclosing(self, group: int, k: int, offset: int = 0) -> Iterator[tuple[int, int]]:

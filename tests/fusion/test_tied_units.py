@@ -198,3 +198,105 @@ def test_norms_over_concatenations_keep_tied_units_apart(cost):
                         inputs=x), model, x)
     _same_function(fuse([copies[0], model, copies[1]], [3.0, 1.0, 2.0], config=config,
                         inputs=x), model, x)
+
+
+class PrunedResidual(nn.Module):
+    """A residual stream whose stem has two units pruned to zeros and whose norm treats
+    them alike: only the branch's output rows (without a bias, LLaMA-style), whose
+    inputs are aligned after the stream, tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Linear(5, 6), nn.LayerNorm(6)
+        self.fc1, self.fc2 = nn.Linear(6, 7), nn.Linear(7, 6, bias=False)
+        self.head = nn.Linear(6, 3)
+        self.input_shape = (5,)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h + self.fc2(torch.relu(self.fc1(self.norm(h)))))
+
+
+class PrunedLSTM(nn.Module):
+    """An LSTM whose units 1 and 4 read nothing from the input (pruned rows and biases
+    in every gate): only its recurrent weights tell them apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 6, batch_first=True), nn.Linear(6, 3)
+        self.input_shape = (4, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _pruned_residual(seed: int) -> PrunedResidual:
+    torch.manual_seed(seed)
+    model = PrunedResidual()
+    with torch.no_grad():
+        model.stem.weight[[1, 4]] = 0.0
+        model.stem.bias[[1, 4]] = 0.0
+    return model.eval()
+
+
+def _pruned_lstm(seed: int) -> PrunedLSTM:
+    torch.manual_seed(seed)
+    model = PrunedLSTM()
+    with torch.no_grad():
+        for gate in range(4):
+            for unit in (1, 4):
+                row = 6 * gate + unit
+                model.lstm.weight_ih_l0[row] = 0.0
+                model.lstm.bias_ih_l0[row] = 0.0
+                model.lstm.bias_hh_l0[row] = 0.0
+    return model.eval()
+
+
+def _permute_residual(model: PrunedResidual, index: torch.Tensor) -> PrunedResidual:
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, name in ((permuted.stem, "weight"), (permuted.stem, "bias"),
+                            (permuted.norm, "weight"), (permuted.norm, "bias"),
+                            (permuted.fc2, "weight")):
+            getattr(layer, name).copy_(getattr(layer, name)[index])
+        permuted.fc1.weight.copy_(model.fc1.weight[:, index])
+        permuted.head.weight.copy_(model.head.weight[:, index])
+    return permuted
+
+
+def _permute_lstm(model: PrunedLSTM, index: torch.Tensor) -> PrunedLSTM:
+    """The hidden units reordered in every gate block, and in the recurrent inputs."""
+    gates = torch.cat([6 * g + index for g in range(4)])
+    permuted = copy.deepcopy(model)
+    with torch.no_grad():
+        lstm, source = permuted.lstm, model.lstm
+        lstm.weight_ih_l0.copy_(source.weight_ih_l0[gates])
+        lstm.weight_hh_l0.copy_(source.weight_hh_l0[gates][:, index])
+        lstm.bias_ih_l0.copy_(source.bias_ih_l0[gates])
+        lstm.bias_hh_l0.copy_(source.bias_hh_l0[gates])
+        permuted.head.weight.copy_(model.head.weight[:, index])
+    return permuted
+
+
+LATER = {
+    "residual": (_pruned_residual, _permute_residual, (5,)),
+    "lstm": (_pruned_lstm, _permute_lstm, (4, 3)),
+}
+
+
+@pytest.mark.parametrize("method", ["wasserstein", "gromov-wasserstein"])
+@pytest.mark.parametrize("case", LATER)
+def test_members_with_inputs_aligned_later_keep_tied_units_apart(case, method):
+    """The member that tells the tied units apart reads units not aligned yet: its rows
+    are compared by their sorted values."""
+    build, permute, shape = LATER[case]
+    model, other = build(0), build(1)
+    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(3)
+    copies = [permute(model, torch.randperm(6, generator=generator)) for _ in range(2)]
+    config = FusionConfig.from_options(distill_steps=0, method=method)
+    _same_function(align(other, model, config=config, inputs=x), other, x)
+    _same_function(fuse([model, permute(model, torch.tensor([0, 4, 2, 3, 1, 5]))],
+                        config=config, inputs=x), model, x)
+    _same_function(fuse([copies[0], model, copies[1]], [3.0, 1.0, 2.0], config=config,
+                        inputs=x), model, x)
