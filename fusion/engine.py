@@ -518,7 +518,7 @@ class _GroupSolver:
                     f"group '{group.label}': no tensor defines its units from already "
                     "aligned inputs, so it cannot be aligned")
             if any(_has_tied_units(p) for p in points):
-                points = [{**p, **self.tie_breakers(group, k)} for k, p in enumerate(points)]
+                points = self.with_tie_breakers(group, points)
 
             def points_fn(k, self_plan, group=group, points=points):
                 if self_plan is None or self.config.method != "gromov-wasserstein":
@@ -612,6 +612,17 @@ class _GroupSolver:
                     Points(p.rows[rows], p.sq_norms[rows], p.support_weights, p.scale)
                     if aligned else Points.euclidean(p.rows[rows].sort(dim=1).values))
         return points
+
+    def with_tie_breakers(self, group: Group, points: list[dict[str, Points]]
+                          ) -> list[dict[str, Points]]:
+        """Every client's ``points`` with the group's :meth:`tie_breakers`, those whose
+        rows are as long for every client (sorted rows over unaligned inputs are not,
+        when the clients' widths differ)."""
+        extra = [self.tie_breakers(group, k) for k in range(len(points))]
+        shared = [name for name in extra[0]
+                  if len({e[name].rows.shape[1] if name in e else -1 for e in extra}) == 1]
+        return [{**p, **{name: e[name] for name in shared}} for p, e in zip(points, extra,
+                                                                            strict=True)]
 
     def enclosing(self, group: int, k: int, offset: int = 0) -> Iterator[tuple[int, int]]:
         """``group`` and every concatenation holding it, directly or not, each with the

@@ -221,9 +221,9 @@ class PrunedLSTM(nn.Module):
     """An LSTM whose units 1 and 4 read nothing from the input (pruned rows and biases
     in every gate): only its recurrent weights tell them apart."""
 
-    def __init__(self):
+    def __init__(self, hidden: int = 6):
         super().__init__()
-        self.lstm, self.head = nn.LSTM(3, 6, batch_first=True), nn.Linear(6, 3)
+        self.lstm, self.head = nn.LSTM(3, hidden, batch_first=True), nn.Linear(hidden, 3)
         self.input_shape = (4, 3)
 
     def forward(self, x):
@@ -300,3 +300,17 @@ def test_members_with_inputs_aligned_later_keep_tied_units_apart(case, method):
                         config=config, inputs=x), model, x)
     _same_function(fuse([copies[0], model, copies[1]], [3.0, 1.0, 2.0], config=config,
                         inputs=x), model, x)
+
+
+def test_clients_of_other_widths_fuse_with_tied_units():
+    """Sorted rows over unaligned inputs differ in length between clients of different
+    widths: they are left out there, rather than crash the cost."""
+    tied = _pruned_lstm(0)
+    torch.manual_seed(1)
+    wider = PrunedLSTM(hidden=8).eval()
+    x = torch.randn(8, 4, 3)
+    for fused in (fuse([tied, wider], config=CONFIGS["weights"]),
+                  fuse([tied, wider], config=CONFIGS["weights"], target=wider),
+                  align(wider, tied, config=CONFIGS["weights"])):
+        with torch.no_grad():
+            assert torch.isfinite(fused(x)).all()
