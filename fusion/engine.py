@@ -620,7 +620,7 @@ class _GroupSolver:
         when the clients' widths differ)."""
         extra = [self.tie_breakers(group, k) for k in range(len(points))]
         shared = [name for name in extra[0]
-                  if len({e[name].rows.shape[1] if name in e else -1 for e in extra}) == 1]
+                  if len({e[name].rows.shape[1] for e in extra}) == 1]
         return [{**p, **{name: e[name] for name in shared}} for p, e in zip(points, extra,
                                                                             strict=True)]
 

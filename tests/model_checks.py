@@ -19,3 +19,12 @@ def assert_same_layout(got: nn.Module, expected: nn.Module) -> None:
     for key, tensor in state.items():
         assert other[key].shape == tensor.shape, key
         assert other[key].dtype == tensor.dtype, key
+
+
+def assert_same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
+    """``a`` computes ``b``'s outputs on ``x`` (relative 1e-4, absolute 1e-5 of their
+    largest)."""
+    with torch.no_grad():
+        expected = b(x)
+        torch.testing.assert_close(a(x), expected, rtol=1e-4,
+                                   atol=1e-5 * float(expected.abs().max()))

@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_checks import assert_same_function as _same_function
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import PackedSequence
@@ -66,13 +67,6 @@ def _aligns_and_fuses_exactly(model: nn.Module, other: nn.Module, permute, x: to
     _same_function(align(other, model, config=EXACT, inputs=x), other, x)
     copies = [model, permute(model, torch.Generator().manual_seed(seed))]
     _same_function(fuse(copies, config=EXACT, inputs=x), model, x)
-
-
-def _same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        expected = b(x)
-        torch.testing.assert_close(a(x), expected, rtol=1e-4,
-                                   atol=1e-5 * float(expected.abs().max()))
 
 
 def _randomize_norms(model: nn.Module, seed: int) -> nn.Module:

@@ -12,6 +12,8 @@ import copy
 
 import pytest
 import torch
+from model_checks import assert_same_function as _same_function
+from reindex import blocks, take
 from torch import nn
 
 from otfusion.fusion import FusionConfig, align, fuse
@@ -79,39 +81,36 @@ def _duplicated_mlp(seed: int) -> DuplicatedMLP:
     return model.eval()
 
 
-def _permute_cnn(model: PrunedCNN, index: torch.Tensor) -> PrunedCNN:
+NORM = ("weight", "bias", "running_mean", "running_var")
+
+
+def _reindexed(model: nn.Module, moves: list[tuple[str, int, torch.Tensor]]) -> nn.Module:
+    """A copy of ``model`` with each ``(tensor name, dim, index)`` of ``moves`` applied:
+    the tensor reindexed along that dim."""
     permuted = copy.deepcopy(model)
+    state = permuted.state_dict()
     with torch.no_grad():
-        permuted.conv.weight.copy_(model.conv.weight[index])
-        permuted.conv.bias.copy_(model.conv.bias[index])
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(permuted.bn, name).copy_(getattr(model.bn, name)[index])
-        permuted.conv2.weight.copy_(model.conv2.weight[:, index])
+        for name, dim, index in moves:
+            take(state[name], dim, index)
     return permuted
+
+
+def _permute_cnn(model: PrunedCNN, index: torch.Tensor) -> PrunedCNN:
+    return _reindexed(model, [("conv.weight", 0, index), ("conv.bias", 0, index),
+                              *((f"bn.{n}", 0, index) for n in NORM),
+                              ("conv2.weight", 1, index)])
 
 
 def _permute_mlp(model: DuplicatedMLP, index: torch.Tensor) -> DuplicatedMLP:
-    permuted = copy.deepcopy(model)
-    with torch.no_grad():
-        permuted.fc.weight.copy_(model.fc.weight[index])
-        permuted.fc.bias.copy_(model.fc.bias[index])
-        permuted.norm.weight.copy_(model.norm.weight[index])
-        permuted.norm.bias.copy_(model.norm.bias[index])
-        permuted.head.weight.copy_(model.head.weight[:, index])
-    return permuted
+    return _reindexed(model, [*((t, 0, index) for t in ("fc.weight", "fc.bias",
+                                                             "norm.weight", "norm.bias")),
+                              ("head.weight", 1, index)])
 
 
 CASES = {
     "pruned-cnn": (_pruned_cnn, _permute_cnn, (2, 5, 5)),
     "duplicated-mlp": (_duplicated_mlp, _permute_mlp, (5,)),
 }
-
-
-def _same_function(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
-        expected = b(x)
-        torch.testing.assert_close(a(x), expected, rtol=1e-4,
-                                   atol=1e-5 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("cost", CONFIGS)
@@ -170,18 +169,11 @@ def _permute_densenet(model: PrunedDenseNet, first: torch.Tensor, second: torch.
     tensor over the concatenations with them."""
     joined1 = torch.cat([torch.arange(4), 4 + first])
     joined2 = torch.cat([joined1, 10 + second])
-    permuted = copy.deepcopy(model)
-    with torch.no_grad():
-        permuted.conv1.weight.copy_(model.conv1.weight[first])
-        permuted.conv1.bias.copy_(model.conv1.bias[first])
-        permuted.conv2.weight.copy_(model.conv2.weight[second][:, joined1])
-        permuted.conv2.bias.copy_(model.conv2.bias[second])
-        for name, index in (("bn1", joined1), ("bn2", joined2)):
-            for tensor in ("weight", "bias", "running_mean", "running_var"):
-                getattr(getattr(permuted, name), tensor).copy_(
-                    getattr(getattr(model, name), tensor)[index])
-        permuted.head.weight.copy_(model.head.weight[:, joined2])
-    return permuted
+    return _reindexed(model, [
+        ("conv1.weight", 0, first), ("conv1.bias", 0, first),
+        ("conv2.weight", 0, second), ("conv2.weight", 1, joined1), ("conv2.bias", 0, second),
+        *((f"bn1.{n}", 0, joined1) for n in NORM), *((f"bn2.{n}", 0, joined2) for n in NORM),
+        ("head.weight", 1, joined2)])
 
 
 @pytest.mark.parametrize("cost", CONFIGS)
@@ -253,29 +245,18 @@ def _pruned_lstm(seed: int) -> PrunedLSTM:
 
 
 def _permute_residual(model: PrunedResidual, index: torch.Tensor) -> PrunedResidual:
-    permuted = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer, name in ((permuted.stem, "weight"), (permuted.stem, "bias"),
-                            (permuted.norm, "weight"), (permuted.norm, "bias"),
-                            (permuted.fc2, "weight")):
-            getattr(layer, name).copy_(getattr(layer, name)[index])
-        permuted.fc1.weight.copy_(model.fc1.weight[:, index])
-        permuted.head.weight.copy_(model.head.weight[:, index])
-    return permuted
+    return _reindexed(model, [*((t, 0, index) for t in ("stem.weight", "stem.bias",
+                                                        "norm.weight", "norm.bias",
+                                                        "fc2.weight")),
+                              ("fc1.weight", 1, index), ("head.weight", 1, index)])
 
 
 def _permute_lstm(model: PrunedLSTM, index: torch.Tensor) -> PrunedLSTM:
     """The hidden units reordered in every gate block, and in the recurrent inputs."""
-    gates = torch.cat([6 * g + index for g in range(4)])
-    permuted = copy.deepcopy(model)
-    with torch.no_grad():
-        lstm, source = permuted.lstm, model.lstm
-        lstm.weight_ih_l0.copy_(source.weight_ih_l0[gates])
-        lstm.weight_hh_l0.copy_(source.weight_hh_l0[gates][:, index])
-        lstm.bias_ih_l0.copy_(source.bias_ih_l0[gates])
-        lstm.bias_hh_l0.copy_(source.bias_hh_l0[gates])
-        permuted.head.weight.copy_(model.head.weight[:, index])
-    return permuted
+    gates = blocks(index, outer=4)
+    return _reindexed(model, [*((f"lstm.{t}", 0, gates) for t in (
+        "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")),
+        ("lstm.weight_hh_l0", 1, index), ("head.weight", 1, index)])
 
 
 LATER = {
