@@ -8,9 +8,10 @@ from logging import WARNING
 from typing import Any, Literal
 
 import torch
-from flwr.common import Code, FitRes, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, ndarrays_to_parameters
 from flwr.common import parameters_to_ndarrays as _parameters_to_ndarrays
 from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 from torch import nn
@@ -23,7 +24,7 @@ from .replies import (
     check_weight,
     weighted_average_metrics,
 )
-from .rounds import FusedCallback, fuse_round, screen
+from .rounds import FusedCallback, fuse_round, preload_optimiser, screen
 from .settings import ClientModelFn, FusionSettings
 from .updates import ClientUpdate, decode_update
 
@@ -126,6 +127,13 @@ class LegacyOTFusion(FedAvg):
         return (f"LegacyOTFusion(method={self.settings.fusion.method!r}, "
                 f"ot_rounds={self.settings.ot_rounds!r}, "
                 f"accept_failures={self.accept_failures})")
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        """The parent's; the clients train while torch's optimiser modules load
+        (:func:`~otfusion.strategies.rounds.preload_optimiser`)."""
+        preload_optimiser(self.settings.round_config(server_round))
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def _decode(self, fit_res: Any, source: str) -> ClientUpdate | str:
         """One FitRes as a client update (model, weight, label counts and input moments

@@ -7,9 +7,10 @@ from logging import INFO, WARNING
 from typing import Any, Literal
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
@@ -17,7 +18,7 @@ from otfusion.fusion import AlignmentGraph, FusionConfig
 
 from .replies import STATISTIC_KEYS, check_content, weighted_average_metrics
 from .resume import ResumableStrategy
-from .rounds import FusedCallback, fuse_round, screen
+from .rounds import FusedCallback, fuse_round, preload_optimiser, screen
 from .settings import ClientModelFn, FusionSettings
 from .updates import ClientUpdate, decode_update
 
@@ -152,6 +153,13 @@ class OTFusion(ResumableStrategy, FedAvg):
         """Log summary configuration of the strategy, fusion settings included."""
         super().summary()
         log_settings(self.settings)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The parent's; the clients train while torch's optimiser modules load
+        (:func:`~otfusion.strategies.rounds.preload_optimiser`)."""
+        preload_optimiser(self.settings.round_config(self.global_round(server_round)))
+        return super().configure_train(server_round, arrays, config, grid)
 
     def _decode(self, msg: Message) -> ClientUpdate | str:
         """The reply's client update, or why it is rejected; never raises."""

@@ -3,7 +3,10 @@ global state and the round's metrics out (``reply -> update -> fuse_round -> arr
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -13,7 +16,7 @@ from logging import INFO, WARNING
 import torch
 from flwr.common.logger import log
 
-from otfusion.fusion import fuse_result
+from otfusion.fusion import FusionConfig, fuse_result
 
 from .settings import FusionSettings
 from .updates import ClientUpdate
@@ -23,6 +26,22 @@ FusedCallback = Callable[[int, Sequence[ClientUpdate]], None]
 accepted updates in fusion order (e.g. to compare the fused model with their ensemble)."""
 
 _LABEL_UNSAFE = re.compile(r"[^0-9A-Za-z_.\-]+")
+_OPTIMISER_MODULE = "torch._dynamo"
+"""What torch imports the first time a process builds an optimiser (about a second)."""
+
+
+def preload_optimiser(config: FusionConfig) -> threading.Thread | None:
+    """Import :data:`_OPTIMISER_MODULE` on a background thread, while the clients
+    train, when ``config``'s fusion trains with an optimiser (the distillation, the
+    screening's class probes) and no thread of this process has imported it: the
+    round's fusion then does not wait for it. The thread, or None."""
+    trains = config.distils or (config.robust.screen and config.robust.probe_steps > 0)
+    if not trains or _OPTIMISER_MODULE in sys.modules:
+        return None
+    thread = threading.Thread(target=importlib.import_module, args=(_OPTIMISER_MODULE,),
+                              name="otfusion-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def screen(stage: str, server_round: int, checked: Iterable[tuple[str, ClientUpdate | str]],

@@ -294,3 +294,20 @@ def test_legacy_statistics_that_are_not_json_reject_the_result():
         result("good", ndarrays(states[0])),
         result("bad", ndarrays(states[1]), metrics={"label-counts": "[1, 2"})], [])
     assert metrics["accepted-replies"] == 1 and metrics["rejected-replies"] == 1
+
+
+def test_fit_rounds_preload_the_optimiser_while_the_clients_train(monkeypatch):
+    from flwr.server.client_manager import SimpleClientManager
+
+    import otfusion.strategies.legacy as module
+
+    preloaded = []
+    monkeypatch.setattr(module, "preload_optimiser", preloaded.append)
+    manager = SimpleClientManager()
+    for cid in "abc":
+        manager.register(StubProxy(cid=cid))
+    strategy = LegacyOTFusion(global_model, ot_rounds="first", min_available_clients=3)
+    parameters = ndarrays_to_parameters([t.numpy() for t in global_model().state_dict().values()])
+    for server_round in (1, 2):
+        assert len(strategy.configure_fit(server_round, parameters, manager)) == 3
+    assert [config.method for config in preloaded] == ["wasserstein", "average"]

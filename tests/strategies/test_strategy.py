@@ -645,3 +645,41 @@ def test_a_causal_mask_buffer_passes_the_round_and_a_changed_mask_is_rejected(fl
                            target=_causal_model(0)).model.state_dict()
     assert_same_state(arrays, expected)
     assert torch.equal(arrays.to_torch_state_dict()["blocks.1.mask"], states[0]["blocks.1.mask"])
+
+
+def test_training_rounds_preload_the_optimiser_while_the_clients_train(monkeypatch,
+                                                                      task_identity):
+    import otfusion.strategies.otfusion as module
+
+    preloaded = []
+    monkeypatch.setattr(module, "preload_optimiser", preloaded.append)
+    strategy = OTFusion(global_model, ot_rounds="first", min_available_nodes=3)
+    arrays = ArrayRecord(global_model().state_dict())
+    for server_round in (1, 2):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
+                                                 FakeGrid(None)))
+        assert len(messages) == 3
+    assert [config.method for config in preloaded] == ["wasserstein", "average"]
+
+
+_PRELOAD = """
+import sys
+from otfusion.fusion import FusionConfig
+from otfusion.strategies.rounds import preload_optimiser
+assert "torch._dynamo" not in sys.modules
+assert preload_optimiser(FusionConfig.from_options(method="average", robust_screen=False)) is None
+assert preload_optimiser(FusionConfig.from_options(distill_steps=0, robust_screen=False)) is None
+assert "torch._dynamo" not in sys.modules
+preload_optimiser(FusionConfig.from_options(distill_steps=0)).join()  # the class probes
+assert "torch._dynamo" in sys.modules
+assert preload_optimiser(FusionConfig()) is None  # imported once per process
+"""
+
+
+def test_preload_imports_what_the_first_optimiser_would_only_when_the_fusion_trains():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _PRELOAD], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
