@@ -30,7 +30,7 @@ import torch
 from otfusion.fusion import FusionConfig, fuse
 from otfusion.task.data import label_counts, load_digits_dataset, partition
 from otfusion.task.training import evaluate, recipe_for, train
-from otfusion.tools.comparison import pooled_input_moments, train_clients
+from otfusion.tools.comparison import client_input_moments, train_clients
 from otfusion.zoo import build_model
 
 matplotlib.use("Agg")
@@ -62,7 +62,7 @@ def run_seed(model: str, k: int, alpha: float, rounds: int, epochs: int, seed: i
     one_shot = train_clients(model, parts, first, seed=seed)
     start = {
         "OT, then FedAvg": fuse(one_shot, weights, FusionConfig(), class_weights=counts,
-                                input_moments=pooled_input_moments(one_shot[0], parts)),
+                                input_moments=client_input_moments(one_shot[0], parts)),
         "FedAvg from the same start": fuse(one_shot, weights, average),
         "FedAvg from scratch": fuse(local_round(build_model(model, seed=seed), parts, first,
                                                 seed, 1), weights, average),

@@ -33,7 +33,7 @@ from benchmark_data import DATASETS, FASHION, load, model_kwargs, recipe
 
 from otfusion.fusion import FusionConfig
 from otfusion.task.data import label_counts, partition
-from otfusion.tools.comparison import Method, compare, pooled_input_moments, train_clients
+from otfusion.tools.comparison import Method, client_input_moments, compare, train_clients
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECURRENT = {"rnn", "lstm", "gru"}
@@ -88,7 +88,7 @@ def run(models, clients, splits, seeds, methods: Callable[[str], dict[str, Metho
                     counts = [label_counts(p, 10).tolist() for p in parts]
                     result = compare(trained, [len(p) for p in parts], test,
                                      methods(model), counts,
-                                     pooled_input_moments(trained[0], parts, class_moments))
+                                     client_input_moments(trained[0], parts, class_moments))
                     row = {"model": model, "split": f"{split}" + (f"({alpha})" if alpha else ""),
                            "K": k, "seed": seed, **dict(result.rows()),
                            **{f"{name} seconds": s for name, s in result.seconds.items()}}

@@ -6,6 +6,7 @@ needs no data (:func:`distill`).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from .averaging import normalize_class_weights
 from .config import DistillationConfig
+from .gating import gates
 from .modes import class_logits, temporary_mode
 from .moments import InputMoments, synthetic_inputs
 from .quiet_inputs import QuietInputs, scramble_quiet
@@ -33,8 +35,8 @@ def teacher_sample(count: int, size: int | None, seed: int) -> list[int]:
 def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float],
                            inputs: torch.Tensor, batch_size: int = 512,
                            class_weights: Sequence[Sequence[float]] | None = None,
-                           temperature: float = 1.0, class_share: float = 1.0
-                           ) -> torch.Tensor:
+                           temperature: float = 1.0, class_share: float = 1.0,
+                           gates: torch.Tensor | None = None) -> torch.Tensor:
     """The ``weights``-weighted mean of the models' softmax outputs (of their logits
     divided by ``temperature``) on ``inputs``, each model in eval mode, its mode
     restored afterwards.
@@ -42,26 +44,31 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     With ``class_weights`` (one row per model, one column per class, e.g. label counts),
     class ``c``'s probability is averaged with the models' shares of column ``c``
     instead (a column of zeros falls back to ``weights``), and each input's
-    probabilities are then normalised to sum one; with ``class_share`` below 1, the
-    result is that share of this class-weighted ensemble plus the rest of the plain
-    mean."""
+    probabilities are then normalised to sum one. With ``class_share`` below 1, the
+    result is that share of this ensemble plus the rest of a second one: the plain mean
+    (with ``class_weights``), or the models weighed input by input by ``gates``
+    ((inputs, models), rows summing to one; :func:`~.gating.gates`)."""
+    if gates is not None and tuple(gates.shape) != (len(inputs), len(models)):
+        raise ValueError(f"gates of shape {tuple(gates.shape)} for {len(inputs)} inputs and "
+                         f"{len(models)} models")
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
     mix = w[:, None] if class_weights is None else torch.as_tensor(
         normalize_class_weights(class_weights, w.tolist()), dtype=torch.float64)
-    plain = class_weights is not None and class_share < 1
-    total = plain_total = torch.zeros(())
+    second = class_share < 1 and (class_weights is not None or gates is not None)
+    total = second_total = torch.zeros(())
+    gated = None if gates is None else gates.to(inputs.device, inputs.dtype)
     for k, (share, model) in enumerate(zip(mix.to(inputs.dtype), models, strict=True)):
         with temporary_mode(model):
             probabilities = _predict(model, inputs, batch_size, log=False,
                                      temperature=temperature).to(inputs.device, inputs.dtype)
         total = total + share.to(inputs.device) * probabilities
-        if plain:
-            plain_total = plain_total + float(w[k]) * probabilities
-    if class_weights is None:
-        return total
-    total = total / total.sum(dim=1, keepdim=True)
-    return class_share * total + (1 - class_share) * plain_total if plain else total
+        if second:
+            second_total = second_total + (float(w[k]) if gated is None
+                                           else gated[:, k, None]) * probabilities
+    if class_weights is not None:
+        total = total / total.sum(dim=1, keepdim=True)
+    return class_share * total + (1 - class_share) * second_total if second else total
 
 
 Progress = Callable[[int, int, float], None]
@@ -73,12 +80,17 @@ otherwise its mean training loss since the last call."""
 def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
             moments: InputMoments, config: DistillationConfig,
             class_weights: Sequence[Sequence[float]] | None = None,
-            progress: Progress | None = None, quiet: QuietInputs | None = None) -> float:
+            progress: Progress | None = None, quiet: QuietInputs | None = None,
+            client_moments: Sequence[InputMoments | None] | None = None) -> float:
     """Train ``student`` in place to match the teachers' ensemble (KL divergence) on
-    synthetic inputs drawn from ``moments``: their weighted mean class probabilities,
-    with ``class_weights`` (the teachers' label counts) and ``config.teacher`` each
-    class averaged with the teachers' shares of it (``class-weighted``) or half of each
-    (``mixed``; :func:`ensemble_probabilities`).
+    synthetic inputs drawn from ``moments`` (the clients' pooled moments): their
+    weighted mean class probabilities, with ``class_weights`` (the teachers' label
+    counts) and ``config.teacher`` each class averaged with the teachers' shares of it
+    (``class-weighted``) or half of each (``mixed``; :func:`ensemble_probabilities`).
+    ``gated``: half class-weighted, half the mean with the teachers weighed input by
+    input by :func:`~.gating.gates` of ``client_moments`` (each teacher's own moments,
+    in order; the training and held-out inputs each balanced on their own); ``mixed``
+    when any teacher's are missing.
 
     ``config.samples`` inputs are drawn once; up to ``config.steps`` Adam steps
     (learning rate ``lr``, ``schedule``, ``temperature``) on random batches of
@@ -106,19 +118,30 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
     per_class = (None if class_weights is None or config.teacher == "mean"
                  else [class_weights[k] for k in chosen])
-    share = 0.5 if config.teacher == "mixed" else 1.0
+    share = 0.5 if config.teacher in ("mixed", "gated") else 1.0
+    if client_moments is not None and len(client_moments) != len(teachers):
+        raise ValueError(f"{len(client_moments)} client moments for {len(teachers)} teachers")
+    known = ([client_moments[k] for k in chosen]
+             if config.teacher == "gated" and client_moments is not None else [None])
+    gate = None if any(m is None for m in known) else functools.partial(
+        gates, known, [weights[k] for k in chosen], float(moments.var.double().mean()))
 
-    def teach(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def teach(x: torch.Tensor, temperature: float = 1.0,
+              weighing: torch.Tensor | None = None) -> torch.Tensor:
+        if weighing is None and gate is not None:
+            weighing = gate(x)
         return ensemble_probabilities([teachers[k] for k in chosen],
                                       [weights[k] for k in chosen], x,
                                       class_weights=per_class, temperature=temperature,
-                                      class_share=share)
+                                      class_share=share, gates=weighing)
 
-    targets = teach(inputs)
+    weighing = None if gate is None else gate(inputs)
+    targets = teach(inputs, weighing=weighing)
     initial_loss = _full_divergence(student, inputs, targets)
     if initial_loss <= config.tol and quiet is None:
         return initial_loss  # already the ensemble: Adam would only add noise
-    soft_targets = targets if config.temperature == 1 else teach(inputs, config.temperature)
+    soft_targets = (targets if config.temperature == 1
+                    else teach(inputs, config.temperature, weighing))
     scramble = None
     if quiet is not None:
         scrambling = torch.Generator().manual_seed(config.seed)

@@ -123,7 +123,9 @@ def fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
         (:func:`~otfusion.fusion.moments.pool_moments`) with the capped weights of
         the clients that are not screened out. With them, when ``config.distils`` (an
         optimal-transport method with ``distillation.steps > 0``), the fused model is
-        then distilled from the clients' ensemble on synthetic inputs drawn from them.
+        then distilled from the clients' ensemble on synthetic inputs drawn from them;
+        the default teacher (``gated``) weighs each client input by input by its own
+        moments, so it needs them per client (pooled ones give the ``mixed`` teacher).
         A distillation that fails or diverges leaves the fusion undistilled, with a
         warning.
     graph : AlignmentGraph, optional
@@ -207,7 +209,7 @@ def fuse_result(models: Sequence[nn.Module], weights: Sequence[float] | None = N
                           config.robust.quiet_inputs) if config.robust.quiet_inputs else None)
     start = time.perf_counter()
     distill_loss = (_distilled(model, models, weights, moments, config, class_weights,
-                               progress, quiet)
+                               progress, quiet, per_client)
                     if moments is not None and config.distils else None)
     distill_seconds = time.perf_counter() - start
     used = quiet is not None and (fold_quiet_inputs(model, quiet) or distill_loss is not None)
@@ -311,15 +313,15 @@ def align(model: nn.Module, reference: nn.Module, config: FusionConfig | None = 
 def _distilled(model: nn.Module, teachers: Sequence[nn.Module], weights: Sequence[float],
                moments: InputMoments, config: FusionConfig,
                class_weights: Sequence[Sequence[float]] | torch.Tensor | None = None,
-               progress: Progress | None = None, quiet: QuietInputs | None = None
-               ) -> float | None:
+               progress: Progress | None = None, quiet: QuietInputs | None = None,
+               client_moments: Sequence[InputMoments | None] | None = None) -> float | None:
     """Distil ``model`` in place (:func:`~.distillation.distill`); its final divergence,
     or None, with a warning and ``model`` unchanged, when the distillation fails or
     diverges: it is an improvement and never costs the fusion its result."""
     before = copy.deepcopy(model.state_dict())
     try:
         loss = distill(model, teachers, weights, moments, config.distillation, class_weights,
-                       progress, quiet)
+                       progress, quiet, client_moments)
         problem = None if math.isfinite(loss) else "diverged (the KL divergence is not finite)"
     except Exception as exc:  # noqa: BLE001 - keep the undistilled fusion
         problem = f"failed ({type(exc).__name__}: {exc})"

@@ -74,11 +74,13 @@ class RunConfig(BaseModel):
     fusion_distill_max_teachers: int = Field(default=0, ge=0, description=(
         "with more clients, the distillation's teacher is the ensemble of this many of "
         "them drawn at random (faster, less accurate); 0: all of them"))
-    fusion_distill_teacher: Literal["mixed", "class-weighted", "mean"] = Field(
-        default="mixed", description=(
-            "the distillation's teacher: half class-weighted, half mean (mixed); each "
-            "class averaged over the clients with their shares of its examples (their "
-            "label counts); or the plain weighted mean"))
+    fusion_distill_teacher: Literal["gated", "mixed", "class-weighted", "mean"] = Field(
+        default="gated", description=(
+            "the distillation's teacher: half class-weighted, half the mean with each "
+            "client weighted input by input by its density there, from its input moments "
+            "(gated); half class-weighted, half mean (mixed); each class averaged over the "
+            "clients with their shares of its examples (their label counts); or the plain "
+            "weighted mean"))
     fusion_distill_temperature: float = Field(default=1.0, gt=0, description=(
         "softmax temperature of the teachers and the student in the distillation's loss"))
     fusion_distill_schedule: Literal["constant", "cosine"] = Field(

@@ -27,7 +27,7 @@ from otfusion.task.data import as_input, label_counts, load_digits_dataset, load
 from otfusion.task.training import model_inputs, recipe_for
 from otfusion.zoo import available_models, build_model
 
-from .comparison import DEFAULT_METHODS, compare, pooled_input_moments, train_clients
+from .comparison import DEFAULT_METHODS, client_input_moments, compare, train_clients
 from .lmc import interpolation_barrier
 
 
@@ -50,7 +50,7 @@ def _demo(args: argparse.Namespace) -> None:
     weights = [float(sum(c)) for c in counts]
     with console.status("fusing"):
         result = compare(clients, weights, test_data, DEFAULT_METHODS, label_counts=counts,
-                         input_moments=pooled_input_moments(clients[0], parts))
+                         input_moments=client_input_moments(clients[0], parts))
     table = Table(title=f"test accuracy on {len(test_data)} held-out digits")
     table.add_column("model")
     table.add_column("accuracy", justify="right")

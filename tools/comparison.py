@@ -57,18 +57,15 @@ def train_clients(model: str, partitions: Sequence[TensorData], recipe: Recipe,
     return clients
 
 
-def pooled_input_moments(model: nn.Module, partitions: Sequence[TensorData],
+def client_input_moments(model: nn.Module, partitions: Sequence[TensorData],
                          by_class: bool = False, components: int = INPUT_COMPONENTS
-                         ) -> InputMoments:
+                         ) -> list[InputMoments]:
     """The clients' input moments as the ClientApp sends them (``by_class``: per class
-    too, as with ``send-class-moments``; ``components``: as ``send-input-components``)
-    and the server pools them: each partition's moments of ``model``'s inputs, weighted
-    by its size."""
+    too, as with ``send-class-moments``; ``components``: as ``send-input-components``):
+    each partition's moments of ``model``'s inputs."""
     classes = getattr(model, "num_classes", None) if by_class else None
-    return pool_moments([input_moments(model_inputs(model, p), p.y if classes else None,
-                                       classes, components=components)
-                         for p in partitions],
-                        [len(p) for p in partitions])
+    return [input_moments(model_inputs(model, p), p.y if classes else None, classes,
+                          components=components) for p in partitions]
 
 
 Distiller = Callable[[nn.Module, Sequence[nn.Module], Sequence[float], InputMoments], object]
@@ -93,12 +90,17 @@ class Method:
 def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: TensorData,
             methods: Mapping[str, FusionConfig | Method],
             label_counts: Sequence[Sequence[float]] | None = None,
-            input_moments: InputMoments | None = None) -> Comparison:
+            input_moments: InputMoments | Sequence[InputMoments] | None = None
+            ) -> Comparison:
     """Evaluate every client, every fusion of them and their ensemble on ``test``.
 
     ``label_counts`` (per client, per class) are the class weights of the methods with
-    ``label_weighted``, and ``input_moments`` (the clients' pooled input moments) the
-    distillation inputs of the methods with ``distilled``; such methods need them."""
+    ``label_weighted``, and ``input_moments`` (the clients' own, as the strategy gets
+    them, or pooled) the distillation inputs of the methods with ``distilled``; such
+    methods need them."""
+    per_client = None if isinstance(input_moments, InputMoments) else input_moments
+    pooled = (input_moments if per_client is None
+              else pool_moments(per_client, [float(w) for w in weights]))
     accuracies, seconds = {}, {}
     for name, method in methods.items():
         method = method if isinstance(method, Method) else Method(method)
@@ -113,9 +115,10 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
                             class_weights=label_counts if method.label_weighted else None,
                             input_moments=input_moments if engine_distils else None).model
         if custom:
-            method.distiller(fused, clients, weights, input_moments)
+            method.distiller(fused, clients, weights, pooled)
         elif method.distilled and method.config.method == "average":
-            distill(fused, clients, weights, input_moments, method.config.distillation)
+            distill(fused, clients, weights, pooled, method.config.distillation,
+                    client_moments=per_client)
         seconds[name] = time.perf_counter() - start
         accuracies[name] = evaluate(fused, test)[1]
     return Comparison(

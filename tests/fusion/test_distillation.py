@@ -187,7 +187,7 @@ def test_class_weights_proportional_to_the_client_weights_give_the_plain_mean():
 
 @pytest.mark.parametrize("teacher", ["mixed", "class-weighted"])
 def test_a_teacher_by_class_is_the_mean_without_counts(teacher):
-    assert DISTIL.teacher == "mixed"  # the default
+    assert FusionConfig().distillation.teacher == "gated"  # the default
     teachers = [build_model("mlp", seed=k, **SMALL) for k in range(2)]
     moments = InputMoments(torch.full((64,), 0.5), torch.full((64,), 0.1))
     counts = [[5] * 5 + [0] * 5, [0] * 5 + [5] * 5]
