@@ -71,6 +71,36 @@ def ensemble_probabilities(models: Sequence[nn.Module], weights: Sequence[float]
     return class_share * total + (1 - class_share) * second_total if second else total
 
 
+def teacher_gates(teacher: str, client_moments: Sequence[InputMoments | None] | None,
+                  weights: Sequence[float], pooled_variance: float, inputs: torch.Tensor
+                  ) -> torch.Tensor | None:
+    """The ``gated`` teacher's weights of the clients on ``inputs``
+    (:func:`~.gating.gates`, with a floor in units of ``pooled_variance``); None for
+    the other teachers, or without every client's own moments (the teacher is then
+    ``mixed``)."""
+    if teacher != "gated" or client_moments is None or any(m is None for m in client_moments):
+        return None
+    return gates(client_moments, weights, pooled_variance, inputs)
+
+
+def teacher_probabilities(teachers: Sequence[nn.Module], weights: Sequence[float],
+                          inputs: torch.Tensor, teacher: str = "gated",
+                          class_weights: Sequence[Sequence[float]] | None = None,
+                          client_moments: Sequence[InputMoments | None] | None = None,
+                          pooled_variance: float = 1.0, temperature: float = 1.0,
+                          weighing: torch.Tensor | None = None) -> torch.Tensor:
+    """The class probabilities on ``inputs`` of the distillation's ``teacher``
+    (``DistillationConfig.teacher``; :func:`ensemble_probabilities`), ``class_weights``
+    being the teachers' label counts, and the gates :func:`teacher_gates` (or
+    ``weighing``, computed by it once for the same inputs)."""
+    if weighing is None:
+        weighing = teacher_gates(teacher, client_moments, weights, pooled_variance, inputs)
+    return ensemble_probabilities(
+        teachers, weights, inputs, class_weights=None if teacher == "mean" else class_weights,
+        temperature=temperature, class_share=0.5 if teacher in ("mixed", "gated") else 1.0,
+        gates=weighing)
+
+
 Progress = Callable[[int, int, float], None]
 """Called as ``progress(step, steps, divergence)`` every ``eval_every`` steps of a
 distillation: the student's divergence on the held-out inputs with early stopping,
@@ -116,32 +146,22 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     inputs = synthetic_inputs(moments, config.samples, generator, config.correlated).to(
         parameter.device, parameter.dtype)
     chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
-    per_class = (None if class_weights is None or config.teacher == "mean"
-                 else [class_weights[k] for k in chosen])
-    share = 0.5 if config.teacher in ("mixed", "gated") else 1.0
     if client_moments is not None and len(client_moments) != len(teachers):
         raise ValueError(f"{len(client_moments)} client moments for {len(teachers)} teachers")
-    known = ([client_moments[k] for k in chosen]
-             if config.teacher == "gated" and client_moments is not None else [None])
-    gate = None if any(m is None for m in known) else functools.partial(
-        gates, known, [weights[k] for k in chosen], float(moments.var.double().mean()))
-
-    def teach(x: torch.Tensor, temperature: float = 1.0,
-              weighing: torch.Tensor | None = None) -> torch.Tensor:
-        if weighing is None and gate is not None:
-            weighing = gate(x)
-        return ensemble_probabilities([teachers[k] for k in chosen],
-                                      [weights[k] for k in chosen], x,
-                                      class_weights=per_class, temperature=temperature,
-                                      class_share=share, gates=weighing)
-
-    weighing = None if gate is None else gate(inputs)
+    known = None if client_moments is None else [client_moments[k] for k in chosen]
+    spread = float(moments.var.double().mean())
+    teach = functools.partial(
+        teacher_probabilities, [teachers[k] for k in chosen], [weights[k] for k in chosen],
+        teacher=config.teacher, client_moments=known, pooled_variance=spread,
+        class_weights=None if class_weights is None else [class_weights[k] for k in chosen])
+    weighing = teacher_gates(config.teacher, known, [weights[k] for k in chosen], spread,
+                             inputs)
     targets = teach(inputs, weighing=weighing)
     initial_loss = _full_divergence(student, inputs, targets)
     if initial_loss <= config.tol and quiet is None:
         return initial_loss  # already the ensemble: Adam would only add noise
     soft_targets = (targets if config.temperature == 1
-                    else teach(inputs, config.temperature, weighing))
+                    else teach(inputs, temperature=config.temperature, weighing=weighing))
     scramble = None
     if quiet is not None:
         scrambling = torch.Generator().manual_seed(config.seed)

@@ -19,7 +19,7 @@ from otfusion.fusion import (
     input_moments,
     pool_moments,
 )
-from otfusion.fusion.distillation import distill
+from otfusion.fusion.distillation import distill, teacher_probabilities
 from otfusion.task.config import INPUT_COMPONENTS, client_seed
 from otfusion.task.data import TensorData
 from otfusion.task.training import Recipe, ensemble_accuracy, evaluate, model_inputs, train
@@ -34,6 +34,7 @@ class Comparison:
     methods: dict[str, float]
     seconds: dict[str, float]
     ensemble: float
+    gated_teacher: float | None = None
 
     def rows(self) -> list[tuple[str, float]]:
         """(name, accuracy) rows in the order of the report table."""
@@ -41,6 +42,7 @@ class Comparison:
             ("clients (mean)", sum(self.clients) / len(self.clients)),
             ("clients (best)", max(self.clients)),
             *self.methods.items(),
+            *([] if self.gated_teacher is None else [("gated teacher", self.gated_teacher)]),
             ("ensemble", self.ensemble),
         ]
 
@@ -97,7 +99,8 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
     ``label_counts`` (per client, per class) are the class weights of the methods with
     ``label_weighted``, and ``input_moments`` (the clients' own, as the strategy gets
     them, or pooled) the distillation inputs of the methods with ``distilled``; such
-    methods need them."""
+    methods need them. With both, and the clients' own moments, the gated teacher of the
+    distillation (all the clients, their weights uncapped) is evaluated too."""
     per_client = None if isinstance(input_moments, InputMoments) else input_moments
     pooled = (input_moments if per_client is None
               else pool_moments(per_client, [float(w) for w in weights]))
@@ -126,7 +129,19 @@ def compare(clients: Sequence[nn.Module], weights: Sequence[float], test: Tensor
         methods=accuracies,
         seconds=seconds,
         ensemble=ensemble_accuracy(clients, test, weights),
+        gated_teacher=None if per_client is None or label_counts is None else
+        _teacher_accuracy(clients, weights, test, label_counts, per_client, pooled),
     )
+
+
+def _teacher_accuracy(clients: Sequence[nn.Module], weights: Sequence[float],
+                      test: TensorData, label_counts: Sequence[Sequence[float]],
+                      per_client: Sequence[InputMoments], pooled: InputMoments) -> float:
+    """Test accuracy of the distillation's gated teacher of all the ``clients``."""
+    probabilities = teacher_probabilities(
+        clients, [float(w) for w in weights], model_inputs(clients[0], test), "gated",
+        label_counts, per_client, float(pooled.var.double().mean()))
+    return float((probabilities.argmax(dim=1) == test.y).float().mean())
 
 
 DEFAULT_METHODS = {
