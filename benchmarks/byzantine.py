@@ -3,7 +3,11 @@ and without the robust options (``FusionConfig.robust``).
 
 For every dataset, split, (f, K) and seed: trains K - f honest clients and the
 attackers, then fuses as ``OTFusion`` does with the ClientApp's replies (label-weighted
-head, distilled from the pooled input moments, weights = claimed ``num-examples``).
+head, distilled on synthetic inputs from the clients' input moments, weights = claimed
+``num-examples``). The attacks: label-flip, sign-flip, noise, an inflated claim of
+examples, poisoned moments, "a little is enough", a backdoor, and ``capture`` (a
+label-flipped model claiming the honest clients' pooled moments, to win the gated
+teacher's gates).
 Prints one row per attack: clean default, attacked default, attacked robust, the best
 honest client and the honest-only ensemble (test accuracy), and the backdoor success
 rate (share of triggered non-target test inputs classified as the target) of the clean
@@ -12,6 +16,7 @@ and robust fusions. Writes ``results/byzantine.json`` and ``results/byzantine.pn
     python benchmarks/byzantine.py                                   # the full grid
     python benchmarks/byzantine.py --datasets digits --splits iid --settings 1/8 --seeds 0
     python benchmarks/byzantine.py --model cnn --attacks backdoor   # the zoo CNN's clients
+    python benchmarks/byzantine.py --configs screen "screen, mixed teacher"  # two fusions
 
 Fashion-MNIST comes from the Debian package ``dataset-fashion-mnist``; without it that
 dataset is skipped. Every client trains with the dataset's recipe
@@ -31,26 +36,29 @@ import torch
 from bar_chart import accuracy_bars
 from benchmark_data import FASHION, load, model_kwargs, recipe
 
-from otfusion.fusion import FusionConfig, InputMoments, align, fuse
+from otfusion.fusion import FusionConfig, InputMoments, align, fuse, pool_moments
 from otfusion.task.config import client_seed
 from otfusion.task.data import TensorData, label_counts, partition
 from otfusion.task.training import Recipe, ensemble_accuracy, evaluate, train
-from otfusion.tools.comparison import pooled_input_moments
+from otfusion.tools.comparison import client_input_moments
 from otfusion.zoo import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 0  # the backdoor's class
-ATTACKS = ["label-flip", "sign-flip", "noise", "inflated", "moments", "little", "backdoor"]
+ATTACKS = ["label-flip", "sign-flip", "noise", "inflated", "moments", "little", "backdoor",
+           "capture"]
 CONFIGS = {
     "default": FusionConfig.from_options(robust_screen=False),
     "screen": FusionConfig(),
     "screen+trim": FusionConfig.from_options(robust_aggregate="trimmed-mean"),
     "screen+quiet": FusionConfig.from_options(robust_quiet_inputs=0.1),
+    "screen, mixed teacher": FusionConfig.from_options(distill_teacher="mixed"),
 }
 """The fusions compared: the weight and norm caps and moment shrinking alone
 (``default``, the baseline of the ``loss`` columns), with the function-space screening
-(today's default), with the screening and the trimmed mean in aligned coordinates, and
-with the screening and the quiet inputs ignored (``robust.quiet_inputs``)."""
+(today's default), with the screening and the trimmed mean in aligned coordinates,
+with the screening and the quiet inputs ignored (``robust.quiet_inputs``), and with the
+screening and the distillation's teacher before the gated one (``mixed``)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ def client_model(training: Training, data: TensorData, seed: int) -> torch.nn.Mo
 
 def honest_reply(model, data: TensorData) -> Reply:
     return Reply(model, float(len(data)), label_counts(data, 10).tolist(),
-                 pooled_input_moments(model, [data]))
+                 client_input_moments(model, [data])[0])
 
 
 class Attacker:
@@ -155,6 +163,10 @@ class Attacker:
             return honest_reply(model, self.data)
         if kind == "backdoor":
             return honest_reply(self.model("backdoor"), self.data)
+        if kind == "capture":  # label-flipped, claiming the whole federation's inputs
+            pooled = pool_moments([r.moments for r in self.honest],
+                                  [r.examples for r in self.honest])
+            return replace(honest_reply(self.model("flipped"), self.data), moments=pooled)
         raise ValueError(kind)
 
 
@@ -216,15 +228,20 @@ def run(datasets, splits, settings, seeds, attacks, train_size: int | None,
     return rows
 
 
-ACCURACIES = ["clean default", "attacked default", *(f"{w} {n}" for n in CONFIGS
-                                                     if n != "default"
-                                                     for w in ("clean", "attacked")),
-              "best honest client", "honest ensemble"]
-BACKDOOR = ["backdoor clean default", *(f"backdoor {n}" for n in CONFIGS)]
+def accuracy_keys() -> list[str]:
+    """The accuracy columns of the fusions in :data:`CONFIGS`."""
+    return ["clean default", "attacked default",
+            *(f"{w} {n}" for n in CONFIGS if n != "default" for w in ("clean", "attacked")),
+            "best honest client", "honest ensemble"]
+
+
+def backdoor_keys() -> list[str]:
+    """The backdoor success rate columns of the fusions in :data:`CONFIGS`."""
+    return ["backdoor clean default", *(f"backdoor {n}" for n in CONFIGS)]
 
 
 def format_row(row: dict) -> str:
-    cells = " | ".join(f"{key} {row[key]:.1%}" for key in ACCURACIES + BACKDOOR)
+    cells = " | ".join(f"{key} {row[key]:.1%}" for key in accuracy_keys() + backdoor_keys())
     return (f"{row['dataset']:<7} {row['split']:<9} f={row['f']}/{row['K']:<2} "
             f"seed={row['seed']} {row['attack']:<10} {cells}")
 
@@ -236,17 +253,18 @@ def summary(rows: list[dict]) -> str:
     for row in rows:
         cells.setdefault((row["dataset"], row["split"], f"{row['f']}/{row['K']}",
                           row["attack"]), []).append(row)
+    accuracies, backdoor = accuracy_keys(), backdoor_keys()
     losses = [f"loss {n}" for n in CONFIGS]
-    header = ("| dataset | split | f/K | attack | " + " | ".join(ACCURACIES + losses)
-              + " | backdoor " + " / ".join(BACKDOOR).replace("backdoor ", "") + " |")
+    header = ("| dataset | split | f/K | attack | " + " | ".join(accuracies + losses)
+              + " | backdoor " + " / ".join(backdoor).replace("backdoor ", "") + " |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for (dataset, split, fk, kind), group in cells.items():
         mean = {key: 100 * statistics.mean(r[key] for r in group)
-                for key in ACCURACIES + BACKDOOR}
+                for key in accuracies + backdoor}
         loss = [mean["clean default"] - mean[f"attacked {n}"] for n in CONFIGS]
         lines.append(f"| {dataset} | {split} | {fk} | {kind} | "
-                     + " | ".join(f"{v:.1f}" for v in [*(mean[k] for k in ACCURACIES), *loss])
-                     + " | " + " / ".join(f"{mean[k]:.1f}" for k in BACKDOOR) + " |")
+                     + " | ".join(f"{v:.1f}" for v in [*(mean[k] for k in accuracies), *loss])
+                     + " | " + " / ".join(f"{mean[k]:.1f}" for k in backdoor) + " |")
     clean = {n: statistics.mean(100 * (r[f"clean {n}"] - r["clean default"]) for r in rows)
              for n in CONFIGS if n != "default"}
     lines.append("\nclean cost against the default, mean over all cells (points): "
@@ -285,7 +303,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--model", default="mlp", help="zoo model of every client (mlp, cnn)")
     parser.add_argument("--name", default="byzantine")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="fusions compared (default is always one: the baseline)")
     args = parser.parse_args()
+    for name in set(CONFIGS) - {"default", *args.configs}:
+        del CONFIGS[name]
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args.datasets, args.splits, args.settings, args.seeds, args.attacks,
