@@ -149,13 +149,13 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     if client_moments is not None and len(client_moments) != len(teachers):
         raise ValueError(f"{len(client_moments)} client moments for {len(teachers)} teachers")
     known = None if client_moments is None else [client_moments[k] for k in chosen]
+    chosen_weights = [weights[k] for k in chosen]
     spread = float(moments.var.double().mean())
     teach = functools.partial(
-        teacher_probabilities, [teachers[k] for k in chosen], [weights[k] for k in chosen],
+        teacher_probabilities, [teachers[k] for k in chosen], chosen_weights,
         teacher=config.teacher, client_moments=known, pooled_variance=spread,
         class_weights=None if class_weights is None else [class_weights[k] for k in chosen])
-    weighing = teacher_gates(config.teacher, known, [weights[k] for k in chosen], spread,
-                             inputs)
+    weighing = teacher_gates(config.teacher, known, chosen_weights, spread, inputs)
     targets = teach(inputs, weighing=weighing)
     initial_loss = _full_divergence(student, inputs, targets)
     if initial_loss <= config.tol and quiet is None:

@@ -59,9 +59,12 @@ def load(state) -> nn.Module:
     return model
 
 
-def fusion_order(states, weights) -> list[int]:
-    """Indices of ``states`` in the order the strategies fuse them (by content digest)."""
-    return sorted(range(len(states)), key=lambda k: reply_digest(states[k], weights[k]))
+def fusion_order(states, weights, moments=None) -> list[int]:
+    """Indices of ``states`` in the order the strategies fuse them (by content digest,
+    with each reply's input ``moments`` when it sent them)."""
+    sent = moments or [None] * len(states)
+    return sorted(range(len(states)),
+                  key=lambda k: reply_digest(states[k], weights[k], None, sent[k]))
 
 
 def direct_fusion(states, weights, config: FusionConfig | None = None):

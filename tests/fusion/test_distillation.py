@@ -348,7 +348,7 @@ def test_input_moments_are_parsed_into_the_input_shape_and_enter_the_digest():
 
 
 def test_strategy_distils_with_the_pooled_moments_of_the_replies(caplog):
-    from flower_replies import client_states, global_model, load, reply
+    from flower_replies import client_states, fusion_order, global_model, load, reply
 
     from otfusion.strategies import OTFusion
 
@@ -367,8 +367,7 @@ def test_strategy_distils_with_the_pooled_moments_of_the_replies(caplog):
     assert "'input-mean' and 'input-var' must be sent together" in caplog.text
     assert "input-mean" not in metrics and metrics["distill-kl"] >= 0
     as_sent = [moments[0], moments[1], None]
-    order = sorted(range(3), key=lambda k: reply_digest(states[k], weights[k], None,
-                                                        as_sent[k]))
+    order = fusion_order(states, weights, as_sent)
     pooled = pool_moments(moments[:2], weights[:2])
     largest = max(weights)
     expected = fuse_result([load(states[k]) for k in order],
@@ -528,7 +527,7 @@ def test_strategy_result_with_moments_is_bit_identical_whatever_the_order():
 
 @pytest.mark.parametrize("failure", ["raises", "diverges"])
 def test_failed_distillation_keeps_the_undistilled_fusion(failure, monkeypatch, caplog):
-    from flower_replies import client_states, direct_fusion, global_model
+    from flower_replies import client_states, direct_fusion, fusion_order, global_model
 
     import otfusion.fusion.engine as engine
     from otfusion.strategies import OTFusion
@@ -548,7 +547,7 @@ def test_failed_distillation_keeps_the_undistilled_fusion(failure, monkeypatch, 
     arrays, metrics = OTFusion(global_model, FAST).aggregate_train(1, replies)
     assert arrays is not None and "distill-kl" not in metrics
     assert "undistilled" in caplog.text  # the engine's warning, logged by the round
-    order = sorted(range(3), key=lambda k: reply_digest(states[k], 10, None, moments[k]))
+    order = fusion_order(states, [10] * 3, moments)
     expected = direct_fusion([states[k] for k in order], [1.0] * 3, FAST).model.state_dict()
     got = arrays.to_torch_state_dict()
     for name, tensor in expected.items():

@@ -166,10 +166,9 @@ def test_one_client_claiming_a_huge_variance_does_not_widen_the_others():
 
 
 def test_the_strategy_gates_with_the_moments_every_reply_sent():
-    from flower_replies import client_states, global_model, load, reply
+    from flower_replies import client_states, fusion_order, global_model, load, reply
 
     from otfusion.strategies import OTFusion
-    from otfusion.strategies.replies import reply_digest
 
     config = FusionConfig.from_options(distill_steps=20, distill_samples=128)
     states, weights = client_states(), [10, 20, 30]
@@ -181,8 +180,7 @@ def test_the_strategy_gates_with_the_moments_every_reply_sent():
                for k, (s, n, m) in enumerate(zip(states, weights, moments, strict=True))]
     arrays, _ = OTFusion(global_model, config).aggregate_train(1, replies)
     got = arrays.to_torch_state_dict()
-    order = sorted(range(3), key=lambda k: reply_digest(states[k], weights[k], None,
-                                                        moments[k]))
+    order = fusion_order(states, weights, moments)
     args = ([load(states[k]) for k in order], [weights[k] / 30 for k in order], config)
     gated = fuse_result(*args, target=global_model(),
                         input_moments=[moments[k] for k in order]).model.state_dict()
