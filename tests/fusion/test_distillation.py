@@ -304,13 +304,18 @@ def test_fusion_with_moments_is_the_ot_fusion_then_distilled():
                                    atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("per_client", [False, True], ids=["pooled", "gated"])
 @pytest.mark.parametrize("name, kwargs", SMALL_MODELS)
-def test_permuted_copies_fuse_and_distill_back_to_the_model(name, kwargs):
+def test_permuted_copies_fuse_and_distill_back_to_the_model(name, kwargs, per_client):
+    """Also with each copy's own (different) moments: the gated teacher of copies of one
+    function is that function, whatever the gates."""
     generator = torch.Generator().manual_seed(1)
     copies = model_and_permuted_copies(name, kwargs, 2, generator)
     model = copies[0]
     shape = model.input_shape
     moments = InputMoments(torch.full(shape, 0.5), torch.full(shape, 0.1))
+    if per_client:
+        moments = [InputMoments(moments.mean + k, moments.var * (k + 1)) for k in range(3)]
     result = fuse_result(copies, [1, 2, 3], FAST, input_moments=moments)
     assert result.distill_loss is not None and result.distill_loss < FAST.distillation.tol
     undistilled = fuse_result(copies, [1, 2, 3], FAST.replace(distill_steps=0))
