@@ -34,6 +34,8 @@ SETTINGS: dict[str, dict] = {
     "mixed teacher": {"distill_teacher": "mixed"},
     "gated long": {"distill_teacher": "gated", "distill_samples": 8000, "distill_steps": 1000,
                    "distill_batch_size": 256},
+    "pooled inputs": {"distill_mixture": 0.0},
+    "half mixture": {"distill_mixture": 0.5},
     "1000 steps": {"distill_steps": 1000},
     "1000 + early stop": {"distill_steps": 1000, **EARLY},
     "1000 cosine + early stop": {"distill_steps": 1000, "distill_schedule": "cosine", **EARLY},

@@ -18,7 +18,7 @@ from .averaging import normalize_class_weights
 from .config import DistillationConfig
 from .gating import gates
 from .modes import class_logits, temporary_mode
-from .moments import InputMoments, synthetic_inputs
+from .moments import InputMoments, mixture_inputs, synthetic_inputs
 from .quiet_inputs import QuietInputs, scramble_quiet
 
 
@@ -113,15 +113,19 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
             progress: Progress | None = None, quiet: QuietInputs | None = None,
             client_moments: Sequence[InputMoments | None] | None = None) -> float:
     """Train ``student`` in place to match the teachers' ensemble (KL divergence) on
-    synthetic inputs drawn from ``moments`` (the clients' pooled moments): their
-    weighted mean class probabilities, with ``class_weights`` (the teachers' label
-    counts) and ``config.teacher`` each class averaged with the teachers' shares of it
-    (``class-weighted``) or half of each (``mixed``; :func:`ensemble_probabilities`).
+    synthetic inputs (below): their weighted mean class probabilities, with
+    ``class_weights`` (the teachers' label counts) and ``config.teacher`` each class
+    averaged with the teachers' shares of it (``class-weighted``) or half of each
+    (``mixed``; :func:`ensemble_probabilities`).
     ``gated``: half class-weighted, half the mean with the teachers weighed input by
     input by :func:`~.gating.gates` of ``client_moments`` (each teacher's own moments,
     in order; the training and held-out inputs each balanced on their own); ``mixed``
     when any teacher's are missing.
 
+    The synthetic inputs come from the mixture of the teachers' own Gaussians when all
+    of ``client_moments`` are given (the share ``config.mixture``;
+    :func:`~.moments.mixture_inputs`), otherwise from ``moments`` (the clients' pooled
+    moments).
     ``config.samples`` inputs are drawn once; up to ``config.steps`` Adam steps
     (learning rate ``lr``, ``schedule``, ``temperature``) on random batches of
     ``batch_size`` follow, stopped early on held-out inputs when ``config.patience`` is
@@ -143,11 +147,15 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
                          f"model's input_shape is {tuple(shape)}")
     parameter = next(student.parameters())
     generator = torch.Generator().manual_seed(config.seed)
-    inputs = synthetic_inputs(moments, config.samples, generator, config.correlated).to(
-        parameter.device, parameter.dtype)
-    chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
     if client_moments is not None and len(client_moments) != len(teachers):
         raise ValueError(f"{len(client_moments)} client moments for {len(teachers)} teachers")
+
+    def draw(count: int) -> torch.Tensor:
+        return _synthetic(moments, client_moments, weights, count, generator, config).to(
+            parameter.device, parameter.dtype)
+
+    inputs = draw(config.samples)
+    chosen = teacher_sample(len(teachers), config.max_teachers, config.seed)
     known = None if client_moments is None else [client_moments[k] for k in chosen]
     chosen_weights = [weights[k] for k in chosen]
     spread = float(moments.var.double().mean())
@@ -171,15 +179,28 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
 
     stopping = None
     if config.patience is not None:
-        held_out = synthetic_inputs(moments, max(1, config.samples // 4), generator,
-                                    config.correlated).to(
-            parameter.device, parameter.dtype)
+        held_out = draw(max(1, config.samples // 4))
         stopping = _EarlyStopping(student, held_out if scramble is None else scramble(held_out),
                                   teach(held_out), config.patience)
     _train(student, inputs, soft_targets, config, generator, stopping, progress, scramble)
     if stopping is not None:
         stopping.restore_best()
     return _full_divergence(student, inputs, targets)
+
+
+def _synthetic(moments: InputMoments, client_moments: Sequence[InputMoments | None] | None,
+               weights: Sequence[float], count: int, generator: torch.Generator,
+               config: DistillationConfig) -> torch.Tensor:
+    """``count`` synthetic inputs: the share ``config.mixture`` from the mixture of the
+    clients' Gaussians when every client sent its moments, the rest from the pooled
+    ``moments``."""
+    every = client_moments is not None and all(m is not None for m in client_moments)
+    mixed = round(config.mixture * count) if every else 0
+    parts = [synthetic_inputs(moments, count - mixed, generator, config.correlated)
+             if mixed < count else None,
+             mixture_inputs(client_moments, weights, mixed, generator, config.correlated)
+             if mixed else None]
+    return torch.cat([part for part in parts if part is not None])
 
 
 def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,

@@ -253,6 +253,28 @@ def synthetic_inputs(moments: InputMoments, num_samples: int,
     return mean + std * noise
 
 
+def mixture_inputs(moments: Sequence[InputMoments], weights: Sequence[float],
+                   num_samples: int, generator: torch.Generator, correlated: float = 1.0,
+                   outlier_factor: float | None = 3.0) -> torch.Tensor:
+    """``num_samples`` inputs drawn from the mixture of the clients' Gaussians: each
+    input's client first (with probability proportional to ``weights``), then the input
+    from that client's moments (:func:`synthetic_inputs`), in a random order. Outliers
+    are first shrunk towards the median as :func:`pool_moments` shrinks them."""
+    w = torch.as_tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    means, variances, shrink = _shrunk([m.mean for m in moments], [m.var for m in moments],
+                                       w, outlier_factor)
+    counts = torch.bincount(torch.multinomial(w, num_samples, replacement=True,
+                                              generator=generator), minlength=len(moments))
+    drawn = [synthetic_inputs(InputMoments(
+        means[k].float(), variances[k].float(),
+        components=None if m.components is None else float(shrink[k]) * m.components),
+        int(counts[k]), generator, correlated)
+        for k, m in enumerate(moments) if counts[k] > 0]
+    inputs = torch.cat(drawn)
+    return inputs[torch.randperm(num_samples, generator=generator)]
+
+
 def _correlated_inputs(moments: InputMoments, num_samples: int,
                        generator: torch.Generator) -> torch.Tensor:
     """Gaussian inputs of covariance ``components`` (flattened) ``.T @ components`` plus

@@ -81,6 +81,9 @@ class RunConfig(BaseModel):
             "(gated); half class-weighted, half mean (mixed); each class averaged over the "
             "clients with their shares of its examples (their label counts); or the plain "
             "weighted mean"))
+    fusion_distill_mixture: float = Field(default=1.0, ge=0, le=1, description=(
+        "the share of the distillation's synthetic inputs drawn from the mixture of the "
+        "clients' own input Gaussians, the rest from their pooled moments' one Gaussian"))
     fusion_distill_temperature: float = Field(default=1.0, gt=0, description=(
         "softmax temperature of the teachers and the student in the distillation's loss"))
     fusion_distill_schedule: Literal["constant", "cosine"] = Field(
@@ -177,6 +180,7 @@ class RunConfig(BaseModel):
             rescale=self.fusion_rescale, distill_steps=self.fusion_distill_steps,
             distill_max_teachers=self.fusion_distill_max_teachers or None,
             distill_teacher=self.fusion_distill_teacher,
+            distill_mixture=self.fusion_distill_mixture,
             distill_temperature=self.fusion_distill_temperature,
             distill_schedule=self.fusion_distill_schedule,
             distill_patience=self.fusion_distill_patience or None,

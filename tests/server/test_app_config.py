@@ -62,11 +62,13 @@ def test_model_kwargs_build_the_run_model_and_bad_json_is_refused():
 def test_the_distillation_keys_reach_the_fusion_config():
     args = build_parser().parse_args(
         ["--fusion-distill-temperature", "3", "--fusion-distill-schedule", "cosine",
-         "--fusion-distill-patience", "4", "--fusion-distill-teacher", "mean"])
+         "--fusion-distill-patience", "4", "--fusion-distill-teacher", "mean",
+         "--fusion-distill-mixture", "0.25"])
     distillation = run_config_from_args(args).fusion().distillation
     assert (distillation.temperature, distillation.schedule, distillation.patience,
-            distillation.teacher) == (3.0, "cosine", 4, "mean")
+            distillation.teacher, distillation.mixture) == (3.0, "cosine", 4, "mean", 0.25)
     assert RunConfig().fusion().distillation.patience is None  # 0: every step
+    assert RunConfig().fusion().distillation == FusionConfig().distillation
 
 
 def test_the_robust_keys_reach_the_fusion_config():
