@@ -53,12 +53,15 @@ CONFIGS = {
     "screen+trim": FusionConfig.from_options(robust_aggregate="trimmed-mean"),
     "screen+quiet": FusionConfig.from_options(robust_quiet_inputs=0.1),
     "screen, mixed teacher": FusionConfig.from_options(distill_teacher="mixed"),
+    "screen, pooled inputs": FusionConfig.from_options(distill_mixture=0.0),
 }
 """The fusions compared: the weight and norm caps and moment shrinking alone
 (``default``, the baseline of the ``loss`` columns), with the function-space screening
 (today's default), with the screening and the trimmed mean in aligned coordinates,
 with the screening and the quiet inputs ignored (``robust.quiet_inputs``), and with the
-screening and the distillation's teacher before the gated one (``mixed``)."""
+screening and the distillation's teacher before the gated one (``mixed``), and with the
+screening and the synthetic inputs drawn from the pooled moments, as before the
+clients' mixture (``distill_mixture=0``)."""
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,8 @@ def distill(student: nn.Module, teachers: Sequence[nn.Module], weights: Sequence
     in order; the training and held-out inputs each balanced on their own); ``mixed``
     when any teacher's are missing.
 
-    The synthetic inputs come from the mixture of the teachers' own Gaussians when all
-    of ``client_moments`` are given (the share ``config.mixture``;
+    The synthetic inputs come from the mixture of the clients' own Gaussians when all
+    of ``client_moments`` are given, none per class (the share ``config.mixture``;
     :func:`~.moments.mixture_inputs`), otherwise from ``moments`` (the clients' pooled
     moments).
     ``config.samples`` inputs are drawn once; up to ``config.steps`` Adam steps
@@ -192,9 +192,10 @@ def _synthetic(moments: InputMoments, client_moments: Sequence[InputMoments | No
                weights: Sequence[float], count: int, generator: torch.Generator,
                config: DistillationConfig) -> torch.Tensor:
     """``count`` synthetic inputs: the share ``config.mixture`` from the mixture of the
-    clients' Gaussians when every client sent its moments, the rest from the pooled
-    ``moments``."""
-    every = client_moments is not None and all(m is not None for m in client_moments)
+    clients' Gaussians when every client sent its moments, none of them per class, the
+    rest from the pooled ``moments`` (class by class when they were sent per class)."""
+    every = (client_moments is not None
+             and all(m is not None and m.class_mean is None for m in client_moments))
     mixed = round(config.mixture * count) if every else 0
     parts = [synthetic_inputs(moments, count - mixed, generator, config.correlated)
              if mixed < count else None,

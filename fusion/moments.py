@@ -258,8 +258,13 @@ def mixture_inputs(moments: Sequence[InputMoments], weights: Sequence[float],
                    outlier_factor: float | None = 3.0) -> torch.Tensor:
     """``num_samples`` inputs drawn from the mixture of the clients' Gaussians: each
     input's client first (with probability proportional to ``weights``), then the input
-    from that client's moments (:func:`synthetic_inputs`), in a random order. Outliers
-    are first shrunk towards the median as :func:`pool_moments` shrinks them."""
+    from that client's moments (:func:`synthetic_inputs`; per-class moments are not
+    used), in a random order. Outliers are first shrunk towards the median as
+    :func:`pool_moments` shrinks them."""
+    if not moments or len(moments) != len(weights):
+        raise ValueError("need one weight per set of moments, and at least one")
+    if num_samples == 0:
+        return torch.empty((0, *moments[0].mean.shape))
     w = torch.as_tensor(weights, dtype=torch.float64)
     w = w / w.sum()
     means, variances, shrink = _shrunk([m.mean for m in moments], [m.var for m in moments],
@@ -268,7 +273,8 @@ def mixture_inputs(moments: Sequence[InputMoments], weights: Sequence[float],
                                               generator=generator), minlength=len(moments))
     drawn = [synthetic_inputs(InputMoments(
         means[k].float(), variances[k].float(),
-        components=None if m.components is None else float(shrink[k]) * m.components),
+        components=None if m.components is None
+        else (float(shrink[k]) * m.components.double()).float()),
         int(counts[k]), generator, correlated)
         for k, m in enumerate(moments) if counts[k] > 0]
     inputs = torch.cat(drawn)

@@ -63,19 +63,34 @@ def test_a_clients_components_correlate_its_inputs():
     assert abs(float(torch.corrcoef(mine[:, 2:4].T)[0, 1])) < 0.05
 
 
-def test_a_client_with_extreme_moments_is_shrunk_as_pooling_shrinks_it():
+@pytest.mark.parametrize("component", [False, True])
+def test_a_client_with_extreme_moments_is_shrunk_as_pooling_shrinks_it(component):
+    """The median spread is 1: the hostile client is brought within 3 of the median
+    mean, root mean square over its features, its variance and its components alike
+    (a variance of 1e12 carried by one component of 1e6)."""
     honest = [_client(0.0, 1.0) for _ in range(4)]
-    hostile = InputMoments(torch.full((FEATURES,), 1e6), torch.full((FEATURES,), 1e6))
+    big = torch.full((FEATURES,), 1e6)
+    hostile = (InputMoments(big, big) if not component else
+               InputMoments(big, torch.full((FEATURES,), 1e12), components=big[None]))
     x = mixture_inputs([*honest, hostile], [1.0] * 5, 4000, torch.Generator().manual_seed(2))
-    # the median spread is 1: the hostile client is brought within 3 of the median mean,
-    # root mean square over its features
     assert float(x.square().mean(dim=1).sqrt().max()) < 3 * 6
     assert float((x.abs() > 100).double().mean()) == 0.0
 
 
-def _recorded_inputs(monkeypatch, client_moments, mixture: float) -> torch.Tensor:
-    """The inputs the teachers of one fusion's distillation were asked about (screening
-    off: it asks them too)."""
+def test_float64_components_and_no_samples():
+    client = InputMoments(torch.zeros(FEATURES), torch.ones(FEATURES),
+                          components=torch.ones(2, FEATURES, dtype=torch.float64))
+    x = mixture_inputs([client, _client(1.0)], [1.0, 1.0], 10, torch.Generator())
+    assert x.dtype == torch.float32 and x.shape == (10, FEATURES)
+    assert mixture_inputs([client], [1.0], 0, torch.Generator()).shape == (0, FEATURES)
+    with pytest.raises(ValueError, match="one weight per set"):
+        mixture_inputs([client], [1.0, 2.0], 10, torch.Generator())
+
+
+def _recorded_inputs(monkeypatch, client_moments, mixture: float, **options
+                     ) -> list[torch.Tensor]:
+    """The inputs the teachers of one fusion's distillation were asked about, in order
+    (screening off: it asks them too): the training inputs, then any held-out ones."""
     seen = []
     original = distillation_module.ensemble_probabilities
 
@@ -88,9 +103,9 @@ def _recorded_inputs(monkeypatch, client_moments, mixture: float) -> torch.Tenso
               for k in range(len(client_moments))]
     config = FusionConfig.from_options(distill_steps=5, distill_samples=2000,
                                        distill_batch_size=50, distill_mixture=mixture,
-                                       robust_screen=False)
+                                       robust_screen=False, **options)
     fuse_result(models, [1.0] * len(models), config, input_moments=client_moments)
-    return seen[0]
+    return seen
 
 
 def _apart(offset: float) -> InputMoments:
@@ -105,12 +120,34 @@ def _apart(offset: float) -> InputMoments:
 def test_the_distillation_draws_its_share_from_the_clients_mixture(monkeypatch, mixture):
     """Clients at -3 and +3 in feature 0: their mixture never draws it within 1.5 of 0,
     their pooled moments' one Gaussian (standard deviation 3) in 38% of the inputs."""
-    x = _recorded_inputs(monkeypatch, [_apart(-3.0), _apart(3.0)], mixture)
-    assert len(x) == 2000
-    between = float((x[:, 0].abs() < 1.5).double().mean())
-    assert between == pytest.approx((1 - mixture) * 0.383, abs=0.035)
+    training, held_out = _recorded_inputs(monkeypatch, [_apart(-3.0), _apart(3.0)], mixture,
+                                          distill_patience=1, distill_eval_every=5)
+    assert (len(training), len(held_out)) == (2000, 500)
+    for x, tolerance in ((training, 0.035), (held_out, 0.07)):
+        between = float((x[:, 0].abs() < 1.5).double().mean())
+        assert between == pytest.approx((1 - mixture) * 0.383, abs=tolerance)
+
+
+@pytest.mark.parametrize("correlated", [0.0, 1.0])
+def test_each_clients_inputs_follow_its_components_as_correlated_says(monkeypatch,
+                                                                      correlated):
+    """Features 1 and 2 vary together (correlation 1) in both clients' components."""
+    clients = []
+    for offset in (-3.0, 3.0):
+        moments = _apart(offset)
+        direction = torch.zeros(1, FEATURES)
+        direction[0, 1:3] = 1.0
+        clients.append(moments._replace(components=direction))
+    (x,) = _recorded_inputs(monkeypatch, clients, 1.0, distill_correlated=correlated)
+    correlation = float(torch.corrcoef(x[:, 1:3].T)[0, 1])
+    assert correlation == pytest.approx(correlated, abs=0.1)
 
 
 def test_without_every_clients_moments_all_inputs_come_from_the_pooled_ones(monkeypatch):
-    x = _recorded_inputs(monkeypatch, [_apart(-3.0), _apart(3.0), None], 1.0)
-    assert float((x[:, 0].abs() < 1.5).double().mean()) == pytest.approx(0.383, abs=0.035)
+    """Also when they came per class: those are pooled and drawn class by class."""
+    for clients in ([_apart(-3.0), _apart(3.0), None],
+                    [m._replace(class_mean=m.mean[None], class_var=m.var[None],
+                                class_count=torch.ones(1)) for m in (_apart(-3), _apart(3))]):
+        (x,) = _recorded_inputs(monkeypatch, clients, 1.0)
+        between = float((x[:, 0].abs() < 1.5).double().mean())
+        assert between == pytest.approx(0.383, abs=0.035)
