@@ -33,14 +33,6 @@ Combine = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor | float]], tor
 ``functools.partial(robust_mean, how="median")``."""
 
 _MAD_TO_SIGMA = 1.4826  # the MAD of a normal distribution is 0.6745 sigma
-MAJORITY_SHARE = 0.5
-"""A client whose label counts put at least this share of its examples in one class,
-and that predicts that class, is expected to be flat (:func:`flat_predictions`)."""
-SEEN_SHARE = 0.5
-"""The share of a client's examples that a class needs for the client to have seen it,
-in units of a uniform label distribution's (1 / classes), in the comparison of two
-clients over the classes both have seen (:func:`prediction_outliers`, as the screening
-calls it): a stray example or two of a class do not make a client its judge."""
 
 
 def weighted_median(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -224,11 +216,9 @@ def misclassifying_clients(probabilities: torch.Tensor, classes: torch.Tensor,
     probes x classes), ``classes`` each probe's class, ``counts`` (clients x classes) the
     clients' label counts. A client's error is its share of misclassified probes of each
     class, averaged with its label distribution over the classes that have probes; a
-    client claiming none of them is averaged over all of them. A client claiming one
-    class is judged on that class alone: an honest client that saw only it predicts it
-    everywhere, and a hostile one claiming it must still classify its probes right. A
-    client is flagged when its error exceeds the median client's by more than
-    ``max_error``. Needs five clients or more,
+    client claiming fewer than two of them is averaged over all of them, so that
+    claiming few classes buys no less scrutiny. A client is flagged when its error
+    exceeds the median client's by more than ``max_error``. Needs five clients or more,
     as :func:`prediction_outliers`: with fewer, a class has too few claimants.
     """
     k = len(probabilities)
@@ -238,7 +228,8 @@ def misclassifying_clients(probabilities: torch.Tensor, classes: torch.Tensor,
     wrong = probabilities.argmax(dim=-1) != classes  # clients x probes
     error = torch.stack([wrong[:, classes == c].double().mean(dim=1) for c in probed], dim=1)
     share = counts[:, probed].double().clamp_min(0)
-    share[share.sum(dim=1) <= 0] = 1.0
+    few = (share > 0).sum(dim=1) < 2
+    share[few] = 1.0
     score = (share * error).sum(dim=1) / share.sum(dim=1)
     limit = score.median() + max_error
     return {i: float(score[i]) for i in range(k) if score[i] > limit}
@@ -254,14 +245,11 @@ def prediction_outliers(probabilities: torch.Tensor, threshold: float,
     inputs x classes, :func:`client_probabilities`). A client's score is the median,
     over the other clients, of the mean total-variation distance between its class
     probabilities and theirs. With ``seen`` (clients x classes, the classes each client
-    says it trained on, e.g. :func:`seen_classes`), the two clients' probabilities are
+    says it trained on, e.g. its label counts > 0), the two clients' probabilities are
     first renormalised over the classes both saw, so that honest non-IID clients are not
     told apart by the classes one of them never saw; a pair that shares fewer than two
-    classes is not compared (their predictions on a class neither knows say nothing),
-    unless one of them claims no class at all, when it is compared on all of them. The
-    median is over the pairs compared, and a client compared with no one has no score;
-    a client claiming one class is left to :func:`misclassifying_clients`, which judges
-    it on that class. With more than ``references`` clients, over the others among
+    classes is compared on all of them, so that claiming few classes never buys less
+    scrutiny. With more than ``references`` clients, over the others among
     ``references`` clients drawn uniformly at random (a fixed draw: hostile clients
     cannot choose to be in it, whatever weight they claim), which keeps the cost linear
     in the number of clients. A client is an outlier when its score exceeds the median
@@ -287,21 +275,17 @@ def prediction_outliers(probabilities: torch.Tensor, threshold: float,
     else:
         distance = _shared_class_distances(probabilities, seen.bool(), chosen)
     others = chosen[None, :] != torch.arange(k)[:, None]  # a client is not its own reference
-    scores = torch.stack([row[keep].nanmedian() for row, keep in zip(distance, others,
-                                                                      strict=True)])
-    scored = scores[~scores.isnan()]
-    if len(scored) < 5:
-        return {}
-    center = scored.median()
-    spread = _MAD_TO_SIGMA * (scored - center).abs().median()
+    scores = torch.stack([row[keep].median() for row, keep in zip(distance, others,
+                                                                   strict=True)])
+    center = scores.median()
+    spread = _MAD_TO_SIGMA * (scores - center).abs().median()
     margin = torch.stack([threshold * spread, torch.tensor(min_distance, dtype=scores.dtype),
                           (min_ratio - 1) * center]).max()
     limit = center + margin
     return {i: float(scores[i]) for i in range(k) if scores[i] > limit}
 
 
-def flat_predictions(probabilities: torch.Tensor, min_spread: float,
-                     counts: torch.Tensor | None = None) -> dict[int, float]:
+def flat_predictions(probabilities: torch.Tensor, min_spread: float) -> dict[int, float]:
     """The clients whose predictions hardly depend on their input, with their spread
     relative to the median client's.
 
@@ -310,13 +294,7 @@ def flat_predictions(probabilities: torch.Tensor, min_spread: float,
     paired with the second). A client is flat when its spread is below ``min_spread``
     times the median spread: a constant or dead network, such as the "a little is
     enough" model (the honest mean minus one standard deviation, per coordinate), whose
-    share of an average turns the fused model's units off. With ``counts`` (clients x
-    classes, the label counts), a client whose counts put at least
-    :data:`MAJORITY_SHARE` of its examples in one class, and that predicts that class,
-    is expected to be flat and is not flagged (an honest client that saw little else; a
-    hostile one claiming so is then judged by the class probes of that class, and its
-    votes count for that class alone in the class-weighted teacher and head). Needs
-    three clients or more
+    share of an average turns the fused model's units off. Needs three clients or more
     (a median of the honest majority) and at least two inputs; when the median client is
     itself constant, no client is flat.
     """
@@ -329,42 +307,24 @@ def flat_predictions(probabilities: torch.Tensor, min_spread: float,
     median = spread.median()
     if median <= 0:
         return {}
-    expected = torch.zeros(k, dtype=torch.bool)
-    if counts is not None:  # flat on the one class it saw nearly all of: as it should be
-        share = counts.double().clamp_min(0)
-        share = share / share.sum(dim=1, keepdim=True).clamp_min(1e-300)
-        top, majority = share.max(dim=1)
-        predicted = probabilities.mean(dim=1).argmax(dim=-1).to(majority.device)
-        expected = (top >= MAJORITY_SHARE) & (predicted == majority)
-    return {i: float(spread[i] / median) for i in range(k)
-            if spread[i] < min_spread * median and not expected[i]}
-
-
-def seen_classes(counts: torch.Tensor) -> torch.Tensor:
-    """(clients x classes) bool: the classes that hold at least :data:`SEEN_SHARE` /
-    classes of each client's label counts."""
-    share = counts.double().clamp_min(0)
-    total = share.sum(dim=1, keepdim=True).clamp_min(1e-300)
-    return share >= SEEN_SHARE / counts.shape[1] * total
+    return {i: float(spread[i] / median) for i in range(k) if spread[i] < min_spread * median}
 
 
 def _shared_class_distances(probabilities: torch.Tensor, seen: torch.Tensor,
                             chosen: torch.Tensor) -> torch.Tensor:
     """(clients x references) mean total-variation distances between the clients' class
-    probabilities renormalised over the classes both have seen; NaN for pairs that share
-    fewer than two, over all classes when one of the two claims none; in float32 (K x
-    references x inputs x classes operations, the renormalising sums as matrix
-    products)."""
+    probabilities renormalised over the classes both have seen, or over all classes for
+    pairs that share fewer than two; in float32 (K x references x inputs x classes
+    operations, the renormalising sums as matrix products)."""
     probabilities = probabilities.float()
     columns = []
     for j in chosen.tolist():
         shared = seen & seen[j]  # K x C
-        claims = seen.any(dim=1, keepdim=True) & seen[j].any()
-        mask = torch.where(claims, shared, True).to(probabilities.dtype)
+        mask = torch.where(shared.sum(1, keepdim=True) >= 2, shared, True)
+        mask = mask.to(probabilities.dtype)
         mine = torch.bmm(probabilities, mask[:, :, None]).clamp_min_(1e-30)  # K x N x 1
         theirs = (mask @ probabilities[j].T).clamp_min_(1e-30)[:, :, None]  # K x N x 1
         gap = probabilities / mine
         gap.sub_(probabilities[j][None] / theirs).mul_(mask[:, None, :]).abs_()
-        apart = claims[:, 0] & (shared.sum(dim=1) < 2)
-        columns.append(torch.where(apart, torch.nan, 0.5 * gap.sum(-1).mean(-1)))
+        columns.append(0.5 * gap.sum(-1).mean(-1))
     return torch.stack(columns, dim=1).double()

@@ -5,14 +5,12 @@ The clients' predictions are compared on synthetic inputs drawn from the pooled 
 moments (or on the inputs given), in three stages, each on the clients the previous
 stages kept (an excluded client would otherwise skew the next stage's statistics):
 
-1. flat clients, whose predictions hardly depend on their input, unless they predict
-   the one class that holds most of their label counts
+1. flat clients, whose predictions hardly depend on their input
    (:func:`~.robust.flat_predictions`);
 2. clients that misclassify the class probes of the classes they claim
    (:func:`~.robust.class_probes`, :func:`~.robust.misclassifying_clients`);
 3. clients whose predictions disagree with the others' far more than those disagree
-   among themselves, over the classes both clients of a pair have seen
-   (:func:`~.robust.prediction_outliers`, :func:`~.robust.seen_classes`).
+   among themselves (:func:`~.robust.prediction_outliers`).
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ from .robust import (
     flat_predictions,
     misclassifying_clients,
     prediction_outliers,
-    seen_classes,
 )
 
 PROBE_REFERENCES = 32
@@ -77,8 +74,7 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
               torch.as_tensor(class_weights, dtype=torch.float64))
     reasons: dict[int, str] = {}
     if robust.min_spread is not None:
-        for k, share in flat_predictions(probabilities, robust.min_spread,
-                                         None if class_weights is None else counts).items():
+        for k, share in flat_predictions(probabilities, robust.min_spread).items():
             reasons[k] = (f"its predictions hardly depend on its input (they change "
                           f"{share:.1%} as much as the median client's)")
     kept = [k for k in range(clients) if k not in reasons]
@@ -95,7 +91,7 @@ def _stages(models: Sequence[nn.Module], probe: torch.Tensor, robust: RobustConf
                                 "classes it claims (inputs that the other clients claiming "
                                 "them agree on)")
         kept = [k for k in kept if k not in reasons]
-    seen = None if class_weights is None else seen_classes(counts[kept])
+    seen = None if class_weights is None else counts[kept] > 0
     for i, score in prediction_outliers(probabilities[kept], robust.screen_threshold,
                                         seen=seen).items():
         reasons[kept[i]] = (f"its predictions disagree with the other clients' (median "
