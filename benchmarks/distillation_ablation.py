@@ -36,6 +36,7 @@ SETTINGS: dict[str, dict] = {
                    "distill_batch_size": 256},
     "pooled inputs": {"distill_mixture": 0.0},
     "half mixture": {"distill_mixture": 0.5},
+    "no screening": {"robust_screen": False},
     "1000 steps": {"distill_steps": 1000},
     "1000 + early stop": {"distill_steps": 1000, **EARLY},
     "1000 cosine + early stop": {"distill_steps": 1000, "distill_schedule": "cosine", **EARLY},
