@@ -197,11 +197,13 @@ def _synthetic(moments: InputMoments, client_moments: Sequence[InputMoments | No
     every = (client_moments is not None
              and all(m is not None and m.class_mean is None for m in client_moments))
     mixed = round(config.mixture * count) if every else 0
-    parts = [synthetic_inputs(moments, count - mixed, generator, config.correlated)
-             if mixed < count else None,
-             mixture_inputs(client_moments, weights, mixed, generator, config.correlated)
-             if mixed else None]
-    return torch.cat([part for part in parts if part is not None])
+    parts = []
+    if mixed < count:
+        parts.append(synthetic_inputs(moments, count - mixed, generator, config.correlated))
+    if mixed:
+        parts.append(mixture_inputs(client_moments, weights, mixed, generator,
+                                    config.correlated))
+    return torch.cat(parts)
 
 
 def _train(student: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
